@@ -1834,7 +1834,7 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
     """A generous per-address HTTP limit; never for the host's addresses, WebSockets or docs."""
     server = request.app[server_key]
     address = client_address(request, server.config)
-    if request.path not in UNTHROTTLED_PATHS and not server.is_host(address):
+    if request.path.removeprefix("/api") not in UNTHROTTLED_PATHS and not server.is_host(address):
         wait_s = server.http_throttle.wait_s(address)
         if wait_s:
             raise TooMany(f"Too many requests from your address; try again in {math.ceil(wait_s)} s", wait_s)
