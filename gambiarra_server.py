@@ -119,6 +119,9 @@ class Config:
                                    "messages queued for one connection before it is dropped as not reading")
     flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens")
     bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes")
+    client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
+                              "the club's browser client folder (client.html, agent.html, shared/), "
+                              "served at /client, /agent and /client-assets/")
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
@@ -1780,12 +1783,32 @@ async def get_redoc(request: web.Request) -> web.Response:
     raise web.HTTPFound("/docs")
 
 
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+def static_file(path: Path) -> web.Response:
+    """A page of the club's browser client, never cached (a stale client once drew blank SVGs)."""
+    if not path.is_file():
+        raise NotFound(f"{path.name} is not installed on this server (see CLIENT_DIR)")
+    return web.Response(body=path.read_bytes(), content_type=STATIC_TYPES[path.suffix], charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def get_client_page(request: web.Request) -> web.Response:
+    page = "client.html" if request.path == "/client" else "agent.html"
+    return static_file(request.app[server_key].config.client_dir / page)
+
+
+async def get_client_asset(request: web.Request) -> web.Response:
+    return static_file(request.app[server_key].config.client_dir / "shared" / request.match_info["name"])
+
+
 # =============================================================================
 # App: middlewares, lifecycle and the route table
 # =============================================================================
 
 server_key = web.AppKey("server", Server)
-UNTHROTTLED_PATHS = {"/ws", "/docs", "/redoc", "/openapi.json", "/health"}
+UNTHROTTLED_PATHS = {"/ws", "/docs", "/redoc", "/openapi.json", "/health", "/client", "/agent"}
 
 
 @web.middleware
@@ -1834,7 +1857,8 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
     """A generous per-address HTTP limit; never for the host's addresses, WebSockets or docs."""
     server = request.app[server_key]
     address = client_address(request, server.config)
-    if request.path.removeprefix("/api") not in UNTHROTTLED_PATHS and not server.is_host(address):
+    path = request.path.removeprefix("/api")
+    if path not in UNTHROTTLED_PATHS and not path.startswith("/client-assets/") and not server.is_host(address):
         wait_s = server.http_throttle.wait_s(address)
         if wait_s:
             raise TooMany(f"Too many requests from your address; try again in {math.ceil(wait_s)} s", wait_s)
@@ -1883,7 +1907,8 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(running_server)
     app.on_shutdown.append(close_connections)
     table = [web.get("/ws", ws_endpoint), web.get("/openapi.json", get_openapi), web.get("/docs", get_docs),
-             web.get("/redoc", get_redoc)]
+             web.get("/redoc", get_redoc), web.get("/client", get_client_page), web.get("/agent", get_client_page),
+             web.get(r"/client-assets/{name:[\w.-]+\.(?:js|css)}", get_client_asset)]
     for route in ROUTES:
         handler = endpoint(route)
         table += [web.route(route.method, prefix + route.path, handler) for prefix in ("", "/api")]

@@ -6,6 +6,7 @@ the phones over HTTP). Sections mirror the server's, from pure code to the edges
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import csv
 import io
 import json
@@ -352,3 +353,30 @@ async def test_a_full_round_from_challenge_to_reveal(room: Room, pin: str) -> No
     assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 2
     states = [m["round"]["votingStatus"] for m in await screen.quiet() if m["type"] == "round_state"]
     assert states == ["open", "closed", "revealed", "revealed", "revealed"]
+
+
+# =============================================================================
+# The club's browser client, served from CLIENT_DIR
+# =============================================================================
+
+@pytest.fixture
+def client_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "client-browser"
+    (folder / "shared").mkdir(parents=True)
+    (folder / "client.html").write_text("<title>cliente</title>")
+    (folder / "shared" / "net.js").write_text("export const x = 1;")
+    return folder
+
+
+async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_server: Any, config: gs.Config,
+                                                                    client_dir: Path,
+                                                                    http: aiohttp.ClientSession) -> None:
+    """/client and /client-assets/*.js come from CLIENT_DIR with the right type and no-store."""
+    server = await aiohttp_server(gs.make_app(dataclasses.replace(config, client_dir=client_dir)))
+    for path, content_type in (("/client", "text/html"), ("/client-assets/net.js", "text/javascript")):
+        async with http.get(server.make_url(path)) as response:
+            assert response.status == 200 and response.content_type == content_type
+            assert response.headers["Cache-Control"] == "no-store"
+    for path in ("/agent", "/client-assets/missing.js", "/client-assets/..%2Fclient.html"):
+        async with http.get(server.make_url(path)) as response:
+            assert response.status == 404 and "error" in await response.json()
