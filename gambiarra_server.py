@@ -543,6 +543,7 @@ def cast_vote(conn: sqlite3.Connection, v: dict[str, Any]) -> dict[str, Any]:
 
 
 def voter_votes(conn: sqlite3.Connection, round_id: str, voter_hash: str) -> list[dict[str, Any]]:
+    get_round(conn, round_id)           # an unknown round is a 404, not "you have not voted"
     return every(conn, "SELECT participantId, score FROM votes WHERE roundId = ? AND voterHash = ? "
                        "ORDER BY createdAt", round_id, voter_hash)
 
