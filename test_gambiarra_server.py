@@ -10,10 +10,13 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,21 @@ class Peer:
                 while True:
                     seen.append(json.loads(await self.ws.recv()))
         return seen
+
+    async def sync(self) -> None:
+        """Wait until the server has handled every frame sent so far: it answers frames in order,
+        so the error reply to a frame of an unknown type comes after all earlier ones are done."""
+        await self.send({"type": "sync"})
+        reply = await self.recv("error")
+        assert reply["message"].startswith("Unknown message type 'sync'"), reply
+
+    async def closed(self) -> tuple[int | None, str | None]:
+        """Read until the server closes the connection; its close code and reason."""
+        async with asyncio.timeout(TIMEOUT_S):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await self.ws.recv()
+        return self.ws.close_code, self.ws.close_reason
 
 
 class Runner(Peer):
@@ -352,3 +370,406 @@ async def test_a_full_round_from_challenge_to_reveal(room: Room, pin: str) -> No
     assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 2
     states = [m["round"]["votingStatus"] for m in await screen.quiet() if m["type"] == "round_state"]
     assert states == ["open", "closed", "revealed", "revealed", "revealed"]
+
+
+# =============================================================================
+# Contract helpers: placeholders for ids and clocks, polling, rounds in a stage
+# =============================================================================
+
+class Like:
+    """Equal to any value `check` accepts, so full-dict comparisons can hold ids and clock readings."""
+
+    def __init__(self, what: str, check: Callable[[Any], Any]) -> None:
+        self.what, self.check = what, check
+
+    def __eq__(self, other: Any) -> bool:
+        return bool(self.check(other))
+
+    def __repr__(self) -> str:
+        return f"<{self.what}>"
+
+
+ID = Like("uuid", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", v))
+WHEN = Like("ISO time", lambda v: isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", v))
+MS = Like("epoch ms", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 1_600_000_000_000)
+AMOUNT = Like("number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+RUNNER_ROW = {"runner": "ollama", "model": "llama3.1:8b", "connected": True, "createdAt": WHEN, "lastSeen": WHEN}
+MODEL_INFO = {"name": "llama3.1:8b", "runner": "ollama"}
+
+
+async def eventually(probe: Callable[[], Any]) -> Any:
+    """Poll `probe` (plain or async) until it returns something truthy: flushes and closes are asynchronous."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            result = probe()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return result
+            await asyncio.sleep(0.02)
+
+
+async def get_when(room: Room, path: str, check: Callable[[Any], bool]) -> Any:
+    """GET `path` until its body passes `check` (the server learns of a closed socket asynchronously)."""
+    async def probe() -> Any:
+        body = await room.host.call("GET", path)
+        return body if check(body) else None
+    return await eventually(probe)
+
+
+@pytest.fixture
+async def room_with(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession):
+    """Start a server with some config fields changed; gives its Room and its Server."""
+    rooms: list[Room] = []
+
+    async def start(**changes: Any) -> tuple[Room, gs.Server]:
+        app = gs.make_app(replace(config, **changes))
+        server = await aiohttp_server(app, host="127.0.0.1")
+        rooms.append(Room(str(server.make_url("")).rstrip("/"), http))
+        return rooms[-1], app[gs.server_key]
+    yield start
+    for room in rooms:
+        await room.close()
+
+
+STAGES = ("created", "running", "open", "closed", "revealed", "all revealed")
+
+
+async def answered(room: Room, rnd: dict[str, Any], answers: dict[str, Runner], words: list[str] = WORDS) -> None:
+    """Each runner gets the challenge, streams `words` and completes; returns once the server has it all."""
+    for runner in answers.values():
+        await runner.recv("challenge")
+        await runner.stream(rnd["index"], words)
+        await runner.complete(rnd["index"], len(words))
+        await runner.sync()
+
+
+async def round_in(room: Room, pin: str, stage: str) -> dict[str, Any]:
+    """A new round taken to `stage` (one of STAGES), with one answer (ana's) once started; its latest row."""
+    host, rnd = room.host, await room.host.new_round()
+    if stage == "created":
+        return rnd
+    ana = await room.runner("ana", pin)
+    rnd = await host.start(rnd["id"])
+    await answered(room, rnd, {"ana": ana})
+    steps = [("running", None), ("open", "/rounds/stop"), ("closed", f"/rounds/{rnd['id']}/close-voting"),
+             ("revealed", f"/rounds/{rnd['id']}/reveal"), ("all revealed", f"/rounds/{rnd['id']}/reveal-next")]
+    for name, path in steps:
+        if path:
+            rnd = await host.call("POST", path, {"roundId": rnd["id"]} if path == "/rounds/stop" else None)
+        if name == stage:
+            return rnd
+    raise AssertionError(stage)
+
+
+def route_path(route: gs.Route) -> str:
+    return route.path.replace("{round_id}", "no-such-round")
+
+
+# =============================================================================
+# HTTP: every route, at the root and under /api, with the shapes clients read
+# =============================================================================
+
+@pytest.mark.parametrize("route", gs.ROUTES, ids=lambda r: f"{r.method} {r.path}")
+async def test_every_route_answers_at_the_root_and_under_api(room: Room, route: gs.Route) -> None:
+    """Both spellings reach the same handler (the telão calls /api/..., scripts the root)."""
+    answers = []
+    for prefix in ("", "/api"):
+        status, body = await room.host.status(route.method, prefix + route_path(route),
+                                              {} if route.body else None)
+        assert status < 500 and "No route" not in str(body), (prefix, status, body)
+        answers.append(status)
+    assert answers[0] == answers[1]
+
+
+async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
+    """A wrong URL is a JSON 404, a wrong method a JSON 405, like every other error."""
+    assert await room.host.status("GET", "/nope") == (404, {"error": "No route GET /nope", "code": "NOT_FOUND"})
+    assert await room.host.status("DELETE", "/api/session") == (
+        405, {"error": "No route DELETE /api/session", "code": "METHOD_NOT_ALLOWED"})
+
+
+async def test_health_shape(room: Room) -> None:
+    """GET /health: status, server clock, version, database state and connection count."""
+    assert await room.host.call("GET", "/health") == {"status": "ok", "timestamp": MS, "version": gs.__version__,
+                                                     "database": "ok", "connections": 0}
+
+
+async def test_new_session_shape(room: Room) -> None:
+    """POST /session answers the club's keys; a body whose fields are all optional may be absent."""
+    body = await room.host.call("POST", "/session")
+    assert body == {"session_id": ID, "id": body["session_id"], "pin": body["pin"], "created_at": WHEN,
+                    "status": "active", "disconnected_participants": 0}
+    assert re.fullmatch(r"\d{6}", body["pin"])
+
+
+async def test_session_lists_participants_and_rounds_in_the_club_casing(room: Room, pin: str) -> None:
+    """GET /session: the session row (camelCase, with the PIN for the host), its participants and rounds."""
+    ana = await room.runner("ana", pin)
+    await room.runner("bia", pin)
+    await ana.ws.close()
+    rnd = await room.host.new_round()
+    session = await get_when(room, "/session", lambda s: not s["participants"][0]["connected"])
+    assert session == {
+        "id": ID, "createdAt": WHEN, "endedAt": None, "status": "active", "pin": pin,
+        "participants": [{"id": "ana", "sessionId": session["id"], "nickname": "Ana", **RUNNER_ROW, "connected": False},
+                         {"id": "bia", "sessionId": session["id"], "nickname": "Bia", **RUNNER_ROW}],
+        "rounds": [rnd]}
+
+
+async def test_presence_lists_live_connections_only(room: Room, pin: str) -> None:
+    """GET /presence comes from memory: who is connected now, oldest first."""
+    ana = await room.runner("ana", pin)
+    await room.runner("bia", pin)
+    session_id = (await room.host.call("GET", "/session"))["id"]
+    presence = await room.host.call("GET", "/api/presence")
+    assert presence == {"sessionId": session_id, "connectedCount": 2, "participants": [
+        {"id": "ana", "sessionId": session_id, "nickname": "Ana", **RUNNER_ROW},
+        {"id": "bia", "sessionId": session_id, "nickname": "Bia", **RUNNER_ROW}]}
+    await ana.ws.close()
+    presence = await get_when(room, "/presence", lambda p: p["connectedCount"] == 1)
+    assert [p["id"] for p in presence["participants"]] == ["bia"]
+
+
+async def test_round_rows_are_camel_case_with_the_club_columns(room: Room, pin: str) -> None:
+    """POST /rounds, start and stop return the whole Round row; start and stop stamp it."""
+    session_id = (await room.host.call("GET", "/session"))["id"]
+    rnd = await room.host.new_round("Draw a cat", max_tokens=64, temperature=0, deadline_ms=5000, svg_mode=True)
+    assert rnd == {"id": ID, "sessionId": session_id, "index": 1, "prompt": "Draw a cat", "maxTokens": 64,
+                   "temperature": 0.0, "deadlineMs": 5000, "seed": None, "svgMode": True, "startedAt": None,
+                   "endedAt": None, "votingStatus": "closed", "revealedCount": 0, "createdAt": WHEN}
+    started = await room.host.start(rnd["id"])
+    assert started == {**rnd, "startedAt": WHEN}
+    assert await room.host.call("POST", "/api/rounds/stop", {"round_id": rnd["id"]}) == {
+        **started, "endedAt": WHEN, "votingStatus": "open"}
+
+
+async def test_stop_without_a_body_stops_the_running_round(room: Room, pin: str) -> None:
+    """POST /rounds/stop with no body stops whatever round is running."""
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    stopped = await room.host.call("POST", "/rounds/stop")
+    assert (stopped["id"], stopped["votingStatus"]) == (rnd["id"], "open")
+
+
+async def test_current_round_carries_the_live_tokens(room: Room, pin: str) -> None:
+    """GET /rounds/current: the running Round row spread, plus liveTokens by participant in seq order."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await ana.stream(1, WORDS[:3])
+    await bia.token(1, 1, "b")
+    await bia.token(1, 0, "a")
+    await ana.sync()
+    await bia.sync()
+    assert await room.host.call("GET", "/api/rounds/current") == {**rnd, "liveTokens": {"ana": WORDS[:3],
+                                                                                         "bia": ["a", "b"]}}
+    await room.host.stop(rnd["id"])
+    assert await room.host.status("GET", "/rounds/current") == (404, {"error": "No active round",
+                                                                      "code": "NOT_FOUND"})
+
+
+async def test_responses_list_every_answer_with_round_facts(room: Room, pin: str) -> None:
+    """GET /rounds/{id}/responses: what the voting page shows."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round("Draw", svgMode=True))["id"])
+    await answered(room, rnd, {"ana": ana}, ["<svg>", "</svg>"])
+    assert await room.host.call("GET", f"/rounds/{rnd['id']}/responses") == {
+        "responses": [{"participant_id": "ana", "nickname": "Ana", "generated_content": "<svg></svg>"}],
+        "svgMode": True, "votingStatus": "closed", "prompt": "Draw", "round_id": rnd["id"]}
+
+
+async def test_voting_ceremony_routes_return_the_round(room: Room, pin: str) -> None:
+    """close-voting (or /votes/close), reveal and reveal-next each return the updated Round row."""
+    rnd = await round_in(room, pin, "open")
+    closed = await room.host.call("POST", "/votes/close")
+    assert closed == {**rnd, "votingStatus": "closed"}
+    revealed = await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal")
+    assert revealed == {**closed, "votingStatus": "revealed", "revealedCount": 0}
+    assert await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next") == {**revealed, "revealedCount": 1}
+    assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal"))["revealedCount"] == 0   # repeatable
+
+
+async def test_votes_close_takes_a_round_id_too(room: Room, pin: str) -> None:
+    """POST /votes/close {roundId} is the seed's name for close-voting."""
+    rnd = await round_in(room, pin, "open")
+    assert (await room.host.call("POST", "/votes/close", {"roundId": rnd["id"]}))["votingStatus"] == "closed"
+
+
+async def test_kick_answers_whether_they_were_connected(room: Room, pin: str) -> None:
+    """POST /participants/kick: ok, and whether a live connection was closed."""
+    await room.runner("ana", pin)
+    assert await room.host.call("POST", "/participants/kick", {"participantId": "ana"}) == {
+        "status": "ok", "participant_id": "ana", "was_connected": True}
+    assert await room.host.call("POST", "/participants/kick", {"participant_id": "ana"}) == {
+        "status": "ok", "participant_id": "ana", "was_connected": False}
+    assert await room.host.status("POST", "/participants/kick", {"participant_id": "zed"}) == (
+        404, {"error": "Participant zed is not in this session", "code": "NOT_FOUND"})
+
+
+# =============================================================================
+# HTTP: lifecycle errors (each wrong step is a 4xx with a sentence)
+# =============================================================================
+
+def round_call(method: str, path: str, body: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], tuple]:
+    """A request about a round, filled in once the round exists ({id} in the path and body)."""
+    def fill(rnd: dict[str, Any]) -> tuple:
+        filled = None if body is None else {k: v.format(id=rnd["id"]) if isinstance(v, str) else v
+                                            for k, v in body.items()}
+        return method, path.format(id=rnd["id"]), filled
+    fill.label = f"{method} {path}{'' if body is None else ' ' + json.dumps(body)}"
+    return fill
+
+
+START, STOP = round_call("POST", "/rounds/start", {"roundId": "{id}"}), round_call("POST", "/rounds/stop", {"roundId": "{id}"})
+CLOSE, REVEAL = round_call("POST", "/rounds/{id}/close-voting"), round_call("POST", "/rounds/{id}/reveal")
+NEXT = round_call("POST", "/rounds/{id}/reveal-next")
+
+
+def vote_for(participant_id: str) -> Callable[[dict[str, Any]], tuple]:
+    return round_call("POST", "/votes", {"roundId": "{id}", "participantId": participant_id, "score": 3,
+                                         "voterId": "v1"})
+
+
+@pytest.mark.parametrize(("stage", "call", "status", "error"), [
+    ("running", START, 409, "Round already started"),
+    ("open", START, 409, "Round already started"),
+    ("created", STOP, 409, "Round has not started"),
+    ("open", STOP, 409, "Round already ended"),
+    ("closed", STOP, 409, "Round already ended"),
+    ("created", round_call("POST", "/rounds/stop", {}), 409, "No round is running"),
+    ("open", round_call("POST", "/rounds/stop"), 409, "No round is running"),
+    ("created", CLOSE, 409, "Voting is not open for this round"),
+    ("running", CLOSE, 409, "Voting is not open for this round"),
+    ("closed", CLOSE, 409, "Voting is not open for this round"),
+    ("revealed", CLOSE, 409, "Voting is not open for this round"),
+    ("running", round_call("POST", "/votes/close", {"roundId": "{id}"}), 409, "Voting is not open for this round"),
+    ("closed", round_call("POST", "/votes/close"), 404, "No round has voting open"),
+    ("created", REVEAL, 409, "The round has not ended yet"),
+    ("running", REVEAL, 409, "The round has not ended yet"),
+    ("open", REVEAL, 409, "Close voting before the reveal"),
+    ("open", NEXT, 409, "Start the reveal first"),
+    ("closed", NEXT, 409, "Start the reveal first"),
+    ("all revealed", NEXT, 409, "Every position is already revealed"),
+    ("created", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("running", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("closed", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("revealed", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("open", vote_for("zed"), 404, "Participant not found"),
+], ids=lambda value: getattr(value, "label", None))
+async def test_lifecycle_errors(room: Room, pin: str, stage: str, call: Callable, status: int, error: str) -> None:
+    """Each step out of order is refused with its status and sentence, and changes nothing."""
+    rnd = await round_in(room, pin, stage)
+    assert await room.host.status(*call(rnd)) == (status, {"error": error, "code": gs_code(status)})
+    assert (await room.host.call("GET", "/session"))["rounds"] == [rnd]
+
+
+def gs_code(status: int) -> str:
+    return {400: "INVALID_INPUT", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 409: "CONFLICT"}[status]
+
+
+async def test_only_one_round_runs_at_a_time(room: Room, pin: str) -> None:
+    """Starting a second round while one runs is a 409 naming the running one."""
+    first, second = await room.host.new_round(), await room.host.new_round()
+    await room.host.start(first["id"])
+    assert await room.host.status("POST", "/rounds/start", {"roundId": second["id"]}) == (
+        409, {"error": "Round 1 is still running; stop it first", "code": "CONFLICT"})
+    await room.host.stop(first["id"])
+    assert (await room.host.start(second["id"]))["index"] == 2
+
+
+async def test_voting_for_someone_who_did_not_answer_is_404(room: Room, pin: str) -> None:
+    """A registered participant without an answer in the round can't be voted for."""
+    await room.runner("bia", pin)
+    rnd = await round_in(room, pin, "open")
+    assert await room.host.status(*vote_for("bia")(rnd)) == (404, {"error": "Participant not found",
+                                                                 "code": "NOT_FOUND"})
+
+
+async def test_a_vote_is_immutable(room: Room, pin: str, config: gs.Config) -> None:
+    """A second vote by the same voter for the same answer is 409 with the club's exact sentence."""
+    rnd = await round_in(room, pin, "open")
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    assert await room.host.status(*vote_for("ana")(rnd)) == (
+        409, {"error": "Already voted for this participant", "code": "CONFLICT"})
+    assert [v["score"] for v in db_rows(config.database, "SELECT score FROM votes")] == [5]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/rounds/start", {"roundId": "no-such-round"}),
+    ("POST", "/rounds/stop", {"roundId": "no-such-round"}),
+    ("GET", "/rounds/no-such-round/responses", None),
+    ("POST", "/rounds/no-such-round/close-voting", None),
+    ("POST", "/votes/close", {"roundId": "no-such-round"}),
+    ("POST", "/rounds/no-such-round/reveal", None),
+    ("POST", "/rounds/no-such-round/reveal-next", None),
+    ("POST", "/votes", {"roundId": "no-such-round", "participantId": "ana", "score": 3}),
+    ("GET", "/votes/mine?roundId=no-such-round&voterId=v1", None),
+    ("GET", "/scoreboard?round_id=no-such-round", None),
+])
+async def test_unknown_round_ids_are_404(room: Room, pin: str, method: str, path: str, body: Any) -> None:
+    """Every route that takes a round id says so when there is no such round."""
+    assert await room.host.status(method, path, body) == (404, {"error": "Round not found", "code": "NOT_FOUND"})
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/session", None), ("GET", "/presence", None), ("GET", "/rounds/current", None),
+    ("POST", "/rounds", {"prompt": "x"}), ("GET", "/scoreboard", None), ("GET", "/metrics", None),
+    ("POST", "/participants/kick", {"participantId": "ana"}), ("POST", "/votes/close", None),
+    ("GET", "/export.csv", None), ("GET", "/export-events.csv", None), ("GET", "/export-all.json", None),
+])
+async def test_routes_that_need_a_session_say_there_is_none(room: Room, method: str, path: str, body: Any) -> None:
+    """Before the first POST /session: 404 'No active session', never a 500."""
+    status, answer = await room.host.status(method, path, body)
+    assert (status, answer["error"]) == (404, "No active session")
+
+
+# =============================================================================
+# HTTP: bad input (always JSON {"error": ...} with a 4xx)
+# =============================================================================
+
+@pytest.mark.parametrize(("method", "path", "body", "error"), [
+    ("POST", "/rounds", "{", "The request body is not valid JSON"),
+    ("POST", "/rounds", b"\xff\xfe", "The request body is not valid JSON"),
+    ("POST", "/rounds", "[1, 2]", "The request body must be a JSON object"),
+    ("POST", "/rounds", '"prompt"', "The request body must be a JSON object"),
+    ("POST", "/rounds", "null", "The request body must be a JSON object"),
+    ("POST", "/rounds", "[" * 100_000, "The request body is not valid JSON"),
+    ("POST", "/rounds", {}, "'prompt' is required"),
+    ("POST", "/rounds", {"prompt": "x", "seed": -1}, "'seed' must be at least 0"),
+    ("POST", "/rounds", {"prompt": "x", "deadlineMs": 1.5}, "'deadline_ms' must be an integer"),
+    ("POST", "/session", {"pinLength": 3}, "'pin_length' must be at least 4"),
+    ("POST", "/session", {"pinLength": "6"}, "'pin_length' must be an integer"),
+    ("POST", "/session", "[]", "The request body must be a JSON object"),
+    ("POST", "/rounds/start", {}, "'round_id' is required"),
+    ("POST", "/rounds/start", {"roundId": 5}, "'round_id' must be a string"),
+    ("POST", "/rounds/stop", {"round_id": ["x"]}, "'round_id' must be a string"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "ana"}, "'score' is required"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "ana", "score": 6}, "'score' must be at most 5"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "ana", "score": -1}, "'score' must be at least 0"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "ana", "score": 2.5}, "'score' must be an integer"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "ana", "score": "5"}, "'score' must be an integer"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "ana", "score": True}, "'score' must be an integer"),
+    ("POST", "/votes", {"roundId": "r", "participantId": 7, "score": 1}, "'participant_id' must be a string"),
+    ("POST", "/votes", {"roundId": "r", "participantId": "a", "score": 1, "responseTime": "x"},
+     "'response_time' must be an integer"),
+    ("POST", "/participants/kick", {}, "'participant_id' is required"),
+    ("GET", "/votes/mine", None, "'round_id' is required"),
+    ("GET", "/votes/mine?round_id=" + "r" * 201, None, "'round_id' must be at most 200 characters"),
+])
+async def test_bad_bodies_and_queries_are_400_with_a_sentence(room: Room, pin: str, method: str, path: str,
+                                                              body: Any, error: str) -> None:
+    """Malformed JSON, a non-object, a missing field, a wrong type, a value out of range: 400 naming it."""
+    assert await room.host.status(method, path, body) == (400, {"error": error, "code": "INVALID_INPUT"})
+
+
+async def test_an_oversize_body_is_413(room: Room, pin: str) -> None:
+    """A body over aiohttp's 1 MiB limit is a JSON 413, not a 500."""
+    big = io.BytesIO(json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode())   # aiohttp warns on raw bytes
+    async with room.host.http.post(room.base + "/rounds", data=big) as response:
+        status, body = response.status, await response.json()
+    assert (status, body["code"]) == (413, "REQUEST_ENTITY_TOO_LARGE") and body["error"]
+
+
+async def test_a_body_with_both_casings_and_nulls_uses_the_defaults(room: Room, pin: str) -> None:
+    """snake_case and camelCase both work; null means absent."""
+    rnd = await room.host.new_round(max_tokens=10, deadlineMs=None, seed=None, svg_mode=None)
+    assert (rnd["maxTokens"], rnd["deadlineMs"], rnd["seed"], rnd["svgMode"]) == (10, 90000, None, False)
