@@ -1323,6 +1323,15 @@ def require_host(server: Server, request: web.Request) -> None:
         raise Forbidden("Wrong admin token")
 
 
+def is_host_request(server: Server, request: web.Request) -> bool:
+    """Whether the caller may see what only the host sees (the plain PIN): the same rule as host routes."""
+    try:
+        require_host(server, request)
+    except ClientError:
+        return False
+    return True
+
+
 def allowed_origin(config: Config, origin: str) -> str | None:
     return origin if "*" in config.cors_origins or origin in config.cors_origins else None
 
@@ -1377,7 +1386,7 @@ async def get_session(server: Server, request: web.Request, p: Params) -> web.Re
     row = await server.db.run(lambda conn: one(conn, "SELECT * FROM sessions WHERE id = ?", session.id))
     participants = await server.db.run(session_participants, session.id)
     rounds = await server.db.run(session_rounds, session.id)
-    with_pin = server.is_host(client_address(request, server.config))
+    with_pin = is_host_request(server, request)
     return json_response({**session_json(row, with_pin),
                           "participants": [participant_json(r, r["id"] in server.hub.runners) for r in participants],
                           "rounds": [round_json(r) for r in rounds]})
