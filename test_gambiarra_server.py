@@ -773,3 +773,265 @@ async def test_a_body_with_both_casings_and_nulls_uses_the_defaults(room: Room, 
     """snake_case and camelCase both work; null means absent."""
     rnd = await room.host.new_round(max_tokens=10, deadlineMs=None, seed=None, svg_mode=None)
     assert (rnd["maxTokens"], rnd["deadlineMs"], rnd["seed"], rnd["svgMode"]) == (10, 90000, None, False)
+
+
+# =============================================================================
+# HTTP: votes, scoreboard and metrics
+# =============================================================================
+
+async def test_a_vote_returns_the_vote_row_and_stores_only_a_hash(room: Room, pin: str, config: gs.Config) -> None:
+    """POST /votes answers the Vote row; the voter id is kept only as its SHA-256."""
+    rnd = await round_in(room, pin, "open")
+    vote = await room.host.call("POST", "/api/votes", {"round_id": rnd["id"], "participant_id": "ana", "score": 0,
+                                                       "voter_id": "phone-1", "response_time": 1500})
+    digest = gs.sha256_hex("phone-1")
+    assert vote == {"id": ID, "roundId": rnd["id"], "voterHash": digest, "participantId": "ana", "score": 0,
+                    "createdAt": WHEN, "voteOrder": 1, "responseTime": 1500, "userAgent": Like("aiohttp UA", bool)}
+    stored = db_rows(config.database, "SELECT * FROM votes")
+    assert [row["voterHash"] for row in stored] == [digest] and "phone-1" not in str(stored)
+
+
+async def test_votes_mine_lists_this_voters_scores(room: Room, pin: str) -> None:
+    """GET /votes/mine?roundId=&voterId= is a camelCase list of {participantId, score}, for that voter only."""
+    bia = await room.runner("bia", pin)
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana, "bia": bia})
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "bia", 4, "v1")
+    await room.host.vote(rnd["id"], "ana", 2, "v1")
+    await room.host.vote(rnd["id"], "ana", 5, "v2")
+    mine = f"/api/votes/mine?roundId={rnd['id']}&voterId=v1"
+    assert await room.host.call("GET", mine) == [{"participantId": "bia", "score": 4},
+                                                 {"participantId": "ana", "score": 2}]
+    assert await room.host.call("GET", f"/votes/mine?round_id={rnd['id']}&voter_id=v3") == []
+
+
+async def test_without_a_voter_id_the_voter_is_the_address(room: Room, pin: str) -> None:
+    """No voterId: the client address is the voter, so the same phone can't vote twice."""
+    rnd = await round_in(room, pin, "open")
+    body = {"roundId": rnd["id"], "participantId": "ana", "score": 4}
+    await room.host.call("POST", "/votes", body)
+    assert (await room.host.status("POST", "/votes", body))[0] == 409
+    assert await room.host.call("GET", f"/votes/mine?roundId={rnd['id']}") == [{"participantId": "ana", "score": 4}]
+
+
+async def test_scoreboard_ranks_by_average_then_vote_count(room: Room, pin: str) -> None:
+    """GET /scoreboard: one row per answer, best average first, ties broken by more votes; no votes is 0."""
+    names = ("ana", "bia", "caio", "dani")
+    runners = {name: await room.runner(name, pin) for name in names}
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, runners, ["a", "b"])
+    await room.host.stop(rnd["id"])
+    for voter, scores in {"v1": {"ana": 4, "bia": 4, "caio": 5}, "v2": {"bia": 4}}.items():
+        for name, score in scores.items():
+            await room.host.vote(rnd["id"], name, score, voter)
+    board = await room.host.call("GET", "/api/scoreboard")
+    row = {"tokens": 2, "latency_first_token_ms": AMOUNT, "duration_ms": AMOUNT,
+           "tps_avg": AMOUNT, "generated_content": "ab", "model": "llama3.1:8b", "runner": "ollama"}
+    assert board == {"round_id": rnd["id"], "round_index": 1, "svgMode": False, "votingStatus": "open",
+                     "revealedCount": 0, "scoreboard": [
+                         {**row, "participant_id": "caio", "nickname": "Caio", "votes": 1, "avg_score": 5.0,
+                          "total_score": 5},
+                         {**row, "participant_id": "bia", "nickname": "Bia", "votes": 2, "avg_score": 4.0,
+                          "total_score": 8},
+                         {**row, "participant_id": "ana", "nickname": "Ana", "votes": 1, "avg_score": 4.0,
+                          "total_score": 4},
+                         {**row, "participant_id": "dani", "nickname": "Dani", "votes": 0, "avg_score": 0.0,
+                          "total_score": 0}]}
+
+
+async def test_scoreboard_default_round_is_the_latest_ended_else_the_running_one(room: Room, pin: str) -> None:
+    """No round started: 404; one running: that one; once one ended, the latest ended, even while another runs."""
+    assert await room.host.status("GET", "/scoreboard") == (404, {"error": "No round found", "code": "NOT_FOUND"})
+    first, second = await room.host.new_round(), await room.host.new_round()
+    await room.host.start(first["id"])
+    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == first["id"]
+    await room.host.stop(first["id"])
+    await room.host.start(second["id"])
+    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == first["id"]
+    await room.host.stop(second["id"])
+    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == second["id"]
+    explicit = await room.host.call("GET", f"/scoreboard?roundId={first['id']}")
+    assert (explicit["round_id"], explicit["scoreboard"]) == (first["id"], [])
+
+
+async def test_scoreboard_never_sends_a_null_tps(room: Room, pin: str) -> None:
+    """tps_avg is a number even for an answer of one token or none (the telão calls toFixed on it)."""
+    one_token, no_token = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await one_token.token(1, 0, "Sim")
+    await one_token.send({"type": "complete", "round": 1, "participant_id": "ana", "tokens": 1})
+    await no_token.send({"type": "complete", "round": 1, "participant_id": "bia", "latency_ms_first_token": None,
+                         "duration_ms": None, "model_info": None})
+    await one_token.sync()
+    await no_token.sync()
+    board = (await room.host.call("GET", f"/scoreboard?round_id={rnd['id']}"))["scoreboard"]
+    assert [(r["participant_id"], r["tokens"], r["generated_content"]) for r in board] == [("ana", 1, "Sim"),
+                                                                                         ("bia", 0, "")]
+    assert all(isinstance(r["tps_avg"], float) for r in board), board
+
+
+async def test_metrics_totals_for_the_session(room: Room, pin: str) -> None:
+    """GET /metrics: the club's totals plus ours (tokens received, gaps, rescued answers)."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await room.host.new_round()
+    await ana.stream(1, ["a", "b", "c"])
+    await ana.complete(1, 7)                                   # the runner counts differently
+    await bia.token(1, 0, "x")
+    await bia.token(1, 2, "z")                                 # seq 1 never arrives, and bia never completes
+    await ana.sync()
+    await bia.sync()
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    assert await room.host.call("GET", "/api/metrics") == {
+        "session_id": ID, "total_rounds": 2, "completed_rounds": 1, "total_participants": 2, "total_tokens": 9,
+        "total_tokens_received": 5, "total_seq_gaps": 1, "rescued_generations": 1, "total_votes": 1}
+
+
+# =============================================================================
+# HTTP: the host and everyone else
+# =============================================================================
+#
+# These servers trust only 10.255.255.0/24 as the host, so the test client on
+# loopback is one of the audience's phones.
+
+AWAY = ("10.255.255.0/24",)
+
+
+@pytest.fixture
+async def away(room_with: Callable) -> tuple[Room, dict[str, str]]:
+    """A server that does not take loopback for the host, with a session; the admin token's header."""
+    room, server = await room_with(host_addresses=AWAY)
+    admin = {"Authorization": f"Bearer {server.config.admin_token}"}
+    await room.host.call("POST", "/session", headers=admin)
+    return room, admin
+
+
+HOST_ROUTES = [route for route in gs.ROUTES if route.host]
+
+
+@pytest.mark.parametrize("route", HOST_ROUTES, ids=lambda r: f"{r.method} {r.path}")
+async def test_host_routes_need_the_admin_token_from_elsewhere(away: tuple, route: gs.Route) -> None:
+    """No token: 401; a wrong token: 403; both before the body is even read."""
+    room, _ = away
+    for prefix in ("", "/api"):
+        path = prefix + route_path(route)
+        assert await room.host.status(route.method, path, "{") == (401, {
+            "error": "This is a host route: call it from the host's machine or send "
+                     "'Authorization: Bearer <admin token>'", "code": "UNAUTHORIZED"})
+        for header in ("Bearer wrong", "Basic d3Jvbmc="):
+            assert await room.host.status(route.method, path, "{", headers={"Authorization": header}) == (
+                403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
+
+
+async def test_the_admin_token_opens_every_host_step(away: tuple) -> None:
+    """With the token a remote host runs a whole round and exports it."""
+    room, admin = away
+    pin = (await room.host.call("POST", "/api/session", headers=admin))["pin"]
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.call("POST", "/rounds", {"prompt": "p"}, headers=admin)
+    rnd = await room.host.call("POST", "/rounds/start", {"roundId": rnd["id"]}, headers=admin)
+    await answered(room, rnd, {"ana": ana})
+    for path, body in [("/rounds/stop", {}), (f"/rounds/{rnd['id']}/close-voting", None),
+                       (f"/rounds/{rnd['id']}/reveal", None), (f"/rounds/{rnd['id']}/reveal-next", None),
+                       ("/participants/kick", {"participantId": "ana"})]:
+        await room.host.call("POST", path, body, headers=admin)
+    for path in ("/export.csv", "/export-events.csv", "/export-all.json"):
+        await room.host.call("GET", path, headers=admin)
+
+
+async def test_audience_routes_need_no_token(away: tuple) -> None:
+    """Phones and the telão read and vote without any token."""
+    room, admin = away
+    for path in ("/health", "/session", "/presence", "/metrics"):
+        await room.host.call("GET", "/api" + path)
+    assert (await room.host.status("GET", "/rounds/current"))[0] == 404       # no round yet, but allowed
+
+
+async def test_the_pin_is_only_for_the_host(away: tuple) -> None:
+    """GET /session shows the plain PIN to the host (or the token's holder), never to a phone."""
+    room, admin = away
+    session = await room.host.call("GET", "/api/session")
+    assert "pin" not in session and session["status"] == "active"
+    assert (await room.host.call("GET", "/api/session", headers=admin))["pin"].isdigit()
+    assert "pin" not in await room.host.call("GET", "/session", headers={"Authorization": "Bearer wrong"})
+
+
+@pytest.mark.parametrize(("trust_proxy", "status"), [(False, 401), (True, 200)])
+async def test_x_forwarded_for_counts_only_behind_a_trusted_proxy(room_with: Callable, trust_proxy: bool,
+                                                                  status: int) -> None:
+    """A forged X-Forwarded-For naming the host's address is ignored unless --trust-proxy."""
+    room, _ = await room_with(host_addresses=AWAY, trust_proxy=trust_proxy)
+    forged = {"X-Forwarded-For": "10.255.255.7, 127.0.0.1"}
+    assert (await room.host.status("POST", "/session", headers=forged))[0] == status
+
+
+async def test_the_audience_is_rate_limited_but_never_the_host_or_the_docs(room_with: Callable) -> None:
+    """Past RATE_LIMIT_MAX requests a non-host address gets 429 with Retry-After; /health and /docs still answer."""
+    room, _ = await room_with(host_addresses=AWAY, rate_limit_max=3)
+    for _ in range(3):
+        await room.host.call("GET", "/presence", expect=404)
+    async with room.host.http.get(room.base + "/api/presence") as response:
+        assert response.status == 429 and int(response.headers["Retry-After"]) > 0
+        assert (await response.json())["code"] == "TOO_MANY_REQUESTS"
+    for path in ("/health", "/docs", "/openapi.json"):
+        await room.host.call("GET", path)
+    host_room, _ = await room_with(rate_limit_max=3)
+    for _ in range(5):
+        await host_room.host.call("GET", "/presence", expect=404)
+
+
+async def test_cors_preflight_and_headers_follow_cors_origins(room_with: Callable) -> None:
+    """A preflight from an allowed origin gets 204 and the CORS headers; another origin gets none."""
+    room, _ = await room_with(cors_origins=("http://telao.local:5173",))
+    preflight = {"Origin": "http://telao.local:5173", "Access-Control-Request-Method": "POST"}
+    async with room.host.http.options(room.base + "/api/votes", headers=preflight) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "http://telao.local:5173"
+    async with room.host.http.get(room.base + "/health", headers={"Origin": "http://evil.example"}) as response:
+        assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_a_cross_origin_websocket_is_refused(room_with: Callable) -> None:
+    """A browser page on an origin CORS_ORIGINS does not allow can't open /ws."""
+    room, _ = await room_with(cors_origins=("http://telao.local:5173",))
+    with pytest.raises(Exception, match="403"):
+        await connect(room.ws_url, origin="http://evil.example")
+    async with connect(room.ws_url, origin="http://telao.local:5173") as ws:
+        await ws.send(json.dumps({"type": "telao_register"}))
+        assert json.loads(await ws.recv())["type"] == "registered_telao"
+
+
+# =============================================================================
+# HTTP: the API describes itself, offline
+# =============================================================================
+
+async def test_openapi_lists_every_route(room: Room) -> None:
+    """/openapi.json has one operation per route of the table, host routes marked with the token scheme."""
+    spec = await room.host.call("GET", "/openapi.json")
+    operations = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
+    assert operations == {(route.path, route.method) for route in gs.ROUTES}
+    assert spec["openapi"].startswith("3.") and spec["info"]["version"] == gs.__version__
+    votes = spec["paths"]["/votes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert votes["required"] == ["round_id", "participant_id", "score"]
+    assert votes["properties"]["score"] == {"type": "integer", "description": "0 to 5", "minimum": 0, "maximum": 5}
+    assert spec["paths"]["/rounds/start"]["post"]["security"] == [{}, {"adminToken": []}]
+
+
+async def test_docs_are_one_self_contained_page(room: Room) -> None:
+    """/docs is HTML with every route and message and no external asset (meetups are often offline)."""
+    async with room.host.http.get(room.base + "/docs") as response:
+        assert response.status == 200 and response.content_type == "text/html"
+        page = await response.text()
+    assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
+    for route in gs.ROUTES:
+        assert f"<code>{route.path}</code>" in page
+    for kind in gs.ON_MESSAGE:
+        assert f"<code>{kind}</code>" in page
+
+
+async def test_redoc_redirects_to_docs(room: Room) -> None:
+    async with room.host.http.get(room.base + "/redoc", allow_redirects=False) as response:
+        assert (response.status, response.headers["Location"]) == (302, "/docs")
