@@ -1192,7 +1192,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
     live = arena.running_round()
     if live is not None:
-        gen = live.generation(pid)
+        gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
     log.info("WS_REGISTERED %s", pid)
