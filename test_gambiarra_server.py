@@ -1035,3 +1035,520 @@ async def test_docs_are_one_self_contained_page(room: Room) -> None:
 async def test_redoc_redirects_to_docs(room: Room) -> None:
     async with room.host.http.get(room.base + "/redoc", allow_redirects=False) as response:
         assert (response.status, response.headers["Location"]) == (302, "/docs")
+
+
+# =============================================================================
+# WebSocket: register, screens and malformed frames
+# =============================================================================
+
+async def test_register_replies_with_the_session(room: Room, pin: str) -> None:
+    """register -> registered with session_id (and our participant_id); no resume when nothing runs."""
+    session_id = (await room.host.call("GET", "/session"))["id"]
+    ana = await room.runner("ana")
+    assert await ana.register(pin) == {"type": "registered", "session_id": session_id, "participant_id": "ana"}
+
+
+async def test_a_wrong_pin_keeps_the_socket_open(room: Room, pin: str) -> None:
+    """A bad PIN is an INVALID_PIN error; the same socket may then register with the right one."""
+    ana = await room.runner("ana")
+    wrong = "0000000" if pin != "0000000" else "1111111"
+    assert await ana.register(wrong) == {"type": "error", "message": "Invalid PIN.", "code": "INVALID_PIN"}
+    assert (await ana.register(pin))["type"] == "registered"
+
+
+async def test_register_without_a_session(room: Room) -> None:
+    """Before POST /session a register is told there is no session."""
+    ana = await room.runner("ana")
+    assert await ana.register("123456") == {"type": "error", "message": "No active session", "code": "NO_SESSION"}
+
+
+async def test_wrong_pins_are_throttled_per_address(room_with: Callable) -> None:
+    """Past PIN_ATTEMPTS_MAX wrong PINs an address is refused, even with the right PIN, for the window."""
+    room, _ = await room_with(pin_attempts_max=2)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana")
+    for _ in range(2):
+        assert (await ana.register("99999999"))["code"] == "INVALID_PIN"
+    assert await ana.register(pin) == {"type": "error", "code": "PIN_THROTTLED",
+                                       "message": "Too many wrong PINs from your address; try again in 60 s"}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"participant_id": None}, "'participant_id' is required"),
+    ({"participant_id": ""}, "'participant_id' must be at least 1 characters"),
+    ({"participant_id": 7}, "'participant_id' must be a string"),
+    ({"pin": None}, "'pin' is required"),
+    ({"pin": 123456}, "'pin' must be a string"),
+    ({"nickname": "x" * 201}, "'nickname' must be at most 200 characters"),
+    ({"model": ["llama"]}, "'model' must be a string"),
+])
+async def test_register_with_bad_fields(room: Room, pin: str, fields: dict, message: str) -> None:
+    """Each bad register field is named in an INVALID_INPUT error."""
+    ana = await room.runner("ana")
+    frame = {"type": "register", "participant_id": "ana", "nickname": "Ana", "pin": pin, "runner": "ollama",
+             "model": "m", **fields}
+    await ana.send({k: v for k, v in frame.items() if v is not None})
+    assert await ana.recv() == {"type": "error", "message": message, "code": "INVALID_INPUT"}
+
+
+async def test_register_takes_missing_optionals_and_defaults_the_nickname(room: Room, pin: str) -> None:
+    """Only participant_id and pin are needed; the nickname defaults to the id."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    ana = await room.runner("ana-42")
+    await ana.send({"type": "register", "participant_id": "ana-42", "pin": pin, "nickname": None})
+    assert (await ana.recv())["type"] == "registered"
+    assert await screen.recv() == {"type": "participant_registered", "participant": {
+        "id": "ana-42", "sessionId": ID, "nickname": "ana-42", **RUNNER_ROW, "runner": "", "model": ""}}
+
+
+ALL_TYPES = "expected one of register, telao_register, token, complete, error"
+
+
+@pytest.mark.parametrize(("frame", "message", "code"), [
+    ("hello", "The message is not valid JSON", "INVALID_INPUT"),
+    ("{'type': 'token'}", "The message is not valid JSON", "INVALID_INPUT"),
+    ("[1, 2]", "The message must be a JSON object", "INVALID_INPUT"),
+    ("42", "The message must be a JSON object", "INVALID_INPUT"),
+    ("{}", f"Unknown message type None; {ALL_TYPES}", "INVALID_INPUT"),
+    ('{"type": "vote"}', f"Unknown message type 'vote'; {ALL_TYPES}", "INVALID_INPUT"),
+    ('{"type": ["token"]}', f"Unknown message type ['token']; {ALL_TYPES}", "INVALID_INPUT"),
+    (b'{"type": "telao_register"}', "Binary frames are not supported; send JSON text", "INVALID_INPUT"),
+    ('{"type": "token", "round": 1, "seq": 0, "content": "x"}', "Register before sending this message",
+     "NOT_REGISTERED"),
+    ('{"type": "complete", "round": 1, "tokens": 3}', "Register before sending this message", "NOT_REGISTERED"),
+    ('{"type": "error", "round": 1, "code": "X", "message": "y"}', "Register before sending this message",
+     "NOT_REGISTERED"),
+    ('{"type": "token", "round": 1, "seq": "0", "content": "x"}', "'seq' must be an integer", "INVALID_INPUT"),
+    ('{"type": "token", "round": 1, "seq": -1, "content": "x"}', "'seq' must be at least 0", "INVALID_INPUT"),
+    ('{"type": "token", "seq": 0, "content": "x"}', "'round' is required", "INVALID_INPUT"),
+    ('{"type": "token", "round": 1, "seq": 0, "content": 5}', "'content' must be a string", "INVALID_INPUT"),
+    ('{"type": "complete", "round": 1, "tokens": 1.5}', "'tokens' must be an integer", "INVALID_INPUT"),
+    ('{"type": "complete", "round": 1, "model_info": "llama"}', "'model_info' must be an object", "INVALID_INPUT"),
+    ('{"type": "telao_register", "view": 3}', "'view' must be a string", "INVALID_INPUT"),
+])
+async def test_a_malformed_frame_gets_an_error_and_the_socket_stays_open(room: Room, pin: str, frame: Any,
+                                                                        message: str, code: str) -> None:
+    """Whatever is wrong with a frame is answered with an error; the same socket then registers fine."""
+    peer = await room.runner("ana")
+    await peer.send(frame)
+    assert await peer.recv() == {"type": "error", "message": message, "code": code}
+    assert (await peer.register(pin))["type"] == "registered"
+
+
+async def test_the_screen_snapshot_mid_round(room: Room, pin: str) -> None:
+    """telao_register -> registered_telao, then state_snapshot: session, shown round, who is here, live tokens."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await ana.stream(1, WORDS[:3])
+    await ana.sync()
+    screen = Peer(await room.connect())
+    await screen.send({"type": "telao_register"})
+    assert await screen.recv() == {"type": "registered_telao", "view": "arena"}
+    session_id = rnd["sessionId"]
+    assert await screen.recv() == {
+        "type": "state_snapshot", "session": {"id": session_id, "createdAt": WHEN, "status": "active"},
+        "round": rnd, "participants": [{"id": "ana", "sessionId": session_id, "nickname": "Ana", **RUNNER_ROW}],
+        "liveTokens": {"ana": WORDS[:3]}}
+
+
+async def test_the_snapshot_after_a_round_has_no_live_tokens(room: Room, pin: str) -> None:
+    """After stop the snapshot shows the ended round (its voting state) and no liveTokens key."""
+    rnd = await round_in(room, pin, "open")
+    screen = await room.screen("voting")
+    snapshot = await screen.recv("state_snapshot")
+    assert snapshot["round"] == rnd and "liveTokens" not in snapshot
+
+
+async def test_without_a_session_a_screen_gets_no_snapshot(room: Room) -> None:
+    """A screen that registers before any session gets only registered_telao."""
+    screen = Peer(await room.connect())
+    await screen.send({"type": "telao_register", "view": "voting"})
+    assert await screen.recv() == {"type": "registered_telao", "view": "voting"}
+    assert await screen.quiet() == []
+
+
+async def test_a_voting_screen_gets_no_token_updates(room: Room, pin: str) -> None:
+    """A phone (view "voting") gets round_state and completion but not the token firehose."""
+    arena, phone = await room.screen(), await room.screen("voting")
+    await arena.recv("state_snapshot")
+    await phone.recv("state_snapshot")
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana})
+    await room.host.stop(rnd["id"])
+    for kind in ("round_state", "round_state"):
+        await arena.recv(kind)
+    types = [m["type"] for m in await phone.quiet()]
+    assert types == ["participant_registered", "round_started", "round_state", "completion", "round_state"]
+    rest = [m["type"] for m in await arena.quiet()]
+    assert rest == []
+
+
+async def test_screens_see_every_lifecycle_message(room: Room, pin: str) -> None:
+    """An arena screen sees registrations, the start, each token, the completion, and every round_state."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana}, ["x", "y"])
+    await room.host.stop(rnd["id"])
+    await ana.ws.close()
+    await get_when(room, "/presence", lambda p: p["connectedCount"] == 0)
+    seen = await screen.quiet()
+    session_id = rnd["sessionId"]
+    assert seen == [
+        {"type": "participant_registered", "participant": {"id": "ana", "sessionId": session_id, "nickname": "Ana",
+                                                           **RUNNER_ROW}},
+        {"type": "round_started", "round": 1, "session_id": session_id},
+        {"type": "round_state", "round": {k: rnd[k] for k in gs.ROUND_STATE_KEYS}},
+        {"type": "token_update", "participant_id": "ana", "round": 1, "seq": 0, "content": "x", "total_tokens": 1},
+        {"type": "token_update", "participant_id": "ana", "round": 1, "seq": 1, "content": "y", "total_tokens": 2},
+        {"type": "completion", "participant_id": "ana", "round": 1, "tokens": 2, "duration_ms": AMOUNT,
+         "ttft_ms": AMOUNT, "tps": AMOUNT},
+        {"type": "round_state", "round": {**{k: rnd[k] for k in gs.ROUND_STATE_KEYS}, "endedAt": WHEN,
+                                          "votingStatus": "open"}},
+        {"type": "participant_disconnected", "participant_id": "ana", "ts": MS}]
+
+
+async def test_creating_a_round_is_not_broadcast(room: Room, pin: str) -> None:
+    """POST /rounds sends nothing: pre-created rounds must not flip the phones."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    ana = await room.runner("ana", pin)
+    await screen.recv("participant_registered")
+    await room.host.new_round()
+    assert await screen.quiet() == [] and await ana.quiet() == []
+
+
+async def test_the_challenge_always_has_all_seven_keys(room: Room, pin: str) -> None:
+    """Without a seed the challenge still carries "seed" (null); only runners get it."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round("Oi", maxTokens=32, temperature=1.5))["id"])
+    assert await ana.recv() == {"type": "challenge", "session_id": rnd["sessionId"], "round": 1, "prompt": "Oi",
+                                "max_tokens": 32, "temperature": 1.5, "deadline_ms": 90000, "seed": None}
+    assert "challenge" not in [m["type"] for m in await screen.quiet()]
+
+
+async def test_runners_get_a_heartbeat_and_stay_connected(room_with: Callable) -> None:
+    """Every WS_HEARTBEAT_INTERVAL runners get {type: heartbeat, ts}, and pings they answer keep them in."""
+    room, _ = await room_with(ws_heartbeat_interval_s=0.1)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    for _ in range(5):                              # longer than MISSED_PINGS intervals
+        assert await ana.recv("heartbeat") == {"type": "heartbeat", "ts": MS}
+    assert (await room.host.call("GET", "/presence"))["connectedCount"] == 1
+
+
+# =============================================================================
+# WebSocket: tokens, completes and who may send them
+# =============================================================================
+
+async def started(room: Room, pin: str, *names: str) -> tuple[dict[str, Any], list[Runner]]:
+    """Runners registered and a round started; each runner has read its challenge."""
+    runners = [await room.runner(name, pin) for name in names]
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    for runner in runners:
+        await runner.recv("challenge")
+    return rnd, runners
+
+
+def metrics_row(database: Path, participant_id: str) -> dict[str, Any]:
+    rows = db_rows(database, "SELECT * FROM metrics WHERE participantId = ?", participant_id)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+async def responses_of(room: Room, rnd: dict[str, Any]) -> dict[str, str]:
+    body = await room.host.call("GET", f"/rounds/{rnd['id']}/responses")
+    return {r["participant_id"]: r["generated_content"] for r in body["responses"]}
+
+
+async def test_a_runner_speaks_only_for_itself(room: Room, pin: str) -> None:
+    """token, complete and error naming another participant are WRONG_PARTICIPANT; nothing is kept."""
+    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    wrong = {"type": "error", "message": "This connection is registered as ana, not bia", "code": "WRONG_PARTICIPANT"}
+    for frame in ({"type": "token", "round": 1, "participant_id": "bia", "seq": 0, "content": "forged"},
+                  {"type": "complete", "round": 1, "participant_id": "bia", "tokens": 1},
+                  {"type": "error", "round": 1, "participant_id": "bia", "code": "X", "message": "forged"}):
+        await ana.send(frame)
+        assert await ana.recv() == wrong
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {}
+    assert await responses_of(room, rnd) == {}
+
+
+async def test_a_frame_without_participant_id_is_the_sockets_own(room: Room, pin: str) -> None:
+    """participant_id may be left out of token and complete: the socket's registration says who."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    await ana.send({"type": "token", "round": 1, "seq": 0, "content": "oi"})
+    await ana.send({"type": "complete", "round": 1})
+    await ana.sync()
+    assert await responses_of(room, rnd) == {"ana": "oi"}
+
+
+async def test_a_token_for_a_round_that_is_not_live(room: Room, pin: str) -> None:
+    """Tokens for an unknown round index are refused with UNKNOWN_ROUND; the runner stays connected."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    await ana.token(9, 0, "x")
+    assert await ana.recv() == {"type": "error", "message": "Round 9 is not live", "code": "UNKNOWN_ROUND"}
+    await ana.send({"type": "complete", "round": 9})
+    assert (await ana.recv())["code"] == "UNKNOWN_ROUND"
+
+
+async def test_duplicate_seqs_are_ignored(room: Room, pin: str) -> None:
+    """A seq seen already is dropped silently: not shown again, first content kept."""
+    screen = await room.screen()
+    rnd, (ana,) = await started(room, pin, "ana")
+    for seq, content in ((0, "a"), (0, "A"), (1, "b"), (0, "a"), (1, "B")):
+        await ana.token(1, seq, content)
+    await ana.complete(1, 2)
+    await ana.sync()
+    await screen.recv("completion")
+    assert await responses_of(room, rnd) == {"ana": "ab"}
+    assert [m for m in await screen.quiet() if m["type"] == "token_update"] == []
+
+
+async def test_a_gap_does_not_drop_the_rest_and_is_recorded(room: Room, pin: str, config: gs.Config) -> None:
+    """A lost seq keeps every later token (unlike the club's server); the gap shows in metrics."""
+    screen = await room.screen()
+    rnd, (ana,) = await started(room, pin, "ana")
+    for seq in (0, 1, 3, 4):
+        await ana.token(1, seq, str(seq))
+    await ana.complete(1, 5)
+    await ana.sync()
+    updates = [await screen.recv("token_update") for _ in range(4)]
+    assert [(u["seq"], u["total_tokens"]) for u in updates] == [(0, 1), (1, 2), (3, 3), (4, 4)]
+    assert await responses_of(room, rnd) == {"ana": "0134"}
+    row = metrics_row(config.database, "ana")
+    assert (row["tokens"], row["tokensReceived"], row["seqGaps"], row["rescued"]) == (5, 4, 1, 0)
+    assert (await room.host.call("GET", "/metrics"))["total_seq_gaps"] == 1
+
+
+async def test_tokens_out_of_order_are_stored_in_seq_order(room: Room, pin: str) -> None:
+    """Content is the tokens in seq order, whatever order they arrived in."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    for seq in (2, 0, 3, 1):
+        await ana.token(1, seq, str(seq))
+    await ana.complete(1, 4)
+    await ana.sync()
+    assert await responses_of(room, rnd) == {"ana": "0123"}
+
+
+async def test_empty_tokens_and_sloppy_completes_are_accepted(room: Room, pin: str, config: gs.Config) -> None:
+    """Empty content, latency_ms_first_token null and no model_info: all fine (the club's runners send them)."""
+    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    await ana.stream(1, ["", "oi", ""])
+    await ana.send({"type": "complete", "round": 1, "participant_id": "ana", "tokens": 3,
+                    "latency_ms_first_token": None, "duration_ms": 850.7})
+    await bia.stream(1, ["x"])
+    await bia.complete(1, 1)
+    await ana.sync()
+    await bia.sync()
+    ana_row, bia_row = metrics_row(config.database, "ana"), metrics_row(config.database, "bia")
+    assert (ana_row["generatedContent"], ana_row["modelInfo"], ana_row["clientLatencyFirstTokenMs"],
+            ana_row["clientDurationMs"], ana_row["tokensReceived"]) == ("oi", None, None, 851, 3)
+    assert (json.loads(bia_row["modelInfo"]), bia_row["clientLatencyFirstTokenMs"]) == (MODEL_INFO, 120)
+
+
+async def test_metrics_use_the_server_clock_beside_the_runners_report(room: Room, pin: str, config: gs.Config) -> None:
+    """TTFT and duration are measured from the round's start; the runner's own figures are kept beside them."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await ana.sync()
+    row = metrics_row(config.database, "ana")
+    started_at = db_rows(config.database, "SELECT startedAt FROM rounds")[0]["startedAt"]
+    assert row["latencyFirstTokenMs"] == row["firstTokenAt"] - started_at >= 0
+    assert row["durationMs"] == row["generationEndedAt"] - started_at >= row["latencyFirstTokenMs"]
+    assert row["generationStartedAt"] == row["firstTokenAt"] - 120
+    assert (row["clientLatencyFirstTokenMs"], row["clientDurationMs"]) == (120, 900)
+    assert row["tpsAvg"] >= 0 and row["tokens"] == row["tokensReceived"] == len(WORDS)
+
+
+async def test_a_complete_that_overtakes_its_last_token(room: Room, pin: str, config: gs.Config) -> None:
+    """A token arriving after its complete still lands in the stored answer after the next flush."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    await ana.stream(1, WORDS[:-1])
+    await ana.complete(1, len(WORDS))
+    await ana.token(1, len(WORDS) - 1, WORDS[-1])
+    await ana.sync()
+    await eventually(lambda: metrics_row(config.database, "ana")["generatedContent"] == "".join(WORDS))
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS)}
+    assert metrics_row(config.database, "ana")["tokensReceived"] == len(WORDS)
+
+
+async def test_a_runner_error_is_logged_not_broadcast(room: Room, pin: str, config: gs.Config) -> None:
+    """error {code, message} from a runner gets no reply and no broadcast; it lands in the event log."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    rnd, (ana,) = await started(room, pin, "ana")
+    await ana.send({"type": "error", "round": 1, "participant_id": "ana", "code": "GENERATION_FAILED",
+                    "message": "out of memory"})
+    await ana.sync()
+    assert [m["type"] for m in await screen.quiet()] == ["participant_registered", "round_started", "round_state"]
+    events = await eventually(lambda: db_rows(config.database, "SELECT * FROM event_logs "
+                                                               "WHERE eventType = 'generation_failed'"))
+    assert json.loads(events[0]["metadata"]) == {"round": 1, "code": "GENERATION_FAILED", "message": "out of memory"}
+
+
+# =============================================================================
+# WebSocket: reconnects, replaced sockets, rescue at stop, late completes
+# =============================================================================
+
+async def test_reconnect_mid_round_resumes_where_the_server_stopped(room: Room, pin: str, config: gs.Config) -> None:
+    """A runner that drops and registers again is told the next seq and the missing ones, and finishes."""
+    screen = await room.screen()
+    rnd, (ana,) = await started(room, pin, "ana")
+    for seq in (0, 1, 3, 4):
+        await ana.token(1, seq, WORDS[seq])
+    await ana.sync()
+    await ana.ws.close()
+    assert (await screen.recv("participant_disconnected"))["participant_id"] == "ana"
+    again = await room.runner("ana")
+    assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
+                                         "participant_id": "ana",
+                                         "resume": {"round": 1, "next_seq": 4 + 1, "missing": [2]}}
+    await again.token(1, 2, WORDS[2])
+    await again.stream(1, ["!"], start=5)
+    await again.complete(1, 6)
+    await again.sync()
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS) + "!"}
+    row = metrics_row(config.database, "ana")
+    assert (row["tokensReceived"], row["seqGaps"]) == (6, 0)
+
+
+async def test_a_newcomer_mid_round_gets_an_empty_resume(room: Room, pin: str) -> None:
+    """Someone registering for the first time during a round is told to start at seq 0; no card is made."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    bia = await room.runner("bia")
+    assert (await bia.register(pin))["resume"] == {"round": 1, "next_seq": 0, "missing": []}
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {}
+
+
+async def test_a_second_socket_for_the_same_participant_replaces_the_first(room: Room, pin: str) -> None:
+    """The old socket is closed first, and screens see no participant_disconnected for it."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    old = await room.runner("ana", pin)
+    rnd, _ = await started(room, pin)
+    await old.recv("challenge")
+    new = await room.runner("ana", pin)
+    assert await old.closed() == (1000, "replaced by a newer connection")
+    await new.stream(1, ["ok"])
+    await new.sync()
+    types = [m["type"] for m in await screen.quiet()]
+    assert "participant_disconnected" not in types and types.count("participant_registered") == 2
+    presence = await room.host.call("GET", "/presence")
+    assert [p["id"] for p in presence["participants"]] == ["ana"]
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": ["ok"]}
+
+
+async def test_stop_rescues_answers_that_never_completed(room: Room, pin: str, config: gs.Config) -> None:
+    """Tokens streamed without a complete become an answer at stop (rescued = 1), voted like any other."""
+    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    await ana.stream(1, WORDS)
+    await ana.ws.close()                                       # the laptop died mid-answer
+    await bia.stream(1, ["b"])
+    await bia.complete(1, 1)
+    await bia.sync()
+    await room.host.stop(rnd["id"])
+    row = metrics_row(config.database, "ana")
+    assert (row["rescued"], row["generatedContent"], row["tokens"], row["tokensReceived"]) == (
+        1, "".join(WORDS), len(WORDS), len(WORDS))
+    assert metrics_row(config.database, "bia")["rescued"] == 0
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": "b"}
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
+    assert [(r["participant_id"], r["avg_score"], r["generated_content"]) for r in board][0] == (
+        "ana", 5.0, "".join(WORDS))
+    assert isinstance(board[0]["tps_avg"], float)
+
+
+async def test_stop_with_no_answers_still_opens_voting(room: Room, pin: str) -> None:
+    """The club's server refuses to stop an empty round; ours stops it and opens (empty) voting."""
+    rnd, _ = await started(room, pin, "ana")
+    assert (await room.host.stop(rnd["id"]))["votingStatus"] == "open"
+    assert (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"] == []
+    assert (await room.host.call("GET", "/scoreboard"))["scoreboard"] == []
+
+
+async def test_a_late_complete_after_stop_is_kept_and_shown(room: Room, pin: str, config: gs.Config) -> None:
+    """A complete after stop is accepted, saved (replacing the rescue) and broadcast; phones refetch."""
+    phone = await room.screen("voting")
+    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    await ana.stream(1, WORDS[:2])
+    await ana.sync()
+    await room.host.stop(rnd["id"])
+    assert metrics_row(config.database, "ana")["rescued"] == 1
+    await ana.stream(1, WORDS[2:], start=2)
+    await ana.complete(1, len(WORDS))
+    await bia.stream(1, ["tarde"])
+    await bia.complete(1, 1)
+    await ana.sync()
+    await bia.sync()
+    completions = [await phone.recv("completion") for _ in range(2)]
+    assert [(c["participant_id"], c["tokens"]) for c in completions] == [("ana", len(WORDS)), ("bia", 1)]
+    row = metrics_row(config.database, "ana")
+    assert (row["rescued"], row["tokensReceived"]) == (0, len(WORDS))
+    await eventually(lambda: metrics_row(config.database, "ana")["generatedContent"] == "".join(WORDS))
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": "tarde"}
+    await room.host.vote(rnd["id"], "bia", 3, "v1")
+
+
+# =============================================================================
+# WebSocket: kick and a new session mid-round
+# =============================================================================
+
+async def test_a_kick_closes_the_socket_and_refuses_the_participant(room: Room, pin: str, config: gs.Config) -> None:
+    """The kicked runner gets KICKED and is closed; screens see it leave; its re-register is refused."""
+    screen = await room.screen()
+    rnd = await round_in(room, pin, "open")
+    await room.host.vote(rnd["id"], "ana", 4, "v1")
+    ana = Runner(room.connections[-1], "ana")                  # round_in's runner
+    await room.host.call("POST", "/participants/kick", {"participantId": "ana"})
+    assert await ana.recv() == {"type": "error", "message": "The host removed you from this session",
+                                "code": "KICKED"}
+    assert await ana.closed() == (1008, "kicked by the host")
+    assert (await screen.recv("participant_disconnected"))["participant_id"] == "ana"
+    again = await room.runner("ana")
+    assert await again.register(pin) == {"type": "error", "message": "The host removed you from this session",
+                                         "code": "KICKED"}
+    assert (await room.host.call("GET", "/presence"))["participants"] == []
+    assert metrics_row(config.database, "ana")["generatedContent"] == "".join(WORDS)
+    assert len(db_rows(config.database, "SELECT * FROM votes WHERE participantId = 'ana'")) == 1
+    board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
+    assert [(r["participant_id"], r["votes"]) for r in board] == [("ana", 1)]
+    new_pin = await room.host.new_session()
+    assert (await again.register(new_pin))["type"] == "registered"
+
+
+async def test_a_new_session_mid_round_sends_the_old_runners_away(room: Room, pin: str, config: gs.Config) -> None:
+    """Old runners get SESSION_ENDED and are closed; the old round's answers stay; screens get a new snapshot."""
+    screen = await room.screen()
+    await screen.recv("state_snapshot")
+    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await bia.stream(1, ["meio"])
+    await ana.sync()
+    await bia.sync()
+    body = await room.host.call("POST", "/session")
+    assert body["disconnected_participants"] == 2
+    for runner in (ana, bia):
+        assert await runner.recv() == {"type": "error", "message": "A new session started; reconnect with the new PIN.",
+                                       "code": "SESSION_ENDED"}
+        assert await runner.closed() == (1000, "session ended")
+    snapshot = await screen.recv("state_snapshot")
+    assert (snapshot["session"]["id"], snapshot["round"], snapshot["participants"]) == (body["id"], None, [])
+    assert "participant_disconnected" not in [m["type"] for m in await screen.quiet()]
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": "meio"}
+    assert metrics_row(config.database, "bia")["rescued"] == 1
+    assert await room.host.status("POST", "/rounds/stop", {"roundId": rnd["id"]}) == (
+        409, {"error": "That round belongs to an earlier session", "code": "CONFLICT"})
+    old = db_rows(config.database, "SELECT status FROM sessions ORDER BY createdAt")
+    assert [s["status"] for s in old] == ["ended", "active"]
+    ana_again = await room.runner("ana")
+    assert await ana_again.register(pin) == {"type": "error", "message": "Invalid PIN.", "code": "INVALID_PIN"}
+    assert (await ana_again.register(body["pin"]))["session_id"] == body["id"]
