@@ -1305,9 +1305,11 @@ async def test_duplicate_seqs_are_ignored(room: Room, pin: str) -> None:
         await ana.token(1, seq, content)
     await ana.complete(1, 2)
     await ana.sync()
-    await screen.recv("completion")
+    seen = []
+    while (message := await screen.recv())["type"] != "completion":
+        seen.append(message)
+    assert [(m["seq"], m["content"]) for m in seen if m["type"] == "token_update"] == [(0, "a"), (1, "b")]
     assert await responses_of(room, rnd) == {"ana": "ab"}
-    assert [m for m in await screen.quiet() if m["type"] == "token_update"] == []
 
 
 async def test_a_gap_does_not_drop_the_rest_and_is_recorded(room: Room, pin: str, config: gs.Config) -> None:
@@ -1552,3 +1554,143 @@ async def test_a_new_session_mid_round_sends_the_old_runners_away(room: Room, pi
     ana_again = await room.runner("ana")
     assert await ana_again.register(pin) == {"type": "error", "message": "Invalid PIN.", "code": "INVALID_PIN"}
     assert (await ana_again.register(body["pin"]))["session_id"] == body["id"]
+
+
+# =============================================================================
+# Exports: what the files contain
+# =============================================================================
+
+DIGITS = Like("digits", lambda v: isinstance(v, str) and v.isdigit())
+FIXED_2 = Like("d.dd", lambda v: isinstance(v, str) and re.fullmatch(r"\d+\.\d\d", v))
+EXPORT_HEADER = ["round", "round_started_at", "round_ended_at", "participant_id", "nickname", "tokens",
+                 "latency_first_token_ms", "duration_ms", "tps_avg", "votes", "avg_score", "generated_content",
+                 "model", "runner", "tokens_received", "seq_gaps", "client_latency_first_token_ms",
+                 "client_duration_ms", "rescued"]
+CLUB_EVENT_TYPES = {"session_created", "round_created", "round_started", "round_stopped", "voting_opened",
+                    "voting_closed", "reveal_started", "position_revealed", "participant_registered",
+                    "participant_disconnected", "first_token_received", "generation_completed", "vote_cast"}
+
+
+async def export(room: Room, path: str) -> tuple[str, str]:
+    """A download: its text and the filename it is offered under."""
+    async with room.host.http.get(room.base + path) as response:
+        assert response.status == 200, await response.text()
+        disposition = response.headers["Content-Disposition"]
+        return await response.text(), re.fullmatch(r'attachment; filename="(.+)"', disposition).group(1)
+
+
+def csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+async def evening(room: Room, pin: str) -> dict[str, Any]:
+    """A whole round with awkward text, votes, a reveal and a runner who leaves: every event type happens."""
+    ana = await room.runner("ana")
+    assert (await ana.register(pin, nickname='Ana, "a lhama"\nda silva'))["type"] == "registered"
+    bia = await room.runner("bia")
+    assert (await bia.register(pin, nickname="Bia\rCR"))["type"] == "registered"
+    rnd = await room.host.start((await room.host.new_round("Say hi, \"politely\""))["id"])
+    await answered(room, rnd, {"ana": ana}, ["Olá, ", '"mundo"', "\r\n", "fim\r"])
+    await bia.recv("challenge")
+    await bia.stream(1, ["b"])
+    await bia.sync()
+    await bia.ws.close()
+    await get_when(room, "/presence", lambda p: p["connectedCount"] == 1)
+    await room.host.stop(rnd["id"])
+    for voter, score in (("v1", 5), ("v2", 4)):
+        await room.host.vote(rnd["id"], "ana", score, voter)
+    for step in ("close-voting", "reveal", "reveal-next"):
+        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
+    return rnd
+
+
+async def test_export_csv_rows_and_quoting(room: Room, pin: str) -> None:
+    """export.csv: the club's 12 columns then ours; commas, quotes, newlines and CRs survive a CSV reader."""
+    rnd = await evening(room, pin)
+    text, filename = await export(room, "/api/export.csv")
+    assert filename == f"session-{rnd['sessionId']}.csv"
+    assert text.splitlines()[0] == ",".join(EXPORT_HEADER)
+    assert '"Ana, ""a lhama""\nda silva"' in text and '"Olá, ""mundo""\r\nfim\r"' in text
+    common = {"round": "1", "round_started_at": WHEN, "round_ended_at": WHEN, "latency_first_token_ms": DIGITS,
+              "duration_ms": DIGITS, "tps_avg": FIXED_2, "model": "llama3.1:8b", "runner": "ollama",
+              "seq_gaps": "0"}
+    assert csv_rows(text) == [
+        {**common, "participant_id": "ana", "nickname": 'Ana, "a lhama"\nda silva', "tokens": "4", "votes": "2",
+         "avg_score": "4.50", "generated_content": 'Olá, "mundo"\r\nfim\r', "tokens_received": "4",
+         "client_latency_first_token_ms": "120", "client_duration_ms": "900", "rescued": "0"},
+        {**common, "participant_id": "bia", "nickname": "Bia\rCR", "tokens": "1", "votes": "0",
+         "avg_score": "0.00", "generated_content": "b", "tokens_received": "1",
+         "client_latency_first_token_ms": "", "client_duration_ms": "", "rescued": "1"}]
+
+
+async def test_export_events_csv_quotes_every_value_and_has_the_club_event_types(room: Room, pin: str) -> None:
+    """export-events.csv: 8 columns, every value quoted, one row per event of the session, in time order."""
+    rnd = await evening(room, pin)
+    text, filename = await export(room, "/export-events.csv")
+    assert filename == f"events-{rnd['sessionId']}.csv"
+    lines = text.splitlines()          # metadata is JSON, so no line break inside a value
+    assert lines[0] == '"id","timestamp","eventType","actorType","actorId","targetType","targetId","metadata"'
+    for line in lines:
+        assert re.fullmatch(r'"(?:[^"]|"")*"(?:,"(?:[^"]|"")*"){7}', line), line
+    events = csv_rows(text)
+    assert len(events) == len(lines) - 1
+    assert CLUB_EVENT_TYPES <= {e["eventType"] for e in events}
+    assert [e["timestamp"] for e in events] == sorted(e["timestamp"] for e in events)
+    by_type = {e["eventType"]: e for e in events}
+    assert json.loads(by_type["round_created"]["metadata"]) == {
+        "index": 1, "prompt": 'Say hi, "politely"', "maxTokens": 400, "temperature": 0.8, "deadlineMs": 90000,
+        "svgMode": False}
+    assert json.loads(by_type["position_revealed"]["metadata"]) == {"position": 2, "revealedCount": 1,
+                                                                    "totalParticipants": 2}
+    vote = by_type["vote_cast"]
+    assert (vote["actorType"], vote["actorId"], vote["targetId"]) == ("voter", gs.sha256_hex("v2"), "ana")
+    assert json.loads(vote["metadata"]) == {"participantId": "ana", "score": 4, "voteOrder": 1, "responseTime": None}
+    assert json.loads(by_type["participant_registered"]["metadata"]) == {
+        "nickname": "Bia\rCR", "runner": "ollama", "model": "llama3.1:8b"}
+
+
+def keys_anywhere(tree: Any) -> set[str]:
+    if isinstance(tree, dict):
+        return set(tree) | set().union(*(keys_anywhere(v) for v in tree.values()))
+    if isinstance(tree, list):
+        return set().union(*(keys_anywhere(v) for v in tree))
+    return set()
+
+
+async def test_export_all_json_nests_the_session_without_its_pin(room: Room, pin: str, config: gs.Config) -> None:
+    """export-all.json: session, participants, rounds with their metrics and votes, events; no PIN or hash."""
+    rnd = await evening(room, pin)
+    text, filename = await export(room, "/export-all.json")
+    assert filename == f"session-{rnd['sessionId']}.json"
+    tree = json.loads(text)
+    assert set(tree) == {"id", "createdAt", "endedAt", "status", "participants", "rounds", "events"}
+    assert not {"pin", "pinHash"} & keys_anywhere(tree)
+    assert db_rows(config.database, "SELECT pinHash FROM sessions")[0]["pinHash"] not in text
+    assert [p["id"] for p in tree["participants"]] == ["ana", "bia"]
+    [round_tree] = tree["rounds"]
+    assert (round_tree["id"], round_tree["votingStatus"], round_tree["revealedCount"]) == (rnd["id"], "revealed", 1)
+    assert {m["participantId"]: (m["generatedContent"], m["modelInfo"], m["rescued"]) for m in round_tree["metrics"]} \
+        == {"ana": ('Olá, "mundo"\r\nfim\r', MODEL_INFO, 0), "bia": ("b", None, 1)}
+    assert sorted((v["participantId"], v["score"], v["voterHash"]) for v in round_tree["votes"]) == [
+        ("ana", 4, gs.sha256_hex("v2")), ("ana", 5, gs.sha256_hex("v1"))]
+    assert CLUB_EVENT_TYPES <= {e["eventType"] for e in tree["events"]}
+    created = next(e for e in tree["events"] if e["eventType"] == "session_created")
+    assert created["metadata"] == {"disconnectedPreviousParticipants": 0}
+
+
+async def test_exports_of_an_earlier_session(room: Room, pin: str) -> None:
+    """?session_id= exports an earlier session; without it, the active one; an unknown id is 404."""
+    rnd = await round_in(room, pin, "open")
+    first = rnd["sessionId"]
+    await room.host.new_session()
+    assert csv_rows((await export(room, "/export.csv"))[0]) == []
+    old_csv, filename = await export(room, f"/export.csv?session_id={first}")
+    assert filename == f"session-{first}.csv"
+    assert [(r["participant_id"], r["generated_content"]) for r in csv_rows(old_csv)] == [("ana", "".join(WORDS))]
+    old_events = csv_rows((await export(room, f"/export-events.csv?sessionId={first}"))[0])
+    assert "round_stopped" in {e["eventType"] for e in old_events}
+    old_tree = json.loads((await export(room, f"/export-all.json?session_id={first}"))[0])
+    assert (old_tree["id"], old_tree["status"], len(old_tree["rounds"])) == (first, "ended", 1)
+    for path in ("/export.csv", "/export-events.csv", "/export-all.json"):
+        assert await room.host.status("GET", f"{path}?session_id=nope") == (
+            404, {"error": "Session not found", "code": "NOT_FOUND"})
