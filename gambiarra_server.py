@@ -1172,6 +1172,11 @@ def require_runner(peer: Peer, m: dict[str, Any]) -> str:
 
 
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
+    if peer.participant_id not in (None, m["participant_id"]):
+        # One connection speaks for one participant; a second identity would leave the first
+        # one listed as present on a socket that no longer answers for it.
+        raise Conflict(f"This connection is registered as {peer.participant_id}; open another connection "
+                       f"for {m['participant_id']}", "ALREADY_REGISTERED")
     arena = server.arena
     session = arena.require_session()
     wait_s = server.pin_throttle.wait_s(peer.address)
