@@ -1102,6 +1102,19 @@ async def test_register_takes_missing_optionals_and_defaults_the_nickname(room: 
         "id": "ana-42", "sessionId": ID, "nickname": "ana-42", **RUNNER_ROW, "runner": "", "model": ""}}
 
 
+async def test_one_socket_speaks_for_one_participant(room: Room, pin: str) -> None:
+    """Registering another id on a registered socket is refused; registering the same id again is fine."""
+    ana = await room.runner("ana", pin)
+    await ana.send({"type": "register", "participant_id": "bia", "pin": pin})
+    assert await ana.recv() == {"type": "error", "code": "ALREADY_REGISTERED",
+                                "message": "This connection is registered as ana; open another connection for bia"}
+    assert (await ana.register(pin, nickname="Ana 2"))["type"] == "registered"
+    presence = await room.host.call("GET", "/presence")
+    assert [(p["id"], p["nickname"]) for p in presence["participants"]] == [("ana", "Ana 2")]
+    await ana.ws.close()
+    await get_when(room, "/presence", lambda p: p["participants"] == [])
+
+
 ALL_TYPES = "expected one of register, telao_register, token, complete, error"
 
 
@@ -1694,3 +1707,77 @@ async def test_exports_of_an_earlier_session(room: Room, pin: str) -> None:
     for path in ("/export.csv", "/export-events.csv", "/export-all.json"):
         assert await room.host.status("GET", f"{path}?session_id=nope") == (
             404, {"error": "Session not found", "code": "NOT_FOUND"})
+
+
+# =============================================================================
+# Crash and restart: the server as a separate process
+# =============================================================================
+#
+# The subprocess keeps the default flush interval (1 s), as on the evening.
+
+def saved_tokens(database: Path) -> list[str]:
+    return [row["content"] for row in db_rows(database, "SELECT content FROM tokens ORDER BY seq")]
+
+
+async def test_a_crash_mid_round_loses_nothing_the_runner_cannot_resend(server_process: Callable,
+                                                                        http: aiohttp.ClientSession) -> None:
+    """kill -9 mid-round, restart on the same database: the round still runs with the saved tokens, the
+    runner's resume says where to continue, and the answer is finished, voted and exported whole."""
+    first = server_process()
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await ana.recv("challenge")
+    await ana.stream(1, WORDS[:3])
+    await ana.sync()
+    await eventually(lambda: saved_tokens(first.database) == WORDS[:3])       # one flush later
+    await ana.token(1, 3, WORDS[3])                    # accepted, and maybe not yet saved when the server dies
+    await ana.sync()
+    assert await asyncio.to_thread(first.stop, signal.SIGKILL) == -signal.SIGKILL
+    await room.close()
+
+    room = Room(server_process().start(), http)
+    current = await room.host.call("GET", "/rounds/current")
+    assert {**current, "liveTokens": None} == {**rnd, "liveTokens": None}
+    held = current["liveTokens"]["ana"]
+    assert held in (WORDS[:3], WORDS[:4])
+    assert (await room.host.call("GET", "/presence"))["participants"] == []
+    again = await room.runner("ana")
+    assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
+                                         "participant_id": "ana",
+                                         "resume": {"round": 1, "next_seq": len(held), "missing": []}}
+    await again.stream(1, WORDS[len(held):], start=len(held))
+    await again.complete(1, len(WORDS))
+    await again.sync()
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    [row] = csv_rows((await export(room, "/export.csv"))[0])
+    assert (row["generated_content"], row["tokens_received"], row["seq_gaps"], row["votes"], row["rescued"]) == (
+        "".join(WORDS), str(len(WORDS)), "0", "1", "0")
+    events = json.loads((await export(room, "/export-all.json"))[0])["events"]
+    assert [e["eventType"] for e in events].count("round_started") == 1
+    await room.close()
+
+
+async def test_sigterm_closes_with_1001_and_saves_every_accepted_token(server_process: Callable,
+                                                                      http: aiohttp.ClientSession) -> None:
+    """SIGTERM: runners and screens see close code 1001, the process exits 0, and the tokens accepted just
+    before are in the database, so a restart resumes the round with all of them."""
+    process = server_process()
+    room = Room(process.start(), http)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    screen = await room.screen()
+    await room.host.start((await room.host.new_round())["id"])
+    await ana.recv("challenge")
+    await ana.stream(1, WORDS)
+    await ana.sync()
+    assert await asyncio.to_thread(process.stop, signal.SIGTERM) == 0
+    assert await ana.closed() == (1001, "server shutdown")
+    assert await screen.closed() == (1001, "server shutdown")
+    assert saved_tokens(process.database) == WORDS
+    await room.close()
+
+    room = Room(server_process().start(), http)
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": WORDS}
