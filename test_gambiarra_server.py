@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -1763,10 +1763,12 @@ async def test_a_crash_mid_round_loses_nothing_the_runner_cannot_resend(server_p
 async def test_sigterm_closes_with_1001_and_saves_every_accepted_token(server_process: Callable,
                                                                       http: aiohttp.ClientSession) -> None:
     """SIGTERM: runners and screens see close code 1001, the process exits 0, and the tokens accepted just
-    before are in the database, so a restart resumes the round with all of them."""
+    before are in the database, so a restart resumes the round with all of them (and a kick still holds)."""
     process = server_process()
     room = Room(process.start(), http)
     pin = await room.host.new_session()
+    await room.runner("zed", pin)
+    await room.host.call("POST", "/participants/kick", {"participantId": "zed"})
     ana = await room.runner("ana", pin)
     screen = await room.screen()
     await room.host.start((await room.host.new_round())["id"])
@@ -1781,3 +1783,114 @@ async def test_sigterm_closes_with_1001_and_saves_every_accepted_token(server_pr
 
     room = Room(server_process().start(), http)
     assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": WORDS}
+    assert (await (await room.runner("zed")).register(pin))["code"] == "KICKED"
+    await room.close()
+
+
+
+# =============================================================================
+# Configuration, start-up and the database file
+# =============================================================================
+
+ENV_VARS = [f.metadata["env"] for f in fields(gs.Config)]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No configuration from the machine running the tests, and none left behind for later tests."""
+    for name in ENV_VARS:
+        monkeypatch.setenv(name, "")        # so that undoing also removes what read_dotenv sets
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_every_env_var_has_a_flag_in_help(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--help names every option's flag and its environment variable."""
+    with pytest.raises(SystemExit):
+        gs.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ENV_VARS:
+        assert f"--{name.lower().replace('_', '-')}" in text and f"[{name}" in text, name
+
+
+def test_flags_then_environment_then_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    """A flag beats its env var, which beats the default; lists are comma-separated."""
+    clean_env.setenv("PORT", "4000")
+    clean_env.setenv("PIN_LENGTH", "8")
+    clean_env.setenv("TRUST_PROXY", "true")
+    clean_env.setenv("HOST", "127.0.0.1, ::1")
+    config = gs.parse_config(["--port", "5000", "--admin-token", "s3cret", "--flush-interval", "0.5"])
+    assert (config.port, config.pin_length, config.trust_proxy, config.hosts, config.admin_token,
+            config.flush_interval_s) == (5000, 8, True, ("127.0.0.1", "::1"), "s3cret", 0.5)
+    for name in ("PORT", "PIN_LENGTH", "TRUST_PROXY", "HOST"):
+        clean_env.delenv(name)
+    default = gs.parse_config([])
+    assert (default.port, default.hosts, default.host_addresses, default.rate_limit_max,
+            default.ws_heartbeat_interval_s, default.ws_max_payload) == (
+        3000, ("0.0.0.0", "::"), ("127.0.0.0/8", "::1"), 500, 30.0, 1024 * 1024)
+
+
+@pytest.mark.parametrize("url", ["/srv/arena.db", "sqlite:////srv/arena.db", "file:/srv/arena.db",
+                                 "file:///srv/arena.db", "sqlite:////srv/arena.db?mode=rwc"])
+def test_database_url_forms(clean_env: pytest.MonkeyPatch, url: str) -> None:
+    """DATABASE_URL may be a path, sqlite:///path or file:path."""
+    clean_env.setenv("DATABASE_URL", url)
+    assert gs.parse_config([]).database == Path("/srv/arena.db")
+
+
+def test_dotenv_fills_only_what_is_unset(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A .env file sets variables the environment lacks, and never overrides one that is set."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# comment\nexport PIN_LENGTH=8\nPORT='4100'\nRATE_LIMIT_MAX = 20\n")
+    clean_env.setenv("PORT", "4200")
+    gs.read_dotenv(dotenv)
+    assert (os.environ["PIN_LENGTH"], os.environ["PORT"], os.environ["RATE_LIMIT_MAX"]) == ("8", "4200", "20")
+
+
+def test_the_banner_shows_the_admin_token_and_the_next_step() -> None:
+    """Start-up prints where runners connect, the admin token and the curl to run next."""
+    config = gs.Config(admin_token="tok-123")
+    text = gs.banner(config, ["0.0.0.0", "::"], 3000)
+    assert "admin token   tok-123" in text and "curl -X POST http://127.0.0.1:3000/session" in text
+    assert "listening on  port 3000 of 0.0.0.0, ::" in text
+    for address in gs.lan_addresses():
+        assert f"ws://{address}:3000/ws" in text
+
+
+async def test_the_database_is_wal_with_a_schema_version(room: Room, config: gs.Config) -> None:
+    """The file is in WAL mode and carries PRAGMA user_version, for the club's scripts and future migrations."""
+    assert db_rows(config.database, "PRAGMA journal_mode") == [{"journal_mode": "wal"}]
+    assert db_rows(config.database, "PRAGMA user_version") == [{"user_version": gs.SCHEMA_VERSION}]
+
+
+async def test_round_indexes_restart_at_one_in_each_session(room: Room, pin: str) -> None:
+    """The index is per session: a new session's first round is round 1 again."""
+    await room.host.new_round()
+    await room.host.new_round()
+    await room.host.new_session()
+    assert (await room.host.new_round())["index"] == 1
+
+
+async def test_a_frame_over_ws_max_payload_closes_with_1009(room_with: Callable) -> None:
+    """WS_MAX_PAYLOAD bounds one message: a bigger one closes that connection with 1009 (message too big)."""
+    room, _ = await room_with(ws_max_payload=1024)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    await ana.send({"type": "token", "round": 1, "seq": 0, "content": "x" * 2048})
+    assert (await ana.closed())[0] == 1009
+
+
+async def test_a_peer_that_never_answers_pings_is_dropped(room_with: Callable, http: aiohttp.ClientSession) -> None:
+    """A connection silent for MISSED_PINGS ping intervals is cut off; one that answers pings stays."""
+    room, _ = await room_with(ws_heartbeat_interval_s=0.3)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    async with http.ws_connect(room.ws_url, autoping=False) as silent:       # never sends a pong
+        await silent.send_json({"type": "telao_register"})
+        async with asyncio.timeout(TIMEOUT_S):
+            async for message in silent:
+                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+        assert silent.closed
+    assert (await room.host.call("GET", "/presence"))["connectedCount"] == 1
+    assert (await ana.recv("heartbeat"))["type"] == "heartbeat"
