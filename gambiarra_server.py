@@ -1600,8 +1600,8 @@ def csv_cell(column: str, value: Any) -> Any:
 
 def csv_text(header: Iterable[str], columns: Iterable[str], rows: Iterable[dict[str, Any]], quote_all: bool) -> str:
     out = io.StringIO()
-    # CRLF line ends (RFC 4180): with "\n", Python < 3.12 leaves a lone CR in a nickname or an answer
-    # unquoted, and every CSV reader then splits the row there.
+    # CRLF line ends (RFC 4180): with "\n", the csv module (3.11 at least) leaves a lone CR in a
+    # nickname or an answer unquoted, and CSV readers then split the row there.
     writer = csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL)
     writer.writerow(header)
     writer.writerows([csv_cell(c, row[c]) for c in columns] for row in rows)
