@@ -546,6 +546,7 @@ def cast_vote(conn: sqlite3.Connection, v: dict[str, Any]) -> dict[str, Any]:
 
 
 def voter_votes(conn: sqlite3.Connection, round_id: str, voter_hash: str) -> list[dict[str, Any]]:
+    get_round(conn, round_id)           # an unknown round is a 404, not "you have not voted"
     return every(conn, "SELECT participantId, score FROM votes WHERE roundId = ? AND voterHash = ? "
                        "ORDER BY createdAt", round_id, voter_hash)
 
@@ -1174,6 +1175,11 @@ def require_runner(peer: Peer, m: dict[str, Any]) -> str:
 
 
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
+    if peer.participant_id not in (None, m["participant_id"]):
+        # One connection speaks for one participant; a second identity would leave the first
+        # one listed as present on a socket that no longer answers for it.
+        raise Conflict(f"This connection is registered as {peer.participant_id}; open another connection "
+                       f"for {m['participant_id']}", "ALREADY_REGISTERED")
     arena = server.arena
     session = arena.require_session()
     wait_s = server.pin_throttle.wait_s(peer.address)
@@ -1194,7 +1200,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
     live = arena.running_round()
     if live is not None:
-        gen = live.generation(pid)
+        gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
     log.info("WS_REGISTERED %s", pid)
@@ -1325,6 +1331,15 @@ def require_host(server: Server, request: web.Request) -> None:
         raise Forbidden("Wrong admin token")
 
 
+def is_host_request(server: Server, request: web.Request) -> bool:
+    """Whether the caller may see what only the host sees (the plain PIN): the same rule as host routes."""
+    try:
+        require_host(server, request)
+    except ClientError:
+        return False
+    return True
+
+
 def allowed_origin(config: Config, origin: str) -> str | None:
     return origin if "*" in config.cors_origins or origin in config.cors_origins else None
 
@@ -1379,7 +1394,7 @@ async def get_session(server: Server, request: web.Request, p: Params) -> web.Re
     row = await server.db.run(lambda conn: one(conn, "SELECT * FROM sessions WHERE id = ?", session.id))
     participants = await server.db.run(session_participants, session.id)
     rounds = await server.db.run(session_rounds, session.id)
-    with_pin = server.is_host(client_address(request, server.config))
+    with_pin = is_host_request(server, request)
     return json_response({**session_json(row, with_pin),
                           "participants": [participant_json(r, r["id"] in server.hub.runners) for r in participants],
                           "rounds": [round_json(r) for r in rounds]})
@@ -1588,7 +1603,9 @@ def csv_cell(column: str, value: Any) -> Any:
 
 def csv_text(header: Iterable[str], columns: Iterable[str], rows: Iterable[dict[str, Any]], quote_all: bool) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL)
+    # CRLF line ends (RFC 4180): with "\n", the csv module (3.11 at least) leaves a lone CR in a
+    # nickname or an answer unquoted, and CSV readers then split the row there.
+    writer = csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL)
     writer.writerow(header)
     writer.writerows([csv_cell(c, row[c]) for c in columns] for row in rows)
     return out.getvalue()
