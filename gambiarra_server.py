@@ -382,6 +382,9 @@ def create_session(conn: sqlite3.Connection, pin: str, pin_hash: str) -> dict[st
     now = now_ms()
     session_id = new_id()
     with conn:
+        # The old session's rounds end with it: none stays running, none takes votes.
+        conn.execute("UPDATE rounds SET endedAt = COALESCE(endedAt, :now), votingStatus = 'closed' "
+                     "WHERE votingStatus = 'open' OR (startedAt IS NOT NULL AND endedAt IS NULL)", {"now": now})
         conn.execute("UPDATE sessions SET status = 'ended', endedAt = ? WHERE status = 'active'", (now,))
         disconnect_everyone(conn)
         conn.execute("INSERT INTO sessions (id, createdAt, pin, pinHash, status) VALUES (?, ?, ?, ?, 'active')",
@@ -838,9 +841,22 @@ ROUND_STATE_KEYS = ("id", "index", "prompt", "maxTokens", "temperature", "deadli
                     "endedAt", "votingStatus", "revealedCount")
 
 
+def is_time(key: str) -> bool:
+    return key.endswith("At") or key in ("lastSeen", "timestamp")
+
+
+def iso_times(data: Any) -> Any:
+    """`data` with every time column, at any depth, as ISO text instead of epoch milliseconds."""
+    if isinstance(data, list):
+        return [iso_times(item) for item in data]
+    if isinstance(data, dict):
+        return {key: iso(value) if is_time(key) and isinstance(value, int) else iso_times(value)
+                for key, value in data.items()}
+    return data
+
+
 def round_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "svgMode": bool(row["svgMode"]), "startedAt": iso(row["startedAt"]),
-            "endedAt": iso(row["endedAt"]), "createdAt": iso(row.get("createdAt"))}
+    return {**iso_times(row), "svgMode": bool(row["svgMode"])}
 
 
 def participant_json(row: dict[str, Any], connected: bool) -> dict[str, Any]:
@@ -856,7 +872,7 @@ def session_json(row: dict[str, Any], with_pin: bool) -> dict[str, Any]:
 
 
 def vote_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "createdAt": iso(row["createdAt"])}
+    return iso_times(row)
 
 
 def msg_error(message: str, code: str) -> dict[str, Any]:
@@ -1459,6 +1475,7 @@ async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> w
     """Stop a round: rescue unfinished answers, then open voting (even with no answers)."""
     arena = server.arena
     async with arena.lock:
+        arena.require_session()
         running = arena.running_round()
         if p["round_id"] is None and running is None:
             raise Conflict("No round is running")
@@ -1485,6 +1502,7 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
 
 
 async def get_round_responses(server: Server, request: web.Request, p: Params) -> web.Response:
+    await server.flush()                                # tokens that trailed their `complete`
     row = await server.db.run(get_round, request.match_info["round_id"])
     return json_response({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
                           "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]})
@@ -1565,6 +1583,7 @@ async def get_votes_mine(server: Server, request: web.Request, p: Params) -> web
 
 
 async def get_scoreboard(server: Server, request: web.Request, p: Params) -> web.Response:
+    await server.flush()
     if p["round_id"]:
         row = await server.db.run(get_round, p["round_id"])
     else:
@@ -1617,6 +1636,7 @@ def attachment(text: str, content_type: str, filename: str) -> web.Response:
 
 
 async def get_export_csv(server: Server, request: web.Request, p: Params) -> web.Response:
+    await server.flush()
     session_id = await server.db.run(find_session, p["session_id"])
     rows = await server.db.run(session_answers, session_id)
     header, columns = zip(*ANSWER_COLUMNS)
@@ -1633,7 +1653,7 @@ async def get_export_all_json(server: Server, request: web.Request, p: Params) -
     await server.flush()                                # include the tokens of the last second
     session_id = await server.db.run(find_session, p["session_id"])
     tree = await server.db.run(session_tree, session_id)
-    return attachment(dumps(tree), "application/json", f"session-{session_id}.json")
+    return attachment(dumps(iso_times(tree)), "application/json", f"session-{session_id}.json")
 
 
 # =============================================================================
@@ -1825,6 +1845,7 @@ async def get_client_asset(request: web.Request) -> web.Response:
 # =============================================================================
 
 server_key = web.AppKey("server", Server)
+MAX_BODY_BYTES = 1024 * 1024
 UNTHROTTLED_PATHS = {"/ws", "/docs", "/redoc", "/openapi.json", "/health", "/client", "/agent"}
 
 
@@ -1858,7 +1879,8 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = f"No route {request.method} {request.path}" if exc.status in (404, 405) else exc.reason
+        message = {404: f"No route {request.method} {request.path}", 405: f"No route {request.method} {request.path}",
+                   413: f"The request body is over the limit of {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
         return json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
     except sqlite3.Error as exc:
         log.error("database error on %s %s: %s", request.method, request.path, exc)
@@ -1919,16 +1941,16 @@ async def close_connections(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     if not config.admin_token:
         config = replace(config, admin_token=secrets.token_urlsafe(16))
-    app = web.Application(middlewares=[cors_middleware, error_middleware, rate_limit_middleware])
+    app = web.Application(middlewares=[cors_middleware, error_middleware, rate_limit_middleware],
+                          client_max_size=MAX_BODY_BYTES)
     app[server_key] = Server(config)
     app.cleanup_ctx.append(running_server)
     app.on_shutdown.append(close_connections)
-    table = [web.get("/ws", ws_endpoint), web.get("/openapi.json", get_openapi), web.get("/docs", get_docs),
-             web.get("/redoc", get_redoc), web.get("/client", get_client_page), web.get("/agent", get_client_page),
+    table = [web.get("/ws", ws_endpoint), web.get("/client", get_client_page), web.get("/agent", get_client_page),
              web.get(r"/client-assets/{name:[\w.-]+\.(?:js|css)}", get_client_asset)]
-    for route in ROUTES:
-        handler = endpoint(route)
-        table += [web.route(route.method, prefix + route.path, handler) for prefix in ("", "/api")]
+    api = [("GET", "/openapi.json", get_openapi), ("GET", "/docs", get_docs), ("GET", "/redoc", get_redoc)]
+    api += [(route.method, route.path, endpoint(route)) for route in ROUTES]
+    table += [web.route(method, prefix + path, handler) for method, path, handler in api for prefix in ("", "/api")]
     app.add_routes(table)
     return app
 

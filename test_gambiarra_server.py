@@ -867,8 +867,8 @@ async def test_scoreboard_never_sends_a_null_tps(room: Room, pin: str) -> None:
     await one_token.sync()
     await no_token.sync()
     board = (await room.host.call("GET", f"/scoreboard?round_id={rnd['id']}"))["scoreboard"]
-    assert [(r["participant_id"], r["tokens"], r["generated_content"]) for r in board] == [("ana", 1, "Sim"),
-                                                                                         ("bia", 0, "")]
+    assert sorted((r["participant_id"], r["tokens"], r["generated_content"]) for r in board) == [
+        ("ana", 1, "Sim"), ("bia", 0, "")]                     # a tie: both orders are right
     assert all(isinstance(r["tps_avg"], float) for r in board), board
 
 
