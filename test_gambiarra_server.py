@@ -714,7 +714,7 @@ async def test_unknown_round_ids_are_404(room: Room, pin: str, method: str, path
     ("GET", "/session", None), ("GET", "/presence", None), ("GET", "/rounds/current", None),
     ("POST", "/rounds", {"prompt": "x"}), ("GET", "/scoreboard", None), ("GET", "/metrics", None),
     ("POST", "/participants/kick", {"participantId": "ana"}), ("POST", "/votes/close", None),
-    ("GET", "/export.csv", None), ("GET", "/export-events.csv", None), ("GET", "/export-all.json", None),
+    ("POST", "/rounds/stop", None), ("GET", "/export.csv", None), ("GET", "/export-events.csv", None), ("GET", "/export-all.json", None),
 ])
 async def test_routes_that_need_a_session_say_there_is_none(room: Room, method: str, path: str, body: Any) -> None:
     """Before the first POST /session: 404 'No active session', never a 500."""
@@ -766,7 +766,8 @@ async def test_an_oversize_body_is_413(room: Room, pin: str) -> None:
     big = io.BytesIO(json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode())   # aiohttp warns on raw bytes
     async with room.host.http.post(room.base + "/rounds", data=big) as response:
         status, body = response.status, await response.json()
-    assert (status, body["code"]) == (413, "REQUEST_ENTITY_TOO_LARGE") and body["error"]
+    assert (status, body) == (413, {"error": "The request body is over the limit of 1048576 bytes",
+                                    "code": "REQUEST_ENTITY_TOO_LARGE"})
 
 
 async def test_a_body_with_both_casings_and_nulls_uses_the_defaults(room: Room, pin: str) -> None:
@@ -1020,9 +1021,10 @@ async def test_openapi_lists_every_route(room: Room) -> None:
     assert spec["paths"]["/rounds/start"]["post"]["security"] == [{}, {"adminToken": []}]
 
 
-async def test_docs_are_one_self_contained_page(room: Room) -> None:
+@pytest.mark.parametrize("prefix", ["", "/api"])
+async def test_docs_are_one_self_contained_page(room: Room, prefix: str) -> None:
     """/docs is HTML with every route and message and no external asset (meetups are often offline)."""
-    async with room.host.http.get(room.base + "/docs") as response:
+    async with room.host.http.get(room.base + prefix + "/docs") as response:
         assert response.status == 200 and response.content_type == "text/html"
         page = await response.text()
     assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
@@ -1568,6 +1570,8 @@ async def test_a_new_session_mid_round_sends_the_old_runners_away(room: Room, pi
         409, {"error": "That round belongs to an earlier session", "code": "CONFLICT"})
     old = db_rows(config.database, "SELECT status FROM sessions ORDER BY createdAt")
     assert [s["status"] for s in old] == ["ended", "active"]
+    [old_round] = db_rows(config.database, "SELECT endedAt, votingStatus FROM rounds")
+    assert old_round["endedAt"] is not None and old_round["votingStatus"] == "closed"
     ana_again = await room.runner("ana")
     assert await ana_again.register(pin) == {"type": "error", "message": "Invalid PIN.", "code": "INVALID_PIN"}
     assert (await ana_again.register(body["pin"]))["session_id"] == body["id"]
@@ -1695,6 +1699,18 @@ async def test_export_all_json_nests_the_session_without_its_pin(room: Room, pin
     assert CLUB_EVENT_TYPES <= {e["eventType"] for e in tree["events"]}
     created = next(e for e in tree["events"] if e["eventType"] == "session_created")
     assert created["metadata"] == {"disconnectedPreviousParticipants": 0}
+    times = (tree["createdAt"], round_tree["startedAt"], round_tree["metrics"][0]["firstTokenAt"],
+             round_tree["votes"][0]["createdAt"], tree["participants"][0]["lastSeen"], created["timestamp"])
+    assert times == (WHEN,) * len(times)                   # ISO text, as in every other JSON answer
+
+
+async def test_a_new_session_closes_voting_left_open_in_the_old_one(room: Room, pin: str) -> None:
+    """Phones still on the old round cannot vote once the host started a new session."""
+    rnd = await round_in(room, pin, "open")
+    await room.host.new_session()
+    assert await room.host.status("POST", "/votes", {"roundId": rnd["id"], "participantId": "ana", "score": 5,
+                                                     "voterId": "late"}) == (
+        409, {"error": "Voting is not open for this round", "code": "CONFLICT"})
 
 
 async def test_exports_of_an_earlier_session(room: Room, pin: str) -> None:
