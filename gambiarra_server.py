@@ -222,6 +222,12 @@ class Throttle:
         if len(self.windows) > 10_000:      # forget finished windows now and then
             self.windows = {k: v for k, v in self.windows.items() if now - v[0] < self.window_s}
 
+    def forgive(self, key: str) -> None:
+        """Take back one event of `key`'s current window (one that turned out to be harmless)."""
+        start, count = self.windows.get(key, (0.0, 0))
+        if count:
+            self.windows[key] = (start, count - 1)
+
 
 # =============================================================================
 # Input fields: one description drives validation, OpenAPI and /docs
@@ -1177,9 +1183,12 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     if wait_s:
         raise TooMany(f"Too many wrong PINs from your address; try again in {math.ceil(wait_s)} s", wait_s,
                       "PIN_THROTTLED")
+    # Count the attempt before bcrypt answers, or guesses sent at once on many connections
+    # would all be checked before the first failure was counted.
+    server.pin_throttle.add(peer.address)
     if not await arena.verify_pin(session, m["pin"]):
-        server.pin_throttle.add(peer.address)
         raise ClientError("Invalid PIN.", "INVALID_PIN")
+    server.pin_throttle.forgive(peer.address)           # the right PIN is not a guess
     pid = m["participant_id"]
     async with arena.lock:
         if arena.session is not session:

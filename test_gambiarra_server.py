@@ -6,14 +6,17 @@ the phones over HTTP). Sections mirror the server's, from pure code to the edges
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +355,188 @@ async def test_a_full_round_from_challenge_to_reveal(room: Room, pin: str) -> No
     assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 2
     states = [m["round"]["votingStatus"] for m in await screen.quiet() if m["type"] == "round_state"]
     assert states == ["open", "closed", "revealed", "revealed", "revealed"]
+
+
+# =============================================================================
+# Reliability and security
+# =============================================================================
+#
+# Who is who on loopback: the server trusts only 127.0.0.1 as the host where a test
+# says so (`host_addresses`), and strangers, phones and other laptops connect from
+# other 127.x.y.z addresses by binding the client's local address.
+
+STRANGER = "127.0.0.2"
+
+
+class LiveRoom(Room):
+    """A Room that also exposes the server's live state and reaches it from any loopback address."""
+
+    def __init__(self, base: str, http: aiohttp.ClientSession, server: gs.Server) -> None:
+        super().__init__(base, http)
+        self.server = server
+        self.sessions: list[aiohttp.ClientSession] = []
+
+    async def connect_from(self, address: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(self.ws_url, local_addr=(address, 0), **kwargs)
+        self.connections.append(ws)
+        return ws
+
+    async def runner_at(self, address: str, participant_id: str, pin: str | None = None) -> Runner:
+        runner = Runner(await self.connect_from(address), participant_id)
+        if pin is not None:
+            reply = await runner.register(pin)
+            assert reply["type"] == "registered", reply
+        return runner
+
+    async def screen_at(self, address: str, view: str | None = None) -> Peer:
+        screen = Peer(await self.connect_from(address))
+        await screen.send({"type": "telao_register", **({"view": view} if view else {})})
+        assert (await screen.recv())["type"] == "registered_telao"
+        return screen
+
+    async def http_from(self, address: str, token: str | None = None) -> Host:
+        """An HTTP client on another machine (optionally holding an admin token)."""
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)),
+                                        headers={"Authorization": f"Bearer {token}"} if token else None)
+        self.sessions.append(session)
+        return Host(self.base, session)
+
+    async def close(self) -> None:
+        await super().close()
+        for session in self.sessions:
+            await session.close()
+
+
+@pytest.fixture
+async def make_room(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession):
+    """Start a server with some config fields changed; returns a LiveRoom."""
+    rooms: list[LiveRoom] = []
+
+    async def make(**changes: Any) -> LiveRoom:
+        app = gs.make_app(replace(config, **changes))
+        server = await aiohttp_server(app, host="127.0.0.1")
+        room = LiveRoom(str(server.make_url("")).rstrip("/"), http, app[gs.server_key])
+        rooms.append(room)
+        return room
+    yield make
+    for room in rooms:
+        await room.close()
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Every ERROR (or worse) any logger wrote: unhandled exceptions, failed writes, crashed tasks."""
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def eventually(check: Any, what: str, timeout_s: float = TIMEOUT_S) -> Any:
+    """Poll `check()` (sync or async) until it returns something truthy; bounded."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return result
+            await asyncio.sleep(0.02)
+    raise AssertionError(what)      # pragma: no cover - the timeout raises first
+
+
+async def closed_code(ws: ClientConnection) -> int | None:
+    """Read until the connection closes; the close code the server sent (None: no close frame)."""
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                await ws.recv()
+    return ws.close_code if ws.close_rcvd is not None else None
+
+
+def tokens_of(messages: list[dict[str, Any]], participant_id: str) -> list[tuple[int, str]]:
+    return [(m["seq"], m["content"]) for m in messages
+            if m["type"] == "token_update" and m["participant_id"] == participant_id]
+
+
+async def running_round(room: Room, *runners: Runner, **fields: Any) -> dict[str, Any]:
+    """Create and start a round; each runner reads its challenge."""
+    rnd = await room.host.new_round(**fields)
+    await room.host.start(rnd["id"])
+    for runner in runners:
+        await runner.recv("challenge")
+    return rnd
+
+
+# --- no one where they don't belong --------------------------------------------
+
+async def test_host_routes_refuse_other_addresses_without_the_admin_token(make_room: Any) -> None:
+    """Every host route in /openapi.json: 401 from a non-host address, 403 with a wrong token, even spoofing XFF."""
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    spec = await room.host.call("GET", "/openapi.json")
+    host_routes = [(method.upper(), path.replace("{round_id}", "r1")) for path, ops in spec["paths"].items()
+                   for method, op in ops.items() if "security" in op]
+    assert len(host_routes) >= 10
+    stranger, forger = await room.http_from(STRANGER), await room.http_from(STRANGER, token="guess")
+    for method, path in host_routes:
+        for prefix in ("", "/api"):
+            assert (await stranger.status(method, prefix + path, {}))[0] == 401, path
+            spoofed = await stranger.status(method, prefix + path, {}, headers={"X-Forwarded-For": "127.0.0.1"})
+            assert spoofed[0] == 401 and spoofed[1]["code"] == "UNAUTHORIZED", path
+            assert (await forger.status(method, prefix + path, {}))[1]["code"] == "FORBIDDEN", path
+    assert (await room.host.status("GET", "/session"))[0] == 404        # none of that created a session
+    holder = await room.http_from(STRANGER, token=room.server.config.admin_token)
+    assert (await holder.call("POST", "/session"))["pin"]
+
+
+async def test_the_pin_reaches_no_one_but_the_host(make_room: Any) -> None:
+    """Screens, phones and runners never receive the PIN (nor its hash); only the host's GET /session has it."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), pin_length=12)
+    pin = await room.host.new_session()
+    phone = await room.http_from(STRANGER)
+    screen = await room.screen_at(STRANGER)
+    ana = await room.runner_at(STRANGER, "ana", pin)
+    guesser = await room.runner_at("127.0.0.3", "eve")
+    seen: list[Any] = [await guesser.register(pin[:-1] + str((int(pin[-1]) + 1) % 10))]
+    rnd = await running_round(room, ana)
+    seen.append(await phone.call("GET", "/rounds/current"))
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await room.host.stop(rnd["id"])
+    await phone.vote(rnd["id"], "ana", 5, "phone-1")
+    for path in ("/session", "/api/session", "/presence", "/scoreboard", "/metrics", "/health", "/openapi.json",
+                 "/docs", f"/rounds/{rnd['id']}/responses", f"/votes/mine?roundId={rnd['id']}&voterId=phone-1"):
+        seen.append(await phone.call("GET", path))
+    seen += await screen.quiet() + await ana.quiet()
+    seen += [await room.host.call("GET", path) for path in ("/export-all.json", "/export.csv", "/export-events.csv")]
+    seen_text = json.dumps(seen)
+    assert pin not in seen_text and "$2b$" not in seen_text and "pinHash" not in seen_text
+    assert (await room.host.call("GET", "/session"))["pin"] == pin
+
+
+async def test_a_wrong_pin_flood_from_one_address_is_throttled(room: Room, pin: str, config: gs.Config) -> None:
+    """Past PIN_ATTEMPTS_MAX wrong PINs an address is refused (even the right PIN) until its window ends."""
+    guesser = Runner(await connect(room.ws_url, local_addr=(STRANGER, 0)), "mallory")
+    room.connections.append(guesser.ws)
+    wrong = [f"{n:06d}" for n in range(config.pin_attempts_max + 5) if f"{n:06d}" != pin]
+    codes = [(await guesser.register(guess))["code"] for guess in wrong]
+    assert codes == ["INVALID_PIN"] * config.pin_attempts_max + ["PIN_THROTTLED"] * (len(wrong) - config.pin_attempts_max)
+    refused = await guesser.register(pin)
+    assert refused["code"] == "PIN_THROTTLED" and "try again in" in refused["message"]
+    neighbour = Runner(await connect(room.ws_url, local_addr=("127.0.0.3", 0)), "ana")
+    room.connections.append(neighbour.ws)
+    assert (await neighbour.register(pin))["type"] == "registered"
+
+
+async def test_parallel_wrong_pins_from_one_address_are_throttled_too(room: Room, pin: str,
+                                                                      config: gs.Config) -> None:
+    """Guesses sent at once on many connections count before bcrypt answers: no more than the limit are tried."""
+    guessers = [Runner(await connect(room.ws_url, local_addr=(STRANGER, 0)), f"m{n}") for n in range(15)]
+    room.connections += [g.ws for g in guessers]
+    guesses = [f"{n:07d}" for n in range(15)]           # 7 digits: never the 6-digit PIN
+    replies = await asyncio.gather(*(g.register(guess) for g, guess in zip(guessers, guesses)))
+    codes = sorted(reply["code"] for reply in replies)
+    assert codes.count("INVALID_PIN") == config.pin_attempts_max
+    assert codes.count("PIN_THROTTLED") == 15 - config.pin_attempts_max
