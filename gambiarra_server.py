@@ -109,6 +109,8 @@ class Config:
     rate_limit_max: int = option(500, "RATE_LIMIT_MAX", "HTTP requests per address per window")
     rate_limit_window_s: float = option(60.0, "RATE_LIMIT_WINDOW", "rate-limit window in seconds")
     pin_attempts_max: int = option(10, "PIN_ATTEMPTS_MAX", "wrong PINs per address per window")
+    pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
+                                         "wrong PINs from all addresses together per window")
     pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds")
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
                                             f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer")
@@ -1015,6 +1017,8 @@ class Server:
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
+        # Every address together: however many addresses a guesser has, 10**6 PINs take days.
+        self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
         self.host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
 
@@ -1179,22 +1183,30 @@ def require_runner(peer: Peer, m: dict[str, Any]) -> str:
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     arena = server.arena
     session = arena.require_session()
-    wait_s = server.pin_throttle.wait_s(peer.address)
-    if wait_s:
-        raise TooMany(f"Too many wrong PINs from your address; try again in {math.ceil(wait_s)} s", wait_s,
-                      "PIN_THROTTLED")
+    wait_s, everyone_wait_s = server.pin_throttle.wait_s(peer.address), server.pin_total_throttle.wait_s("")
+    if wait_s or everyone_wait_s:
+        whose = "from your address" if wait_s else "on this server"
+        wait_s = max(wait_s, everyone_wait_s)
+        raise TooMany(f"Too many wrong PINs {whose}; try again in {math.ceil(wait_s)} s", wait_s, "PIN_THROTTLED")
     # Count the attempt before bcrypt answers, or guesses sent at once on many connections
     # would all be checked before the first failure was counted.
     server.pin_throttle.add(peer.address)
+    server.pin_total_throttle.add("")
     if not await arena.verify_pin(session, m["pin"]):
         raise ClientError("Invalid PIN.", "INVALID_PIN")
     server.pin_throttle.forgive(peer.address)           # the right PIN is not a guess
+    server.pin_total_throttle.forgive("")
     pid = m["participant_id"]
     async with arena.lock:
         if arena.session is not session:
             raise ClientError("A new session started; reconnect with the new PIN.", "SESSION_ENDED")
         if pid in session.kicked:
             raise Forbidden("The host removed you from this session", "KICKED")
+        holder = server.hub.runners.get(pid)
+        if holder is not None and holder is not peer and holder.address != peer.address:
+            # Ids are shown on the screen; only the machine holding one may replace its connection.
+            raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
+                           "ID_IN_USE")
         row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
         server.hub.add_runner(peer, row)
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import csv
 import io
 import json
@@ -448,12 +449,12 @@ async def eventually(check: Any, what: str, timeout_s: float = TIMEOUT_S) -> Any
 
 
 async def closed_code(ws: ClientConnection) -> int | None:
-    """Read until the connection closes; the close code the server sent (None: no close frame)."""
+    """Read until the connection closes; the close code the server sent (1006: none, the link just broke)."""
     with contextlib.suppress(ConnectionClosed):
         async with asyncio.timeout(TIMEOUT_S):
             while True:
                 await ws.recv()
-    return ws.close_code if ws.close_rcvd is not None else None
+    return ws.close_code
 
 
 def tokens_of(messages: list[dict[str, Any]], participant_id: str) -> list[tuple[int, str]]:
@@ -540,3 +541,100 @@ async def test_parallel_wrong_pins_from_one_address_are_throttled_too(room: Room
     codes = sorted(reply["code"] for reply in replies)
     assert codes.count("INVALID_PIN") == config.pin_attempts_max
     assert codes.count("PIN_THROTTLED") == 15 - config.pin_attempts_max
+
+
+async def test_wrong_pins_from_many_addresses_are_throttled_together(make_room: Any) -> None:
+    """Past PIN_ATTEMPTS_TOTAL_MAX wrong PINs from all addresses together, every address waits out the window."""
+    room = await make_room(pin_attempts_max=100, pin_attempts_total_max=5)
+    pin = await room.host.new_session()
+    codes = []
+    for n in range(7):
+        guesser = await room.runner_at(f"127.0.1.{n + 1}", f"m{n}")
+        codes.append((await guesser.register(f"{n:07d}"))["code"])
+    assert codes == ["INVALID_PIN"] * 5 + ["PIN_THROTTLED"] * 2
+    latecomer = await room.runner_at("127.0.2.1", "ana")
+    refused = await latecomer.register(pin)
+    assert refused["code"] == "PIN_THROTTLED" and "on this server" in refused["message"]
+
+
+def test_guessing_a_six_digit_pin_takes_longer_than_a_meetup() -> None:
+    """With the default limits, trying half the 10**6 PINs takes over a day from any number of addresses."""
+    config = gs.Config()
+    assert config.pin_length == 6
+    guesses_per_hour = config.pin_attempts_total_max * 3600 / config.pin_attempts_window_s
+    assert 10**6 / 2 / guesses_per_hour > 24
+    per_address_per_hour = config.pin_attempts_max * 3600 / config.pin_attempts_window_s
+    assert 10**6 / 2 / per_address_per_hour > 24 * 30
+
+
+async def test_a_runner_cannot_speak_for_another_participant(room: Room, pin: str) -> None:
+    """token, complete and error naming someone else's id are refused; no one sees them, nothing is stored."""
+    screen = await room.screen()
+    ana, mallory = await room.runner("ana", pin), await room.runner("mallory", pin)
+    stranger = Runner(await room.connect(), "ana")                 # never registered
+    rnd = await running_round(room, ana, mallory)
+    forged = [{"type": "token", "round": 1, "participant_id": "ana", "seq": 0, "content": "pwned"},
+              {"type": "complete", "round": 1, "participant_id": "ana", "tokens": 1},
+              {"type": "error", "round": 1, "participant_id": "ana", "code": "X", "message": "fake"}]
+    for message in forged:
+        await mallory.send(message)
+        assert (await mallory.recv("error"))["code"] == "WRONG_PARTICIPANT"
+        await stranger.send(message)
+        assert (await stranger.recv("error"))["code"] == "NOT_REGISTERED"
+    await ana.stream(1, ["mine"])
+    await ana.complete(1, 1)
+    assert tokens_of(await screen.quiet(), "ana") == [(0, "mine")]
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert answers == [{"participant_id": "ana", "nickname": "Ana", "generated_content": "mine"}]
+    events = await room.host.call("GET", "/export-events.csv")
+    assert "generation_failed" not in events and "pwned" not in events
+
+
+async def test_a_connected_participant_cannot_be_taken_over_from_another_machine(make_room: Any) -> None:
+    """Registering a live id from another address is refused (ID_IN_USE); from the same machine it replaces."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    impostor = await room.runner_at(STRANGER, "ana")
+    refused = await impostor.register(pin)
+    assert refused["code"] == "ID_IN_USE" and "PIN" not in refused["message"]
+    await running_round(room, ana)                                  # ana still gets her challenge
+    again = await room.runner("ana", pin)                           # ana's laptop reconnecting
+    assert await closed_code(ana.ws) == 1000
+    await again.ws.close()
+    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    assert (await impostor.register(pin))["type"] == "registered"   # an id no one holds can be claimed
+
+
+async def test_voter_ids_are_stored_only_hashed(room: Room, pin: str, config: gs.Config) -> None:
+    """No byte of the database files holds a voter id; votes carry sha256(voter id) only."""
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await room.host.stop(rnd["id"])
+    voter = "voter-6f1d0c3e-secret"
+    await room.host.vote(rnd["id"], "ana", 4, voter)
+    assert await room.host.call("GET", f"/votes/mine?roundId={rnd['id']}&voterId={voter}") == [
+        {"participantId": "ana", "score": 4}]
+    await room.host.call("GET", "/export-all.json")                 # a flush and an event round trip
+    files = list(config.database.parent.glob(config.database.name + "*"))
+    assert files and not any(voter.encode() in path.read_bytes() for path in files)
+    rows = db_rows(config.database, "SELECT voterHash FROM votes")
+    assert rows == [{"voterHash": hashlib.sha256(voter.encode()).hexdigest()}]
+
+
+async def test_export_all_json_holds_no_secret(make_room: Any) -> None:
+    """The JSON export has no PIN, PIN hash, admin token or voter id."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "ana", 3, "voter-secret-42")
+    text = json.dumps(await room.host.call("GET", "/export-all.json"))
+    for secret in (pin, "$2b$", "pinHash", '"pin"', "voter-secret-42", room.server.config.admin_token):
+        assert secret not in text
