@@ -638,3 +638,144 @@ async def test_export_all_json_holds_no_secret(make_room: Any) -> None:
     text = json.dumps(await room.host.call("GET", "/export-all.json"))
     for secret in (pin, "$2b$", "pinHash", '"pin"', "voter-secret-42", room.server.config.admin_token):
         assert secret not in text
+
+
+# --- faults ---------------------------------------------------------------------
+
+async def test_a_runner_that_drops_mid_stream_reconnects_and_continues_its_seq(room: Room, pin: str,
+                                                                              config: gs.Config) -> None:
+    """After a broken link the runner re-registers, is told its next seq, and its answer is whole."""
+    screen = await room.screen()
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    await ana.stream(1, WORDS[:3])
+    shown = [await screen.recv("token_update") for _ in range(3)]
+    ana.ws.transport.abort()                                        # Wi-Fi gone: no closing handshake
+    assert (await screen.recv("participant_disconnected"))["participant_id"] == "ana"
+    back = Runner(await room.connect(), "ana")
+    reply = await back.register(pin)
+    assert reply["resume"] == {"round": 1, "next_seq": 3, "missing": []}
+    await back.stream(1, WORDS[3:], start=reply["resume"]["next_seq"])
+    await back.complete(1, len(WORDS))
+    shown += [m for m in await screen.quiet() if m["type"] == "token_update"]
+    assert tokens_of(shown, "ana") == list(enumerate(WORDS))
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert [a["generated_content"] for a in answers] == ["".join(WORDS)]
+    assert db_rows(config.database, "SELECT rescued, seqGaps FROM metrics") == [{"rescued": 0, "seqGaps": 0}]
+
+
+async def test_a_runner_that_drops_for_good_is_rescued_at_stop(room: Room, pin: str, config: gs.Config) -> None:
+    """Tokens of a runner that never completes are saved at stop, shown for voting and can be voted for."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
+    await bia.stream(1, ["Sim."])
+    await bia.complete(1, 1)
+    await ana.stream(1, WORDS)
+    await eventually(lambda: saved_tokens(config.database, "ana") == len(WORDS), "ana's tokens saved")
+    ana.ws.transport.abort()
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert {a["participant_id"]: a["generated_content"] for a in answers} == {"ana": "".join(WORDS), "bia": "Sim."}
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
+    assert [(r["participant_id"], r["votes"], r["tokens"]) for r in board] == [("ana", 1, len(WORDS)), ("bia", 0, 1)]
+    rescued = db_rows(config.database, "SELECT participantId, rescued FROM metrics ORDER BY participantId")
+    assert rescued == [{"participantId": "ana", "rescued": 1}, {"participantId": "bia", "rescued": 0}]
+
+
+async def test_a_new_session_mid_round_sends_old_runners_away_and_keeps_old_data(room: Room, pin: str,
+                                                                                 config: gs.Config) -> None:
+    """Old runners get SESSION_ENDED and a close; screens get the new session; the old round stays exportable."""
+    screen = await room.screen()
+    old_session = (await screen.recv("state_snapshot"))["session"]["id"]
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    await running_round(room, ana, bia)
+    await ana.stream(1, WORDS)
+    await eventually(lambda: saved_tokens(config.database, "ana") == len(WORDS), "ana's tokens saved")
+    created = await room.host.call("POST", "/session")
+    assert created["disconnected_participants"] == 2
+    for runner in (ana, bia):
+        assert (await runner.recv("error"))["code"] == "SESSION_ENDED"
+        assert await closed_code(runner.ws) == 1000
+    snapshot = await screen.recv("state_snapshot")
+    assert snapshot["session"]["id"] == created["id"] and snapshot["round"] is None
+    old = await room.host.call("GET", f"/export-all.json?sessionId={old_session}")
+    [old_round] = old["rounds"]
+    assert [(m["participantId"], m["generatedContent"], m["rescued"]) for m in old_round["metrics"]] == [
+        ("ana", "".join(WORDS), 1)]
+    late = Runner(await room.connect(), "carla")
+    assert (await late.register(pin))["code"] == "INVALID_PIN"
+    assert (await late.register(created["pin"]))["type"] == "registered"
+
+
+def saved_tokens(database: Path, participant_id: str) -> int:
+    return db_rows(database, "SELECT COUNT(*) AS n FROM tokens WHERE participantId = ?", participant_id)[0]["n"]
+
+
+async def test_sigkill_mid_round_loses_only_unsaved_tokens_and_the_round_runs_on(
+        server_process: Any, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """kill -9 mid-round, restart on the same file: the round still runs, runners resume, votes and exports add up."""
+    database = tmp_path / "arena.db"
+    words = [f"w{n} " for n in range(40)]
+    killed = server_process("--flush-interval", "0.2")
+    room = Room(killed.start(), http)
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
+    await ana.stream(1, words[:20])
+    await bia.stream(1, words[:20])
+    await eventually(lambda: saved_tokens(database, "ana") + saved_tokens(database, "bia") == 40, "a flush")
+    await ana.stream(1, words[20:25], start=20)                    # accepted; maybe not saved yet
+    killed.stop(signal.SIGKILL)
+    await room.close()
+
+    restarted = server_process("--flush-interval", "0.2")
+    room = Room(restarted.start(), http)
+    current = await room.host.call("GET", "/rounds/current")
+    assert (current["id"], current["endedAt"]) == (rnd["id"], None)
+    assert current["liveTokens"]["bia"] == words[:20]
+    assert current["liveTokens"]["ana"] == words[:len(current["liveTokens"]["ana"])]
+    assert 20 <= len(current["liveTokens"]["ana"]) <= 25
+    screen = await room.screen()
+    assert (await screen.recv("state_snapshot"))["liveTokens"] == current["liveTokens"]
+    for name in ("ana", "bia"):
+        runner = Runner(await room.connect(), name)
+        resume = (await runner.register(pin))["resume"]
+        assert resume["round"] == 1 and resume["missing"] == []
+        await runner.stream(1, words[resume["next_seq"]:], start=resume["next_seq"])
+        await runner.complete(1, len(words))
+        assert (await screen.recv("completion"))["participant_id"] == name
+    await room.host.stop(rnd["id"])
+    for voter in ("v1", "v2", "v3"):
+        await room.host.vote(rnd["id"], "ana", 4, voter)
+        await room.host.vote(rnd["id"], "bia", 2, voter)
+    board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
+    assert [(r["participant_id"], r["votes"], r["total_score"]) for r in board] == [("ana", 3, 12), ("bia", 3, 6)]
+    export = await room.host.call("GET", "/export-all.json")
+    assert {m["participantId"]: m["generatedContent"] for m in export["rounds"][0]["metrics"]} == {
+        "ana": "".join(words), "bia": "".join(words)}
+    await room.close()
+    assert restarted.stop(signal.SIGTERM) == 0
+
+
+async def test_sigterm_closes_every_socket_with_1001_and_saves_every_token(
+        server_process: Any, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """On SIGTERM runners and screens get 1001 (going away), the exit code is 0 and every token is on disk."""
+    database = tmp_path / "arena.db"
+    process = server_process("--flush-interval", "60")             # no flush until the exit
+    room = Room(process.start(), http)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = await room.runner("ana", pin)
+    await running_round(room, ana)
+    words = [f"w{n} " for n in range(30)]
+    await ana.stream(1, words)
+    assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
+    assert saved_tokens(database, "ana") == 0
+    assert process.stop(signal.SIGTERM) == 0
+    assert await closed_code(ana.ws) == 1001 and await closed_code(screen.ws) == 1001
+    rows = db_rows(database, "SELECT seq, content FROM tokens WHERE participantId = 'ana' ORDER BY seq")
+    assert [(row["seq"], row["content"]) for row in rows] == list(enumerate(words))
+    assert db_rows(database, "SELECT connected FROM participants") == [{"connected": 0}]
+    await room.close()
