@@ -350,19 +350,27 @@ class Database:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on the database thread and return its result."""
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self.executor, fn, self.conn, *args)
-        except sqlite3.Error as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            raise
-        self.error = None
-        return result
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, *args)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue `fn(conn, *args)` without waiting; a failure is logged, not raised."""
-        future = self.executor.submit(fn, self.conn, *args)
+        future = self.executor.submit(self.call, fn, *args)
         future.add_done_callback(lambda f: f.exception() and log.error("database: %s", f.exception()))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """On the database thread: run `fn`, keeping `error` until a write succeeds again.
+
+        A read that works says nothing about a full disk, so only a write clears the error.
+        """
+        changes = self.conn.total_changes
+        try:
+            result = fn(self.conn, *args)
+        except sqlite3.Error as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        if self.conn.total_changes != changes:
+            self.error = None
+        return result
 
     def close(self) -> None:
         self.executor.submit(self.conn.close).result()

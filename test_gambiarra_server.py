@@ -779,3 +779,71 @@ async def test_sigterm_closes_every_socket_with_1001_and_saves_every_token(
     assert [(row["seq"], row["content"]) for row in rows] == list(enumerate(words))
     assert db_rows(database, "SELECT connected FROM participants") == [{"connected": 0}]
     await room.close()
+
+
+def fill_the_disk(conn: sqlite3.Connection) -> None:
+    """The file may not grow (as on a full disk) and every free byte in it is taken."""
+    with conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS filler (junk BLOB)")
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    size = 1 << 16
+    while size:
+        try:
+            with conn:
+                conn.execute("INSERT INTO filler VALUES (zeroblob(?))", (size,))
+        except sqlite3.OperationalError:                        # "database or disk is full"
+            size //= 2
+
+
+def free_the_disk(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    with conn:
+        conn.execute("DROP TABLE filler")
+
+
+def make_read_only(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA query_only = ON")
+
+
+def make_writable(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA query_only = OFF")
+
+
+@pytest.mark.parametrize(("break_it", "repair", "error"), [
+    (fill_the_disk, free_the_disk, "database or disk is full"),
+    (make_read_only, make_writable, "readonly database"),
+], ids=["disk-full", "read-only"])
+async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
+        make_room: Any, break_it: Any, repair: Any, error: str) -> None:
+    """While writes fail: host calls get a clear 503, /health says why, tokens still reach screens; then nothing is lost."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    words = [f"{n:04d}" + "x" * 1000 for n in range(300)]          # enough to need new pages
+    await ana.stream(1, words[:50])
+    await eventually(lambda: saved_tokens(room.server.config.database, "ana") == 50, "the first tokens saved")
+    await room.server.db.run(break_it)
+
+    await ana.stream(1, words[50:250], start=50)
+    assert len([await screen.recv("token_update") for _ in words[:250]]) == 250
+    status, body = await room.host.status("POST", "/rounds/stop", {"roundId": rnd["id"]})
+    assert status == 503 and body["code"] == "DATABASE_ERROR" and error in body["error"]
+    assert "disk" in body["error"]
+    await room.host.call("GET", "/session")                         # reads still work ...
+    health = await room.host.call("GET", "/health")
+    assert error in health["database"]                              # ... and do not hide the failed writes
+    current = await room.host.call("GET", "/rounds/current")
+    assert current["endedAt"] is None and current["liveTokens"]["ana"] == words[:250]
+    await ana.stream(1, words[250:], start=250)                    # the round goes on
+    assert len([await screen.recv("token_update") for _ in words[250:]]) == 50
+
+    await room.server.db.run(repair)
+    await eventually(lambda: saved_tokens(room.server.config.database, "ana") == 300, "the backlog saved")
+    assert (await room.host.call("GET", "/health"))["database"] == "ok"
+    await ana.complete(1, len(words))
+    await screen.recv("completion")
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert answers[0]["generated_content"] == "".join(words)
