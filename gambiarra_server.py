@@ -935,6 +935,7 @@ class Peer:
         self.row: dict[str, Any] = {}                   # ... with their participant row
         self.view: str | None = None                    # set for screens
         self.closing = False
+        self.dropped = False
         self.last_heard = time.monotonic()
         self.queue: asyncio.Queue[str | Control] = asyncio.Queue(queue_limit)
         self.writer = asyncio.create_task(self.write_all())
@@ -954,6 +955,9 @@ class Peer:
 
     def cut_off(self, why: str) -> None:
         """Drop the connection at once, without a closing handshake it would not read."""
+        if self.dropped:
+            return                      # publishers keep finding the queue full until the handler leaves
+        self.dropped = True
         log.warning("WS_DROPPED %s (%s)", self.participant_id or self.view or self.address, why)
         if self.transport is not None:
             self.transport.abort()

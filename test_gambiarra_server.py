@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -847,3 +848,38 @@ async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
     await room.host.stop(rnd["id"])
     answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
     assert answers[0]["generated_content"] == "".join(words)
+
+
+async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(make_room: Any,
+                                                                      server_log: pytest.LogCaptureFixture) -> None:
+    """A frozen phone's queue fills and it is cut off once; the runner and a reading screen get every token."""
+    room = await make_room(peer_queue_limit=512)       # far above a burst a reading screen can lag by
+    pin = await room.host.new_session()
+    reading = await room.screen()
+    frozen = await room.connect_from("127.0.0.3", max_queue=1)     # buffers one message, then stops reading
+    await frozen.send(json.dumps({"type": "telao_register"}))
+    [frozen_peer] = await eventually(lambda: [p for p in room.server.hub.screens if p.address == "127.0.0.3"],
+                                     "the frozen screen registered")
+    # A phone on Wi-Fi has small kernel buffers; loopback's grow to megabytes, so shrink them to match.
+    frozen_peer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    ana = await room.runner("ana", pin)
+    await running_round(room, ana)
+    words = [f"{n:05d}" + "y" * 2000 for n in range(2000)]         # 4 MB: 3x what the frozen one can hold
+
+    async def read_all() -> list[dict[str, Any]]:
+        return [await reading.recv("token_update") for _ in words]
+    reader = asyncio.create_task(read_all())
+    await ana.stream(1, words)
+    assert tokens_of(await reader, "ana") == list(enumerate(words))
+    assert await ana.quiet(0.05) == []                              # the runner was never told to slow down
+    await eventually(lambda: frozen_peer not in room.server.hub.screens, "the frozen screen forgotten")
+    drops = [r.getMessage() for r in server_log.records if r.getMessage().startswith("WS_DROPPED")]
+    assert drops == ["WS_DROPPED arena (not reading (512 messages queued))"]
+    received = []
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                received.append(json.loads(await frozen.recv()))
+    assert frozen.close_code == 1006                               # cut off: no closing handshake
+    shown = tokens_of(received, "ana")
+    assert shown == list(enumerate(words))[:len(shown)] and len(shown) < len(words)
