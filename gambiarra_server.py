@@ -115,6 +115,8 @@ class Config:
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
                                             f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer")
     ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes")
+    ws_connections_per_address: int = option(20, "WS_CONNECTIONS_PER_ADDRESS",
+                                             "WebSocket connections one address may hold (the host's: any number)")
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round")
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
@@ -784,8 +786,10 @@ class Arena:
                      limit: int) -> Generation | None:
         """Buffer one token; return its generation if it was new, None for a duplicate."""
         gen = self.live_round(index).generation(participant_id)
-        if len(gen.tokens) >= limit:
-            raise ClientError(f"This answer already has {limit} tokens; the rest is ignored", "TOO_MANY_TOKENS")
+        # seq is bounded too: a resume reply lists the seqs missing below the highest one.
+        if len(gen.tokens) >= limit or seq >= limit:
+            raise ClientError(f"An answer keeps at most {limit} tokens (seq 0 to {limit - 1}); the rest is ignored",
+                              "TOO_MANY_TOKENS")
         at = now_ms()
         if not gen.add(seq, content, at):
             return None
@@ -1298,6 +1302,21 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
         peer.send_json(msg_error("The server could not save this; please send it again", "SERVER_BUSY"))
 
 
+def turned_away(server: Server, peer: Peer) -> bool:
+    """Send away a connection beyond WS_CONNECTIONS_PER_ADDRESS, with an error it can show; say if it was.
+
+    The host's addresses are exempt: a proxy or the club's load test there speaks for many.
+    """
+    limit = server.config.ws_connections_per_address
+    if server.is_host(peer.address) or sum(p.address == peer.address for p in server.hub.peers) <= limit:
+        return False
+    log.warning("WS_REFUSED %s: more than %d connections", peer.address, limit)
+    peer.send_json(msg_error(f"Too many connections from your address (at most {limit}); close one and "
+                             "try again", "TOO_MANY_CONNECTIONS"))
+    peer.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
+    return True
+
+
 async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     """One connection: read frames in order until it closes, then forget it."""
     server = request.app[server_key]
@@ -1308,6 +1327,9 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit)
     server.hub.peers.add(peer)
     try:
+        if turned_away(server, peer):
+            await peer.writer                           # the error, then the close (bounded by `timeout`)
+            return ws
         async for msg in ws:
             peer.last_heard = time.monotonic()
             if msg.type is WSMsgType.TEXT:

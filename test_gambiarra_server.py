@@ -6,6 +6,7 @@ the phones over HTTP). Sections mirror the server's, from pure code to the edges
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import hashlib
 import csv
@@ -18,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -883,3 +885,125 @@ async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(make_room
     assert frozen.close_code == 1006                               # cut off: no closing handshake
     shown = tokens_of(received, "ana")
     assert shown == list(enumerate(words))[:len(shown)] and len(shown) < len(words)
+
+
+# --- bounded resources -----------------------------------------------------------
+
+async def test_websocket_connections_per_address_are_capped_except_for_the_host(make_room: Any) -> None:
+    """Past WS_CONNECTIONS_PER_ADDRESS an address gets TOO_MANY_CONNECTIONS and 1013; others and the host don't."""
+    room = await make_room(ws_connections_per_address=3, host_addresses=("127.0.0.1/32",))
+    await room.host.new_session()
+    held = [await room.screen_at(STRANGER) for _ in range(3)]
+    extra = await room.connect_from(STRANGER)
+    refused = await Peer(extra).recv()
+    assert refused["code"] == "TOO_MANY_CONNECTIONS" and "at most 3" in refused["message"]
+    assert await closed_code(extra) == 1013
+    await room.screen_at("127.0.0.3")                               # another machine is unaffected
+    for _ in range(5):
+        await room.screen()                                         # the host's own address is exempt
+    await held[0].ws.close()
+    await eventually(lambda: sum(p.address == STRANGER for p in room.server.hub.peers) == 2, "a slot freed")
+    await room.screen_at(STRANGER)
+
+
+async def test_frames_over_ws_max_payload_close_that_connection_with_1009(make_room: Any) -> None:
+    """An oversized frame closes its own connection with 1009 (message too big); the others stream on."""
+    room = await make_room(ws_max_payload=1024)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana, mallory = await room.runner("ana", pin), await room.runner("mallory", pin)
+    await running_round(room, ana, mallory)
+    await mallory.token(1, 0, "x" * 900)                            # under the limit: fine
+    await mallory.token(1, 1, "x" * 2000)
+    assert await closed_code(mallory.ws) == 1009
+    await ana.stream(1, WORDS)
+    shown = [m for m in await screen.quiet() if m["type"] == "token_update"]
+    assert tokens_of(shown, "ana") == list(enumerate(WORDS)) and len(tokens_of(shown, "mallory")) == 1
+
+
+async def test_tokens_past_the_per_round_limit_are_refused_and_the_rest_is_kept(make_room: Any) -> None:
+    """Past MAX_TOKENS_PER_GENERATION (count or seq) a token gets TOO_MANY_TOKENS; the answer keeps the first ones."""
+    room = await make_room(max_tokens_per_generation=5)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    words = [f"w{n} " for n in range(7)]
+    await ana.stream(1, words)
+    await ana.token(1, 4_999_999, "far ahead")
+    errors = [m for m in await ana.quiet() if m["type"] == "error"]
+    assert [m["code"] for m in errors] == ["TOO_MANY_TOKENS"] * 3 and "at most 5 tokens" in errors[0]["message"]
+    assert tokens_of(await screen.quiet(), "ana") == list(enumerate(words[:5]))
+    await ana.complete(1, 7)
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert answers[0]["generated_content"] == "".join(words[:5])
+
+
+async def test_a_far_ahead_seq_cannot_swell_the_resume_reply(room: Room, pin: str) -> None:
+    """A seq beyond the token limit is refused, so a reconnect's list of missing seqs stays small."""
+    ana = await room.runner("ana", pin)
+    await running_round(room, ana)
+    await ana.token(1, 9_999_999, "x")
+    assert (await ana.recv("error"))["code"] == "TOO_MANY_TOKENS"
+    again = Runner(await room.connect(), "ana")
+    await again.send({"type": "register", "participant_id": "ana", "pin": pin})
+    raw = await asyncio.wait_for(again.ws.recv(), TIMEOUT_S)
+    assert len(raw) < 1000 and json.loads(raw)["resume"] == {"round": 1, "next_seq": 0, "missing": []}
+
+
+@pytest.mark.parametrize("field", ["participant_id", "nickname", "runner", "model"])
+async def test_register_text_fields_are_capped_at_200_characters(room: Room, pin: str, field: str) -> None:
+    """A participant id, nickname, runner or model over 200 characters is refused with a sentence; 200 is fine."""
+    runner = Runner(await room.connect(), "ana")
+    await runner.send({"type": "register", "participant_id": "ana", "pin": pin, field: "é" * 201})
+    refused = await runner.recv()
+    assert refused == {"type": "error", "message": f"'{field}' must be at most 200 characters",
+                       "code": "INVALID_INPUT"}
+    await runner.send({"type": "register", "participant_id": "ana", "pin": pin, field: "é" * 200})
+    assert (await runner.recv())["type"] == "registered"
+
+
+async def test_a_finished_round_leaves_memory_once_it_is_saved(make_room: Any) -> None:
+    """When the next round starts, the last one's buffers are on disk and no longer referenced anywhere."""
+    room = await make_room(flush_interval_s=60)                     # only the start's own flush saves tokens
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    first = await running_round(room, ana, bia)
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await bia.stream(1, WORDS[:2])                                  # bia never completes: rescued at stop
+    await eventually(lambda: len(room.server.arena.unsaved) == len(WORDS) + 2, "tokens accepted")
+    await room.host.stop(first["id"])
+    live = room.server.arena.rounds[1]
+    refs = [weakref.ref(live)] + [weakref.ref(gen) for gen in live.generations.values()]
+    del live
+    await running_round(room, ana, bia)
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+    assert list(room.server.arena.rounds) == [2] and room.server.arena.unsaved == []
+    saved = db_rows(room.server.config.database, "SELECT participantId, COUNT(*) AS n FROM tokens "
+                                                 "WHERE roundId = ? GROUP BY participantId", first["id"])
+    assert {row["participantId"]: row["n"] for row in saved} == {"ana": len(WORDS), "bia": 2}
+
+
+async def test_closed_connections_leave_nothing_behind(make_room: Any) -> None:
+    """Runners and screens that close or break are forgotten: no peer, no writer task, no per-address slot."""
+    room = await make_room(ws_connections_per_address=1, host_addresses=("127.0.0.1/32",))
+    pin = await room.host.new_session()
+    refs = []
+    for n in range(12):
+        address = f"127.0.3.{n % 3 + 1}"
+        peer = await room.runner_at(address, f"r{n}", pin) if n % 2 else await room.screen_at(address)
+        [server_peer] = [p for p in room.server.hub.peers if p.ws is not None and p.address == address]
+        refs.append(weakref.ref(server_peer))
+        del server_peer
+        if n % 4 == 3:
+            peer.ws.transport.abort()
+        else:
+            await peer.ws.close()
+        await eventually(lambda: not room.server.hub.peers, "the connection forgotten")
+    gc.collect()
+    hub = room.server.hub
+    assert (hub.peers, hub.runners, hub.screens) == (set(), {}, set())
+    assert [ref() for ref in refs] == [None] * 12
