@@ -1007,3 +1007,109 @@ async def test_closed_connections_leave_nothing_behind(make_room: Any) -> None:
     hub = room.server.hub
     assert (hub.peers, hub.runners, hub.screens) == (set(), {}, set())
     assert [ref() for ref in refs] == [None] * 12
+
+
+# --- hostile and malformed input -----------------------------------------------------
+
+TYPES = "register, telao_register, token, complete, error"
+
+
+def ws_error(message: str, code: str = "INVALID_INPUT") -> dict[str, Any]:
+    return {"type": "error", "message": message, "code": code}
+
+
+@pytest.mark.parametrize(("frame", "reply"), [
+    (b"\x00\x01binary", ws_error("Binary frames are not supported; send JSON text")),
+    ("{nope", ws_error("The message is not valid JSON")),
+    ("[" * 100_000 + "]" * 100_000, ws_error("The message is not valid JSON")),
+    ("[1, 2]", ws_error("The message must be a JSON object")),
+    ("{}", ws_error(f"Unknown message type None; expected one of {TYPES}")),
+    ('{"type": 5}', ws_error(f"Unknown message type 5; expected one of {TYPES}")),
+    ('{"type": "vote"}', ws_error(f"Unknown message type 'vote'; expected one of {TYPES}")),
+    ('{"type": "register"}', ws_error("'participant_id' is required")),
+    ('{"type": "register", "participant_id": 5, "pin": "1"}', ws_error("'participant_id' must be a string")),
+    ('{"type": "token", "round": 1, "seq": NaN}', ws_error("'seq' must be an integer")),
+    ('{"type": "token", "round": 1, "seq": 1e999}', ws_error("'seq' must be an integer")),
+    ('{"type": "token", "round": 1, "seq": true}', ws_error("'seq' must be an integer")),
+    ('{"type": "token", "round": 1, "seq": 1000000000000000000000000}', ws_error("'seq' must be at most 1e+07")),
+    ('{"type": "token", "round": -1, "seq": 0}', ws_error("'round' must be at least 0")),
+    ('{"type": "complete", "round": 1, "duration_ms": Infinity}', ws_error("'duration_ms' must be a finite number")),
+    ('{"type": "complete", "round": 1, "model_info": "x"}', ws_error("'model_info' must be an object")),
+    ('{"type": "token", "round": 1, "seq": 0}', ws_error("Register before sending this message", "NOT_REGISTERED")),
+    ('{"type": "telao_register", "view": [1]}', ws_error("'view' must be a string")),
+], ids=["binary", "not-json", "deep-nesting", "not-object", "no-type", "type-not-string", "unknown-type",
+        "missing-field", "wrong-type", "nan", "infinity", "bool-as-int", "huge-int", "negative", "infinite-float",
+        "not-object-field", "before-register", "screen-view"])
+async def test_each_kind_of_bad_frame_gets_its_error_and_the_socket_stays_open(room: Room, pin: str, frame: Any,
+                                                                                reply: dict[str, Any]) -> None:
+    """A bad frame is answered with a sentence naming the problem; the connection keeps working."""
+    peer = Peer(await room.connect())
+    await peer.send(frame)
+    assert await peer.recv() == reply
+    await peer.send({"type": "telao_register"})
+    assert (await peer.recv())["type"] == "registered_telao"
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (b"\xff\xfe not utf-8", 1007),
+    ("x" * (1024 * 1024 + 1), 1009),
+], ids=["invalid-utf-8", "over-ws-max-payload"])
+async def test_frames_that_break_the_protocol_close_only_their_connection(room: Room, pin: str, frame: Any,
+                                                                          code: int) -> None:
+    """Invalid UTF-8 in a text frame gets 1007, a frame over WS_MAX_PAYLOAD 1009; a bystander notices nothing."""
+    bystander = await room.screen()
+    peer = await room.connect()
+    await peer.send(frame, text=True)
+    assert await closed_code(peer) == code
+    await bystander.send({"type": "telao_register", "view": "voting"})
+    assert (await bystander.recv("registered_telao"))["view"] == "voting"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "error"), [
+    ("POST", "/rounds", "{nope", 400, "The request body is not valid JSON"),
+    ("POST", "/rounds", b"\xff\xfe", 400, "The request body is not valid JSON"),
+    ("POST", "/rounds", "[1]", 400, "The request body must be a JSON object"),
+    ("POST", "/rounds", "{}", 400, "'prompt' is required"),
+    ("POST", "/rounds", '{"prompt": "x", "temperature": NaN}', 400, "'temperature' must be a finite number"),
+    ("POST", "/rounds", '{"prompt": "' + "x" * 100_001 + '"}', 400, "'prompt' must be at most 100000 characters"),
+    ("POST", "/rounds/start", '{"roundId": "nope"}', 404, "Round not found"),
+    ("POST", "/votes", '{"roundId": "r", "participantId": "p", "score": 6}', 400, "'score' must be at most 5"),
+    ("GET", "/votes/mine", None, 400, "'round_id' is required"),
+    ("GET", "/scoreboard?roundId=nope", None, 404, "Round not found"),
+    ("GET", "/export.csv?sessionId=nope", None, 404, "Session not found"),
+    ("GET", "/rounds/nope/responses", None, 404, "Round not found"),
+    ("GET", "/nope", None, 404, "No route GET /nope"),
+    ("DELETE", "/session", None, 405, "No route DELETE /session"),
+], ids=lambda value: value if isinstance(value, int) else None)
+async def test_each_kind_of_bad_request_gets_its_4xx_as_json(room: Room, pin: str, method: str, path: str,
+                                                             body: str | None, status: int, error: str) -> None:
+    """Malformed bodies, bad fields, unknown ids, routes and methods: a 4xx with {"error", "code"}, never a 500."""
+    got, reply = await room.host.status(method, path, body)
+    assert (got, reply["error"]) == (status, error) and reply["code"]
+
+
+async def test_a_body_over_the_size_limit_gets_413(room: Room, pin: str) -> None:
+    """A request body over aiohttp's 1 MiB limit is refused before anything reads it."""
+    body = io.BytesIO(b"x" * (1024 * 1024 + 1))
+    async with room.host.http.post(room.base + "/rounds", data=body) as response:
+        assert response.status == 413
+        assert await response.json() == {"error": "Request Entity Too Large", "code": "REQUEST_ENTITY_TOO_LARGE"}
+
+
+async def test_malformed_http_is_refused_and_the_server_carries_on(room: Room, pin: str,
+                                                                    server_log: pytest.LogCaptureFixture) -> None:
+    """Garbage request lines, bad lengths and oversized headers get a 400; only aiohttp's parser complains."""
+    host, port = room.base.removeprefix("http://").split(":")
+    for raw in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /health HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+                b"GET /\xff HTTP/1.1\r\n\r\n", b"POST /rounds HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        async with asyncio.timeout(TIMEOUT_S):
+            status_line = await reader.readline()
+        assert status_line[:10] in (b"HTTP/1.0 4", b"HTTP/1.1 4"), (raw[:30], status_line)
+        writer.close()
+    assert (await room.host.call("GET", "/health"))["status"] == "ok"
+    # aiohttp logs each unparsable request at ERROR with a traceback; nothing else may be logged.
+    complaints = [r for r in server_log.records if r.levelno >= logging.ERROR]
+    assert all(r.name == "aiohttp.server" and getattr(r.exc_info[1], "code", None) == 400 for r in complaints)
