@@ -1288,6 +1288,7 @@ ON_MESSAGE: dict[str, tuple[tuple[Field, ...], Callable[[Server, Peer, dict[str,
 
 async def dispatch(server: Server, peer: Peer, text: str) -> None:
     """Handle one text frame; whatever is wrong with it is answered with an `error` message."""
+    kind = None
     try:
         message = parse_json_object(text, "The message")
         kind = message.get("type")
@@ -1300,6 +1301,10 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
     except sqlite3.Error as exc:
         log.error("database error on a %s message: %s", kind, exc)
         peer.send_json(msg_error("The server could not save this; please send it again", "SERVER_BUSY"))
+    except Exception:
+        # A bug must not leave a runner's socket open and unread in the middle of a round.
+        log.exception("unexpected error on a %r message", kind)
+        peer.send_json(msg_error("Internal error; the server log has the details", "INTERNAL"))
 
 
 def turned_away(server: Server, peer: Peer) -> bool:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -1113,3 +1115,164 @@ async def test_malformed_http_is_refused_and_the_server_carries_on(room: Room, p
     # aiohttp logs each unparsable request at ERROR with a traceback; nothing else may be logged.
     complaints = [r for r in server_log.records if r.levelno >= logging.ERROR]
     assert all(r.name == "aiohttp.server" and getattr(r.exc_info[1], "code", None) == 400 for r in complaints)
+
+
+async def test_an_unexpected_failure_in_one_message_leaves_the_connection_working(
+        room: Room, pin: str, server_log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one message's handler is logged and answered with INTERNAL; the runner's next tokens still count."""
+    async def broken(server: gs.Server, peer: gs.Peer, m: dict[str, Any]) -> None:
+        raise RuntimeError("a latent bug")
+    monkeypatch.setitem(gs.ON_MESSAGE, "error", (gs.RUNNER_ERROR, broken))
+    screen = await room.screen()
+    ana = await room.runner("ana", pin)
+    await running_round(room, ana)
+    await ana.send({"type": "error", "round": 1, "code": "GENERATION_FAILED", "message": "oops"})
+    assert await ana.recv("error") == ws_error("Internal error; the server log has the details", "INTERNAL")
+    await ana.stream(1, WORDS)
+    assert tokens_of(await screen.quiet(), "ana") == list(enumerate(WORDS))
+    assert errors_logged(server_log) == ["gambiarra: unexpected error on a 'error' message"]
+
+
+# Fuzzing: hypothesis drives from a worker thread, the server and its clients run on the test's
+# loop, and every example is one coroutine handed to that loop. State carries over between
+# examples on purpose: the server must survive the whole sequence, not one frame at a time.
+
+# No shrinking: examples share one server, so a shrunk replay is not the run that failed, and every
+# replay of a broken server waits out its timeouts. A failure is reported as generated.
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
+                phases=(Phase.explicit, Phase.reuse, Phase.generate))
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=20))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+WS_FIELDS = sorted({name for spec, _ in gs.ON_MESSAGE.values() for f in spec for name in (f.name, f.alias)})
+ERROR_CODES = {"INVALID_INPUT", "NOT_REGISTERED", "WRONG_PARTICIPANT", "INVALID_PIN", "PIN_THROTTLED", "ID_IN_USE",
+               "UNKNOWN_ROUND", "TOO_MANY_TOKENS", "NO_SESSION", "FORBIDDEN", "CONFLICT", "NOT_FOUND"}
+SERVER_MESSAGES = {"error", "registered", "registered_telao", "state_snapshot", "participant_registered",
+                   "participant_disconnected", "token_update", "completion", "round_state", "round_started",
+                   "challenge", "heartbeat"}
+
+
+def run_on(loop: asyncio.AbstractEventLoop, coroutine: Any) -> Any:
+    """From hypothesis's thread: run `coroutine` on the test's loop and wait for it (bounded)."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=4 * TIMEOUT_S)
+
+
+NASTY = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, -1, 0.5, 2**63, 10**30, 1e308, True]),
+                  st.sampled_from(["", "é" * 5000, {"a": {"b": [1]}}, [], None]), JSON_VALUES)
+
+
+def field_values(f: gs.Field, pin: str) -> st.SearchStrategy[Any]:
+    """Values a well-behaved client would send for one field (mallory's own id, round 1, ...)."""
+    special = {"participant_id": st.sampled_from(["mallory", "mallory", "ana", "eve"]),
+               "pin": st.sampled_from([pin, pin, "000000"]), "round": st.sampled_from([1, 1, 1, 0, 2]),
+               "seq": st.integers(0, 60)}
+    by_kind = {str: st.text(max_size=12), int: st.integers(0, 1000), float: st.floats(0, 1e6),
+               bool: st.booleans(), dict: st.just({"name": "m", "runner": "r"})}
+    return special.get(f.name, by_kind[f.kind])
+
+
+def ws_frames(pin: str) -> st.SearchStrategy[tuple[str, Any]]:
+    """(kind, data): mutated protocol messages, random JSON and text, binary, broken UTF-8, deep and huge frames."""
+    @st.composite
+    def messages(draw: Any) -> str:
+        """A message of a real type with plausible fields, then up to three of them made nasty or dropped."""
+        kind = draw(st.sampled_from([*gs.ON_MESSAGE, "vote", ""]))
+        spec = gs.ON_MESSAGE.get(kind, (gs.TOKEN, None))[0]
+        message: dict[str, Any] = {"type": kind}
+        for f in spec:
+            if f.required or draw(st.booleans()):
+                message[draw(st.sampled_from([f.name, f.alias]))] = draw(field_values(f, pin))
+        own = sorted({name for f in spec for name in (f.name, f.alias)})
+        for name in draw(st.lists(st.sampled_from(own) | st.sampled_from(WS_FIELDS), max_size=3)):
+            message[name] = draw(NASTY)
+        for name in draw(st.lists(st.sampled_from(sorted(message)), max_size=1)):
+            message.pop(name)
+        return json.dumps(message)                              # NaN and Infinity go out as such
+    protocol = messages().map(lambda text: ("text", text))
+    rare = st.one_of(                                               # these may end the connection
+        st.binary(min_size=1, max_size=20).map(lambda data: ("raw", data)),     # a text frame, maybe not UTF-8
+        st.sampled_from(["[" * 50_000, '{"a":' * 5_000 + "1" + "}" * 5_000, "x" * (1024 * 1024 + 1)]).map(
+            lambda text: ("text", text)))
+    return st.one_of(
+        protocol, protocol, protocol, protocol,
+        JSON_VALUES.map(lambda value: ("text", json.dumps(value))),
+        st.text(max_size=60).map(lambda text: ("text", text)),
+        st.binary(max_size=60).map(lambda data: ("binary", data)),
+        st.binary(max_size=20).map(lambda data: ("ping", data)),
+        rare)
+
+
+async def collect(peer: Peer, into: list[dict[str, Any]]) -> None:
+    """Read everything `peer` receives into `into`, until cancelled."""
+    while True:
+        into.append(json.loads(await peer.ws.recv()))
+
+
+async def test_fuzzed_frames_get_clear_errors_and_disturb_no_one(make_room: Any,
+                                                                server_log: pytest.LogCaptureFixture) -> None:
+    """Thousands of random and mutated frames: only known replies, no error logged, bystanders see only their own."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), pin_attempts_max=10**6, pin_attempts_total_max=10**6)
+    pin = await room.host.new_session()
+    screen, ana = await room.screen(), await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    screen_saw: list[dict[str, Any]] = []
+    ana_saw: list[dict[str, Any]] = []
+    readers = [asyncio.create_task(collect(screen, screen_saw)), asyncio.create_task(collect(ana, ana_saw))]
+    await ana.stream(1, WORDS[:2])
+    sent = 0
+
+    async def attack(frames: list[tuple[str, Any]], register: bool) -> None:
+        nonlocal sent
+        mallory = Runner(await connect(room.ws_url, local_addr=(STRANGER, 0)), "mallory")
+        if register:
+            assert (await mallory.register(pin))["type"] == "registered"
+        replies = []
+        try:
+            for n, (kind, data) in enumerate(frames):
+                if kind == "ping":
+                    await mallory.ws.ping(data + b"%d" % n)             # the client wants each ping distinct
+                else:
+                    await mallory.ws.send(data, text=kind != "binary")
+                sent += 1
+            await mallory.ws.send('{"type": "sync"}')           # every reply before its error is ours
+            async with asyncio.timeout(TIMEOUT_S):
+                while not replies or "'sync'" not in replies[-1].get("message", ""):
+                    replies.append(json.loads(await mallory.ws.recv()))
+        except ConnectionClosed:
+            assert mallory.ws.close_code in (1007, 1009), mallory.ws.close_code
+        finally:
+            await mallory.ws.close()
+        for reply in replies:
+            assert reply["type"] in SERVER_MESSAGES, reply
+            assert reply["type"] != "error" or reply["code"] in ERROR_CODES, reply
+
+    loop = asyncio.get_running_loop()
+
+    @FUZZ
+    @given(st.lists(ws_frames(pin), min_size=5, max_size=30), st.booleans())
+    def fuzz(frames: list[tuple[str, Any]], register: bool) -> None:
+        run_on(loop, attack(frames, register))
+    await asyncio.to_thread(fuzz)
+    assert sent >= 1000
+
+    await ana.stream(1, WORDS[2:], start=2)
+    await ana.complete(1, len(WORDS))
+    await eventually(lambda: any(m["type"] == "completion" and m["participant_id"] == "ana" for m in screen_saw),
+                     "ana's completion shown")
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert [a["generated_content"] for a in answers if a["participant_id"] == "ana"] == ["".join(WORDS)]
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    second = await room.host.new_round("again")
+    await room.host.start(second["id"])
+    await eventually(lambda: any(m["type"] == "challenge" and m["round"] == 2 for m in ana_saw), "ana challenged")
+    await ana.stream(2, WORDS)
+    await eventually(lambda: len(tokens_of([m for m in screen_saw if m.get("round") == 2], "ana")) == len(WORDS),
+                     "round 2 shown")
+    for task in readers:
+        task.cancel()
+    assert {m["type"] for m in ana_saw} <= {"challenge", "heartbeat"}
+    assert tokens_of([m for m in screen_saw if m.get("round") == 1], "ana") == list(enumerate(WORDS))
+    assert [m for m in screen_saw if m["type"] == "completion" and m["participant_id"] == "ana"][0]["tokens"] == 5
+    assert {m["type"] for m in screen_saw} <= SERVER_MESSAGES - {"error", "challenge", "registered"}
+    assert errors_logged(server_log) == [] and room.server.db.error is None
