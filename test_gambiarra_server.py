@@ -1387,3 +1387,61 @@ async def a_full_round_works(room: Room) -> None:
     await room.host.call("POST", f"/rounds/{rnd['id']}/close-voting")
     await room.host.call("POST", f"/rounds/{rnd['id']}/reveal")
     assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 1
+
+
+# --- load without loss ----------------------------------------------------------------
+
+async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vote_counts_once(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """30 runners x 200 tokens, 10 screens, 50 voters, each machine on its own address: nothing lost, nothing doubled."""
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    pin = await room.host.new_session()
+    screens = [await room.screen_at(f"127.0.6.{n + 1}") for n in range(10)]
+    runners = [await room.runner_at(f"127.0.5.{n + 1}", f"r{n:02d}", pin) for n in range(30)]
+    texts = {r.participant_id: [f"{r.participant_id}:{seq} " for seq in range(200)] for r in runners}
+    rnd = await running_round(room, *runners)
+    expected = len(runners) * (200 + 1)                            # token_updates and completions
+
+    async def watch(screen: Peer) -> list[dict[str, Any]]:
+        seen = []
+        async with asyncio.timeout(60):
+            while len(seen) < expected:
+                message = json.loads(await screen.ws.recv())
+                if message["type"] in ("token_update", "completion"):
+                    seen.append(message)
+        return seen
+
+    async def generate(runner: Runner) -> None:
+        for seq, word in enumerate(texts[runner.participant_id]):
+            await runner.token(1, seq, word)
+            if seq % 20 == 19:
+                await asyncio.sleep(0)                          # thirty laptops, interleaved
+        await runner.complete(1, 200)
+    watchers = [asyncio.create_task(watch(screen)) for screen in screens]
+    await asyncio.gather(*(generate(runner) for runner in runners))
+    for seen in await asyncio.gather(*watchers):
+        for pid, words in texts.items():
+            assert tokens_of(seen, pid) == list(enumerate(words)), pid
+        assert sorted(m["participant_id"] for m in seen if m["type"] == "completion") == sorted(texts)
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert {a["participant_id"]: a["generated_content"] for a in answers} == {
+        pid: "".join(words) for pid, words in texts.items()}
+    saved = db_rows(room.server.config.database, "SELECT participantId, group_concat(content, '') AS text "
+                    "FROM (SELECT * FROM tokens ORDER BY seq) GROUP BY participantId")
+    assert {row["participantId"]: row["text"] for row in saved} == {pid: "".join(w) for pid, w in texts.items()}
+
+    def score(voter: int, pid: str) -> int:
+        return (voter * 7 + int(pid[1:])) % 6
+
+    async def vote(voter: int) -> None:
+        phone = await room.http_from(f"127.0.7.{voter + 1}")
+        for pid in texts:
+            await phone.vote(rnd["id"], pid, score(voter, pid), f"phone-{voter}")
+        again = await phone.vote(rnd["id"], "r00", 5, f"phone-{voter}", expect=409)     # a double tap
+        assert again["error"] == "Already voted for this participant"
+    await asyncio.gather(*(vote(voter) for voter in range(50)))
+    board = (await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]
+    assert {r["participant_id"]: (r["votes"], r["total_score"]) for r in board} == {
+        pid: (50, sum(score(voter, pid) for voter in range(50))) for pid in texts}
+    assert errors_logged(server_log) == []
