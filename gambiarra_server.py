@@ -119,8 +119,11 @@ class Config:
                                              "WebSocket connections one address may hold (the host's: any number)")
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round")
+    max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
                                    "messages queued for one connection before it is dropped as not reading")
+    peer_queue_chars: int = option(8 * 1024 * 1024, "PEER_QUEUE_CHARS",
+                                   "characters queued for one connection before it is dropped as not reading")
     flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens")
     bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes")
 
@@ -667,12 +670,14 @@ class Generation:
     saved: bool = False          # a metrics row exists (completed, or rescued at stop)
     completed: bool = False      # the runner said `complete`
     stale: bool = False          # tokens arrived after the metrics row was written
+    chars: int = 0               # characters kept, to bound an answer's memory
 
     def add(self, seq: int, content: str, at: int) -> bool:
         """Keep a token unless its seq was already seen; say whether it was new."""
         if seq in self.tokens:
             return False
         self.tokens[seq] = content
+        self.chars += len(content)
         if self.first_token_at is None:
             self.first_token_at = at
         self.stale = self.saved
@@ -783,13 +788,16 @@ class Arena:
         return ok
 
     def accept_token(self, participant_id: str, index: int, seq: int, content: str,
-                     limit: int) -> Generation | None:
+                     limit: int, chars_limit: int) -> Generation | None:
         """Buffer one token; return its generation if it was new, None for a duplicate."""
         gen = self.live_round(index).generation(participant_id)
         # seq is bounded too: a resume reply lists the seqs missing below the highest one.
         if len(gen.tokens) >= limit or seq >= limit:
             raise ClientError(f"An answer keeps at most {limit} tokens (seq 0 to {limit - 1}); the rest is ignored",
                               "TOO_MANY_TOKENS")
+        if gen.chars + len(content) > chars_limit:
+            raise ClientError(f"An answer keeps at most {chars_limit} characters; the rest is ignored",
+                              "ANSWER_TOO_LONG")
         at = now_ms()
         if not gen.add(seq, content, at):
             return None
@@ -927,11 +935,13 @@ class Peer:
     """One WebSocket connection: a runner, a screen, or not yet either.
 
     Everything sent to a peer goes through its bounded queue and its own writer
-    task, so a publisher never awaits a socket. A peer whose queue fills up is
+    task, so a publisher never awaits a socket. A peer whose queue fills up (in
+    messages, or in characters: fan-out multiplies big tokens by the screens) is
     not reading: it is cut off, and everyone else carries on.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int,
+                 queue_chars: int) -> None:
         self.ws = ws
         self.transport = request.transport
         self.address = address
@@ -942,13 +952,21 @@ class Peer:
         self.dropped = False
         self.last_heard = time.monotonic()
         self.queue: asyncio.Queue[str | Control] = asyncio.Queue(queue_limit)
+        self.queue_chars = queue_chars
+        self.queued_chars = 0
         self.writer = asyncio.create_task(self.write_all())
 
     def send(self, item: str | Control) -> None:
+        size = len(item) if isinstance(item, str) else 0
+        if self.queued_chars and self.queued_chars + size > self.queue_chars:
+            self.cut_off(f"not reading ({self.queued_chars} characters queued)")
+            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.cut_off(f"not reading ({self.queue.maxsize} messages queued)")
+            return
+        self.queued_chars += size
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.send(dumps(message))
@@ -971,6 +989,7 @@ class Peer:
             while True:
                 item = await self.queue.get()
                 if isinstance(item, str):
+                    self.queued_chars -= len(item)
                     await self.ws.send_str(item)
                 elif item.kind == "ping":
                     await self.ws.ping()
@@ -1248,7 +1267,9 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
 
 async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
-    gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], server.config.max_tokens_per_generation)
+    config = server.config
+    gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config.max_tokens_per_generation,
+                                    config.max_answer_chars)
     if gen is None:
         return                                          # a duplicate seq: already shown
     if len(gen.tokens) == 1:
@@ -1329,7 +1350,7 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     check_origin(request, config)
     ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=config.ws_max_payload, timeout=1.0)
     await ws.prepare(request)
-    peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit)
+    peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_chars)
     server.hub.peers.add(peer)
     try:
         if turned_away(server, peer):

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -856,10 +857,15 @@ async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
     assert answers[0]["generated_content"] == "".join(words)
 
 
-async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(make_room: Any,
-                                                                      server_log: pytest.LogCaptureFixture) -> None:
+# Both limits sit far above the burst a reading screen can lag behind by (a few hundred 2 kB tokens).
+@pytest.mark.parametrize(("limits", "why"), [
+    ({"peer_queue_limit": 512}, r"512 messages queued"),
+    ({"peer_queue_chars": 1024 * 1024}, r"\d+ characters queued"),
+], ids=["messages", "characters"])
+async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(
+        make_room: Any, server_log: pytest.LogCaptureFixture, limits: dict[str, int], why: str) -> None:
     """A frozen phone's queue fills and it is cut off once; the runner and a reading screen get every token."""
-    room = await make_room(peer_queue_limit=512)       # far above a burst a reading screen can lag by
+    room = await make_room(max_answer_chars=10**7, **limits)
     pin = await room.host.new_session()
     reading = await room.screen()
     frozen = await room.connect_from("127.0.0.3", max_queue=1)     # buffers one message, then stops reading
@@ -880,7 +886,7 @@ async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(make_room
     assert await ana.quiet(0.05) == []                              # the runner was never told to slow down
     await eventually(lambda: frozen_peer not in room.server.hub.screens, "the frozen screen forgotten")
     drops = [r.getMessage() for r in server_log.records if r.getMessage().startswith("WS_DROPPED")]
-    assert drops == ["WS_DROPPED arena (not reading (512 messages queued))"]
+    assert len(drops) == 1 and re.fullmatch(rf"WS_DROPPED arena \(not reading \({why}\)\)", drops[0])
     received = []
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(TIMEOUT_S):
@@ -942,6 +948,21 @@ async def test_tokens_past_the_per_round_limit_are_refused_and_the_rest_is_kept(
     await room.host.stop(rnd["id"])
     answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
     assert answers[0]["generated_content"] == "".join(words[:5])
+
+
+async def test_an_answer_past_max_answer_chars_is_refused_and_keeps_the_rest(make_room: Any) -> None:
+    """Past MAX_ANSWER_CHARS a token gets ANSWER_TOO_LONG: one runner cannot fill the host's memory."""
+    room = await make_room(max_answer_chars=12)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    await ana.stream(1, ["abcd", "efgh", "ijkl", "mnop"])
+    assert await ana.recv("error") == ws_error("An answer keeps at most 12 characters; the rest is ignored",
+                                               "ANSWER_TOO_LONG")
+    await ana.complete(1, 4)
+    await room.host.stop(rnd["id"])
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert answers[0]["generated_content"] == "abcdefghijkl"
 
 
 async def test_a_far_ahead_seq_cannot_swell_the_resume_reply(room: Room, pin: str) -> None:
