@@ -62,6 +62,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -1056,6 +1057,7 @@ class Server:
         self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
         self.host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
+        self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
 
     def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
               target_type: str | None = None, target_id: str | None = None,
@@ -1071,6 +1073,26 @@ class Server:
             return False
         ip = getattr(ip, "ipv4_mapped", None) or ip
         return any(ip in net for net in self.host_networks)
+
+    def acts_as_host(self, request: web.Request) -> bool:
+        """The request comes from the host's machine, and not from a page of another site open in its browser.
+
+        Browsers name a page's site in Origin. Without this check any web page the host opens
+        (or a DNS-rebinding name) could reach 127.0.0.1 and act as the host: read the PIN, end
+        the session. curl sends no Origin; the club's pages run on localhost or this machine.
+        """
+        if not self.is_host(client_address(request, self.config)):
+            return False
+        origin = request.headers.get("Origin")
+        if origin is None or origin in self.config.cors_origins:
+            return True
+        try:
+            hostname = urllib.parse.urlsplit(origin).hostname or ""
+        except ValueError:
+            return False
+        if self.own_addresses is None:
+            self.own_addresses = set(lan_addresses())
+        return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
 
     async def load(self) -> None:
         """Pick up where a previous run stopped: the active session and its live round."""
@@ -1392,10 +1414,13 @@ def client_address(request: web.Request, config: Config) -> str:
 
 
 def require_host(server: Server, request: web.Request) -> None:
-    """Host routes answer the host's own addresses, or anyone holding the admin token."""
-    if server.is_host(client_address(request, server.config)):
+    """Host routes answer the host's own machine, or anyone holding the admin token."""
+    if server.acts_as_host(request):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if not token and server.is_host(client_address(request, server.config)):
+        raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
+                        "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
     if not token:
         raise Unauthorized("This is a host route: call it from the host's machine or send "
                            "'Authorization: Bearer <admin token>'")
@@ -1457,7 +1482,7 @@ async def get_session(server: Server, request: web.Request, p: Params) -> web.Re
     row = await server.db.run(lambda conn: one(conn, "SELECT * FROM sessions WHERE id = ?", session.id))
     participants = await server.db.run(session_participants, session.id)
     rounds = await server.db.run(session_rounds, session.id)
-    with_pin = server.is_host(client_address(request, server.config))
+    with_pin = server.acts_as_host(request)
     return json_response({**session_json(row, with_pin),
                           "participants": [participant_json(r, r["id"] in server.hub.runners) for r in participants],
                           "rounds": [round_json(r) for r in rounds]})

@@ -1466,3 +1466,22 @@ async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vo
     assert {r["participant_id"]: (r["votes"], r["total_score"]) for r in board} == {
         pid: (50, sum(score(voter, pid) for voter in range(50))) for pid in texts}
     assert errors_logged(server_log) == []
+
+
+async def test_a_web_page_from_another_site_cannot_act_as_the_host(make_room: Any) -> None:
+    """On the host's machine, a request with a foreign Origin (a page in its browser, DNS rebinding) is not the host."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    for origin in ("https://evil.example", "http://evil.example:3000", "null", "http://[::1"):
+        status, body = await room.host.status("POST", "/api/session", headers={"Origin": origin,
+                                                                              "Content-Type": "text/plain"})
+        assert (status, body["code"]) == (403, "FOREIGN_ORIGIN"), origin
+        assert "pin" not in await room.host.call("GET", "/api/session", headers={"Origin": origin})
+    assert (await room.host.call("GET", "/session"))["pin"] == pin          # no session was replaced
+    port = room.base.rsplit(":", 1)[1]
+    own = [f"http://{address}:5173" for address in gs.lan_addresses()[:1]]     # a header only: no traffic there
+    for origin in (f"http://localhost:{port}", "http://127.0.0.1:5173", "http://[::1]:5173", *own):
+        assert (await room.host.call("GET", "/session", headers={"Origin": origin}))["pin"] == pin
+        await room.host.call("POST", "/rounds", {"prompt": "from the club's admin page"}, headers={"Origin": origin})
+    holder = await room.http_from("127.0.0.1", token=room.server.config.admin_token)
+    await holder.call("POST", "/rounds", {"prompt": "with the token"}, headers={"Origin": "https://evil.example"})
