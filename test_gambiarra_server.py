@@ -989,6 +989,22 @@ async def test_register_text_fields_are_capped_at_200_characters(room: Room, pin
     assert (await runner.recv())["type"] == "registered"
 
 
+async def test_an_http_flood_from_one_address_gets_429_and_no_one_else_does(make_room: Any) -> None:
+    """Past RATE_LIMIT_MAX a phone gets 429 with Retry-After; other phones, the host and /health carry on."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), rate_limit_max=20)
+    await room.host.new_session()
+    flooder = await room.http_from(STRANGER)
+    statuses = [(await flooder.status("GET", "/presence"))[0] for _ in range(25)]
+    assert statuses == [200] * 20 + [429] * 5
+    async with flooder.http.get(room.base + "/api/scoreboard") as response:
+        assert response.status == 429 and int(response.headers["Retry-After"]) > 0
+        assert (await response.json())["code"] == "TOO_MANY_REQUESTS"
+    assert (await flooder.status("GET", "/health"))[0] == 200
+    assert (await (await room.http_from("127.0.0.3")).status("GET", "/presence"))[0] == 200
+    for _ in range(25):
+        await room.host.call("GET", "/presence")
+
+
 async def test_a_finished_round_leaves_memory_once_it_is_saved(make_room: Any) -> None:
     """When the next round starts, the last one's buffers are on disk and no longer referenced anywhere."""
     room = await make_room(flush_interval_s=60)                     # only the start's own flush saves tokens
