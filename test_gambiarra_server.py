@@ -531,7 +531,8 @@ async def test_a_wrong_pin_flood_from_one_address_is_throttled(room: Room, pin: 
     room.connections.append(guesser.ws)
     wrong = [f"{n:06d}" for n in range(config.pin_attempts_max + 5) if f"{n:06d}" != pin]
     codes = [(await guesser.register(guess))["code"] for guess in wrong]
-    assert codes == ["INVALID_PIN"] * config.pin_attempts_max + ["PIN_THROTTLED"] * (len(wrong) - config.pin_attempts_max)
+    limit = config.pin_attempts_max
+    assert codes == ["INVALID_PIN"] * limit + ["PIN_THROTTLED"] * (len(wrong) - limit)
     refused = await guesser.register(pin)
     assert refused["code"] == "PIN_THROTTLED" and "try again in" in refused["message"]
     neighbour = Runner(await connect(room.ws_url, local_addr=("127.0.0.3", 0)), "ana")
@@ -646,6 +647,25 @@ async def test_export_all_json_holds_no_secret(make_room: Any) -> None:
     text = json.dumps(await room.host.call("GET", "/export-all.json"))
     for secret in (pin, "$2b$", "pinHash", '"pin"', "voter-secret-42", room.server.config.admin_token):
         assert secret not in text
+
+
+async def test_a_web_page_from_another_site_cannot_act_as_the_host(make_room: Any) -> None:
+    """On the host's machine, a request with a foreign Origin (a page in its browser, DNS rebinding) is not the host."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    for origin in ("https://evil.example", "http://evil.example:3000", "null", "http://[::1"):
+        status, body = await room.host.status("POST", "/api/session", headers={"Origin": origin,
+                                                                              "Content-Type": "text/plain"})
+        assert (status, body["code"]) == (403, "FOREIGN_ORIGIN"), origin
+        assert "pin" not in await room.host.call("GET", "/api/session", headers={"Origin": origin})
+    assert (await room.host.call("GET", "/session"))["pin"] == pin          # no session was replaced
+    port = room.base.rsplit(":", 1)[1]
+    own = [f"http://{address}:5173" for address in gs.lan_addresses()[:1]]     # a header only: no traffic there
+    for origin in (f"http://localhost:{port}", "http://127.0.0.1:5173", "http://[::1]:5173", *own):
+        assert (await room.host.call("GET", "/session", headers={"Origin": origin}))["pin"] == pin
+        await room.host.call("POST", "/rounds", {"prompt": "from the club's admin page"}, headers={"Origin": origin})
+    holder = await room.http_from("127.0.0.1", token=room.server.config.admin_token)
+    await holder.call("POST", "/rounds", {"prompt": "with the token"}, headers={"Origin": "https://evil.example"})
 
 
 # --- faults ---------------------------------------------------------------------
@@ -823,7 +843,7 @@ def make_writable(conn: sqlite3.Connection) -> None:
 ], ids=["disk-full", "read-only"])
 async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
         make_room: Any, break_it: Any, repair: Any, error: str) -> None:
-    """While writes fail: host calls get a clear 503, /health says why, tokens still reach screens; then nothing is lost."""
+    """While writes fail the host gets a clear 503 and /health says why, screens still stream; nothing is lost."""
     room = await make_room()
     pin = await room.host.new_session()
     screen = await room.screen()
@@ -1356,7 +1376,7 @@ def http_requests(operations: list[tuple[str, str, dict[str, Any]]], ids: list[s
 
 async def test_fuzzed_requests_to_every_route_get_a_4xx_or_an_answer_never_a_500(
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
-    """Random bodies, query strings, headers and methods on every route in /openapi.json: never a 5xx, nothing logged."""
+    """Random bodies, queries, headers and methods on every route in /openapi.json: never a 5xx, nothing logged."""
     room = await make_room(host_addresses=("127.0.0.1/32",))
     pin = await room.host.new_session()
     ana = await room.runner("ana", pin)
@@ -1430,7 +1450,7 @@ async def a_full_round_works(room: Room) -> None:
 
 async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vote_counts_once(
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
-    """30 runners x 200 tokens, 10 screens, 50 voters, each machine on its own address: nothing lost, nothing doubled."""
+    """30 runners x 200 tokens, 10 screens, 50 voters, each on its own address: nothing lost, nothing doubled."""
     room = await make_room(host_addresses=("127.0.0.1/32",))
     pin = await room.host.new_session()
     screens = [await room.screen_at(f"127.0.6.{n + 1}") for n in range(10)]
@@ -1483,21 +1503,3 @@ async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vo
         pid: (50, sum(score(voter, pid) for voter in range(50))) for pid in texts}
     assert errors_logged(server_log) == []
 
-
-async def test_a_web_page_from_another_site_cannot_act_as_the_host(make_room: Any) -> None:
-    """On the host's machine, a request with a foreign Origin (a page in its browser, DNS rebinding) is not the host."""
-    room = await make_room()
-    pin = await room.host.new_session()
-    for origin in ("https://evil.example", "http://evil.example:3000", "null", "http://[::1"):
-        status, body = await room.host.status("POST", "/api/session", headers={"Origin": origin,
-                                                                              "Content-Type": "text/plain"})
-        assert (status, body["code"]) == (403, "FOREIGN_ORIGIN"), origin
-        assert "pin" not in await room.host.call("GET", "/api/session", headers={"Origin": origin})
-    assert (await room.host.call("GET", "/session"))["pin"] == pin          # no session was replaced
-    port = room.base.rsplit(":", 1)[1]
-    own = [f"http://{address}:5173" for address in gs.lan_addresses()[:1]]     # a header only: no traffic there
-    for origin in (f"http://localhost:{port}", "http://127.0.0.1:5173", "http://[::1]:5173", *own):
-        assert (await room.host.call("GET", "/session", headers={"Origin": origin}))["pin"] == pin
-        await room.host.call("POST", "/rounds", {"prompt": "from the club's admin page"}, headers={"Origin": origin})
-    holder = await room.http_from("127.0.0.1", token=room.server.config.admin_token)
-    await holder.call("POST", "/rounds", {"prompt": "with the token"}, headers={"Origin": "https://evil.example"})
