@@ -62,6 +62,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -109,14 +110,21 @@ class Config:
     rate_limit_max: int = option(500, "RATE_LIMIT_MAX", "HTTP requests per address per window")
     rate_limit_window_s: float = option(60.0, "RATE_LIMIT_WINDOW", "rate-limit window in seconds")
     pin_attempts_max: int = option(10, "PIN_ATTEMPTS_MAX", "wrong PINs per address per window")
+    pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
+                                         "wrong PINs from all addresses together per window")
     pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds")
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
                                             f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer")
     ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes")
+    ws_connections_per_address: int = option(20, "WS_CONNECTIONS_PER_ADDRESS",
+                                             "WebSocket connections one address may hold (the host's: any number)")
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round")
+    max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
                                    "messages queued for one connection before it is dropped as not reading")
+    peer_queue_chars: int = option(8 * 1024 * 1024, "PEER_QUEUE_CHARS",
+                                   "characters queued for one connection before it is dropped as not reading")
     flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens")
     bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes")
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
@@ -224,6 +232,12 @@ class Throttle:
         self.windows[key] = (start, count + 1)
         if len(self.windows) > 10_000:      # forget finished windows now and then
             self.windows = {k: v for k, v in self.windows.items() if now - v[0] < self.window_s}
+
+    def forgive(self, key: str) -> None:
+        """Take back one event of `key`'s current window (one that turned out to be harmless)."""
+        start, count = self.windows.get(key, (0.0, 0))
+        if count:
+            self.windows[key] = (start, count - 1)
 
 
 # =============================================================================
@@ -345,19 +359,27 @@ class Database:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on the database thread and return its result."""
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self.executor, fn, self.conn, *args)
-        except sqlite3.Error as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            raise
-        self.error = None
-        return result
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, *args)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue `fn(conn, *args)` without waiting; a failure is logged, not raised."""
-        future = self.executor.submit(fn, self.conn, *args)
+        future = self.executor.submit(self.call, fn, *args)
         future.add_done_callback(lambda f: f.exception() and log.error("database: %s", f.exception()))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """On the database thread: run `fn`, keeping `error` until a write succeeds again.
+
+        A read that works says nothing about a full disk, so only a write clears the error.
+        """
+        changes = self.conn.total_changes
+        try:
+            result = fn(self.conn, *args)
+        except sqlite3.Error as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        if self.conn.total_changes != changes:
+            self.error = None
+        return result
 
     def close(self) -> None:
         self.executor.submit(self.conn.close).result()
@@ -656,12 +678,14 @@ class Generation:
     saved: bool = False          # a metrics row exists (completed, or rescued at stop)
     completed: bool = False      # the runner said `complete`
     stale: bool = False          # tokens arrived after the metrics row was written
+    chars: int = 0               # characters kept, to bound an answer's memory
 
     def add(self, seq: int, content: str, at: int) -> bool:
         """Keep a token unless its seq was already seen; say whether it was new."""
         if seq in self.tokens:
             return False
         self.tokens[seq] = content
+        self.chars += len(content)
         if self.first_token_at is None:
             self.first_token_at = at
         self.stale = self.saved
@@ -772,11 +796,16 @@ class Arena:
         return ok
 
     def accept_token(self, participant_id: str, index: int, seq: int, content: str,
-                     limit: int) -> Generation | None:
+                     limit: int, chars_limit: int) -> Generation | None:
         """Buffer one token; return its generation if it was new, None for a duplicate."""
         gen = self.live_round(index).generation(participant_id)
-        if len(gen.tokens) >= limit:
-            raise ClientError(f"This answer already has {limit} tokens; the rest is ignored", "TOO_MANY_TOKENS")
+        # seq is bounded too: a resume reply lists the seqs missing below the highest one.
+        if len(gen.tokens) >= limit or seq >= limit:
+            raise ClientError(f"An answer keeps at most {limit} tokens (seq 0 to {limit - 1}); the rest is ignored",
+                              "TOO_MANY_TOKENS")
+        if gen.chars + len(content) > chars_limit:
+            raise ClientError(f"An answer keeps at most {chars_limit} characters; the rest is ignored",
+                              "ANSWER_TOO_LONG")
         at = now_ms()
         if not gen.add(seq, content, at):
             return None
@@ -927,11 +956,13 @@ class Peer:
     """One WebSocket connection: a runner, a screen, or not yet either.
 
     Everything sent to a peer goes through its bounded queue and its own writer
-    task, so a publisher never awaits a socket. A peer whose queue fills up is
+    task, so a publisher never awaits a socket. A peer whose queue fills up (in
+    messages, or in characters: fan-out multiplies big tokens by the screens) is
     not reading: it is cut off, and everyone else carries on.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int,
+                 queue_chars: int) -> None:
         self.ws = ws
         self.transport = request.transport
         self.address = address
@@ -939,15 +970,24 @@ class Peer:
         self.row: dict[str, Any] = {}                   # ... with their participant row
         self.view: str | None = None                    # set for screens
         self.closing = False
+        self.dropped = False
         self.last_heard = time.monotonic()
         self.queue: asyncio.Queue[str | Control] = asyncio.Queue(queue_limit)
+        self.queue_chars = queue_chars
+        self.queued_chars = 0
         self.writer = asyncio.create_task(self.write_all())
 
     def send(self, item: str | Control) -> None:
+        size = len(item) if isinstance(item, str) else 0
+        if self.queued_chars and self.queued_chars + size > self.queue_chars:
+            self.cut_off(f"not reading ({self.queued_chars} characters queued)")
+            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.cut_off(f"not reading ({self.queue.maxsize} messages queued)")
+            return
+        self.queued_chars += size
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.send(dumps(message))
@@ -958,6 +998,9 @@ class Peer:
 
     def cut_off(self, why: str) -> None:
         """Drop the connection at once, without a closing handshake it would not read."""
+        if self.dropped:
+            return                      # publishers keep finding the queue full until the handler leaves
+        self.dropped = True
         log.warning("WS_DROPPED %s (%s)", self.participant_id or self.view or self.address, why)
         if self.transport is not None:
             self.transport.abort()
@@ -967,6 +1010,7 @@ class Peer:
             while True:
                 item = await self.queue.get()
                 if isinstance(item, str):
+                    self.queued_chars -= len(item)
                     await self.ws.send_str(item)
                 elif item.kind == "ping":
                     await self.ws.ping()
@@ -1029,8 +1073,11 @@ class Server:
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
+        # Every address together: however many addresses a guesser has, 10**6 PINs take days.
+        self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
         self.host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
+        self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
 
     def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
               target_type: str | None = None, target_id: str | None = None,
@@ -1046,6 +1093,26 @@ class Server:
             return False
         ip = getattr(ip, "ipv4_mapped", None) or ip
         return any(ip in net for net in self.host_networks)
+
+    def acts_as_host(self, request: web.Request) -> bool:
+        """The request comes from the host's machine, and not from a page of another site open in its browser.
+
+        Browsers name a page's site in Origin. Without this check any web page the host opens
+        (or a DNS-rebinding name) could reach 127.0.0.1 and act as the host: read the PIN, end
+        the session. curl sends no Origin; the club's pages run on localhost or this machine.
+        """
+        if not self.is_host(client_address(request, self.config)):
+            return False
+        origin = request.headers.get("Origin")
+        if origin is None or origin in self.config.cors_origins:
+            return True
+        try:
+            hostname = urllib.parse.urlsplit(origin).hostname or ""
+        except ValueError:
+            return False
+        if self.own_addresses is None:
+            self.own_addresses = set(lan_addresses())
+        return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
 
     async def load(self) -> None:
         """Pick up where a previous run stopped: the active session and its live round."""
@@ -1198,19 +1265,30 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
                        f"for {m['participant_id']}", "ALREADY_REGISTERED")
     arena = server.arena
     session = arena.require_session()
-    wait_s = server.pin_throttle.wait_s(peer.address)
-    if wait_s:
-        raise TooMany(f"Too many wrong PINs from your address; try again in {math.ceil(wait_s)} s", wait_s,
-                      "PIN_THROTTLED")
+    wait_s, everyone_wait_s = server.pin_throttle.wait_s(peer.address), server.pin_total_throttle.wait_s("")
+    if wait_s or everyone_wait_s:
+        whose = "from your address" if wait_s else "on this server"
+        wait_s = max(wait_s, everyone_wait_s)
+        raise TooMany(f"Too many wrong PINs {whose}; try again in {math.ceil(wait_s)} s", wait_s, "PIN_THROTTLED")
+    # Count the attempt before bcrypt answers, or guesses sent at once on many connections
+    # would all be checked before the first failure was counted.
+    server.pin_throttle.add(peer.address)
+    server.pin_total_throttle.add("")
     if not await arena.verify_pin(session, m["pin"]):
-        server.pin_throttle.add(peer.address)
         raise ClientError("Invalid PIN.", "INVALID_PIN")
+    server.pin_throttle.forgive(peer.address)           # the right PIN is not a guess
+    server.pin_total_throttle.forgive("")
     pid = m["participant_id"]
     async with arena.lock:
         if arena.session is not session:
             raise ClientError("A new session started; reconnect with the new PIN.", "SESSION_ENDED")
         if pid in session.kicked:
             raise Forbidden("The host removed you from this session", "KICKED")
+        holder = server.hub.runners.get(pid)
+        if holder is not None and holder is not peer and holder.address != peer.address:
+            # Ids are shown on the screen; only the machine holding one may replace its connection.
+            raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
+                           "ID_IN_USE")
         row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
         server.hub.add_runner(peer, row)
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
@@ -1236,7 +1314,9 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
 
 async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
-    gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], server.config.max_tokens_per_generation)
+    config = server.config
+    gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config.max_tokens_per_generation,
+                                    config.max_answer_chars)
     if gen is None:
         return                                          # a duplicate seq: already shown
     if len(gen.tokens) == 1:
@@ -1276,6 +1356,7 @@ ON_MESSAGE: dict[str, tuple[tuple[Field, ...], Callable[[Server, Peer, dict[str,
 
 async def dispatch(server: Server, peer: Peer, text: str) -> None:
     """Handle one text frame; whatever is wrong with it is answered with an `error` message."""
+    kind = None
     try:
         message = parse_json_object(text, "The message")
         kind = message.get("type")
@@ -1288,6 +1369,25 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
     except sqlite3.Error as exc:
         log.error("database error on a %s message: %s", kind, exc)
         peer.send_json(msg_error("The server could not save this; please send it again", "SERVER_BUSY"))
+    except Exception:
+        # A bug must not leave a runner's socket open and unread in the middle of a round.
+        log.exception("unexpected error on a %r message", kind)
+        peer.send_json(msg_error("Internal error; the server log has the details", "INTERNAL"))
+
+
+def turned_away(server: Server, peer: Peer) -> bool:
+    """Send away a connection beyond WS_CONNECTIONS_PER_ADDRESS, with an error it can show; say if it was.
+
+    The host's addresses are exempt: a proxy or the club's load test there speaks for many.
+    """
+    limit = server.config.ws_connections_per_address
+    if server.is_host(peer.address) or sum(p.address == peer.address for p in server.hub.peers) <= limit:
+        return False
+    log.warning("WS_REFUSED %s: more than %d connections", peer.address, limit)
+    peer.send_json(msg_error(f"Too many connections from your address (at most {limit}); close one and "
+                             "try again", "TOO_MANY_CONNECTIONS"))
+    peer.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
+    return True
 
 
 async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
@@ -1297,9 +1397,12 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     check_origin(request, config)
     ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=config.ws_max_payload, timeout=1.0)
     await ws.prepare(request)
-    peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit)
+    peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_chars)
     server.hub.peers.add(peer)
     try:
+        if turned_away(server, peer):
+            await peer.writer                           # the error, then the close (bounded by `timeout`)
+            return ws
         async for msg in ws:
             peer.last_heard = time.monotonic()
             if msg.type is WSMsgType.TEXT:
@@ -1336,10 +1439,13 @@ def client_address(request: web.Request, config: Config) -> str:
 
 
 def require_host(server: Server, request: web.Request) -> None:
-    """Host routes answer the host's own addresses, or anyone holding the admin token."""
-    if server.is_host(client_address(request, server.config)):
+    """Host routes answer the host's own machine, or anyone holding the admin token."""
+    if server.acts_as_host(request):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if not token and server.is_host(client_address(request, server.config)):
+        raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
+                        "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
     if not token:
         raise Unauthorized("This is a host route: call it from the host's machine or send "
                            "'Authorization: Bearer <admin token>'")
