@@ -3081,3 +3081,21 @@ async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vo
         pid: (50, sum(score(voter, pid) for voter in range(50))) for pid in texts}
     assert errors_logged(server_log) == []
 
+
+
+# =============================================================================
+# The README is the front door: it names every option, route and message
+# =============================================================================
+
+def test_the_readme_documents_every_option_route_and_message() -> None:
+    """A new env var, route or message type that the README does not mention fails here."""
+    readme = (HERE / "README.md").read_text()
+    for f in fields(gs.Config):
+        env = f.metadata["env"]
+        assert f"`{env}`" in readme and f"`--{env.lower().replace('_', '-')}`" in readme, env
+    for route in gs.ROUTES:
+        assert f"`{route.path}`" in readme, route.path
+    for kind in gs.ON_MESSAGE:
+        assert f"`{kind}`" in readme, kind
+    test_command = next(line for line in readme.splitlines() if "-m pytest" in line)
+    assert test_command in (HERE / ".ci" / "run").read_text()
