@@ -411,6 +411,10 @@ def create_session(conn: sqlite3.Connection, pin: str, pin_hash: str) -> dict[st
         disconnect_everyone(conn)
         conn.execute("INSERT INTO sessions (id, createdAt, pin, pinHash, status) VALUES (?, ?, ?, ?, 'active')",
                      (session_id, now, pin, pin_hash))
+    return session_row(conn, session_id)
+
+
+def session_row(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
     return one(conn, "SELECT * FROM sessions WHERE id = ?", session_id)
 
 
@@ -637,7 +641,7 @@ def session_answers(conn: sqlite3.Connection, session_id: str) -> list[dict[str,
 
 def session_tree(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
     """A whole session, nested, without its PIN: the JSON export."""
-    session = one(conn, "SELECT * FROM sessions WHERE id = ?", session_id)
+    session = session_row(conn, session_id)
     rounds = []
     for row in session_rounds(conn, session_id):
         metrics = [{**m, "modelInfo": json.loads(m["modelInfo"]) if m["modelInfo"] else None}
@@ -834,28 +838,27 @@ def generation_metrics(live: LiveRound, gen: Generation, report: dict[str, Any] 
     `report` is the runner's `complete` message; None means the answer is rescued at stop.
     """
     now = now_ms()
-    started = live.row["startedAt"]
-    report = report or {}
-    client_ttft, client_duration = report.get("latency_ms_first_token"), report.get("duration_ms")
+    started, first = live.row["startedAt"], gen.first_token_at
+    client = report or {}
+    client_tokens, client_ttft = client.get("tokens"), client.get("latency_ms_first_token")
+    client_duration = client.get("duration_ms")
     received = len(gen.tokens)
-    first = gen.first_token_at
-    ttft = first - started if first is not None else client_ttft
-    generating_s = (now - first) / 1000 if first is not None else 0
-    if generating_s > 0:
-        tps = received / generating_s
+    tokens = received if client_tokens is None else client_tokens
+    if first is not None and now > first:
+        tps = received / ((now - first) / 1000)
     elif client_duration:
-        tps = (report.get("tokens") or received) / (client_duration / 1000)
+        tps = tokens / (client_duration / 1000)
     else:
-        tps = 0.0
+        tps = 0.0                                       # never null: the telão calls toFixed on it
     return {
-        "id": new_id(), "roundId": live.id, "participantId": gen.participant_id,
-        "tokens": received if report.get("tokens") is None else report["tokens"], "latencyFirstTokenMs": ttft, "durationMs": now - started,
-        "tpsAvg": round(tps, 3), "modelInfo": dumps(report["model_info"]) if report.get("model_info") else None,
+        "id": new_id(), "roundId": live.id, "participantId": gen.participant_id, "tokens": tokens,
+        "latencyFirstTokenMs": first - started if first is not None else client_ttft, "durationMs": now - started,
+        "tpsAvg": round(tps, 3), "modelInfo": dumps(client["model_info"]) if client.get("model_info") else None,
         "generatedContent": gen.content, "createdAt": now,
         "generationStartedAt": first - client_ttft if first is not None and client_ttft is not None else started,
         "generationEndedAt": now, "firstTokenAt": first, "tokensReceived": received, "seqGaps": gen.gaps,
         "clientLatencyFirstTokenMs": client_ttft, "clientDurationMs": client_duration,
-        "rescued": int(not report),
+        "rescued": int(report is None),
     }
 
 
@@ -1513,7 +1516,7 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
 
 async def get_session(server: Server, request: web.Request, p: Params) -> web.Response:
     session = server.arena.require_session()
-    row = await server.db.run(lambda conn: one(conn, "SELECT * FROM sessions WHERE id = ?", session.id))
+    row = await server.db.run(session_row, session.id)
     participants = await server.db.run(session_participants, session.id)
     rounds = await server.db.run(session_rounds, session.id)
     with_pin = is_host_request(server, request)
