@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import gzip
 import hashlib
 import hmac
 import html
@@ -1011,6 +1012,9 @@ class Server:
     db: Database = field(init=False)                 # opened when the app starts
     arena: Arena = field(default_factory=Arena)
     hub: Hub = field(default_factory=Hub)
+    answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
+    # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
+    responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
@@ -1057,6 +1061,8 @@ class Server:
             return
         try:
             await self.db.run(save_tokens, rows, contents)
+            if contents:
+                self.answers_version += 1
         except sqlite3.Error as exc:
             log.error("could not save %d tokens (will retry): %s", len(rows), exc)
             self.arena.give_back(rows)
@@ -1069,6 +1075,7 @@ class Server:
         """Write an answer's metrics row: on `complete` (with its report), or rescued at stop."""
         metrics = generation_metrics(live, gen, report)
         await self.db.run(save_metrics, metrics)
+        self.answers_version += 1
         gen.saved, gen.stale = True, False
         gen.completed = gen.completed or report is not None
         return metrics
@@ -1192,6 +1199,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         if pid in session.kicked:
             raise Forbidden("The host removed you from this session", "KICKED")
         row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
+        server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
     live = arena.running_round()
@@ -1471,10 +1479,31 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
     return json_response({**round_json(live.row), "liveTokens": live_tokens(live)})
 
 
+async def encode_responses(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The voting page's JSON for a round, plain and gzipped (compressed off the event loop)."""
+    body = dumps({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
+                  "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]}).encode()
+    return body, await asyncio.to_thread(gzip.compress, body, 5)
+
+
 async def get_round_responses(server: Server, request: web.Request, p: Params) -> web.Response:
+    """A round's answers for the voting page.
+
+    Every phone asks the moment voting opens, and the answers are long: the body
+    is built once per change and shared, including by requests that arrive while
+    it is being built; gzipped for the phones that accept it (every browser),
+    since a room's wifi is slower than its server.
+    """
     row = await server.db.run(get_round, request.match_info["round_id"])
-    return json_response({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
-                          "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]})
+    key = (row["id"], row["votingStatus"], server.answers_version)
+    cached = server.responses_cache
+    if cached is None or cached[0] != key or (cached[1].done() and cached[1].exception()):
+        cached = server.responses_cache = (key, asyncio.ensure_future(encode_responses(server, row)))
+    body, zipped = await asyncio.shield(cached[1])
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        return web.Response(body=zipped, content_type="application/json", charset="utf-8",
+                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers={"Vary": "Accept-Encoding"})
 
 
 # --- voting and the reveal -------------------------------------------------------
