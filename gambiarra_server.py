@@ -128,6 +128,7 @@ class Config:
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
+BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 
@@ -511,40 +512,71 @@ def round_metrics(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any
     return every(conn, "SELECT * FROM metrics WHERE roundId = ? ORDER BY createdAt", round_id)
 
 
-def log_event(conn: sqlite3.Connection, session_id: str | None, event_type: str, actor_type: str = "system",
-              actor_id: str | None = None, target_type: str | None = None, target_id: str | None = None,
-              metadata: dict[str, Any] | None = None) -> None:
+EVENT_INSERT = ("INSERT INTO event_logs (id, sessionId, timestamp, eventType, actorType, actorId, targetType, "
+                "targetId, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def event_row(session_id: str | None, event_type: str, actor_type: str = "system", actor_id: str | None = None,
+              target_type: str | None = None, target_id: str | None = None,
+              metadata: dict[str, Any] | None = None) -> tuple:
+    """The values of one event-log row, for EVENT_INSERT."""
+    return (new_id(), session_id, now_ms(), event_type, actor_type, actor_id, target_type, target_id,
+            None if metadata is None else dumps(metadata))
+
+
+def log_event(conn: sqlite3.Connection, *event: Any) -> None:
+    """Add a row to the event log (see event_row for the fields)."""
     with conn:
-        conn.execute("INSERT INTO event_logs (id, sessionId, timestamp, eventType, actorType, actorId, targetType, "
-                     "targetId, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (new_id(), session_id, now_ms(), event_type, actor_type, actor_id, target_type, target_id,
-                      None if metadata is None else dumps(metadata)))
+        conn.execute(EVENT_INSERT, event_row(*event))
 
 
-def cast_vote(conn: sqlite3.Connection, v: dict[str, Any]) -> dict[str, Any]:
-    """Record one immutable vote, checking the round and participant in the same transaction."""
-    rnd = get_round(conn, v["round_id"])
-    if rnd["votingStatus"] != "open":
+def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]]) -> list[dict[str, Any] | ClientError]:
+    """Record a batch of immutable votes in one transaction: each gets its row, or why it was refused.
+
+    One commit per batch, not per vote: a commit (and the checkpoints the
+    write-ahead log then needs) costs far more than the vote itself.
+    """
+    read: dict[tuple, Any] = {}          # what this batch has read: rounds, answers, each voter's vote count
+    results: list[dict[str, Any] | ClientError] = []
+    with conn:
+        for v in votes:
+            try:
+                results.append(insert_vote(conn, v, read))
+            except ClientError as exc:
+                results.append(exc)
+        conn.executemany(EVENT_INSERT, [
+            event_row(read["round", r["roundId"]]["sessionId"], "vote_cast", "voter", r["voterHash"], "participant",
+                      r["participantId"], {"participantId": r["participantId"], "score": r["score"],
+                                           "voteOrder": r["voteOrder"], "responseTime": r["responseTime"]})
+            for r in results if isinstance(r, dict)])
+    return results
+
+
+def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any]) -> dict[str, Any]:
+    """Insert one vote, checked against its round and participant, inside the caller's transaction."""
+    round_id, voter = v["round_id"], v["voter_hash"]
+    if ("round", round_id) not in read:
+        read["round", round_id] = get_round(conn, round_id)
+    if read["round", round_id]["votingStatus"] != "open":
         raise Conflict("Voting is not open for this round")
-    if not one(conn, "SELECT 1 FROM metrics WHERE roundId = ? AND participantId = ?", v["round_id"],
-               v["participant_id"]):
+    if ("answer", round_id, v["participant_id"]) not in read:
+        read["answer", round_id, v["participant_id"]] = one(
+            conn, "SELECT 1 FROM metrics WHERE roundId = ? AND participantId = ?", round_id, v["participant_id"])
+    if not read["answer", round_id, v["participant_id"]]:
         raise NotFound("Participant not found")
-    vote_id = new_id()
-    try:
-        with conn:
-            conn.execute(
-                """INSERT INTO votes (id, roundId, voterHash, participantId, score, createdAt, voteOrder,
-                                      responseTime, userAgent)
-                   VALUES (?, ?, ?, ?, ?, ?, (SELECT COUNT(*) + 1 FROM votes WHERE roundId = ? AND voterHash = ?),
-                           ?, ?)""",
-                (vote_id, v["round_id"], v["voter_hash"], v["participant_id"], v["score"], now_ms(),
-                 v["round_id"], v["voter_hash"], v["response_time"], v["user_agent"]))
-    except sqlite3.IntegrityError:
-        raise Conflict("Already voted for this participant") from None
-    vote = one(conn, "SELECT * FROM votes WHERE id = ?", vote_id)
-    log_event(conn, rnd["sessionId"], "vote_cast", "voter", v["voter_hash"], "participant", v["participant_id"],
-              {"participantId": v["participant_id"], "score": v["score"], "voteOrder": vote["voteOrder"],
-               "responseTime": v["response_time"]})
+    if ("votes", round_id, voter) not in read:
+        read["votes", round_id, voter] = conn.execute("SELECT COUNT(*) FROM votes WHERE roundId = ? AND voterHash = ?",
+                                                      (round_id, voter)).fetchone()[0]
+    vote = {"id": new_id(), "roundId": round_id, "voterHash": voter, "participantId": v["participant_id"],
+            "score": v["score"], "createdAt": now_ms(), "voteOrder": read["votes", round_id, voter] + 1,
+            "responseTime": v["response_time"], "userAgent": v["user_agent"]}
+    if not conn.execute("""INSERT INTO votes (id, roundId, voterHash, participantId, score, createdAt, voteOrder,
+                                              responseTime, userAgent)
+                           VALUES (:id, :roundId, :voterHash, :participantId, :score, :createdAt, :voteOrder,
+                                   :responseTime, :userAgent)
+                           ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
+        raise Conflict("Already voted for this participant")
+    read["votes", round_id, voter] += 1
     return vote
 
 
@@ -1004,6 +1036,44 @@ class Hub:
 # The server: live state, database and connections, kept consistent together
 # =============================================================================
 
+class Ballots:
+    """Votes on their way to the database, written in batches.
+
+    A batch waits BALLOT_LINGER_S for the votes already on their way, and a
+    vote that arrives while a batch is being written waits for the next one:
+    a room voting in a burst shares a few transactions instead of paying a
+    commit per phone.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self.writer: asyncio.Task | None = None
+
+    async def cast(self, db: Database, vote: dict[str, Any]) -> dict[str, Any]:
+        """Record a vote and return its row; raise the ClientError that refused it."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((vote, future))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.ensure_future(self.write_all(db))
+        return await future
+
+    async def write_all(self, db: Database) -> None:
+        while self.waiting:
+            await asyncio.sleep(BALLOT_LINGER_S)
+            batch, self.waiting = self.waiting, []
+            try:
+                results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch])
+            except sqlite3.Error as exc:
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue                            # the phone gave up waiting
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 @dataclass
 class Server:
     """What every handler works with; one per app, so tests get a fresh one each."""
@@ -1012,6 +1082,7 @@ class Server:
     db: Database = field(init=False)                 # opened when the app starts
     arena: Arena = field(default_factory=Arena)
     hub: Hub = field(default_factory=Hub)
+    ballots: Ballots = field(default_factory=Ballots)
     answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
     # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
     responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
@@ -1569,7 +1640,7 @@ def voter_hash(server: Server, request: web.Request, voter_id: str | None) -> st
 
 
 async def post_votes(server: Server, request: web.Request, p: Params) -> web.Response:
-    vote = await server.db.run(cast_vote, {
+    vote = await server.ballots.cast(server.db, {
         **p, "voter_hash": voter_hash(server, request, p["voter_id"]),
         "user_agent": p["user_agent"] or request.headers.get("User-Agent", "")[:MAX_TEXT]})
     return json_response(vote_json(vote))
