@@ -131,6 +131,8 @@ MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
+PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
+PEER_BACKLOG_POLL_S = 0.01
 
 
 # =============================================================================
@@ -941,12 +943,25 @@ class Control:
 PING = Control("ping")
 
 
+def text_frame(data: bytes) -> bytes:
+    """`data` as one WebSocket text frame from a server: unmasked, unfragmented (RFC 6455, 5.2)."""
+    size = len(data)
+    if size < 126:
+        return bytes((0x81, size)) + data
+    if size < 65536:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + data
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + data
+
+
 class Peer:
     """One WebSocket connection: a runner, a screen, or not yet either.
 
-    Everything sent to a peer goes through its bounded queue and its own writer
-    task, so a publisher never awaits a socket. A peer whose queue fills up is
-    not reading: it is cut off, and everyone else carries on.
+    A publisher never awaits a socket. Messages to a peer that keeps up are
+    framed once, gathered during the event loop's turn and written together at
+    its end: one system call per peer per turn, however many tokens arrived,
+    and no task switch per message. Behind a backlog they wait in a bounded
+    queue for the peer's writer task; a peer whose queue fills up is not
+    reading: it is cut off, and everyone else carries on.
     """
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int) -> None:
@@ -958,10 +973,19 @@ class Peer:
         self.view: str | None = None                    # set for screens
         self.closing = False
         self.last_heard = time.monotonic()
-        self.queue: asyncio.Queue[str | Control] = asyncio.Queue(queue_limit)
+        self.outbox: list[bytes] = []                   # frames for the end of this turn
+        self.queue: asyncio.Queue[bytes | Control] = asyncio.Queue(queue_limit)
         self.writer = asyncio.create_task(self.write_all())
 
-    def send(self, item: str | Control) -> None:
+    def send(self, item: str | bytes | Control) -> None:
+        """Send text, a frame made by text_frame (to share one among many peers), or a control."""
+        if isinstance(item, str):
+            item = text_frame(item.encode())
+        if isinstance(item, bytes) and self.queue.empty() and self.keeping_up():
+            if not self.outbox:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self.outbox.append(item)
+            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -969,6 +993,18 @@ class Peer:
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.send(dumps(message))
+
+    def keeping_up(self) -> bool:
+        """Whether the socket takes what it is given (else messages queue for the writer)."""
+        return (not self.closing and self.transport is not None and not self.transport.is_closing()
+                and self.transport.get_write_buffer_size() < PEER_BACKLOG_BYTES)
+
+    def flush(self) -> None:
+        """Write the frames gathered this turn."""
+        if self.outbox:
+            frames, self.outbox = b"".join(self.outbox), []
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(frames)
 
     def close(self, code: int, reason: str) -> None:
         """Close after everything already queued (an error message, say) has gone out."""
@@ -981,11 +1017,18 @@ class Peer:
             self.transport.abort()
 
     async def write_all(self) -> None:
+        if self.transport is None:
+            return                                      # the connection is gone already
         try:
             while True:
                 item = await self.queue.get()
-                if isinstance(item, str):
-                    await self.ws.send_str(item)
+                self.flush()                            # what was gathered before this item goes first
+                if isinstance(item, bytes):
+                    while self.transport.get_write_buffer_size() >= PEER_BACKLOG_BYTES:
+                        if self.transport.is_closing():
+                            return
+                        await asyncio.sleep(PEER_BACKLOG_POLL_S)
+                    self.transport.write(item)
                 elif item.kind == "ping":
                     await self.ws.ping()
                 else:
@@ -1006,15 +1049,15 @@ class Hub:
 
     def publish_screens(self, message: dict[str, Any], tokens: bool = False) -> None:
         """Send to every screen; `tokens` messages skip screens that don't show tokens."""
-        text = dumps(message)
+        frame = text_frame(dumps(message).encode())     # encoded and framed once for everyone
         for peer in self.screens:
             if not (tokens and peer.view in SCREEN_VIEWS_WITHOUT_TOKENS):
-                peer.send(text)
+                peer.send(frame)
 
     def publish_runners(self, message: dict[str, Any]) -> None:
-        text = dumps(message)
+        frame = text_frame(dumps(message).encode())
         for peer in self.runners.values():
-            peer.send(text)
+            peer.send(frame)
 
     def add_runner(self, peer: Peer, row: dict[str, Any]) -> None:
         """Make `peer` the connection of participant `row`, closing any older one first."""
