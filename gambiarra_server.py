@@ -68,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +78,8 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType, web
+from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
+                     WSServerHandshakeError, web)
 
 
 __version__ = "1.0.0"
@@ -2179,6 +2181,7 @@ class Tally:
     seen_at: dict[int, float] = field(default_factory=dict)    # monotonic, each screen's latest token
     latency_ms: list[float] = field(default_factory=list)      # token sent -> arena screen (stamped only)
     votes: int = 0
+    fetch_ms: list[float] = field(default_factory=list)        # a phone's download of the answers
     vote_ms: list[float] = field(default_factory=list)         # vote due -> answered
     voted_at: list[float] = field(default_factory=list)        # monotonic, each vote answered
     votes_refused: int = 0
@@ -2374,7 +2377,12 @@ class Bot:
 
 
 class Screen:
-    """A telão tab (view "arena") or a voting phone (view "voting"), which wakes its voters."""
+    """A telão tab (view "arena") or a voting phone (view "voting"), which wakes its voters.
+
+    Screens use aiohttp's client (a browser, not a Python runner, is what they
+    stand for): it reads frames in C, at half the CPU of `websockets`, and the
+    screens must read faster than the server can write for `bench` to measure it.
+    """
 
     def __init__(self, sim: Simulation, number: int, view: str, voters: list[Voter]) -> None:
         self.sim = sim
@@ -2387,14 +2395,14 @@ class Screen:
 
     async def run(self) -> None:
         """Watch until the simulation ends, reconnecting if the connection drops."""
-        from websockets.asyncio.client import connect
         for _ in range(RECONNECT_TRIES):
             try:
-                async with connect(self.sim.ws_url, open_timeout=10, compression=None, max_queue=None) as ws:
-                    await ws.send(dumps({"type": "telao_register", "view": self.view}))
-                    async for text in ws:
-                        self.on_message(text)
-            except socket_gone():
+                async with self.sim.http.ws_connect(self.sim.ws_url, compress=0, max_msg_size=0) as ws:
+                    await ws.send_str(dumps({"type": "telao_register", "view": self.view}))
+                    async for message in ws:
+                        if message.type is WSMsgType.TEXT:
+                            self.on_message(message.data)
+            except (OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError):
                 pass
             if self.sim.stopping:
                 return
@@ -2432,6 +2440,51 @@ class Screen:
         tally.seen_at[self.number] = now_us / 1e6
 
 
+class HttpLink:
+    """A phone's keep-alive HTTP/1.1 connection, just enough to POST JSON.
+
+    aiohttp's client spends about as much CPU on a request as the server does,
+    which would make the load generator, not the server, the limit of `bench`.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or (443 if self.tls else 80)
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        """POST `body`; return the status and the decoded JSON answer. One retry on a stale connection."""
+        payload = dumps(body).encode()
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+        for attempt in range(2):
+            try:
+                return await asyncio.wait_for(self.exchange(request), 30)
+            except (OSError, asyncio.IncompleteReadError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def exchange(self, request: bytes) -> tuple[int, Any]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
+        reader, writer = self.streams
+        writer.write(request)
+        status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return int(status_line.split()[1]), json.loads(body)
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
 class Voter:
     """A person with a phone: votes for every answer (or some) once voting opens."""
 
@@ -2441,6 +2494,7 @@ class Voter:
         self.voter_id = f"{sim.options.prefix}-voter-{index:03d}"
         self.rng = random.Random(f"{sim.options.seed}/{self.voter_id}")
         self.rounds: dict[str, asyncio.Task] = {}
+        self.link = HttpLink(sim.options.url)
 
     def start(self, row: dict[str, Any]) -> None:
         if row["id"] not in self.rounds:
@@ -2453,27 +2507,31 @@ class Voter:
 
     async def vote(self, round_id: str) -> None:
         """Read the answers, then vote on them one by one, as a thumb on a phone does."""
+        targets = await self.sim.answers(round_id)
         opened = time.monotonic()
-        answers = (await self.sim.call("GET", f"/rounds/{round_id}/responses"))["responses"]
-        targets = [a["participant_id"] for a in answers]
         self.rng.shuffle(targets)
         for turn, pid in enumerate(targets[:self.sim.options.votes_per_voter or None]):
             due = await self.wait_turn(opened, turn)
             score = vote_score(self.voter_id, pid)
             try:
-                status = await self.sim.post_vote(round_id, pid, score, self.voter_id)
-            except (ClientConnectionError, asyncio.TimeoutError) as exc:
-                status = f"{type(exc).__name__}"
-            tally = self.sim.tally
+                status, answer = await self.link.post_json("/api/votes", {
+                    "roundId": round_id, "participantId": pid, "score": score, "voterId": self.voter_id})
+                # As the telão's voting page: "already voted" means an earlier try got through.
+                accepted = status == 200 or answer.get("error") == "Already voted for this participant"
+                refusal = f"{status} {answer.get('error')}"
+            except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    asyncio.TimeoutError) as exc:
+                accepted, refusal = False, type(exc).__name__
             done = time.monotonic()
+            tally = self.sim.tally
             tally.vote_ms.append((done - due) * 1000)
             tally.voted_at.append(done)
-            if status == 200:
+            if accepted:
                 tally.votes += 1
                 tally.scores[pid] = [a + b for a, b in zip(tally.scores.get(pid, [0, 0]), (1, score))]
             else:
                 tally.votes_refused += 1
-                self.sim.note(f"a vote was refused: {status}")
+                self.sim.note(f"a vote was refused: {refusal}")
 
     async def wait_turn(self, opened: float, turn: int) -> float:
         """Wait for this vote's moment: bench's schedule (open loop), else a thumb's pace. Return it."""
@@ -2506,6 +2564,7 @@ class Simulation:
         self.round_ids: dict[int, str] = {}
         self.progress = Progress(self, options.progress)
         self.ballots: set[str] | None = None     # bench: the only rounds voters vote in (None: every round)
+        self.answers_read: tuple[bytes, list[str]] = (b"", [])
 
     @contextlib.asynccontextmanager
     async def running(self) -> Any:
@@ -2518,6 +2577,8 @@ class Simulation:
                 for task in self.tasks:
                     task.cancel()
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+                for voter in self.voters:
+                    voter.link.close()
 
     def may_vote(self, round_id: str) -> bool:
         return self.ballots is None or round_id in self.ballots
@@ -2539,12 +2600,24 @@ class Simulation:
                 raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
             return data
 
-    async def post_vote(self, round_id: str, participant_id: str, score: int, voter_id: str) -> int | str:
-        """Vote as the telão's voting page does; return the HTTP status, or the server's error."""
-        body = {"roundId": round_id, "participantId": participant_id, "score": score, "voterId": voter_id}
-        async with self.http.post(self.options.url.rstrip("/") + "/api/votes", json=body) as response:
-            data = await response.json(content_type=None)
-            return 200 if response.status == 200 else f"{response.status} {data.get('error')}"
+    async def answers(self, round_id: str) -> list[str]:
+        """Download a round's answers as a phone does (gzipped); return who answered.
+
+        Every phone downloads them, but identical downloads are unpacked once:
+        that is each phone's own work, not the server's.
+        """
+        started = time.monotonic()
+        async with self.http.get(self.options.url.rstrip("/") + f"/api/rounds/{round_id}/responses",
+                                 headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
+            raw = await response.read()
+            packed = response.headers.get("Content-Encoding") == "gzip"
+        if response.status != 200:
+            raise RuntimeError(f"GET /api/rounds/{round_id}/responses: {response.status}")
+        if raw != self.answers_read[0]:
+            body = json.loads(gzip.decompress(raw) if packed else raw)
+            self.answers_read = (raw, [answer["participant_id"] for answer in body["responses"]])
+        self.tally.fetch_ms.append((time.monotonic() - started) * 1000)
+        return list(self.answers_read[1])
 
     async def find_pin(self) -> str:
         """--pin, else the active session's (shown to the host's machine), else a new session's with --drive."""
@@ -2742,6 +2815,7 @@ BENCH_PRESETS = {
     "ten-x": Preset(runners=200, rate=20, screens=3, phones=50, voters=200, vote_rate=2500, votes_per_voter=50),
 }
 RUNNERS_PER_WORKER = 100
+LOAD_NICENESS = 10
 SOAK_SAMPLE_S = 30.0
 
 
@@ -2753,6 +2827,15 @@ def process_cpu_s(pid: int) -> float | None:
         return None
     ticks = stat.rsplit(")", 1)[1].split()          # the command name may hold spaces
     return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_wait_s(pid: int) -> float:
+    """Seconds a process's threads have waited for a CPU while ready to run (Linux schedstat; 0 elsewhere)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(task.read_text().split()[1])
+    return total / 1e9
 
 
 def process_rss_mb(pid: int) -> float | None:
@@ -2816,6 +2899,8 @@ def bench_worker(conn: Any, options: SimOptions, cpus: set[int] | None) -> None:
     """A load-generator process: plays its slice of the evening on bench's orders."""
     if cpus:
         os.sched_setaffinity(0, cpus)
+    if not options.screens and hasattr(os, "nice"):
+        os.nice(LOAD_NICENESS)          # the screens time the tokens: they go first on a shared CPU
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(obey(conn, options))
 
@@ -2879,6 +2964,9 @@ class Workers:
             total.add(Tally(**reply))
         return total
 
+    def cpu_s(self) -> float:
+        return sum(process_cpu_s(process.pid) or 0.0 for process in self.processes)
+
     def close(self) -> None:
         for _, conn in self.pipes:
             with contextlib.suppress(OSError):
@@ -2910,6 +2998,26 @@ def spread(values_ms: list[float]) -> dict[str, float | None]:
     return {key: None if value is None else round(value, 2) for key, value in pick.items()}
 
 
+class Meter:
+    """CPU used by the server and by the load generators over a phase, as shares of one CPU.
+
+    `server_wait_share` is the time the server's threads were ready but not
+    running: other processes on its CPU (or its own two threads on one CPU).
+    """
+
+    def __init__(self, server: BenchServer, workers: Workers) -> None:
+        self.server, self.workers = server, workers
+        self.began, self.server_s, self.load_s = time.monotonic(), server.cpu_s(), workers.cpu_s()
+        self.wait_s = process_wait_s(server.process.pid)
+
+    def read(self) -> dict[str, float]:
+        wall_s = time.monotonic() - self.began
+        server_s = self.server.cpu_s() - self.server_s
+        return {"server_cpu_s": round(server_s, 3), "server_cpu_share": round(server_s / wall_s, 2),
+                "server_wait_share": round((process_wait_s(self.server.process.pid) - self.wait_s) / wall_s, 2),
+                "load_cpu_share": round((self.workers.cpu_s() - self.load_s) / wall_s, 2)}
+
+
 class Bench:
     """One bench run: the server, its load generators, the host's HTTP calls, and memory watch."""
 
@@ -2927,23 +3035,23 @@ class Bench:
 
     async def join(self) -> dict[str, Any]:
         """Every runner connects and registers at once."""
-        cpu_s, began = self.server.cpu_s(), time.monotonic()
+        meter, began = Meter(self.server, self.workers), time.monotonic()
         t = await self.workers.order("runners", "join", timeout_s=60)
         return {"runners": self.preset.runners, "registered": len(t.registered_at),
                 "wall_s": round(max(t.registered_at) - began, 3) if t.registered_at else None,
                 "p50_s": quantile(t.register_s, 0.5), "p99_s": quantile(t.register_s, 0.99),
-                "server_cpu_s": round(self.server.cpu_s() - cpu_s, 3), "errors": t.errors}
+                **meter.read(), "errors": t.errors}
 
     async def stream(self, rate: float, max_tokens: int, deadline_ms: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """One round streamed at `rate` tokens/s per runner (0: flat out); return its figures and row."""
         await self.workers.order(None, "rate", rate)        # every order also clears the tallies
         row = await self.host.call("POST", "/rounds", {"prompt": "bench", "maxTokens": max_tokens,
                                                        "deadlineMs": deadline_ms})
-        cpu_s, began = self.server.cpu_s(), time.monotonic()
+        meter, began = Meter(self.server, self.workers), time.monotonic()
         await self.host.call("POST", "/rounds/start", {"roundId": row["id"]})
         runners = await self.workers.order("runners", "answered", row["index"], timeout_s=deadline_ms / 1000 + 60)
         screens = await self.workers.order("screens", "seen", runners.tokens_sent, timeout_s=30)
-        cpu_s, wall_s = self.server.cpu_s() - cpu_s, time.monotonic() - began
+        cpu = meter.read()
         phones = await self.workers.order("phones", "tally")
         sent = runners.tokens_sent
         span_s = max(screens.seen_at.values(), default=began) - min(runners.sent_at, default=began)
@@ -2952,27 +3060,29 @@ class Bench:
                 "latency_ms": spread(screens.latency_ms),
                 "lost": [sent - screens.seen.get(n, 0) for n in range(self.preset.screens)],
                 "reordered": [screens.out_of_order.get(n, 0) for n in range(self.preset.screens)],
-                "phone_token_updates": phones.seen.get(-1, 0),
-                "server_cpu_s": round(cpu_s, 3), "server_cpu_share": round(cpu_s / wall_s, 2),
-                "cpu_s_per_1000_tokens": round(cpu_s / sent * 1000, 4) if sent else None,
+                "phone_token_updates": phones.seen.get(-1, 0), **cpu,
+                "cpu_s_per_1000_tokens": round(cpu["server_cpu_s"] / sent * 1000, 4) if sent else None,
                 "errors": runners.errors}, row
 
     async def votes(self, row: dict[str, Any]) -> dict[str, Any]:
         """Stop the round; the phones see voting open and their voters vote; check the tallies."""
         await self.workers.order(None, "ballot", row["id"])
         await self.host.call("POST", "/rounds/stop", {"roundId": row["id"]})
-        opened = time.monotonic()
+        opened, meter = time.monotonic(), Meter(self.server, self.workers)
         answers = len((await self.host.call("GET", f"/rounds/{row['id']}/responses"))["responses"])
         expected = self.preset.voters * min(answers, self.preset.votes_per_voter or answers)
         t = await self.workers.order("phones", "voted", row["id"],
                                      timeout_s=expected / self.preset.vote_rate + 60)
+        cpu = meter.read()
         board = await self.host.call("GET", f"/scoreboard?roundId={row['id']}")
         await self.host.call("POST", f"/rounds/{row['id']}/close-voting")
         counted = {r["participant_id"]: [r["votes"], r["total_score"]] for r in board["scoreboard"] if r["votes"]}
-        span_s = max(t.voted_at, default=opened) - opened
+        first_due = min((done - ms / 1000 for done, ms in zip(t.voted_at, t.vote_ms)), default=opened)
+        span_s = max(t.voted_at, default=opened) - first_due
         return {"votes": t.votes, "expected": expected, "offered_per_s": self.preset.vote_rate,
                 "per_s": round(t.votes / span_s) if span_s > 0 else None, "latency_ms": spread(t.vote_ms),
-                "refused": t.votes_refused, "tallies_exact": t.votes == expected and counted == t.scores}
+                "answers_fetch_ms": spread(t.fetch_ms),
+                "refused": t.votes_refused, "tallies_exact": t.votes == expected and counted == t.scores, **cpu}
 
     async def finish(self, row: dict[str, Any]) -> None:
         """Stop a round nobody votes on."""
