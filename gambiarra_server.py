@@ -132,7 +132,7 @@ class Config:
 MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
-SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
+SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}   # nor the runners' cards: the arena view draws those
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
 
@@ -1050,7 +1050,7 @@ class Hub:
         self.screens: set[Peer] = set()
 
     def publish_screens(self, message: dict[str, Any], tokens: bool = False) -> None:
-        """Send to every screen; `tokens` messages skip screens that don't show tokens."""
+        """Send to every screen; `tokens` messages (live tokens, runner cards) skip the views that show neither."""
         frame = text_frame(dumps(message).encode())     # encoded and framed once for everyone
         for peer in self.screens:
             if not (tokens and peer.view in SCREEN_VIEWS_WITHOUT_TOKENS):
@@ -1247,7 +1247,7 @@ class Server:
         if pid is not None and self.hub.runners.get(pid) is peer:
             del self.hub.runners[pid]
             log.info("WS_DISCONNECTED %s", pid)
-            self.hub.publish_screens(msg_participant_disconnected(pid))
+            self.hub.publish_screens(msg_participant_disconnected(pid), tokens=True)
             self.db.submit(set_connected, pid, False)
             self.event("participant_disconnected", "participant", pid, "participant", pid)
 
@@ -1324,7 +1324,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
     log.info("WS_REGISTERED %s", pid)
-    server.hub.publish_screens(msg_participant_registered(row))
+    server.hub.publish_screens(msg_participant_registered(row), tokens=True)
     server.event("participant_registered", "participant", pid, "participant", pid,
                  {"nickname": row["nickname"], "runner": row["runner"], "model": row["model"]})
 
@@ -1533,7 +1533,7 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         peer.participant_id = None
         peer.send_json(msg_error("The host removed you from this session", "KICKED"))
         peer.close(WSCloseCode.POLICY_VIOLATION, "kicked by the host")
-        server.hub.publish_screens(msg_participant_disconnected(pid))
+        server.hub.publish_screens(msg_participant_disconnected(pid), tokens=True)
     server.event("participant_kicked", "admin", None, "participant", pid)
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
 
