@@ -60,6 +60,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -2074,6 +2075,10 @@ REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSI
 STAMP_MARK = "|"
 STAMP_WRAP_US = 2**32
 RECONNECT_TRIES = 20
+# A token_update as the server writes it (on_token), matched without decoding the JSON:
+# bench's screens must keep up with the server on a shared CPU. Anything else is decoded.
+TOKEN_UPDATE = re.compile(r'\{"type":"token_update","participant_id":"((?:[^"\\]|\\.)*)","round":(\d+),"seq":(\d+),'
+                          r'"content":"(?:([0-9a-f]+)\|)?')
 WAIT_STEP_S = 0.05
 
 
@@ -2414,10 +2419,15 @@ class Screen:
 
     def on_message(self, text: str) -> None:
         now_us = time.monotonic_ns() // 1000
+        token = TOKEN_UPDATE.match(text)
+        if token:
+            self.on_token(token[1], int(token[2]), int(token[3]), token[4], now_us)
+            return
         m = json.loads(text)
         kind = m["type"]
         if kind == "token_update":
-            self.on_token(m, now_us)
+            stamp, mark, _ = m["content"].partition(STAMP_MARK)
+            self.on_token(m["participant_id"], m["round"], m["seq"], stamp if mark else None, now_us)
         elif kind in ("round_state", "state_snapshot") and m["round"]:
             self.sim.round_ids[m["round"]["index"]] = m["round"]["id"]
             if m["round"]["votingStatus"] == "open" and self.sim.may_vote(m["round"]["id"]):
@@ -2426,20 +2436,19 @@ class Screen:
         elif kind == "registered_telao":
             self.ready.set()
 
-    def on_token(self, m: dict[str, Any], now_us: int) -> None:
+    def on_token(self, pid: str, round_index: int, seq: int, stamp: str | None, now_us: int) -> None:
         """Count a token, check its order, and time it when the bot stamped it."""
         tally = self.sim.tally
-        bump(tally.seen, self.number)
-        if m["round"] != self.round:
-            self.round = m["round"]
+        tally.seen[self.number] = tally.seen.get(self.number, 0) + 1
+        if round_index != self.round:
+            self.round = round_index
             self.expected.clear()
-        pid, seq = m["participant_id"], m["seq"]
         expected = self.expected.get(pid, 0)
         if seq < expected:
             bump(tally.out_of_order, self.number)
-        self.expected[pid] = max(expected, seq + 1)
-        stamp, mark, _ = m["content"].partition(STAMP_MARK)
-        if mark:
+        else:
+            self.expected[pid] = seq + 1
+        if stamp:
             tally.latency_ms.append((now_us - int(stamp, 16)) % STAMP_WRAP_US / 1000)
         tally.seen_at[self.number] = now_us / 1e6
 
@@ -2968,8 +2977,12 @@ class Workers:
             total.add(Tally(**reply))
         return total
 
-    def cpu_s(self) -> float:
-        return sum(process_cpu_s(process.pid) or 0.0 for process in self.processes)
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each role's processes."""
+        used: dict[str, float] = {}
+        for (role, _), process in zip(self.pipes, self.processes):
+            used[role] = used.get(role, 0.0) + (process_cpu_s(process.pid) or 0.0)
+        return used
 
     def close(self) -> None:
         for _, conn in self.pipes:
@@ -3017,9 +3030,10 @@ class Meter:
     def read(self) -> dict[str, float]:
         wall_s = time.monotonic() - self.began
         server_s = self.server.cpu_s() - self.server_s
+        load = {role: round((used - self.load_s[role]) / wall_s, 2) for role, used in self.workers.cpu_s().items()}
         return {"server_cpu_s": round(server_s, 3), "server_cpu_share": round(server_s / wall_s, 2),
                 "server_wait_share": round((process_wait_s(self.server.process.pid) - self.wait_s) / wall_s, 2),
-                "load_cpu_share": round((self.workers.cpu_s() - self.load_s) / wall_s, 2)}
+                "load_cpu_share": round(sum(load.values()), 2), "load_cpu_by_role": load}
 
 
 class Bench:
