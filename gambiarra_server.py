@@ -136,6 +136,7 @@ MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}   # nor the runners' cards: the arena view draws those
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
+PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
 
 
 # =============================================================================
@@ -961,8 +962,8 @@ class Peer:
 
     A publisher never awaits a socket. Messages to a peer that keeps up are
     framed once, gathered during the event loop's turn and written together at
-    its end: one system call per peer per turn, however many tokens arrived,
-    and no task switch per message. Behind a backlog they wait in a bounded
+    its end, or every PEER_FLUSH_BYTES: a few system calls per peer per turn,
+    not one per token, and no task switch per message. Behind a backlog they wait in a bounded
     queue for the peer's writer task; a peer whose queue fills up is not
     reading: it is cut off, and everyone else carries on.
     """
@@ -977,6 +978,7 @@ class Peer:
         self.closing = False
         self.last_heard = time.monotonic()
         self.outbox: list[bytes] = []                   # frames for the end of this turn
+        self.outbox_bytes = 0
         self.queue: asyncio.Queue[bytes | Control] = asyncio.Queue(queue_limit)
         self.writer = asyncio.create_task(self.write_all())
 
@@ -988,6 +990,9 @@ class Peer:
             if not self.outbox:
                 asyncio.get_running_loop().call_soon(self.flush)
             self.outbox.append(item)
+            self.outbox_bytes += len(item)
+            if self.outbox_bytes >= PEER_FLUSH_BYTES:
+                self.flush()                    # a flood can bring thousands of tokens in one turn
             return
         try:
             self.queue.put_nowait(item)
@@ -1005,7 +1010,7 @@ class Peer:
     def flush(self) -> None:
         """Write the frames gathered this turn."""
         if self.outbox:
-            frames, self.outbox = b"".join(self.outbox), []
+            frames, self.outbox, self.outbox_bytes = b"".join(self.outbox), [], 0
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(frames)
 
