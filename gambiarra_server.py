@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import hmac
@@ -195,8 +196,11 @@ def iso(ms: int | None) -> str | None:
     return f"{stamp}.{ms % 1000:03d}Z"
 
 
+JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # one for every call: it runs per token
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return JSON_ENCODER.encode(obj)
 
 
 def new_id() -> str:
@@ -207,6 +211,7 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=None)         # a few dozen field names, looked up for every message
 def camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(word.title() for word in rest)
@@ -1054,13 +1059,22 @@ class Hub:
         self.peers: set[Peer] = set()
         self.runners: dict[str, Peer] = {}             # registered participants by id
         self.screens: set[Peer] = set()
+        self.arena_screens: list[Peer] = []            # the screens that show tokens (not the voting phones)
+
+    def add_screen(self, peer: Peer) -> None:
+        self.screens.add(peer)
+        self.arena_screens = [s for s in self.screens if s.view not in SCREEN_VIEWS_WITHOUT_TOKENS]
+
+    def drop_screen(self, peer: Peer) -> None:
+        if peer in self.screens:
+            self.screens.discard(peer)
+            self.arena_screens = [s for s in self.screens if s.view not in SCREEN_VIEWS_WITHOUT_TOKENS]
 
     def publish_screens(self, message: dict[str, Any], tokens: bool = False) -> None:
         """Send to every screen; `tokens` messages (live tokens, runner cards) skip the views that show neither."""
         frame = text_frame(dumps(message).encode())     # encoded and framed once for everyone
-        for peer in self.screens:
-            if not (tokens and peer.view in SCREEN_VIEWS_WITHOUT_TOKENS):
-                peer.send(frame)
+        for peer in self.arena_screens if tokens else self.screens:
+            peer.send(frame)
 
     def publish_runners(self, message: dict[str, Any]) -> None:
         frame = text_frame(dumps(message).encode())
@@ -1073,7 +1087,7 @@ class Hub:
         if old is not None and old is not peer:
             log.info("WS_DEDUP %s", row["id"])
             old.close(WSCloseCode.OK, "replaced by a newer connection")
-        self.screens.discard(peer)
+        self.drop_screen(peer)
         peer.participant_id, peer.row = row["id"], row
         self.runners[row["id"]] = peer
 
@@ -1246,7 +1260,7 @@ class Server:
     async def leave(self, peer: Peer) -> None:
         """Forget a closed connection; a runner's departure is announced unless it was replaced."""
         self.hub.peers.discard(peer)
-        self.hub.screens.discard(peer)
+        self.hub.drop_screen(peer)
         if not peer.closing:
             peer.writer.cancel()
         pid = peer.participant_id
@@ -1337,7 +1351,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
 
 async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     peer.view = m["view"]
-    server.hub.screens.add(peer)
+    server.hub.add_screen(peer)
     peer.send_json({"type": "registered_telao", "view": peer.view})
     snapshot = await server.snapshot()
     if snapshot is not None:
