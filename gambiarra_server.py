@@ -952,14 +952,17 @@ class Control:
 PING = Control("ping")
 
 
-def text_frame(data: bytes) -> bytes:
-    """`data` as one WebSocket text frame from a server: unmasked, unfragmented (RFC 6455, 5.2)."""
-    size = len(data)
+def text_frame(data: bytes, masked: bool = False) -> bytes:
+    """`data` as one unfragmented WebSocket text frame (RFC 6455, 5.2): unmasked as a server sends it,
+    or masked with the all-zero key, which a client may use (bench's flat-out runners)."""
+    size, mask_bit = len(data), 0x80 if masked else 0
     if size < 126:
-        return bytes((0x81, size)) + data
-    if size < 65536:
-        return bytes((0x81, 126)) + size.to_bytes(2, "big") + data
-    return bytes((0x81, 127)) + size.to_bytes(8, "big") + data
+        head = bytes((0x81, mask_bit | size))
+    elif size < 65536:
+        head = bytes((0x81, mask_bit | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, mask_bit | 127)) + size.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" if masked else b"") + data
 
 
 class Peer:
@@ -2094,6 +2097,7 @@ REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSI
 STAMP_MARK = "|"
 STAMP_WRAP_US = 2**32
 RECONNECT_TRIES = 20
+FLOOD_BURST = 16                # tokens per write when a bot sends flat out
 # A token_update as the server writes it (on_token), matched without decoding the JSON:
 # bench's screens must keep up with the server on a shared CPU. Anything else is decoded.
 TOKEN_UPDATE = re.compile(r'\{"type":"token_update","participant_id":"((?:[^"\\]|\\.)*)","round":(\d+),"seq":(\d+),'
@@ -2316,7 +2320,10 @@ class Bot:
         """Stream an answer until it is done, out of budget or out of time; then `complete`."""
         round_index, began = challenge["round"], time.monotonic()
         try:
-            tokens, first_at = await self.stream(challenge, began)
+            if self.sim.options.rate > 0:
+                tokens, first_at = await self.stream(challenge, began)
+            else:
+                tokens, first_at = await self.flood(challenge)
             report = {"type": "complete", "round": round_index, "participant_id": self.participant_id,
                       "tokens": tokens, "duration_ms": round((time.monotonic() - began) * 1000),
                       "model_info": {"name": self.model, "runner": self.runner}}
@@ -2335,11 +2342,10 @@ class Bot:
         round_index, deadline = challenge["round"], began + challenge["deadline_ms"] / 1000
         length = self.answer_length(challenge["max_tokens"])
         drop_at = self.rng.randrange(1, length) if length > 1 and self.rng.random() < self.sim.options.drop else -1
-        if self.sim.options.rate > 0:
-            await asyncio.sleep(self.rng.uniform(*WARM_UP_S))
+        await asyncio.sleep(self.rng.uniform(*WARM_UP_S))
         seq, first_at, due = 0, None, time.monotonic()
         while seq < length and time.monotonic() < deadline:
-            due = await self.wait_turn(due, seq)
+            due = await self.wait_turn(due)
             if self.resume is not None:
                 await self.catch_up(round_index, seq)
             if seq == drop_at and self.ready.is_set():
@@ -2351,6 +2357,26 @@ class Bot:
                 self.sim.tally.tokens_sent += 1
             seq += 1                            # a model goes on generating while the wifi is down
         return seq, first_at
+
+    async def flood(self, challenge: dict[str, Any]) -> tuple[int, float]:
+        """Flat out (bench's saturation round): every token at once, in bursts written to the socket.
+
+        The websockets library's cost per message would make the load generator,
+        not the server, the limit. The frames are the ones it would send (masked,
+        with the all-zero key), so the server does the same work for each.
+        """
+        round_index, length = challenge["round"], self.answer_length(challenge["max_tokens"])
+        ws, first_at = self.ws, time.monotonic()
+        self.sim.tally.sent_at.append(first_at)
+        for start in range(0, length, FLOOD_BURST):
+            if ws.transport.is_closing():
+                return start, first_at
+            burst = range(start, min(start + FLOOD_BURST, length))
+            ws.transport.write(b"".join(text_frame(self.token(round_index, seq).encode(), masked=True) for seq in burst))
+            self.sim.tally.tokens_sent += len(burst)
+            await ws.drain()                    # websockets' own flow control: waits while the server is behind
+            await asyncio.sleep(0)              # let the other bots in
+        return length, first_at
 
     async def settle_up(self, round_index: int, tokens: int) -> None:
         """Be connected again, and resend whatever the server lacks of the first `tokens` tokens."""
@@ -2375,13 +2401,9 @@ class Bot:
         return dumps({"type": "token", "round": round_index, "participant_id": self.participant_id, "seq": seq,
                       "content": content})
 
-    async def wait_turn(self, due: float, seq: int) -> float:
+    async def wait_turn(self, due: float) -> float:
         """Sleep until the next token is due at this bot's pace, with jitter; return the next due time."""
         rate = self.sim.options.rate * self.pace
-        if rate <= 0:
-            if seq % 16 == 0:
-                await asyncio.sleep(0)          # flat out, but let the other bots in
-            return due
         due += self.rng.uniform(0.5, 1.5) / rate
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         return due
