@@ -2098,11 +2098,11 @@ STAMP_MARK = "|"
 STAMP_WRAP_US = 2**32
 RECONNECT_TRIES = 20
 FLOOD_BURST = 16                # tokens per write when a bot sends flat out
+WAIT_STEP_S = 0.05              # how often a simulation checks whether a round is done
 # A token_update as the server writes it (on_token), matched without decoding the JSON:
 # bench's screens must keep up with the server on a shared CPU. Anything else is decoded.
 TOKEN_UPDATE = re.compile(r'\{"type":"token_update","participant_id":"((?:[^"\\]|\\.)*)","round":(\d+),"seq":(\d+),'
                           r'"content":"(?:([0-9a-f]+)\|)?')
-WAIT_STEP_S = 0.05
 
 
 def bot_word(bot: int, round_index: int, seq: int) -> str:
@@ -2154,6 +2154,7 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 
 def bump(counter: dict[Any, int], key: Any) -> None:
+    """Count one more `key`."""
     counter[key] = counter.get(key, 0) + 1
 
 
@@ -2226,13 +2227,16 @@ class Tally:
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if isinstance(mine, list):
                 mine.extend(theirs)
-            elif isinstance(mine, dict):
+            elif isinstance(mine, dict):         # counters add up; per-screen entries never meet (distinct numbers)
                 for key, value in theirs.items():
-                    mine[key] = [a + b for a, b in zip(mine.get(key, [0, 0]), value)] if isinstance(value, list) \
-                        else mine.get(key, 0) + value
+                    if key not in mine:
+                        mine[key] = value
+                    elif isinstance(value, list):
+                        mine[key] = [a + b for a, b in zip(mine[key], value)]
+                    else:
+                        mine[key] += value
             else:
                 setattr(self, f.name, mine + theirs)
-
 
 
 class Bot:
@@ -2628,9 +2632,10 @@ class Simulation:
                 yield self
             finally:
                 self.stopping = True
-                for task in self.tasks:
+                tasks = self.tasks + [bot.task for bot in self.bots if bot.task is not None]
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(*self.tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 for voter in self.voters:
                     voter.link.close()
 
@@ -2821,19 +2826,20 @@ async def simulate(options: SimOptions) -> Tally:
 
 
 def figure_ms(values: list[float], scale: float = 1.0) -> str:
-    """"p50 X ms, p99 Y ms" of `values` (in ms once scaled), or "-" when there are none."""
+    """The median and 99th percentile of `values` (milliseconds once scaled), or "-" when there are none."""
     if not values:
         return "-"
     return f"p50 {quantile(values, 0.5) * scale:,.1f} ms, p99 {quantile(values, 0.99) * scale:,.1f} ms"
 
 
 def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
+    """What the rehearsal did, for the host: bots, tokens, screens, votes, errors."""
     t = sim.tally
     registered = sum(bot.registered_at is not None for bot in sim.bots)
     refused = sum(bot.refused is not None for bot in sim.bots)
     arena = [s.number for s in sim.screens if s.view == "arena"]
     seen = sorted(t.seen.get(n, 0) for n in arena)
-    lines = [f"simulate: {elapsed_s:.0f} s against {sim.options.url}",
+    lines = [f"simulate: {len(sim.progress.ended)} rounds in {elapsed_s:.0f} s against {sim.options.url}",
              f"  bots     {registered}/{len(sim.bots)} registered ({figure_ms(t.register_s, 1000)}), {refused} refused",
              f"  tokens   {t.tokens_sent:,} sent, {t.completes} answers completed; {t.drops} drops, "
              f"{t.resumes} resumed, {t.resent} tokens resent"]
