@@ -134,10 +134,13 @@ class Config:
 MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
-SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}   # nor the runners' cards: the arena view draws those
+SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
 PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
+# Phones (and world screens) show no tokens, so what they get can wait this long
+# and go out together: 200 runners joining at once is 200 messages per phone.
+UNHURRIED_FLUSH_S = 0.05
 
 
 # =============================================================================
@@ -970,10 +973,11 @@ class Peer:
 
     A publisher never awaits a socket. Messages to a peer that keeps up are
     framed once, gathered during the event loop's turn and written together at
-    its end, or every PEER_FLUSH_BYTES: a few system calls per peer per turn,
-    not one per token, and no task switch per message. Behind a backlog they
-    wait in a bounded queue for the peer's writer task; a peer whose queue
-    fills up is not reading: it is cut off, and everyone else carries on.
+    its end (or every PEER_FLUSH_BYTES; a voting phone's after
+    UNHURRIED_FLUSH_S): a few system calls per peer per turn, not one per
+    message, and no task switch per message. Behind a backlog they wait in a
+    bounded queue for the peer's writer task; a peer whose queue fills up is
+    not reading: it is cut off, and everyone else carries on.
     """
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int) -> None:
@@ -995,7 +999,9 @@ class Peer:
         if isinstance(item, str):
             item = text_frame(item.encode())
         if isinstance(item, bytes) and self.queue.empty() and self.keeping_up():
-            if not self.outbox:
+            if not self.outbox and self.view in SCREEN_VIEWS_WITHOUT_TOKENS:
+                asyncio.get_running_loop().call_later(UNHURRIED_FLUSH_S, self.flush)
+            elif not self.outbox:
                 asyncio.get_running_loop().call_soon(self.flush)
             self.outbox.append(item)
             self.outbox_bytes += len(item)
@@ -1074,7 +1080,7 @@ class Hub:
             self.arena_screens = [s for s in self.screens if s.view not in SCREEN_VIEWS_WITHOUT_TOKENS]
 
     def publish_screens(self, message: dict[str, Any], tokens: bool = False) -> None:
-        """Send to every screen; `tokens` messages (live tokens, runner cards) skip the views that show neither."""
+        """Send to every screen; `tokens` messages skip screens that don't show tokens."""
         frame = text_frame(dumps(message).encode())     # encoded and framed once for everyone
         for peer in self.arena_screens if tokens else self.screens:
             peer.send(frame)
@@ -1270,7 +1276,7 @@ class Server:
         if pid is not None and self.hub.runners.get(pid) is peer:
             del self.hub.runners[pid]
             log.info("WS_DISCONNECTED %s", pid)
-            self.hub.publish_screens(msg_participant_disconnected(pid), tokens=True)
+            self.hub.publish_screens(msg_participant_disconnected(pid))
             self.db.submit(set_connected, pid, False)
             self.event("participant_disconnected", "participant", pid, "participant", pid)
 
@@ -1347,7 +1353,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
     log.info("WS_REGISTERED %s", pid)
-    server.hub.publish_screens(msg_participant_registered(row), tokens=True)
+    server.hub.publish_screens(msg_participant_registered(row))
     server.event("participant_registered", "participant", pid, "participant", pid,
                  {"nickname": row["nickname"], "runner": row["runner"], "model": row["model"]})
 
@@ -1556,7 +1562,7 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         peer.participant_id = None
         peer.send_json(msg_error("The host removed you from this session", "KICKED"))
         peer.close(WSCloseCode.POLICY_VIOLATION, "kicked by the host")
-        server.hub.publish_screens(msg_participant_disconnected(pid), tokens=True)
+        server.hub.publish_screens(msg_participant_disconnected(pid))
     server.event("participant_kicked", "admin", None, "participant", pid)
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
 
