@@ -38,7 +38,8 @@ Every HTTP route is served at the root and again under ``/api``; ``GET /docs``
 lists them all. The sections of this file, in order (``grep -n '^# =='``):
 
     Configuration, Errors, Helpers, Input fields, Store (sqlite), Live state,
-    Messages, Hub (fan-out), WebSocket, HTTP, Routes and docs, App, Command line.
+    Messages, Hub (fan-out), WebSocket, HTTP, Routes and docs, App, Rehearsal (simulate
+    and bench), Command line.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import functools
+import gzip
 import hashlib
 import hmac
 import html
@@ -55,12 +58,17 @@ import ipaddress
 import json
 import logging
 import math
+import multiprocessing
 import os
+import random
+import re
 import secrets
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -72,7 +80,8 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
+                     WSServerHandshakeError, web)
 
 
 __version__ = "1.0.0"
@@ -123,8 +132,8 @@ class Config:
     max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
                                    "messages queued for one connection before it is dropped as not reading")
-    peer_queue_chars: int = option(8 * 1024 * 1024, "PEER_QUEUE_CHARS",
-                                   "characters queued for one connection before it is dropped as not reading")
+    peer_queue_bytes: int = option(8 * 1024 * 1024, "PEER_QUEUE_BYTES",
+                                   "bytes queued for one connection before it is dropped as not reading")
     flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens")
     bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes")
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
@@ -133,8 +142,15 @@ class Config:
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
+BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
+PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
+PEER_BACKLOG_POLL_S = 0.01
+PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
+# Phones (and world screens) show no tokens, so what they get can wait this long
+# and go out together: 200 runners joining at once is 200 messages per phone.
+UNHURRIED_FLUSH_S = 0.05
 
 
 # =============================================================================
@@ -193,8 +209,11 @@ def iso(ms: int | None) -> str | None:
     return f"{stamp}.{ms % 1000:03d}Z"
 
 
+JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # one for every call: it runs per token
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return JSON_ENCODER.encode(obj)
 
 
 def new_id() -> str:
@@ -205,6 +224,7 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=None)         # a few dozen field names, looked up for every message
 def camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(word.title() for word in rest)
@@ -537,40 +557,71 @@ def round_metrics(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any
     return every(conn, "SELECT * FROM metrics WHERE roundId = ? ORDER BY createdAt", round_id)
 
 
-def log_event(conn: sqlite3.Connection, session_id: str | None, event_type: str, actor_type: str = "system",
-              actor_id: str | None = None, target_type: str | None = None, target_id: str | None = None,
-              metadata: dict[str, Any] | None = None) -> None:
+EVENT_INSERT = ("INSERT INTO event_logs (id, sessionId, timestamp, eventType, actorType, actorId, targetType, "
+                "targetId, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def event_row(session_id: str | None, event_type: str, actor_type: str = "system", actor_id: str | None = None,
+              target_type: str | None = None, target_id: str | None = None,
+              metadata: dict[str, Any] | None = None) -> tuple:
+    """The values of one event-log row, for EVENT_INSERT."""
+    return (new_id(), session_id, now_ms(), event_type, actor_type, actor_id, target_type, target_id,
+            None if metadata is None else dumps(metadata))
+
+
+def log_event(conn: sqlite3.Connection, *event: Any) -> None:
+    """Add a row to the event log (see event_row for the fields)."""
     with conn:
-        conn.execute("INSERT INTO event_logs (id, sessionId, timestamp, eventType, actorType, actorId, targetType, "
-                     "targetId, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (new_id(), session_id, now_ms(), event_type, actor_type, actor_id, target_type, target_id,
-                      None if metadata is None else dumps(metadata)))
+        conn.execute(EVENT_INSERT, event_row(*event))
 
 
-def cast_vote(conn: sqlite3.Connection, v: dict[str, Any]) -> dict[str, Any]:
-    """Record one immutable vote, checking the round and participant in the same transaction."""
-    rnd = get_round(conn, v["round_id"])
-    if rnd["votingStatus"] != "open":
+def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]]) -> list[dict[str, Any] | ClientError]:
+    """Record a batch of immutable votes in one transaction: each gets its row, or why it was refused.
+
+    One commit per batch, not per vote: a commit (and the checkpoints the
+    write-ahead log then needs) costs far more than the vote itself.
+    """
+    read: dict[tuple, Any] = {}          # what this batch has read: rounds, answers, each voter's vote count
+    results: list[dict[str, Any] | ClientError] = []
+    with conn:
+        for v in votes:
+            try:
+                results.append(insert_vote(conn, v, read))
+            except ClientError as exc:
+                results.append(exc)
+        conn.executemany(EVENT_INSERT, [
+            event_row(read["round", r["roundId"]]["sessionId"], "vote_cast", "voter", r["voterHash"], "participant",
+                      r["participantId"], {"participantId": r["participantId"], "score": r["score"],
+                                           "voteOrder": r["voteOrder"], "responseTime": r["responseTime"]})
+            for r in results if isinstance(r, dict)])
+    return results
+
+
+def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any]) -> dict[str, Any]:
+    """Insert one vote, checked against its round and participant, inside the caller's transaction."""
+    round_id, voter = v["round_id"], v["voter_hash"]
+    if ("round", round_id) not in read:
+        read["round", round_id] = get_round(conn, round_id)
+    if read["round", round_id]["votingStatus"] != "open":
         raise Conflict("Voting is not open for this round")
-    if not one(conn, "SELECT 1 FROM metrics WHERE roundId = ? AND participantId = ?", v["round_id"],
-               v["participant_id"]):
+    if ("answer", round_id, v["participant_id"]) not in read:
+        read["answer", round_id, v["participant_id"]] = one(
+            conn, "SELECT 1 FROM metrics WHERE roundId = ? AND participantId = ?", round_id, v["participant_id"])
+    if not read["answer", round_id, v["participant_id"]]:
         raise NotFound("Participant not found")
-    vote_id = new_id()
-    try:
-        with conn:
-            conn.execute(
-                """INSERT INTO votes (id, roundId, voterHash, participantId, score, createdAt, voteOrder,
-                                      responseTime, userAgent)
-                   VALUES (?, ?, ?, ?, ?, ?, (SELECT COUNT(*) + 1 FROM votes WHERE roundId = ? AND voterHash = ?),
-                           ?, ?)""",
-                (vote_id, v["round_id"], v["voter_hash"], v["participant_id"], v["score"], now_ms(),
-                 v["round_id"], v["voter_hash"], v["response_time"], v["user_agent"]))
-    except sqlite3.IntegrityError:
-        raise Conflict("Already voted for this participant") from None
-    vote = one(conn, "SELECT * FROM votes WHERE id = ?", vote_id)
-    log_event(conn, rnd["sessionId"], "vote_cast", "voter", v["voter_hash"], "participant", v["participant_id"],
-              {"participantId": v["participant_id"], "score": v["score"], "voteOrder": vote["voteOrder"],
-               "responseTime": v["response_time"]})
+    if ("votes", round_id, voter) not in read:
+        read["votes", round_id, voter] = conn.execute("SELECT COUNT(*) FROM votes WHERE roundId = ? AND voterHash = ?",
+                                                      (round_id, voter)).fetchone()[0]
+    vote = {"id": new_id(), "roundId": round_id, "voterHash": voter, "participantId": v["participant_id"],
+            "score": v["score"], "createdAt": now_ms(), "voteOrder": read["votes", round_id, voter] + 1,
+            "responseTime": v["response_time"], "userAgent": v["user_agent"]}
+    if not conn.execute("""INSERT INTO votes (id, roundId, voterHash, participantId, score, createdAt, voteOrder,
+                                              responseTime, userAgent)
+                           VALUES (:id, :roundId, :voterHash, :participantId, :score, :createdAt, :voteOrder,
+                                   :responseTime, :userAgent)
+                           ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
+        raise Conflict("Already voted for this participant")
+    read["votes", round_id, voter] += 1
     return vote
 
 
@@ -955,17 +1006,34 @@ class Control:
 PING = Control("ping")
 
 
+def text_frame(data: bytes, masked: bool = False) -> bytes:
+    """`data` as one unfragmented WebSocket text frame (RFC 6455, 5.2): unmasked as a server sends it,
+    or masked with the all-zero key, which a client may use (bench's flat-out runners)."""
+    size, mask_bit = len(data), 0x80 if masked else 0
+    if size < 126:
+        head = bytes((0x81, mask_bit | size))
+    elif size < 65536:
+        head = bytes((0x81, mask_bit | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, mask_bit | 127)) + size.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" if masked else b"") + data
+
+
 class Peer:
     """One WebSocket connection: a runner, a screen, or not yet either.
 
-    Everything sent to a peer goes through its bounded queue and its own writer
-    task, so a publisher never awaits a socket. A peer whose queue fills up (in
-    messages, or in characters: fan-out multiplies big tokens by the screens) is
-    not reading: it is cut off, and everyone else carries on.
+    A publisher never awaits a socket. Messages to a peer that keeps up are
+    framed once, gathered during the event loop's turn and written together at
+    its end (or every PEER_FLUSH_BYTES; a voting phone's after
+    UNHURRIED_FLUSH_S): a few system calls per peer per turn, not one per
+    message, and no task switch per message. Behind a backlog they wait in a
+    queue for the peer's writer task, bounded in messages and in bytes (fan-out
+    multiplies a big token by the screens); a peer whose queue fills up is not
+    reading: it is cut off, and everyone else carries on.
     """
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int,
-                 queue_chars: int) -> None:
+                 queue_bytes: int) -> None:
         self.ws = ws
         self.transport = request.transport
         self.address = address
@@ -975,25 +1043,52 @@ class Peer:
         self.closing = False
         self.dropped = False
         self.last_heard = time.monotonic()
-        self.queue: asyncio.Queue[str | Control] = asyncio.Queue(queue_limit)
-        self.queue_chars = queue_chars
-        self.queued_chars = 0
+        self.outbox: list[bytes] = []                   # frames for the end of this turn
+        self.outbox_bytes = 0
+        self.queue: asyncio.Queue[bytes | Control] = asyncio.Queue(queue_limit)
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0
         self.writer = asyncio.create_task(self.write_all())
 
-    def send(self, item: str | Control) -> None:
-        size = len(item) if isinstance(item, str) else 0
-        if self.queued_chars and self.queued_chars + size > self.queue_chars:
-            self.cut_off(f"not reading ({self.queued_chars} characters queued)")
+    def send(self, item: str | bytes | Control) -> None:
+        """Send text, a frame made by text_frame (to share one among many peers), or a control."""
+        if isinstance(item, str):
+            item = text_frame(item.encode())
+        if isinstance(item, bytes) and self.queue.empty() and self.keeping_up():
+            if not self.outbox and self.view in SCREEN_VIEWS_WITHOUT_TOKENS:
+                asyncio.get_running_loop().call_later(UNHURRIED_FLUSH_S, self.flush)
+            elif not self.outbox:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self.outbox.append(item)
+            self.outbox_bytes += len(item)
+            if self.outbox_bytes >= PEER_FLUSH_BYTES:
+                self.flush()                    # a flood can bring thousands of tokens in one turn
+            return
+        size = len(item) if isinstance(item, bytes) else 0
+        if self.queued_bytes and self.queued_bytes + size > self.queue_bytes:
+            self.cut_off(f"not reading ({self.queued_bytes} bytes queued)")
             return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.cut_off(f"not reading ({self.queue.maxsize} messages queued)")
             return
-        self.queued_chars += size
+        self.queued_bytes += size
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.send(dumps(message))
+
+    def keeping_up(self) -> bool:
+        """Whether the socket takes what it is given (else messages queue for the writer)."""
+        return (not self.closing and self.transport is not None and not self.transport.is_closing()
+                and self.transport.get_write_buffer_size() < PEER_BACKLOG_BYTES)
+
+    def flush(self) -> None:
+        """Write the frames gathered this turn."""
+        if self.outbox:
+            frames, self.outbox, self.outbox_bytes = b"".join(self.outbox), [], 0
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(frames)
 
     def close(self, code: int, reason: str) -> None:
         """Close after everything already queued (an error message, say) has gone out."""
@@ -1009,12 +1104,19 @@ class Peer:
             self.transport.abort()
 
     async def write_all(self) -> None:
+        if self.transport is None:
+            return                                      # the connection is gone already
         try:
             while True:
                 item = await self.queue.get()
-                if isinstance(item, str):
-                    self.queued_chars -= len(item)
-                    await self.ws.send_str(item)
+                self.flush()                            # what was gathered before this item goes first
+                if isinstance(item, bytes):
+                    self.queued_bytes -= len(item)
+                    while self.transport.get_write_buffer_size() >= PEER_BACKLOG_BYTES:
+                        if self.transport.is_closing():
+                            return
+                        await asyncio.sleep(PEER_BACKLOG_POLL_S)
+                    self.transport.write(item)
                 elif item.kind == "ping":
                     await self.ws.ping()
                 else:
@@ -1032,18 +1134,27 @@ class Hub:
         self.peers: set[Peer] = set()
         self.runners: dict[str, Peer] = {}             # registered participants by id
         self.screens: set[Peer] = set()
+        self.arena_screens: list[Peer] = []            # the screens that show tokens (not the voting phones)
+
+    def add_screen(self, peer: Peer) -> None:
+        self.screens.add(peer)
+        self.arena_screens = [s for s in self.screens if s.view not in SCREEN_VIEWS_WITHOUT_TOKENS]
+
+    def drop_screen(self, peer: Peer) -> None:
+        if peer in self.screens:
+            self.screens.discard(peer)
+            self.arena_screens = [s for s in self.screens if s.view not in SCREEN_VIEWS_WITHOUT_TOKENS]
 
     def publish_screens(self, message: dict[str, Any], tokens: bool = False) -> None:
         """Send to every screen; `tokens` messages skip screens that don't show tokens."""
-        text = dumps(message)
-        for peer in self.screens:
-            if not (tokens and peer.view in SCREEN_VIEWS_WITHOUT_TOKENS):
-                peer.send(text)
+        frame = text_frame(dumps(message).encode())     # encoded and framed once for everyone
+        for peer in self.arena_screens if tokens else self.screens:
+            peer.send(frame)
 
     def publish_runners(self, message: dict[str, Any]) -> None:
-        text = dumps(message)
+        frame = text_frame(dumps(message).encode())
         for peer in self.runners.values():
-            peer.send(text)
+            peer.send(frame)
 
     def add_runner(self, peer: Peer, row: dict[str, Any]) -> None:
         """Make `peer` the connection of participant `row`, closing any older one first."""
@@ -1051,7 +1162,7 @@ class Hub:
         if old is not None and old is not peer:
             log.info("WS_DEDUP %s", row["id"])
             old.close(WSCloseCode.OK, "replaced by a newer connection")
-        self.screens.discard(peer)
+        self.drop_screen(peer)
         peer.participant_id, peer.row = row["id"], row
         self.runners[row["id"]] = peer
 
@@ -1065,6 +1176,44 @@ class Hub:
 # The server: live state, database and connections, kept consistent together
 # =============================================================================
 
+class Ballots:
+    """Votes on their way to the database, written in batches.
+
+    A batch waits BALLOT_LINGER_S for the votes already on their way, and a
+    vote that arrives while a batch is being written waits for the next one:
+    a room voting in a burst shares a few transactions instead of paying a
+    commit per phone.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self.writer: asyncio.Task | None = None
+
+    async def cast(self, db: Database, vote: dict[str, Any]) -> dict[str, Any]:
+        """Record a vote and return its row; raise the ClientError that refused it."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((vote, future))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.ensure_future(self.write_all(db))
+        return await future
+
+    async def write_all(self, db: Database) -> None:
+        while self.waiting:
+            await asyncio.sleep(BALLOT_LINGER_S)
+            batch, self.waiting = self.waiting, []
+            try:
+                results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch])
+            except sqlite3.Error as exc:
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue                            # the phone gave up waiting
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 @dataclass
 class Server:
     """What every handler works with; one per app, so tests get a fresh one each."""
@@ -1073,6 +1222,10 @@ class Server:
     db: Database = field(init=False)                 # opened when the app starts
     arena: Arena = field(default_factory=Arena)
     hub: Hub = field(default_factory=Hub)
+    ballots: Ballots = field(default_factory=Ballots)
+    answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
+    # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
+    responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
@@ -1142,6 +1295,8 @@ class Server:
             return
         try:
             await self.db.run(save_tokens, rows, contents)
+            if contents:
+                self.answers_version += 1
         except sqlite3.Error as exc:
             log.error("could not save %d tokens (will retry): %s", len(rows), exc)
             self.arena.give_back(rows)
@@ -1154,6 +1309,7 @@ class Server:
         """Write an answer's metrics row: on `complete` (with its report), or rescued at stop."""
         metrics = generation_metrics(live, gen, report)
         await self.db.run(save_metrics, metrics)
+        self.answers_version += 1
         gen.saved, gen.stale = True, False
         gen.completed = gen.completed or report is not None
         return metrics
@@ -1202,7 +1358,7 @@ class Server:
     async def leave(self, peer: Peer) -> None:
         """Forget a closed connection; a runner's departure is announced unless it was replaced."""
         self.hub.peers.discard(peer)
-        self.hub.screens.discard(peer)
+        self.hub.drop_screen(peer)
         if not peer.closing:
             peer.writer.cancel()
         pid = peer.participant_id
@@ -1293,6 +1449,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
             raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
                            "ID_IN_USE")
         row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
+        server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
     live = arena.running_round()
@@ -1308,7 +1465,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
 
 async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     peer.view = m["view"]
-    server.hub.screens.add(peer)
+    server.hub.add_screen(peer)
     peer.send_json({"type": "registered_telao", "view": peer.view})
     snapshot = await server.snapshot()
     if snapshot is not None:
@@ -1400,7 +1557,7 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     check_origin(request, config)
     ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=config.ws_max_payload, timeout=1.0)
     await ws.prepare(request)
-    peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_chars)
+    peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_bytes)
     server.hub.peers.add(peer)
     try:
         if turned_away(server, peer):
@@ -1503,7 +1660,11 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         row = await server.db.run(create_session, pin, pin_hash.decode())
         sent_away = list(hub.runners.values())
         hub.runners.clear()
-        arena.start_session(row)
+        # This server just made the PIN and its hash: runners typing it need not pay bcrypt
+        # (checked on the event loop's neighbour thread, ~0.3 s at cost 12). Other guesses still do.
+        made_here = asyncio.get_running_loop().create_future()
+        made_here.set_result(True)
+        arena.start_session(row).pin_checks[pin] = made_here
     for peer in sent_away:
         peer.participant_id = None
         peer.send_json(msg_error("A new session started; reconnect with the new PIN.", "SESSION_ENDED"))
@@ -1610,11 +1771,32 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
     return json_response({**round_json(live.row), "liveTokens": live_tokens(live)})
 
 
+async def encode_responses(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The voting page's JSON for a round, plain and gzipped (compressed off the event loop)."""
+    body = dumps({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
+                  "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]}).encode()
+    return body, await asyncio.to_thread(gzip.compress, body, 5)
+
+
 async def get_round_responses(server: Server, request: web.Request, p: Params) -> web.Response:
+    """A round's answers for the voting page.
+
+    Every phone asks the moment voting opens, and the answers are long: the body
+    is built once per change and shared, including by requests that arrive while
+    it is being built; gzipped for the phones that accept it (every browser),
+    since a room's wifi is slower than its server.
+    """
     await server.flush()                                # tokens that trailed their `complete`
     row = await server.db.run(get_round, request.match_info["round_id"])
-    return json_response({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
-                          "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]})
+    key = (row["id"], row["votingStatus"], server.answers_version)
+    cached = server.responses_cache
+    if cached is None or cached[0] != key or (cached[1].done() and cached[1].exception()):
+        cached = server.responses_cache = (key, asyncio.ensure_future(encode_responses(server, row)))
+    body, zipped = await asyncio.shield(cached[1])
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        return web.Response(body=zipped, content_type="application/json", charset="utf-8",
+                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers={"Vary": "Accept-Encoding"})
 
 
 # --- voting and the reveal -------------------------------------------------------
@@ -1680,7 +1862,7 @@ def voter_hash(server: Server, request: web.Request, voter_id: str | None) -> st
 
 
 async def post_votes(server: Server, request: web.Request, p: Params) -> web.Response:
-    vote = await server.db.run(cast_vote, {
+    vote = await server.ballots.cast(server.db, {
         **p, "voter_hash": voter_hash(server, request, p["voter_id"]),
         "user_agent": p["user_agent"] or request.headers.get("User-Agent", "")[:MAX_TEXT]})
     return json_response(vote_json(vote))
@@ -2065,6 +2247,1279 @@ def make_app(config: Config) -> web.Application:
 
 
 # =============================================================================
+# Rehearsal: simulate and bench
+# =============================================================================
+#
+# `simulate` plays the evening against a running server: runner bots that stream
+# answers, arena screens, and voting phones. `bench` starts a server of its own on
+# loopback, drives it with the same actors from worker processes, and measures it.
+# Both import `websockets` (the client the club's Python runners use) only when
+# they run: the server itself needs aiohttp and bcrypt alone.
+
+BOT_WORDS = ("Lhamas ", "pastam ", "no ", "silício ", "🦙 ", "e ", "sonham ", "com ", "pão ", "de ", "queijo",
+             ". ", "Ação! ", "Coração ", "über ", "naïve ", "日本語 ", "Ωμέγα ", "🔥", "🚀 ", "gambiarra ",
+             "é ", "arte", ", ", "ñandú ", "😅 ", "—", "\n", "Çà ", "va? ", "✨ ", "São ", "João ", "🎉")
+BOT_NAMES = ("Açaí", "Jurema", "Zé Mané", "Björk", "Ñandú", "Ωmega", "李雷", "Lhama 🦙", "Cuscuz", "Tapioca",
+             "Maracujá", "Pedrin Matador Testando o tamanho dos nicks")
+BOT_MODELS = (("ollama", "llama3.1:8b"), ("llamacpp", "qwen2.5-7b-instruct-q4_k_m"), ("lmstudio", "gemma-3-4b-it"),
+              ("ollama", "smollm2:135m"), ("ollama", "deepseek-coder:6.7b"), ("ollama", "qwen3.5:9b"))
+# A meetup's laptops: a quarter crawl (a big model on a CPU), a quarter fly (a
+# small model on a GPU). Pairs of (share of the bots, multiple of --rate); mean 1.
+BOT_PACES = ((0.25, 0.4), (0.5, 1.0), (0.25, 1.6))
+WARM_UP_S = (0.1, 0.8)          # a model reads the prompt before its first token
+PROMPTS = ("Escreva um haiku sobre lhamas.", "Explain recursion to a five-year-old, with emoji.",
+           "Desenhe um gato em SVG.", "Write a limerick about a GPU that overheats.")
+REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSION"}
+# Bench's tokens read "<send time>|<word>": the time in µs modulo 2**32 (71 minutes),
+# in hex, so stamps stay short and the answers near their real size.
+STAMP_MARK = "|"
+STAMP_WRAP_US = 2**32
+RECONNECT_TRIES = 20
+FLOOD_BURST = 16                # tokens per write when a bot sends flat out
+WAIT_STEP_S = 0.05              # how often a simulation checks whether a round is done
+# A token_update as the server writes it (on_token), matched without decoding the JSON:
+# bench's screens must keep up with the server on a shared CPU. Anything else is decoded.
+TOKEN_UPDATE = re.compile(r'\{"type":"token_update","participant_id":"((?:[^"\\]|\\.)*)","round":(\d+),"seq":(\d+),'
+                          r'"content":"(?:([0-9a-f]+)\|)?')
+
+
+def bot_word(bot: int, round_index: int, seq: int) -> str:
+    """A bot's token: fixed by (bot, round, seq), so it can resend exactly what the server missed."""
+    return BOT_WORDS[(bot * 7 + round_index * 13 + seq * (1 + bot % 5)) % len(BOT_WORDS)]
+
+
+def bot_answer(bot: int, round_index: int, tokens: int) -> str:
+    """The whole answer of a bot that sent `tokens` tokens: what the server should hold."""
+    return "".join(bot_word(bot, round_index, seq) for seq in range(tokens))
+
+
+def vote_score(voter_id: str, participant_id: str) -> int:
+    """The score a simulated phone gives an answer: fixed, so tallies can be checked exactly."""
+    return int(hashlib.sha256(f"{voter_id}/{participant_id}".encode()).hexdigest()[:8], 16) % 6
+
+
+def websocket_url(base: str) -> str:
+    """The /ws address of a server's base URL (http -> ws, https -> wss)."""
+    return "ws" + base.rstrip("/").removeprefix("http") + "/ws"
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def pick_pace(rng: random.Random) -> float:
+    """A bot's speed as a multiple of --rate, drawn from BOT_PACES with some spread."""
+    draw = rng.random()
+    for share, pace in BOT_PACES:
+        if draw < share:
+            break
+        draw -= share
+    return pace * rng.uniform(0.85, 1.15)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` until it holds or `timeout_s` passes; say whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(WAIT_STEP_S)
+    return True
+
+
+def bump(counter: dict[Any, int], key: Any) -> None:
+    """Count one more `key`."""
+    counter[key] = counter.get(key, 0) + 1
+
+
+def socket_gone() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a `websockets` connection failed or ended."""
+    from websockets.exceptions import InvalidHandshake, WebSocketException
+    return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
+
+
+@dataclass
+class SimOptions:
+    """What a simulation plays; `bench` gives each worker process a slice of it."""
+
+    url: str = "http://127.0.0.1:3000"
+    pin: str | None = None
+    admin_token: str = ""
+    bots: int = 10
+    first_bot: int = 0                  # bench splits the bots between processes
+    rate: float = 20.0                  # mean tokens/s of a bot; 0: as fast as it can
+    drop: float = 0.0                   # chance that a bot drops once during an answer
+    screens: int = 1
+    first_screen: int = 0
+    phones: int = 0                     # voting sockets; each wakes its voters when voting opens
+    voters: int = 0
+    first_voter: int = 0
+    all_voters: int = 0                 # voters in every process: bench's vote schedule
+    rounds: int = 0                     # 0: until the duration or Ctrl-C
+    duration_s: float = 0.0
+    drive: bool = False                 # also play the host: create, start and stop the rounds
+    max_tokens: int = 150
+    deadline_ms: int = 60_000
+    vote_pace_s: float = 0.6            # a phone's think time between votes
+    vote_rate: float = 0.0              # bench: votes/s of all voters together, on a schedule
+    votes_per_voter: int = 0            # 0: every answer
+    fill: bool = False                  # bench: stream up to max_tokens, not a natural length
+    stamp: bool = False                 # bench: put the send time in each token
+    prefix: str = "sim"
+    seed: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Tally:
+    """What one process's actors did and saw; `bench` adds up its workers' tallies."""
+
+    register_s: list[float] = field(default_factory=list)      # a bot's connect -> first `registered`
+    registered_at: list[float] = field(default_factory=list)   # monotonic
+    challenged_at: list[float] = field(default_factory=list)   # monotonic, one per challenge received
+    sent_at: list[float] = field(default_factory=list)         # monotonic, a round's first token of a bot
+    tokens_sent: int = 0
+    completes: int = 0
+    drops: int = 0
+    resumes: int = 0
+    resent: int = 0
+    seen: dict[int, int] = field(default_factory=dict)         # token_updates per screen number
+    out_of_order: dict[int, int] = field(default_factory=dict)
+    seen_at: dict[int, float] = field(default_factory=dict)    # monotonic, each screen's latest token
+    latency_ms: list[float] = field(default_factory=list)      # token sent -> arena screen (stamped only)
+    votes: int = 0
+    fetch_ms: list[float] = field(default_factory=list)        # a phone's download of the answers
+    vote_ms: list[float] = field(default_factory=list)         # vote due -> answered
+    voted_at: list[float] = field(default_factory=list)        # monotonic, each vote answered
+    votes_refused: int = 0
+    scores: dict[str, list[int]] = field(default_factory=dict)  # participant -> [votes, total score]
+    errors: dict[str, int] = field(default_factory=dict)       # error codes the server sent
+
+    def add(self, other: Tally) -> None:
+        """Fold another process's tally into this one."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                mine.extend(theirs)
+            elif isinstance(mine, dict):         # counters add up; per-screen entries never meet (distinct numbers)
+                for key, value in theirs.items():
+                    if key not in mine:
+                        mine[key] = value
+                    elif isinstance(value, list):
+                        mine[key] = [a + b for a, b in zip(mine[key], value)]
+                    else:
+                        mine[key] += value
+            else:
+                setattr(self, f.name, mine + theirs)
+
+
+class Bot:
+    """A runner: registers, answers each challenge at its own pace, and may drop and come back."""
+
+    def __init__(self, sim: Simulation, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.participant_id = f"{sim.options.prefix}-{index:03d}"
+        self.rng = random.Random(f"{sim.options.seed}/{self.participant_id}")
+        self.pace = pick_pace(self.rng)
+        self.runner, self.model = BOT_MODELS[index % len(BOT_MODELS)]
+        self.nickname = f"{BOT_NAMES[index % len(BOT_NAMES)]} {index}"
+        self.ws: Any = None
+        self.ready = asyncio.Event()            # registered on the current connection
+        self.registered_at: float | None = None
+        self.resume: dict[str, Any] | None = None
+        self.answering: int | None = None       # the round of the latest challenge
+        self.answered: set[int] = set()
+        self.refused: str | None = None         # why the server will not have this bot
+        self.task: asyncio.Task | None = None   # the answer being streamed
+
+    def settled(self, round_index: int) -> bool:
+        """Done with a round: answered it, or out of the game."""
+        return round_index in self.answered or self.refused is not None
+
+    async def run(self) -> None:
+        """Stay connected until the simulation ends, reconnecting after every drop."""
+        from websockets.asyncio.client import connect
+        failures = 0
+        while not self.sim.stopping and self.refused is None and failures < RECONNECT_TRIES:
+            started = time.monotonic()
+            try:
+                async with connect(self.sim.ws_url, open_timeout=10, compression=None, max_queue=None) as ws:
+                    self.ws = ws
+                    await ws.send(dumps({"type": "register", "participant_id": self.participant_id,
+                                         "nickname": self.nickname, "pin": self.sim.pin, "runner": self.runner,
+                                         "model": self.model}))
+                    async for text in ws:
+                        failures = 0
+                        self.on_message(json.loads(text), started)
+            except socket_gone():
+                failures += 1
+            self.ready.clear()
+            if not self.sim.stopping and self.refused is None:
+                await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+        if self.refused is None and not self.sim.stopping:
+            self.refused = "UNREACHABLE"
+
+    def on_message(self, m: dict[str, Any], connect_started: float) -> None:
+        if m["type"] == "registered":
+            self.on_registered(m, connect_started)
+        elif m["type"] == "challenge":
+            self.sim.tally.challenged_at.append(time.monotonic())
+            if self.task is not None:
+                self.task.cancel()              # the host moved on: so does the bot
+            self.answering = m["round"]
+            self.sim.progress.begin(m["round"])
+            self.task = asyncio.ensure_future(self.answer(m))
+        elif m["type"] == "error":
+            bump(self.sim.tally.errors, m.get("code", "ERROR"))
+            if m.get("code") in REFUSALS:
+                self.refused = m["code"]
+                self.sim.note(f"{self.participant_id} refused: {m.get('message')}")
+
+    def on_registered(self, m: dict[str, Any], connect_started: float) -> None:
+        """Note the first registration's timing; after a drop, learn where to resume."""
+        now = time.monotonic()
+        if self.registered_at is None:
+            self.registered_at = now
+            self.sim.tally.register_s.append(now - connect_started)
+            self.sim.tally.registered_at.append(now)
+        resume = m.get("resume")
+        if resume and resume["round"] == self.answering and self.answering not in self.answered:
+            self.resume = resume
+        self.ready.set()
+
+    def answer_length(self, max_tokens: int) -> int:
+        """How many tokens this answer has: the budget when filling, else a natural length within it."""
+        if self.sim.options.fill:
+            return max_tokens
+        return self.rng.randint(max(1, max_tokens // 3), max_tokens)
+
+    async def answer(self, challenge: dict[str, Any]) -> None:
+        """Stream an answer until it is done, out of budget or out of time; then `complete`."""
+        round_index, began = challenge["round"], time.monotonic()
+        try:
+            if self.sim.options.rate > 0:
+                tokens, first_at = await self.stream(challenge, began)
+            else:
+                tokens, first_at = await self.flood(challenge)
+            report = {"type": "complete", "round": round_index, "participant_id": self.participant_id,
+                      "tokens": tokens, "duration_ms": round((time.monotonic() - began) * 1000),
+                      "model_info": {"name": self.model, "runner": self.runner}}
+            if first_at is not None:
+                report["latency_ms_first_token"] = round((first_at - began) * 1000)
+            await self.settle_up(round_index, tokens)
+            while not await self.send(dumps(report)):
+                await self.settle_up(round_index, tokens)
+        except asyncio.TimeoutError:
+            return                              # the connection never came back: the answer is lost
+        self.answered.add(round_index)
+        self.sim.tally.completes += 1
+
+    async def stream(self, challenge: dict[str, Any], began: float) -> tuple[int, float | None]:
+        """Generate the tokens at this bot's pace, sending those the connection lets through."""
+        round_index, deadline = challenge["round"], began + challenge["deadline_ms"] / 1000
+        length = self.answer_length(challenge["max_tokens"])
+        drop_at = self.rng.randrange(1, length) if length > 1 and self.rng.random() < self.sim.options.drop else -1
+        await asyncio.sleep(self.rng.uniform(*WARM_UP_S))
+        seq, first_at, due = 0, None, time.monotonic()
+        while seq < length and time.monotonic() < deadline:
+            due = await self.wait_turn(due)
+            if self.resume is not None:
+                await self.catch_up(round_index, seq)
+            if seq == drop_at and self.ready.is_set():
+                self.drop()
+            elif self.ready.is_set() and await self.send(self.token(round_index, seq)):
+                if first_at is None:
+                    first_at = time.monotonic()
+                    self.sim.tally.sent_at.append(first_at)
+                self.sim.tally.tokens_sent += 1
+            seq += 1                            # a model goes on generating while the wifi is down
+        return seq, first_at
+
+    async def flood(self, challenge: dict[str, Any]) -> tuple[int, float]:
+        """Flat out (bench's saturation round): every token at once, in bursts written to the socket.
+
+        The websockets library's cost per message would make the load generator,
+        not the server, the limit. The frames are the ones it would send (masked,
+        with the all-zero key), so the server does the same work for each.
+        """
+        round_index, length = challenge["round"], self.answer_length(challenge["max_tokens"])
+        ws, first_at = self.ws, time.monotonic()
+        self.sim.tally.sent_at.append(first_at)
+        for start in range(0, length, FLOOD_BURST):
+            if ws.transport.is_closing():
+                return start, first_at
+            burst = range(start, min(start + FLOOD_BURST, length))
+            ws.transport.write(b"".join(text_frame(self.token(round_index, seq).encode(), masked=True) for seq in burst))
+            self.sim.tally.tokens_sent += len(burst)
+            await ws.drain()                    # websockets' own flow control: waits while the server is behind
+            await asyncio.sleep(0)              # let the other bots in
+        return length, first_at
+
+    async def settle_up(self, round_index: int, tokens: int) -> None:
+        """Be connected again, and resend whatever the server lacks of the first `tokens` tokens."""
+        while not self.ready.is_set() or self.resume is not None:
+            await asyncio.wait_for(self.ready.wait(), RECONNECT_TRIES * 2)
+            if self.resume is not None:
+                await self.catch_up(round_index, tokens)
+
+    async def catch_up(self, round_index: int, seq: int) -> None:
+        """After a reconnect, resend the gaps the server reports and what went out while offline."""
+        resume, self.resume = self.resume, None
+        self.sim.tally.resumes += 1
+        for missing in resume["missing"] + list(range(resume["next_seq"], seq)):
+            if await self.send(self.token(round_index, missing)):
+                self.sim.tally.tokens_sent += 1
+                self.sim.tally.resent += 1
+
+    def token(self, round_index: int, seq: int) -> str:
+        content = bot_word(self.index, round_index, seq)
+        if self.sim.options.stamp:
+            content = f"{time.monotonic_ns() // 1000 % STAMP_WRAP_US:x}{STAMP_MARK}{content}"
+        return dumps({"type": "token", "round": round_index, "participant_id": self.participant_id, "seq": seq,
+                      "content": content})
+
+    async def wait_turn(self, due: float) -> float:
+        """Sleep until the next token is due at this bot's pace, with jitter; return the next due time."""
+        rate = self.sim.options.rate * self.pace
+        due += self.rng.uniform(0.5, 1.5) / rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        return due
+
+    async def send(self, text: str) -> bool:
+        """Send on the current connection; False if it has just died (the run loop reconnects)."""
+        ws = self.ws
+        try:
+            await ws.send(text)
+            return True
+        except socket_gone():
+            if ws is self.ws:
+                self.ready.clear()
+            return False
+
+    def drop(self) -> None:
+        """Vanish mid-answer as a laptop on bad wifi does: no closing handshake."""
+        self.sim.tally.drops += 1
+        self.ready.clear()
+        self.ws.transport.abort()
+
+
+class Screen:
+    """A telão tab (view "arena") or a voting phone (view "voting"), which wakes its voters.
+
+    Screens use aiohttp's client (a browser, not a Python runner, is what they
+    stand for): it reads frames in C, at half the CPU of `websockets`, and the
+    screens must read faster than the server can write for `bench` to measure it.
+    """
+
+    def __init__(self, sim: Simulation, number: int, view: str, voters: list[Voter]) -> None:
+        self.sim = sim
+        self.number = number
+        self.view = view
+        self.voters = voters
+        self.ready = asyncio.Event()
+        self.round: int | None = None
+        self.expected: dict[str, int] = {}      # next seq per participant in this round
+
+    async def run(self) -> None:
+        """Watch until the simulation ends, reconnecting if the connection drops."""
+        for _ in range(RECONNECT_TRIES):
+            try:
+                async with self.sim.http.ws_connect(self.sim.ws_url, compress=0, max_msg_size=0) as ws:
+                    await ws.send_str(dumps({"type": "telao_register", "view": self.view}))
+                    async for message in ws:
+                        if message.type is WSMsgType.TEXT:
+                            self.on_message(message.data)
+            except (OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError):
+                pass
+            if self.sim.stopping:
+                return
+            await asyncio.sleep(0.5)
+
+    def on_message(self, text: str) -> None:
+        now_us = time.monotonic_ns() // 1000
+        token = TOKEN_UPDATE.match(text)
+        if token:
+            self.on_token(token[1], int(token[2]), int(token[3]), token[4], now_us)
+            return
+        m = json.loads(text)
+        kind = m["type"]
+        if kind == "token_update":
+            stamp, mark, _ = m["content"].partition(STAMP_MARK)
+            self.on_token(m["participant_id"], m["round"], m["seq"], stamp if mark else None, now_us)
+        elif kind in ("round_state", "state_snapshot") and m["round"]:
+            self.sim.round_ids[m["round"]["index"]] = m["round"]["id"]
+            if m["round"]["votingStatus"] == "open" and self.sim.may_vote(m["round"]["id"]):
+                for voter in self.voters:
+                    voter.start(m["round"])
+        elif kind == "registered_telao":
+            self.ready.set()
+
+    def on_token(self, pid: str, round_index: int, seq: int, stamp: str | None, now_us: int) -> None:
+        """Count a token, check its order, and time it when the bot stamped it."""
+        tally = self.sim.tally
+        tally.seen[self.number] = tally.seen.get(self.number, 0) + 1
+        if round_index != self.round:
+            self.round = round_index
+            self.expected.clear()
+        expected = self.expected.get(pid, 0)
+        if seq < expected:
+            bump(tally.out_of_order, self.number)
+        else:
+            self.expected[pid] = seq + 1
+        if stamp:
+            tally.latency_ms.append((now_us - int(stamp, 16)) % STAMP_WRAP_US / 1000)
+        tally.seen_at[self.number] = now_us / 1e6
+
+
+class HttpLink:
+    """A phone's keep-alive HTTP/1.1 connection, just enough to POST JSON.
+
+    aiohttp's client spends about as much CPU on a request as the server does,
+    which would make the load generator, not the server, the limit of `bench`.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or (443 if self.tls else 80)
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        """POST `body`; return the status and the decoded JSON answer. One retry on a stale connection."""
+        payload = dumps(body).encode()
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+        for attempt in range(2):
+            try:
+                return await asyncio.wait_for(self.exchange(request), 30)
+            except (OSError, asyncio.IncompleteReadError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def exchange(self, request: bytes) -> tuple[int, Any]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
+        reader, writer = self.streams
+        writer.write(request)
+        status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return int(status_line.split()[1]), json.loads(body)
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+class Voter:
+    """A person with a phone: votes for every answer (or some) once voting opens."""
+
+    def __init__(self, sim: Simulation, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.voter_id = f"{sim.options.prefix}-voter-{index:03d}"
+        self.rng = random.Random(f"{sim.options.seed}/{self.voter_id}")
+        self.rounds: dict[str, asyncio.Task] = {}
+        self.link = HttpLink(sim.options.url)
+
+    def start(self, row: dict[str, Any]) -> None:
+        if row["id"] not in self.rounds:
+            self.rounds[row["id"]] = asyncio.ensure_future(self.vote(row["id"]))
+            self.sim.tasks.append(self.rounds[row["id"]])
+
+    def settled(self, round_id: str) -> bool:
+        task = self.rounds.get(round_id)
+        return task is not None and task.done()
+
+    async def vote(self, round_id: str) -> None:
+        """Read the answers, then vote on them one by one, as a thumb on a phone does."""
+        targets = await self.sim.answers(round_id)
+        opened = time.monotonic()
+        self.rng.shuffle(targets)
+        for turn, pid in enumerate(targets[:self.sim.options.votes_per_voter or None]):
+            due = await self.wait_turn(opened, turn)
+            score = vote_score(self.voter_id, pid)
+            try:
+                status, answer = await self.link.post_json("/api/votes", {
+                    "roundId": round_id, "participantId": pid, "score": score, "voterId": self.voter_id})
+                # As the telão's voting page: "already voted" means an earlier try got through.
+                accepted = status == 200 or answer.get("error") == "Already voted for this participant"
+                refusal = f"{status} {answer.get('error')}"
+            except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    asyncio.TimeoutError) as exc:
+                accepted, refusal = False, type(exc).__name__
+            done = time.monotonic()
+            tally = self.sim.tally
+            tally.vote_ms.append((done - due) * 1000)
+            tally.voted_at.append(done)
+            if accepted:
+                tally.votes += 1
+                tally.scores[pid] = [a + b for a, b in zip(tally.scores.get(pid, [0, 0]), (1, score))]
+            else:
+                tally.votes_refused += 1
+                self.sim.note(f"a vote was refused: {refusal}")
+
+    async def wait_turn(self, opened: float, turn: int) -> float:
+        """Wait for this vote's moment: bench's schedule (open loop), else a thumb's pace. Return it."""
+        options = self.sim.options
+        if options.vote_rate:
+            due = opened + (self.index + turn * max(options.all_voters, 1)) / options.vote_rate
+        else:
+            due = time.monotonic() + options.vote_pace_s * self.rng.uniform(0.5, 1.5)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        return due
+
+
+class Simulation:
+    """Bots, screens and voters sharing one event loop, one HTTP session and one tally."""
+
+    def __init__(self, options: SimOptions) -> None:
+        self.options = options
+        self.ws_url = websocket_url(options.url)
+        self.pin = options.pin or ""
+        self.tally = Tally()
+        self.stopping = False
+        self.http: ClientSession | None = None
+        self.voters = [Voter(self, options.first_voter + i) for i in range(options.voters)]
+        # Phones are numbered -1: a token_update reaching one (it should not) shows up as seen[-1].
+        self.screens = ([Screen(self, options.first_screen + i, "arena", []) for i in range(options.screens)]
+                        + [Screen(self, -1, "voting", self.voters[i::options.phones]) for i in range(options.phones)])
+        self.bots = [Bot(self, options.first_bot + i) for i in range(options.bots)]
+        self.tasks: list[asyncio.Task] = []
+        self.notes: dict[str, None] = {}        # one-off remarks for the summary, in order
+        self.round_ids: dict[int, str] = {}
+        self.progress = Progress(self, options.progress)
+        self.ballots: set[str] | None = None     # bench: the only rounds voters vote in (None: every round)
+        self.answers_read: tuple[bytes, list[str]] = (b"", [])
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        """An HTTP session while the simulation runs; every actor stops at the end."""
+        async with ClientSession(connector=TCPConnector(limit=0), timeout=ClientTimeout(total=30)) as self.http:
+            try:
+                yield self
+            finally:
+                self.stopping = True
+                tasks = self.tasks + [bot.task for bot in self.bots if bot.task is not None]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for voter in self.voters:
+                    voter.link.close()
+
+    def may_vote(self, round_id: str) -> bool:
+        return self.ballots is None or round_id in self.ballots
+
+    def note(self, text: str) -> None:
+        self.notes[text] = None
+
+    def take_tally(self) -> Tally:
+        tally, self.tally = self.tally, Tally()
+        return tally
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One HTTP call as the host (or a phone); a refusal raises RuntimeError with the server's words."""
+        headers = {"Authorization": f"Bearer {self.options.admin_token}"} if self.options.admin_token else {}
+        async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
+                                     headers=headers) as response:
+            data = await response.json(content_type=None)
+            if response.status >= 400:
+                raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
+            return data
+
+    async def answers(self, round_id: str) -> list[str]:
+        """Download a round's answers as a phone does (gzipped); return who answered.
+
+        Every phone downloads them, but identical downloads are unpacked once:
+        that is each phone's own work, not the server's.
+        """
+        started = time.monotonic()
+        async with self.http.get(self.options.url.rstrip("/") + f"/api/rounds/{round_id}/responses",
+                                 headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
+            raw = await response.read()
+            packed = response.headers.get("Content-Encoding") == "gzip"
+        if response.status != 200:
+            raise RuntimeError(f"GET /api/rounds/{round_id}/responses: {response.status}")
+        if raw != self.answers_read[0]:
+            body = json.loads(gzip.decompress(raw) if packed else raw)
+            self.answers_read = (raw, [answer["participant_id"] for answer in body["responses"]])
+        self.tally.fetch_ms.append((time.monotonic() - started) * 1000)
+        return list(self.answers_read[1])
+
+    async def find_pin(self) -> str:
+        """--pin, else the active session's (shown to the host's machine), else a new session's with --drive."""
+        if self.options.pin:
+            return self.options.pin
+        try:
+            session = await self.call("GET", "/session")
+        except RuntimeError:
+            if not self.options.drive:
+                raise RuntimeError("No active session: start one (curl -X POST .../session) or use --drive") from None
+            session = await self.call("POST", "/session")
+            print(f"started a new session, PIN {session['pin']}", flush=True)
+        if not session.get("pin"):
+            raise RuntimeError("The server shows the PIN only to the host's own machine: pass --pin")
+        return session["pin"]
+
+    async def start_screens(self, timeout_s: float = 15.0) -> None:
+        self.tasks += [asyncio.ensure_future(screen.run()) for screen in self.screens]
+        await wait_until(lambda: all(screen.ready.is_set() for screen in self.screens), timeout_s)
+
+    def start_bots(self) -> None:
+        self.tasks += [asyncio.ensure_future(bot.run()) for bot in self.bots]
+
+    def joined(self) -> bool:
+        return all(bot.registered_at is not None or bot.refused for bot in self.bots)
+
+    def answered(self, round_index: int) -> bool:
+        return all(bot.settled(round_index) for bot in self.bots)
+
+    def voted(self, round_id: str) -> bool:
+        return all(voter.settled(round_id) for voter in self.voters)
+
+    def seen(self, tokens: int) -> bool:
+        """Every arena screen here has seen `tokens` tokens since the tally was last taken."""
+        return all(self.tally.seen.get(s.number, 0) >= tokens for s in self.screens if s.view == "arena")
+
+    def current_round(self) -> int | None:
+        """The latest round a bot was challenged with."""
+        return max((bot.answering for bot in self.bots if bot.answering is not None), default=None)
+
+    def finished(self, round_index: int) -> bool:
+        """Every bot answered the round and, once voting opened, every voter voted."""
+        if not self.answered(round_index):
+            return False
+        return not self.voters or (round_index in self.round_ids and self.voted(self.round_ids[round_index]))
+
+
+class Progress:
+    """One live line per round: answers, tokens, screens, drops and votes since its first challenge."""
+
+    def __init__(self, sim: Simulation, enabled: bool) -> None:
+        self.sim = sim
+        self.enabled = enabled
+        self.live = sys.stdout.isatty()
+        self.round: int | None = None
+        self.ended: set[int] = set()
+        self.mark = Tally()
+        self.began = self.streamed = time.monotonic()
+        self.tokens = 0
+
+    def begin(self, round_index: int) -> None:
+        """A bot got a challenge: a new round ends the previous round's line and starts counting."""
+        if round_index == self.round or round_index in self.ended:
+            return
+        self.end()
+        t = self.sim.tally
+        self.mark = Tally(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
+        self.round, self.began, self.streamed, self.tokens = round_index, time.monotonic(), time.monotonic(), 0
+
+    def line(self) -> str:
+        sim, t, m = self.sim, self.sim.tally, self.mark
+        tokens = t.tokens_sent - m.tokens_sent
+        if tokens != self.tokens:               # the rate is over the streaming, not the voting after it
+            self.tokens, self.streamed = tokens, time.monotonic()
+        arena = [s.number for s in sim.screens if s.view == "arena"]
+        shown = min((t.seen.get(n, 0) - m.seen.get(n, 0) for n in arena), default=0)
+        screens = f" · screens {shown / tokens:.0%}" if arena and tokens else ""
+        answered = sum(bot.settled(self.round) for bot in sim.bots)
+        return (f"round {self.round}: {answered}/{len(sim.bots)} answered · {tokens:,} tokens "
+                f"({tokens / max(self.streamed - self.began, 1e-3):,.0f}/s){screens} · {t.drops - m.drops} drops "
+                f"({t.resumes - m.resumes} resumed) · {t.votes - m.votes} votes")
+
+    def show(self) -> None:
+        if self.enabled and self.live and self.round is not None:
+            print("\r" + self.line() + "\x1b[K", end="", flush=True)
+
+    def end(self) -> None:
+        """Finish the current round's line for good."""
+        if self.enabled and self.round is not None:
+            print(("\r" if self.live else "") + self.line() + ("\x1b[K" if self.live else ""), flush=True)
+        if self.round is not None:
+            self.ended.add(self.round)
+            self.round = None
+
+    async def run(self) -> None:
+        while True:
+            self.show()
+            await asyncio.sleep(0.5)
+
+
+async def follow_rounds(sim: Simulation) -> None:
+    """Answer the rounds the host runs; with --rounds, stop once that many are answered and voted."""
+    finished: set[int] = set()
+    while not sim.options.rounds or len(finished) < sim.options.rounds:
+        await asyncio.sleep(WAIT_STEP_S)
+        current = sim.current_round()
+        if current is not None and current not in finished and sim.finished(current):
+            finished.add(current)
+            sim.progress.end()
+
+
+async def drive_rounds(sim: Simulation) -> None:
+    """Play the host too: each round from challenge to closed voting, --rounds times (3 by default)."""
+    options = sim.options
+    await wait_until(sim.joined, 30)
+    for n in range(options.rounds or 3):
+        row = await sim.call("POST", "/rounds", {"prompt": PROMPTS[n % len(PROMPTS)], "maxTokens": options.max_tokens,
+                                                 "deadlineMs": options.deadline_ms})
+        await sim.call("POST", "/rounds/start", {"roundId": row["id"]})
+        await wait_until(lambda: sim.answered(row["index"]), options.deadline_ms / 1000 + 10)
+        await sim.call("POST", "/rounds/stop", {"roundId": row["id"]})
+        votes = len(sim.bots) if not options.votes_per_voter else min(options.votes_per_voter, len(sim.bots))
+        await wait_until(lambda: sim.voted(row["id"]), 10 + 2 * votes * options.vote_pace_s)
+        await sim.call("POST", f"/rounds/{row['id']}/close-voting")
+        sim.progress.end()
+
+
+async def simulate(options: SimOptions) -> Tally:
+    """Play the evening against a running server until --rounds, --duration or Ctrl-C; print a summary."""
+    sim = Simulation(options)
+    began = time.monotonic()
+    async with sim.running():
+        sim.pin = await sim.find_pin()
+        await sim.start_screens()
+        sim.start_bots()
+        sim.tasks.append(asyncio.ensure_future(sim.progress.run()))
+        play = drive_rounds if options.drive else follow_rounds
+        try:
+            await asyncio.wait_for(play(sim), options.duration_s or None)
+        except asyncio.TimeoutError:
+            pass                                # --duration is up
+        finally:
+            sim.progress.end()
+            if options.progress:
+                print(simulation_summary(sim, time.monotonic() - began), flush=True)
+    return sim.tally
+
+
+def figure_ms(values: list[float], scale: float = 1.0) -> str:
+    """The median and 99th percentile of `values` (milliseconds once scaled), or "-" when there are none."""
+    if not values:
+        return "-"
+    return f"p50 {quantile(values, 0.5) * scale:,.1f} ms, p99 {quantile(values, 0.99) * scale:,.1f} ms"
+
+
+def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
+    """What the rehearsal did, for the host: bots, tokens, screens, votes, errors."""
+    t = sim.tally
+    registered = sum(bot.registered_at is not None for bot in sim.bots)
+    refused = sum(bot.refused is not None for bot in sim.bots)
+    arena = [s.number for s in sim.screens if s.view == "arena"]
+    seen = sorted(t.seen.get(n, 0) for n in arena)
+    lines = [f"simulate: {len(sim.progress.ended)} rounds in {elapsed_s:.0f} s against {sim.options.url}",
+             f"  bots     {registered}/{len(sim.bots)} registered ({figure_ms(t.register_s, 1000)}), {refused} refused",
+             f"  tokens   {t.tokens_sent:,} sent, {t.completes} answers completed; {t.drops} drops, "
+             f"{t.resumes} resumed, {t.resent} tokens resent"]
+    if arena:
+        lines.append(f"  screens  {len(arena)} arena screens saw {seen[0]:,}" + (f"-{seen[-1]:,}" if seen[-1] != seen[0]
+                     else "") + f" tokens; {sum(t.out_of_order.values())} arrived out of order (resent after a drop)")
+    if sim.voters:
+        lines.append(f"  votes    {t.votes:,} accepted ({figure_ms(t.vote_ms)}), {t.votes_refused} refused")
+    lines.append("  errors   " + (", ".join(f"{code} x{n}" for code, n in sorted(t.errors.items())) or "none"))
+    lines += [f"  note     {text}" for text in list(sim.notes)[:5]]
+    return "\n".join(lines)
+
+
+# --- bench: the server in its own process, measured under simulated load ------
+
+@dataclass(frozen=True)
+class Preset:
+    """A room to measure: how many of each actor, and how hard they push."""
+
+    runners: int
+    rate: float                         # mean tokens/s of a runner
+    screens: int                        # arena screens (telão tabs)
+    phones: int                         # voting phones: sockets on the voting view
+    voters: int                         # people voting (several may share a phone)
+    stream_s: float = 20.0              # how long the measured round streams
+    vote_rate: float = 2500.0           # votes/s offered by all voters together
+    votes_per_voter: int = 0            # 0: every answer
+    saturation_tokens: int = 1000       # tokens per runner in the flat-out round
+
+
+BENCH_PRESETS = {
+    "meetup": Preset(runners=60, rate=30, screens=5, phones=30, voters=30, vote_rate=500, saturation_tokens=2000),
+    "ten-x": Preset(runners=200, rate=20, screens=3, phones=50, voters=200, vote_rate=2000, votes_per_voter=50),
+}
+RUNNERS_PER_WORKER = 100
+LOAD_NICENESS = 10
+SOAK_SAMPLE_S = 30.0
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, every thread) a process has used, from /proc; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    ticks = stat.rsplit(")", 1)[1].split()          # the command name may hold spaces
+    return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_wait_s(pid: int) -> float:
+    """Seconds a process's threads have waited for a CPU while ready to run (Linux schedstat; 0 elsewhere)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(task.read_text().split()[1])
+    return total / 1e9
+
+
+def process_rss_mb(pid: int) -> float | None:
+    """A process's resident memory in MB, from /proc; None elsewhere."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
+
+
+def split_cpus(affinity: bool) -> tuple[set[int], set[int]] | None:
+    """One CPU for the server, the rest for the load generators; None where that cannot be done."""
+    if not affinity or not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
+
+
+class BenchServer:
+    """The server under test: its own process, a temporary database and a free loopback port."""
+
+    def __init__(self, folder: Path, cpus: set[int] | None) -> None:
+        self.folder = folder
+        self.cpus = cpus
+        self.base = ""
+
+    def __enter__(self) -> BenchServer:
+        command = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", "0",
+                   "--database-url", str(self.folder / "bench.db")]
+        self.log = open(self.folder / "server.log", "w")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if self.cpus:
+            os.sched_setaffinity(self.process.pid, self.cpus)   # before it starts its threads: they inherit
+        for line in self.process.stdout:
+            if "listening on" in line:
+                self.base = f"http://127.0.0.1:{int(line.split('port ')[1].split()[0])}"
+                return self
+        self.__exit__()
+        raise RuntimeError("the server did not start:\n" + (self.folder / "server.log").read_text()[-2000:])
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        self.log.close()
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.process.pid) or 0.0
+
+    def rss_mb(self) -> float | None:
+        return process_rss_mb(self.process.pid)
+
+
+def bench_worker(conn: Any, options: SimOptions, cpus: set[int] | None) -> None:
+    """A load-generator process: plays its slice of the evening on bench's orders."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    if not options.screens and hasattr(os, "nice"):
+        os.nice(LOAD_NICENESS)          # the screens time the tokens: they go first on a shared CPU
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(obey(conn, options))
+
+
+async def obey(conn: Any, options: SimOptions) -> None:
+    """Start the screens, then carry out orders until "stop"; each reply is the tally since the last."""
+    sim = Simulation(options)
+    sim.ballots = set()
+    async with sim.running():
+        await sim.start_screens()
+        conn.send(None)
+        while True:
+            order, args, timeout_s = await asyncio.to_thread(conn.recv)
+            if order == "stop":
+                return
+            if order == "join":
+                sim.start_bots()
+                await wait_until(sim.joined, timeout_s)
+            elif order == "rate":
+                sim.options.rate = args[0]
+            elif order == "ballot":
+                sim.ballots.add(args[0])
+            elif order in ("answered", "voted", "seen"):
+                await wait_until(lambda: getattr(sim, order)(*args), timeout_s)
+            conn.send(vars(sim.take_tally()))
+
+
+class Workers:
+    """The load-generator processes, each taking orders over its own pipe."""
+
+    def __init__(self, slices: list[tuple[str, SimOptions]], cpus: set[int] | None) -> None:
+        context = multiprocessing.get_context("spawn")     # a fresh interpreter: no inherited loop or threads
+        self.pipes: list[tuple[str, Any]] = []
+        self.processes = []
+        for role, options in slices:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=bench_worker, args=(theirs, options, cpus), daemon=True)
+            process.start()
+            self.pipes.append((role, ours))
+            self.processes.append(process)
+
+    @staticmethod
+    def reply(conn: Any, timeout_s: float) -> Any:
+        try:
+            if conn.poll(timeout_s):
+                return conn.recv()
+        except EOFError:
+            pass
+        raise RuntimeError("a load generator stopped answering (its traceback, if any, is above)")
+
+    async def ready(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(self.reply, conn, 60) for _, conn in self.pipes))
+
+    async def order(self, role: str | None, order: str, *args: Any, timeout_s: float = 30) -> Tally:
+        """Give an order to every worker of `role` (None: all) and add up their tallies."""
+        pipes = [conn for r, conn in self.pipes if role in (None, r)]
+        for conn in pipes:
+            conn.send((order, args, timeout_s))
+        total = Tally()
+        for reply in await asyncio.gather(*(asyncio.to_thread(self.reply, conn, timeout_s + 30) for conn in pipes)):
+            total.add(Tally(**reply))
+        return total
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each role's processes."""
+        used: dict[str, float] = {}
+        for (role, _), process in zip(self.pipes, self.processes):
+            used[role] = used.get(role, 0.0) + (process_cpu_s(process.pid) or 0.0)
+        return used
+
+    def close(self) -> None:
+        for _, conn in self.pipes:
+            with contextlib.suppress(OSError):
+                conn.send(("stop", (), 0))
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+
+
+def worker_slices(preset: Preset, base: str, pin: str) -> list[tuple[str, SimOptions]]:
+    """The load split into processes: runners by the hundred, the arena screens, the phones and voters."""
+    common = {"url": base, "pin": pin, "prefix": "bench", "fill": True, "stamp": True, "rate": preset.rate,
+              "screens": 0, "bots": 0, "all_voters": preset.voters, "vote_rate": preset.vote_rate,
+              "votes_per_voter": preset.votes_per_voter, "progress": False}
+    slices = [("runners", SimOptions(**{**common, "bots": min(RUNNERS_PER_WORKER, preset.runners - first),
+                                        "first_bot": first}))
+              for first in range(0, preset.runners, RUNNERS_PER_WORKER)]
+    slices.append(("screens", SimOptions(**{**common, "screens": preset.screens})))
+    slices.append(("phones", SimOptions(**{**common, "phones": max(preset.phones, 1 if preset.voters else 0),
+                                           "voters": preset.voters})))
+    return slices
+
+
+def spread(values_ms: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max of some milliseconds, rounded for the report."""
+    pick = {"p50": quantile(values_ms, 0.5), "p99": quantile(values_ms, 0.99),
+            "max": max(values_ms) if values_ms else None}
+    return {key: None if value is None else round(value, 2) for key, value in pick.items()}
+
+
+class Meter:
+    """CPU used by the server and by the load generators over a phase, as shares of one CPU.
+
+    `server_wait_share` is the time the server's threads were ready but not
+    running: other processes on its CPU (or its own two threads on one CPU).
+    """
+
+    def __init__(self, server: BenchServer, workers: Workers) -> None:
+        self.server, self.workers = server, workers
+        self.began, self.server_s, self.load_s = time.monotonic(), server.cpu_s(), workers.cpu_s()
+        self.wait_s = process_wait_s(server.process.pid)
+
+    def read(self) -> dict[str, float]:
+        wall_s = time.monotonic() - self.began
+        server_s = self.server.cpu_s() - self.server_s
+        load = {role: round((used - self.load_s[role]) / wall_s, 2) for role, used in self.workers.cpu_s().items()}
+        return {"server_cpu_s": round(server_s, 3), "server_cpu_share": round(server_s / wall_s, 2),
+                "server_wait_share": round((process_wait_s(self.server.process.pid) - self.wait_s) / wall_s, 2),
+                "load_cpu_share": round(sum(load.values()), 2), "load_cpu_by_role": load}
+
+
+class Bench:
+    """One bench run: the server, its load generators, the host's HTTP calls, and memory watch."""
+
+    def __init__(self, preset: Preset, server: BenchServer, workers: Workers, host: Simulation) -> None:
+        self.preset = preset
+        self.server = server
+        self.workers = workers
+        self.host = host
+        self.rss_max_mb = 0.0
+
+    async def watch_memory(self) -> None:
+        while True:
+            self.rss_max_mb = max(self.rss_max_mb, self.server.rss_mb() or 0.0)
+            await asyncio.sleep(0.5)
+
+    async def join(self) -> dict[str, Any]:
+        """Every runner connects and registers at once."""
+        meter, began = Meter(self.server, self.workers), time.monotonic()
+        t = await self.workers.order("runners", "join", timeout_s=60)
+        return {"runners": self.preset.runners, "registered": len(t.registered_at),
+                "wall_s": round(max(t.registered_at) - began, 3) if t.registered_at else None,
+                "p50_s": quantile(t.register_s, 0.5), "p99_s": quantile(t.register_s, 0.99),
+                **meter.read(), "errors": t.errors}
+
+    async def stream(self, rate: float, max_tokens: int, deadline_ms: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One round streamed at `rate` tokens/s per runner (0: flat out); return its figures and row."""
+        await self.workers.order(None, "rate", rate)        # every order also clears the tallies
+        row = await self.host.call("POST", "/rounds", {"prompt": "bench", "maxTokens": max_tokens,
+                                                       "deadlineMs": deadline_ms})
+        meter, began = Meter(self.server, self.workers), time.monotonic()
+        await self.host.call("POST", "/rounds/start", {"roundId": row["id"]})
+        runners = await self.workers.order("runners", "answered", row["index"], timeout_s=deadline_ms / 1000 + 60)
+        screens = await self.workers.order("screens", "seen", runners.tokens_sent, timeout_s=30)
+        cpu = meter.read()
+        phones = await self.workers.order("phones", "tally")
+        sent = runners.tokens_sent
+        span_s = max(screens.seen_at.values(), default=began) - min(runners.sent_at, default=began)
+        return {"tokens": sent, "tokens_per_s": round(sent / span_s) if span_s > 0 else None,
+                "fanout_ms": spread([(t - began) * 1000 for t in runners.challenged_at]),
+                "latency_ms": spread(screens.latency_ms),
+                "lost": [sent - screens.seen.get(n, 0) for n in range(self.preset.screens)],
+                "reordered": [screens.out_of_order.get(n, 0) for n in range(self.preset.screens)],
+                "phone_token_updates": phones.seen.get(-1, 0), **cpu,
+                "cpu_s_per_1000_tokens": round(cpu["server_cpu_s"] / sent * 1000, 4) if sent else None,
+                "errors": runners.errors}, row
+
+    async def votes(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Stop the round; the phones see voting open and their voters vote; check the tallies."""
+        await self.workers.order(None, "ballot", row["id"])
+        await self.host.call("POST", "/rounds/stop", {"roundId": row["id"]})
+        opened, meter = time.monotonic(), Meter(self.server, self.workers)
+        answers = len((await self.host.call("GET", f"/rounds/{row['id']}/responses"))["responses"])
+        expected = self.preset.voters * min(answers, self.preset.votes_per_voter or answers)
+        t = await self.workers.order("phones", "voted", row["id"],
+                                     timeout_s=expected / self.preset.vote_rate + 60)
+        cpu = meter.read()
+        board = await self.host.call("GET", f"/scoreboard?roundId={row['id']}")
+        await self.host.call("POST", f"/rounds/{row['id']}/close-voting")
+        counted = {r["participant_id"]: [r["votes"], r["total_score"]] for r in board["scoreboard"] if r["votes"]}
+        first_due = min((done - ms / 1000 for done, ms in zip(t.voted_at, t.vote_ms)), default=opened)
+        span_s = max(t.voted_at, default=opened) - first_due
+        return {"votes": t.votes, "expected": expected, "offered_per_s": self.preset.vote_rate,
+                "per_s": round(t.votes / span_s) if span_s > 0 else None, "latency_ms": spread(t.vote_ms),
+                "answers_fetch_ms": spread(t.fetch_ms),
+                "refused": t.votes_refused, "tallies_exact": t.votes == expected and counted == t.scores, **cpu}
+
+    async def finish(self, row: dict[str, Any]) -> None:
+        """Stop a round nobody votes on."""
+        await self.host.call("POST", "/rounds/stop", {"roundId": row["id"]})
+        await self.host.call("POST", f"/rounds/{row['id']}/close-voting")
+
+    async def soak(self, minutes: float) -> dict[str, Any]:
+        """Meetup rounds back to back for `minutes`, sampling the server's memory after each."""
+        began, rounds, faults, worst_p99, exact = time.monotonic(), 0, 0, 0.0, True
+        samples = [[0.0, self.server.rss_mb()]]
+        while time.monotonic() - began < minutes * 60:
+            stream, row = await self.stream(self.preset.rate, 10**6, round(self.preset.stream_s * 1000))
+            votes = await self.votes(row)
+            rounds += 1
+            faults += sum(stream["lost"]) + sum(stream["reordered"])
+            worst_p99 = max(worst_p99, stream["latency_ms"]["p99"] or 0.0)
+            exact = exact and votes["tallies_exact"]
+            samples.append([round((time.monotonic() - began) / 60, 2), self.server.rss_mb()])
+        return {"minutes": minutes, "rounds": rounds, "rss_mb": samples, "lost_or_reordered": faults,
+                "worst_latency_p99_ms": worst_p99, "tallies_exact": exact}
+
+
+async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0.0,
+                affinity: bool = True) -> dict[str, Any]:
+    """Start a server on loopback, measure it under `preset`, stop it; return the figures."""
+    cpus = split_cpus(affinity)
+    figures: dict[str, Any] = {"preset": vars(preset).copy(), "machine": {
+        "cpus": os.cpu_count(), "server_cpus": sorted(cpus[0]) if cpus else None,
+        "load_generator_cpus": sorted(cpus[1]) if cpus else None, "python": sys.version.split()[0],
+        "load_before": [round(x, 2) for x in os.getloadavg()]}}
+    with tempfile.TemporaryDirectory(prefix="gambiarra-bench-") as folder, \
+            BenchServer(Path(folder), cpus[0] if cpus else None) as server:
+        host = Simulation(SimOptions(url=server.base, bots=0, screens=0, progress=False))
+        async with host.running():
+            figures["rss_mb"] = {"before": server.rss_mb()}
+            pin = (await host.call("POST", "/session"))["pin"]
+            slices = worker_slices(preset, server.base, pin)
+            figures["machine"]["load_generator_processes"] = len(slices)
+            workers = Workers(slices, cpus[1] if cpus else None)
+            run = Bench(preset, server, workers, host)
+            watch = asyncio.ensure_future(run.watch_memory())
+            try:
+                await workers.ready()
+                await run_phases(run, figures, saturation, soak_minutes)
+            finally:
+                watch.cancel()
+                workers.close()
+            figures["rss_mb"].update(after=server.rss_mb(), max=round(run.rss_max_mb, 1))
+    figures["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return figures
+
+
+async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak_minutes: float) -> None:
+    """The preset's evening (join, a streamed round, its votes), then the flat-out round and the soak."""
+    preset = run.preset
+    figures["join"] = await run.join()
+    figures["stream"], row = await run.stream(preset.rate, 10**6, round(preset.stream_s * 1000))
+    figures["votes"] = await run.votes(row)
+    figures["rss_mb"]["preset_max"] = round(run.rss_max_mb, 1)
+    if saturation:
+        figures["saturation"], row = await run.stream(0, preset.saturation_tokens, 600_000)
+        await run.finish(row)
+        figures["rss_mb"]["saturation_max"] = round(run.rss_max_mb, 1)
+    if soak_minutes:
+        figures["soak"] = await run.soak(soak_minutes)
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else "ok" if ok else "MISSED"
+
+
+def cpu_note(phase: dict[str, Any]) -> str:
+    """How busy the server and the load were during a phase: says what limited its figure."""
+    return (f"server {phase['server_cpu_share']:.0%} busy, {phase['server_wait_share']:.0%} waiting; "
+            f"load {phase['load_cpu_share']:.0%}")
+
+
+def report_rows(f: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str]]:
+    """(figure, measured, target, met?, CPU during it) for each row of bench's table."""
+    j, s, v, rss = f["join"], f["stream"], f["votes"], f["rss_mb"]
+    rows = [
+        ("join burst", f"{j['registered']}/{j['runners']} in {j['wall_s']} s (each: p50 {j['p50_s']:.3f} s, "
+                       f"p99 {j['p99_s']:.3f} s)", "all < 0.5 s", j["registered"] == j["runners"] and j["wall_s"] < 0.5,
+         cpu_note(j)),
+        ("challenge fan-out", f"p50 {s['fanout_ms']['p50']} ms, p99 {s['fanout_ms']['p99']} ms", "", None, ""),
+        ("token -> screen", f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, max "
+                            f"{s['latency_ms']['max']} ms at {s['tokens_per_s']:,} tok/s", "p99 < 20 ms",
+         s["latency_ms"]["p99"] is not None and s["latency_ms"]["p99"] < 20, cpu_note(s)),
+        ("lost / reordered", f"{s['lost']} / {s['reordered']}; phones got {s['phone_token_updates']} tokens",
+         "0 / 0", not any(s["lost"] + s["reordered"]), ""),
+        ("votes", f"{v['votes']:,} at {v['per_s']:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
+                  f"{v['latency_ms']['p50']} ms, p99 {v['latency_ms']['p99']} ms, tallies "
+                  f"{'exact' if v['tallies_exact'] else 'WRONG'}", ">= 2,000/s, p99 < 100 ms",
+         (v["per_s"] or 0) >= 2000 and (v["latency_ms"]["p99"] or 1e9) < 100 and v["tallies_exact"], cpu_note(v)),
+        ("server RSS", f"{rss['before']:.1f} MB idle, max {rss['preset_max']} MB", "< 100 MB",
+         rss["preset_max"] < 100, ""),
+    ]
+    if "saturation" in f:
+        t = f["saturation"]
+        rows.append(("flat out", f"{t['tokens_per_s']:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
+                                 f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
+                     ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
+                     cpu_note(t)))
+    rows.append(("server CPU", f"{s['cpu_s_per_1000_tokens']} s per 1,000 tokens streaming" +
+                 (f", {f['saturation']['cpu_s_per_1000_tokens']} s flat out" if "saturation" in f else ""), "", None, ""))
+    return rows
+
+
+def bench_report(f: dict[str, Any]) -> str:
+    """The figures as a table, with the CPU each was measured under and, for ten-x, the targets met."""
+    p, m = f["preset"], f["machine"]
+    rows = report_rows(f)
+    if {k: v for k, v in p.items() if k != "name"} != vars(BENCH_PRESETS["ten-x"]):
+        rows = [(name, text, target, None, cpu) for name, text, target, _, cpu in rows]   # the targets are ten-x's
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"bench: {p['runners']} runners x {p['rate']:g} tok/s, {p['screens']} arena screens, {p['phones']} voting "
+             f"phones, {p['voters']} voters",
+             f"server on CPU {m['server_cpus']}, {m['load_generator_processes']} load-generator processes on CPU "
+             f"{m['load_generator_cpus']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after", ""]
+    lines += [f"{name:{widths[0]}}  {text:{widths[1]}}  {target:{widths[2]}}  {verdict(ok):6}  {cpu}".rstrip()
+              for name, text, target, ok, cpu in rows]
+    if "soak" in f:
+        k = f["soak"]
+        lines += ["", f"soak: {k['rounds']} rounds in {k['minutes']:g} min; lost or reordered {k['lost_or_reordered']}; "
+                      f"worst p99 {k['worst_latency_p99_ms']} ms; tallies {'exact' if k['tallies_exact'] else 'WRONG'}",
+                  "  RSS (minute: MB)  " + "  ".join(f"{t:g}: {mb:.1f}" for t, mb in k["rss_mb"])]
+    return "\n".join(lines)
+
+
+def simulate_command(argv: list[str]) -> None:
+    """`simulate`: fake runners, screens and phones against a running server."""
+    parser = argparse.ArgumentParser(
+        prog="gambiarra_server.py simulate",
+        description="Rehearse the evening: bots that register and stream answers, arena screens, and phones "
+                    "that vote, against a running server. The host runs the rounds (curl, admin page) unless "
+                    "--drive is given. Stops after --rounds, --duration or Ctrl-C.")
+    parser.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: %(default)s)")
+    parser.add_argument("--pin", help="the session PIN (default: the active session's, read from the server)")
+    parser.add_argument("--admin-token", default="", help="for --drive against another machine's server")
+    parser.add_argument("--bots", type=int, default=10, help="runners (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="mean tokens/s of a bot; some crawl at 0.4x, some fly at 1.6x (default: %(default)s)")
+    parser.add_argument("--drop", type=float, default=0.0,
+                        help="chance that a bot drops mid-answer and comes back (default: %(default)s)")
+    parser.add_argument("--screens", type=int, default=1, help="arena screens (default: %(default)s)")
+    parser.add_argument("--voters", type=int, default=0, help="phones that vote when voting opens (default: 0)")
+    parser.add_argument("--vote-pace", type=float, default=0.6, help="seconds a voter takes per vote (default: 0.6)")
+    parser.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (default: 3 with "
+                                                              "--drive, else no limit)")
+    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: none)")
+    parser.add_argument("--drive", action="store_true", help="also play the host: create, start and stop rounds, "
+                                                             "close voting (and start a session if none is active)")
+    parser.add_argument("--max-tokens", type=int, default=150, help="with --drive: each round's budget")
+    parser.add_argument("--deadline-ms", type=int, default=60_000, help="with --drive: each round's deadline")
+    parser.add_argument("--prefix", default="sim", help="participant ids are PREFIX-000, PREFIX-001, ...")
+    parser.add_argument("--seed", type=int, default=1, help="same seed, same bots (default: %(default)s)")
+    a = parser.parse_args(argv)
+    options = SimOptions(url=a.url, pin=a.pin, admin_token=a.admin_token, bots=a.bots, rate=a.rate, drop=a.drop,
+                         screens=a.screens, phones=a.voters, voters=a.voters, all_voters=a.voters, rounds=a.rounds,
+                         duration_s=a.duration, drive=a.drive, max_tokens=a.max_tokens, deadline_ms=a.deadline_ms,
+                         vote_pace_s=a.vote_pace, prefix=a.prefix, seed=a.seed)
+    try:
+        asyncio.run(simulate(options))
+    except KeyboardInterrupt:
+        pass                                    # the summary is printed already
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise SystemExit(f"simulate: {exc}") from None
+
+
+def bench_command(argv: list[str]) -> None:
+    """`bench`: measure a fresh server on loopback under a preset load; print a table and a JSON line."""
+    parser = argparse.ArgumentParser(
+        prog="gambiarra_server.py bench",
+        description="Start a server on a temporary database and a free loopback port, drive it with simulated "
+                    "runners, screens and phones from other processes, and measure it. With two or more CPUs the "
+                    "server gets one to itself and the load generators the rest.")
+    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="ten-x", help="default: %(default)s")
+    for f in fields(Preset):
+        parser.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[f.type],
+                            help="override the preset's value")
+    parser.add_argument("--no-saturation", action="store_true", help="skip the flat-out round")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="MINUTES",
+                        help="then run rounds back to back for MINUTES, sampling the server's memory")
+    parser.add_argument("--no-affinity", action="store_true", help="do not pin the server and the load to CPUs")
+    a = parser.parse_args(argv)
+    preset = replace(BENCH_PRESETS[a.preset], **{f.name: getattr(a, f.name) for f in fields(Preset)
+                                                 if getattr(a, f.name) is not None})
+    figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity))
+    figures["preset"]["name"] = a.preset
+    print(bench_report(figures))
+    print(dumps(figures), flush=True)
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -2172,7 +3627,7 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"simulate": simulate_command, "bench": bench_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import csv
 import gc
+import gzip
 import hashlib
 import io
 import json
@@ -2437,7 +2438,7 @@ async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
 # Both limits sit far above the burst a reading screen can lag behind by (a few hundred 2 kB tokens).
 @pytest.mark.parametrize(("limits", "why"), [
     ({"peer_queue_limit": 512}, r"512 messages queued"),
-    ({"peer_queue_chars": 1024 * 1024}, r"\d+ characters queued"),
+    ({"peer_queue_bytes": 1024 * 1024}, r"\d+ bytes queued"),
 ], ids=["messages", "characters"])
 async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(
         make_room: Any, server_log: pytest.LogCaptureFixture, limits: dict[str, int], why: str) -> None:
@@ -3079,3 +3080,127 @@ def test_the_readme_documents_every_option_route_and_message() -> None:
         assert f"`{kind}`" in readme, kind
     test_command = next(line for line in readme.splitlines() if "-m pytest" in line)
     assert test_command in (HERE / ".ci" / "run").read_text()
+
+
+# =============================================================================
+# Rehearsal: simulate and bench
+# =============================================================================
+
+def sim_options(room: Room, pin: str, **overrides: Any) -> gs.SimOptions:
+    """A small, fast rehearsal against the test server: bots race, voters tap quickly."""
+    return gs.SimOptions(**{"url": room.base, "pin": pin, "bots": 4, "rate": 300.0, "screens": 1, "phones": 3,
+                            "voters": 3, "all_voters": 3, "max_tokens": 12, "deadline_ms": 20_000,
+                            "vote_pace_s": 0.01, "progress": False, **overrides})
+
+
+async def answers_and_votes(room: Room, round_id: str) -> dict[str, tuple[str, int, int, int]]:
+    """What the server holds for a round: participant -> (content, tokens, votes, total score)."""
+    board = await room.host.call("GET", f"/scoreboard?roundId={round_id}")
+    return {r["participant_id"]: (r["generated_content"], r["tokens"], r["votes"], r["total_score"])
+            for r in board["scoreboard"]}
+
+
+def expected_scores(options: gs.SimOptions, participant_id: str) -> tuple[int, int]:
+    voters = [f"{options.prefix}-voter-{i:03d}" for i in range(options.voters)]
+    return len(voters), sum(gs.vote_score(voter, participant_id) for voter in voters)
+
+
+async def test_simulate_drives_rounds_that_bots_answer_and_phones_vote_on(room: Room, pin: str) -> None:
+    """--drive: every bot's whole answer (resent after its drop) and every phone's vote reach the server."""
+    options = sim_options(room, pin, drive=True, rounds=2, drop=1.0)
+    tally = await asyncio.wait_for(gs.simulate(options), 60)
+    assert tally.completes == 8 and tally.votes == 24 and tally.votes_refused == 0 and tally.errors == {}
+    assert tally.drops == tally.resumes == 8
+    session = await room.host.call("GET", "/session")
+    assert sorted(p["id"] for p in session["participants"]) == [f"sim-{i:03d}" for i in range(4)]
+    for rnd in session["rounds"]:
+        held = await answers_and_votes(room, rnd["id"])
+        assert sorted(held) == [f"sim-{i:03d}" for i in range(4)]
+        for pid, (content, tokens, votes, total) in held.items():
+            assert 1 <= tokens <= options.max_tokens
+            assert content == gs.bot_answer(int(pid[-3:]), rnd["index"], tokens)
+            assert (votes, total) == expected_scores(options, pid)
+        assert rnd["votingStatus"] == "closed"
+
+
+async def test_simulate_follows_the_host_and_stops_after_its_rounds(room: Room, pin: str) -> None:
+    """Without --drive the bots answer the host's round; --rounds 1 ends once the phones have voted."""
+    options = sim_options(room, pin, rounds=1, bots=3)
+    rehearsal = asyncio.ensure_future(gs.simulate(options))
+    async with asyncio.timeout(30):
+        while (await room.host.call("GET", "/presence"))["connectedCount"] < 3:
+            await asyncio.sleep(0.05)
+        rnd = await room.host.new_round("Um haiku, por favor", maxTokens=10)
+        await room.host.start(rnd["id"])
+        while len((await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]) < 3:
+            await asyncio.sleep(0.05)
+        await room.host.stop(rnd["id"])
+        tally = await rehearsal
+    assert tally.completes == 3 and tally.votes == 9
+    for pid, (content, tokens, votes, total) in (await answers_and_votes(room, rnd["id"])).items():
+        assert content == gs.bot_answer(int(pid[-3:]), 1, tokens)
+        assert (votes, total) == expected_scores(options, pid)
+
+
+async def test_answers_for_voting_follow_a_late_answer_and_come_gzipped(room: Room, pin: str) -> None:
+    """The shared /responses body changes when an answer arrives after voting opened."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.new_round()
+    await room.host.start(rnd["id"])
+    await ana.recv("challenge")
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    while len((await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]) < 1:
+        await asyncio.sleep(0.02)
+    await room.host.stop(rnd["id"])
+    first = await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses")
+    assert [r["participant_id"] for r in first["responses"]] == ["ana"]
+    await bia.stream(1, ["Tarde, ", "mas ", "chegou."])
+    await bia.complete(1, 3)
+    async with asyncio.timeout(TIMEOUT_S):
+        while len((await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses"))["responses"]) < 2:
+            await asyncio.sleep(0.02)
+    async with room.host.http.get(f"{room.base}/api/rounds/{rnd['id']}/responses",
+                                  headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        late = json.loads(gzip.decompress(await response.read()))
+    assert {r["participant_id"]: r["generated_content"] for r in late["responses"]} == {
+        "ana": "".join(WORDS), "bia": "Tarde, mas chegou."}
+
+
+def test_a_batch_of_votes_refuses_each_bad_vote_on_its_own(tmp_path: Path) -> None:
+    """One transaction, one verdict per vote: duplicates (even within the batch) and strangers are refused."""
+    conn = gs.open_db(tmp_path / "votes.db")
+    try:
+        session = gs.create_session(conn, "123456", "hash")
+        rnd = gs.create_round(conn, session["id"], {"prompt": "p", "max_tokens": 5, "temperature": 0.8,
+                                                    "deadline_ms": 1000, "seed": None, "svg_mode": False})
+        gs.register_participant(conn, session["id"], {"participant_id": "ana", "nickname": "Ana", "runner": "r",
+                                                      "model": "m"})
+        gs.save_metrics(conn, {"id": gs.new_id(), "roundId": rnd["id"], "participantId": "ana", "tokens": 1,
+                               "durationMs": 1, "createdAt": 1})
+        vote = {"round_id": rnd["id"], "participant_id": "ana", "score": 4, "voter_hash": "v1",
+                "response_time": None, "user_agent": "test"}
+        assert isinstance(gs.cast_votes(conn, [vote])[0], gs.Conflict)          # voting is not open yet
+        gs.update_round(conn, rnd["id"], {"votingStatus": "open", "endedAt": 2})
+        results = gs.cast_votes(conn, [vote, vote, {**vote, "participant_id": "zé"}, {**vote, "voter_hash": "v2"}])
+        assert [type(r).__name__ for r in results] == ["dict", "Conflict", "NotFound", "dict"]
+        assert str(results[1]) == "Already voted for this participant"
+        assert [r["voteOrder"] for r in (results[0], results[3])] == [1, 1]
+        assert [e["eventType"] for e in gs.session_events(conn, session["id"])] == ["vote_cast", "vote_cast"]
+    finally:
+        conn.close()
+
+
+def test_bench_measures_a_tiny_room_end_to_end() -> None:
+    """bench starts its own server and load generators and reports every figure, nothing lost."""
+    preset = gs.Preset(runners=4, rate=50, screens=2, phones=1, voters=2, stream_s=1.0, vote_rate=100,
+                       votes_per_voter=2, saturation_tokens=30)
+    figures = asyncio.run(gs.bench(preset, affinity=False))
+    assert figures["join"]["registered"] == 4
+    for phase in ("stream", "saturation"):
+        assert figures[phase]["tokens"] > 0
+        assert figures[phase]["lost"] == [0, 0] and figures[phase]["reordered"] == [0, 0]
+        assert figures[phase]["phone_token_updates"] == 0
+    assert figures["votes"]["votes"] == 4 and figures["votes"]["tallies_exact"]          # 2 voters x 2 answers
+    assert "bench: 4 runners" in gs.bench_report(figures)
