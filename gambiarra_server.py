@@ -2767,11 +2767,16 @@ class Progress:
         self.mark = Tally(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
         self.round, self.began, self.streamed, self.tokens = round_index, time.monotonic(), time.monotonic(), 0
 
+    def observe(self) -> None:
+        """Note when tokens last flowed: the line's rate is over the streaming, not the voting after it."""
+        tokens = self.sim.tally.tokens_sent - self.mark.tokens_sent
+        if tokens != self.tokens:
+            self.tokens, self.streamed = tokens, time.monotonic()
+
     def line(self) -> str:
         sim, t, m = self.sim, self.sim.tally, self.mark
-        tokens = t.tokens_sent - m.tokens_sent
-        if tokens != self.tokens:               # the rate is over the streaming, not the voting after it
-            self.tokens, self.streamed = tokens, time.monotonic()
+        self.observe()
+        tokens = self.tokens
         arena = [s.number for s in sim.screens if s.view == "arena"]
         shown = min((t.seen.get(n, 0) - m.seen.get(n, 0) for n in arena), default=0)
         screens = f" · screens {shown / tokens:.0%}" if arena and tokens else ""
@@ -2794,6 +2799,7 @@ class Progress:
 
     async def run(self) -> None:
         while True:
+            self.observe()
             self.show()
             await asyncio.sleep(0.5)
 
@@ -2860,7 +2866,8 @@ def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
     refused = sum(bot.refused is not None for bot in sim.bots)
     arena = [s.number for s in sim.screens if s.view == "arena"]
     seen = sorted(t.seen.get(n, 0) for n in arena)
-    lines = [f"simulate: {len(sim.progress.ended)} rounds in {elapsed_s:.0f} s against {sim.options.url}",
+    rounds = len(sim.progress.ended)
+    lines = [f"simulate: {rounds} round{'' if rounds == 1 else 's'} in {elapsed_s:.0f} s against {sim.options.url}",
              f"  bots     {registered}/{len(sim.bots)} registered ({figure_ms(t.register_s, 1000)}), {refused} refused",
              f"  tokens   {t.tokens_sent:,} sent, {t.completes} answers completed; {t.drops} drops, "
              f"{t.resumes} resumed, {t.resent} tokens resent"]
