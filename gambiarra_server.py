@@ -2872,7 +2872,7 @@ def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
              f"  tokens   {t.tokens_sent:,} sent, {t.completes} answers completed; {t.drops} drops, "
              f"{t.resumes} resumed, {t.resent} tokens resent"]
     if arena:
-        lines.append(f"  screens  {len(arena)} arena screens saw {seen[0]:,}" + (f"-{seen[-1]:,}" if seen[-1] != seen[0]
+        lines.append(f"  screens  {len(arena)} arena screen{'' if len(arena) == 1 else 's'} saw {seen[0]:,}" + (f"-{seen[-1]:,}" if seen[-1] != seen[0]
                      else "") + f" tokens; {sum(t.out_of_order.values())} arrived out of order (resent after a drop)")
     if sim.voters:
         lines.append(f"  votes    {t.votes:,} accepted ({figure_ms(t.vote_ms)}), {t.votes_refused} refused")
@@ -3317,7 +3317,8 @@ def simulate_command(argv: list[str]) -> None:
     parser.add_argument("--admin-token", default="", help="for --drive against another machine's server")
     parser.add_argument("--bots", type=int, default=10, help="runners (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=20.0,
-                        help="mean tokens/s of a bot; some crawl at 0.4x, some fly at 1.6x (default: %(default)s)")
+                        help="mean tokens/s of a bot; some crawl at 0.4x, some fly at 1.6x; 0: as fast as they can "
+                             "(default: %(default)s)")
     parser.add_argument("--drop", type=float, default=0.0,
                         help="chance that a bot drops mid-answer and comes back (default: %(default)s)")
     parser.add_argument("--screens", type=int, default=1, help="arena screens (default: %(default)s)")
@@ -3328,8 +3329,10 @@ def simulate_command(argv: list[str]) -> None:
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: none)")
     parser.add_argument("--drive", action="store_true", help="also play the host: create, start and stop rounds, "
                                                              "close voting (and start a session if none is active)")
-    parser.add_argument("--max-tokens", type=int, default=150, help="with --drive: each round's budget")
-    parser.add_argument("--deadline-ms", type=int, default=60_000, help="with --drive: each round's deadline")
+    parser.add_argument("--max-tokens", type=int, default=150, help="with --drive: each round's budget "
+                                                                     "(default: %(default)s)")
+    parser.add_argument("--deadline-ms", type=int, default=60_000, help="with --drive: each round's deadline "
+                                                                       "(default: %(default)s)")
     parser.add_argument("--prefix", default="sim", help="participant ids are PREFIX-000, PREFIX-001, ...")
     parser.add_argument("--seed", type=int, default=1, help="same seed, same bots (default: %(default)s)")
     a = parser.parse_args(argv)
