@@ -2308,6 +2308,7 @@ class Bot:
             self.refused = "UNREACHABLE"
 
     def on_message(self, m: dict[str, Any], connect_started: float) -> None:
+        """React to the server: registered, a challenge (start answering), or an error."""
         if m["type"] == "registered":
             self.on_registered(m, connect_started)
         elif m["type"] == "challenge":
@@ -2420,6 +2421,7 @@ class Bot:
                 self.sim.tally.resent += 1
 
     def token(self, round_index: int, seq: int) -> str:
+        """The `token` message for one seq (stamped with its send time in bench)."""
         content = bot_word(self.index, round_index, seq)
         if self.sim.options.stamp:
             content = f"{time.monotonic_ns() // 1000 % STAMP_WRAP_US:x}{STAMP_MARK}{content}"
@@ -2484,6 +2486,7 @@ class Screen:
             await asyncio.sleep(0.5)
 
     def on_message(self, text: str) -> None:
+        """Count a token update, or note a round change that may open voting."""
         now_us = time.monotonic_ns() // 1000
         token = TOKEN_UPDATE.match(text)
         if token:
@@ -2547,6 +2550,7 @@ class HttpLink:
         raise AssertionError("unreachable")
 
     async def exchange(self, request: bytes) -> tuple[int, Any]:
+        """Write one request and read its response on the kept-alive connection."""
         if self.streams is None:
             self.streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
         reader, writer = self.streams
@@ -2576,6 +2580,7 @@ class Voter:
         self.link = HttpLink(sim.options.url)
 
     def start(self, row: dict[str, Any]) -> None:
+        """Start voting in a round, once."""
         if row["id"] not in self.rounds:
             self.rounds[row["id"]] = asyncio.ensure_future(self.vote(row["id"]))
             self.sim.tasks.append(self.rounds[row["id"]])
@@ -2667,6 +2672,7 @@ class Simulation:
         self.notes[text] = None
 
     def take_tally(self) -> Tally:
+        """Hand over the tally so far and start a new one."""
         tally, self.tally = self.tally, Tally()
         return tally
 
@@ -2774,6 +2780,7 @@ class Progress:
             self.tokens, self.streamed = tokens, time.monotonic()
 
     def line(self) -> str:
+        """The current round's progress line."""
         sim, t, m = self.sim, self.sim.tally, self.mark
         self.observe()
         tokens = self.tokens
@@ -2786,6 +2793,7 @@ class Progress:
                 f"({t.resumes - m.resumes} resumed) · {t.votes - m.votes} votes")
 
     def show(self) -> None:
+        """Redraw the line in place (on a terminal only)."""
         if self.enabled and self.live and self.round is not None:
             print("\r" + self.line() + "\x1b[K", end="", flush=True)
 
@@ -2798,6 +2806,7 @@ class Progress:
             self.round = None
 
     async def run(self) -> None:
+        """Refresh the line every half second."""
         while True:
             self.observe()
             self.show()
@@ -2952,6 +2961,7 @@ class BenchServer:
         self.base = ""
 
     def __enter__(self) -> BenchServer:
+        """Start the server and wait for its "listening on" line."""
         command = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", "0",
                    "--database-url", str(self.folder / "bench.db")]
         self.log = open(self.folder / "server.log", "w")
@@ -2967,6 +2977,7 @@ class BenchServer:
         raise RuntimeError("the server did not start:\n" + (self.folder / "server.log").read_text()[-2000:])
 
     def __exit__(self, *exc_info: Any) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
         self.process.terminate()
         try:
             self.process.wait(10)
@@ -3032,6 +3043,7 @@ class Workers:
 
     @staticmethod
     def reply(conn: Any, timeout_s: float) -> Any:
+        """One worker's answer, or an error if it went silent or died."""
         try:
             if conn.poll(timeout_s):
                 return conn.recv()
@@ -3060,6 +3072,7 @@ class Workers:
         return used
 
     def close(self) -> None:
+        """Tell every worker to stop, and make sure it does."""
         for _, conn in self.pipes:
             with contextlib.suppress(OSError):
                 conn.send(("stop", (), 0))
@@ -3103,6 +3116,7 @@ class Meter:
         self.wait_s = process_wait_s(server.process.pid)
 
     def read(self) -> dict[str, float]:
+        """The shares of CPU used and waited for since the meter started."""
         wall_s = time.monotonic() - self.began
         server_s = self.server.cpu_s() - self.server_s
         load = {role: round((used - self.load_s[role]) / wall_s, 2) for role, used in self.workers.cpu_s().items()}
@@ -3122,6 +3136,7 @@ class Bench:
         self.rss_max_mb = 0.0
 
     async def watch_memory(self) -> None:
+        """Track the server's peak RSS."""
         while True:
             self.rss_max_mb = max(self.rss_max_mb, self.server.rss_mb() or 0.0)
             await asyncio.sleep(0.5)
@@ -3244,6 +3259,7 @@ async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak
 
 
 def verdict(ok: bool | None) -> str:
+    """A figure's verdict against its target: ok, MISSED, or nothing when not judged."""
     return "" if ok is None else "ok" if ok else "MISSED"
 
 
