@@ -2480,6 +2480,7 @@ class Bot:
             self.refused = "UNREACHABLE"
 
     def on_message(self, m: dict[str, Any], connect_started: float) -> None:
+        """React to the server: registered, a challenge (start answering), or an error."""
         if m["type"] == "registered":
             self.on_registered(m, connect_started)
         elif m["type"] == "challenge":
@@ -2592,6 +2593,7 @@ class Bot:
                 self.sim.tally.resent += 1
 
     def token(self, round_index: int, seq: int) -> str:
+        """The `token` message for one seq (stamped with its send time in bench)."""
         content = bot_word(self.index, round_index, seq)
         if self.sim.options.stamp:
             content = f"{time.monotonic_ns() // 1000 % STAMP_WRAP_US:x}{STAMP_MARK}{content}"
@@ -2656,6 +2658,7 @@ class Screen:
             await asyncio.sleep(0.5)
 
     def on_message(self, text: str) -> None:
+        """Count a token update, or note a round change that may open voting."""
         now_us = time.monotonic_ns() // 1000
         token = TOKEN_UPDATE.match(text)
         if token:
@@ -2719,6 +2722,7 @@ class HttpLink:
         raise AssertionError("unreachable")
 
     async def exchange(self, request: bytes) -> tuple[int, Any]:
+        """Write one request and read its response on the kept-alive connection."""
         if self.streams is None:
             self.streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
         reader, writer = self.streams
@@ -2748,6 +2752,7 @@ class Voter:
         self.link = HttpLink(sim.options.url)
 
     def start(self, row: dict[str, Any]) -> None:
+        """Start voting in a round, once."""
         if row["id"] not in self.rounds:
             self.rounds[row["id"]] = asyncio.ensure_future(self.vote(row["id"]))
             self.sim.tasks.append(self.rounds[row["id"]])
@@ -2839,6 +2844,7 @@ class Simulation:
         self.notes[text] = None
 
     def take_tally(self) -> Tally:
+        """Hand over the tally so far and start a new one."""
         tally, self.tally = self.tally, Tally()
         return tally
 
@@ -2939,11 +2945,17 @@ class Progress:
         self.mark = Tally(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
         self.round, self.began, self.streamed, self.tokens = round_index, time.monotonic(), time.monotonic(), 0
 
-    def line(self) -> str:
-        sim, t, m = self.sim, self.sim.tally, self.mark
-        tokens = t.tokens_sent - m.tokens_sent
-        if tokens != self.tokens:               # the rate is over the streaming, not the voting after it
+    def observe(self) -> None:
+        """Note when tokens last flowed: the line's rate is over the streaming, not the voting after it."""
+        tokens = self.sim.tally.tokens_sent - self.mark.tokens_sent
+        if tokens != self.tokens:
             self.tokens, self.streamed = tokens, time.monotonic()
+
+    def line(self) -> str:
+        """The current round's progress line."""
+        sim, t, m = self.sim, self.sim.tally, self.mark
+        self.observe()
+        tokens = self.tokens
         arena = [s.number for s in sim.screens if s.view == "arena"]
         shown = min((t.seen.get(n, 0) - m.seen.get(n, 0) for n in arena), default=0)
         screens = f" · screens {shown / tokens:.0%}" if arena and tokens else ""
@@ -2953,6 +2965,7 @@ class Progress:
                 f"({t.resumes - m.resumes} resumed) · {t.votes - m.votes} votes")
 
     def show(self) -> None:
+        """Redraw the line in place (on a terminal only)."""
         if self.enabled and self.live and self.round is not None:
             print("\r" + self.line() + "\x1b[K", end="", flush=True)
 
@@ -2965,7 +2978,9 @@ class Progress:
             self.round = None
 
     async def run(self) -> None:
+        """Refresh the line every half second."""
         while True:
+            self.observe()
             self.show()
             await asyncio.sleep(0.5)
 
@@ -3032,12 +3047,13 @@ def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
     refused = sum(bot.refused is not None for bot in sim.bots)
     arena = [s.number for s in sim.screens if s.view == "arena"]
     seen = sorted(t.seen.get(n, 0) for n in arena)
-    lines = [f"simulate: {len(sim.progress.ended)} rounds in {elapsed_s:.0f} s against {sim.options.url}",
+    rounds = len(sim.progress.ended)
+    lines = [f"simulate: {rounds} round{'' if rounds == 1 else 's'} in {elapsed_s:.0f} s against {sim.options.url}",
              f"  bots     {registered}/{len(sim.bots)} registered ({figure_ms(t.register_s, 1000)}), {refused} refused",
              f"  tokens   {t.tokens_sent:,} sent, {t.completes} answers completed; {t.drops} drops, "
              f"{t.resumes} resumed, {t.resent} tokens resent"]
     if arena:
-        lines.append(f"  screens  {len(arena)} arena screens saw {seen[0]:,}" + (f"-{seen[-1]:,}" if seen[-1] != seen[0]
+        lines.append(f"  screens  {len(arena)} arena screen{'' if len(arena) == 1 else 's'} saw {seen[0]:,}" + (f"-{seen[-1]:,}" if seen[-1] != seen[0]
                      else "") + f" tokens; {sum(t.out_of_order.values())} arrived out of order (resent after a drop)")
     if sim.voters:
         lines.append(f"  votes    {t.votes:,} accepted ({figure_ms(t.vote_ms)}), {t.votes_refused} refused")
@@ -3117,6 +3133,7 @@ class BenchServer:
         self.base = ""
 
     def __enter__(self) -> BenchServer:
+        """Start the server and wait for its "listening on" line."""
         command = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", "0",
                    "--database-url", str(self.folder / "bench.db")]
         self.log = open(self.folder / "server.log", "w")
@@ -3132,6 +3149,7 @@ class BenchServer:
         raise RuntimeError("the server did not start:\n" + (self.folder / "server.log").read_text()[-2000:])
 
     def __exit__(self, *exc_info: Any) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
         self.process.terminate()
         try:
             self.process.wait(10)
@@ -3197,6 +3215,7 @@ class Workers:
 
     @staticmethod
     def reply(conn: Any, timeout_s: float) -> Any:
+        """One worker's answer, or an error if it went silent or died."""
         try:
             if conn.poll(timeout_s):
                 return conn.recv()
@@ -3225,6 +3244,7 @@ class Workers:
         return used
 
     def close(self) -> None:
+        """Tell every worker to stop, and make sure it does."""
         for _, conn in self.pipes:
             with contextlib.suppress(OSError):
                 conn.send(("stop", (), 0))
@@ -3268,6 +3288,7 @@ class Meter:
         self.wait_s = process_wait_s(server.process.pid)
 
     def read(self) -> dict[str, float]:
+        """The shares of CPU used and waited for since the meter started."""
         wall_s = time.monotonic() - self.began
         server_s = self.server.cpu_s() - self.server_s
         load = {role: round((used - self.load_s[role]) / wall_s, 2) for role, used in self.workers.cpu_s().items()}
@@ -3287,6 +3308,7 @@ class Bench:
         self.rss_max_mb = 0.0
 
     async def watch_memory(self) -> None:
+        """Track the server's peak RSS."""
         while True:
             self.rss_max_mb = max(self.rss_max_mb, self.server.rss_mb() or 0.0)
             await asyncio.sleep(0.5)
@@ -3409,6 +3431,7 @@ async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak
 
 
 def verdict(ok: bool | None) -> str:
+    """A figure's verdict against its target: ok, MISSED, or nothing when not judged."""
     return "" if ok is None else "ok" if ok else "MISSED"
 
 
@@ -3482,7 +3505,8 @@ def simulate_command(argv: list[str]) -> None:
     parser.add_argument("--admin-token", default="", help="for --drive against another machine's server")
     parser.add_argument("--bots", type=int, default=10, help="runners (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=20.0,
-                        help="mean tokens/s of a bot; some crawl at 0.4x, some fly at 1.6x (default: %(default)s)")
+                        help="mean tokens/s of a bot; some crawl at 0.4x, some fly at 1.6x; 0: as fast as they can "
+                             "(default: %(default)s)")
     parser.add_argument("--drop", type=float, default=0.0,
                         help="chance that a bot drops mid-answer and comes back (default: %(default)s)")
     parser.add_argument("--screens", type=int, default=1, help="arena screens (default: %(default)s)")
@@ -3493,8 +3517,10 @@ def simulate_command(argv: list[str]) -> None:
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: none)")
     parser.add_argument("--drive", action="store_true", help="also play the host: create, start and stop rounds, "
                                                              "close voting (and start a session if none is active)")
-    parser.add_argument("--max-tokens", type=int, default=150, help="with --drive: each round's budget")
-    parser.add_argument("--deadline-ms", type=int, default=60_000, help="with --drive: each round's deadline")
+    parser.add_argument("--max-tokens", type=int, default=150, help="with --drive: each round's budget "
+                                                                     "(default: %(default)s)")
+    parser.add_argument("--deadline-ms", type=int, default=60_000, help="with --drive: each round's deadline "
+                                                                       "(default: %(default)s)")
     parser.add_argument("--prefix", default="sim", help="participant ids are PREFIX-000, PREFIX-001, ...")
     parser.add_argument("--seed", type=int, default=1, help="same seed, same bots (default: %(default)s)")
     a = parser.parse_args(argv)

@@ -3101,6 +3101,7 @@ async def answers_and_votes(room: Room, round_id: str) -> dict[str, tuple[str, i
 
 
 def expected_scores(options: gs.SimOptions, participant_id: str) -> tuple[int, int]:
+    """The votes and total score the simulated phones give an answer."""
     voters = [f"{options.prefix}-voter-{i:03d}" for i in range(options.voters)]
     return len(voters), sum(gs.vote_score(voter, participant_id) for voter in voters)
 
@@ -3150,8 +3151,9 @@ async def test_answers_for_voting_follow_a_late_answer_and_come_gzipped(room: Ro
     await ana.recv("challenge")
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
-    while len((await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]) < 1:
-        await asyncio.sleep(0.02)
+    async with asyncio.timeout(TIMEOUT_S):
+        while len((await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]) < 1:
+            await asyncio.sleep(0.02)
     await room.host.stop(rnd["id"])
     first = await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses")
     assert [r["participant_id"] for r in first["responses"]] == ["ana"]
