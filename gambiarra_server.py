@@ -38,8 +38,8 @@ Every HTTP route is served at the root and again under ``/api``; ``GET /docs``
 lists them all. The sections of this file, in order (``grep -n '^# =='``):
 
     Configuration, Errors, Helpers, Input fields, Store (sqlite), Live state,
-    Messages, Hub (fan-out), WebSocket, HTTP, Routes and docs, App, Rehearsal (simulate
-    and bench), Command line.
+    Messages, Hub (fan-out), The server, WebSocket, HTTP, Routes and docs, App,
+    Rehearsal (simulate and bench), Command line.
 """
 
 from __future__ import annotations
