@@ -3591,7 +3591,11 @@ def bench_command(argv: list[str]) -> None:
                                                  if getattr(a, f.name) is not None})
     if preset.stream_s < 1:
         parser.error("--stream-s must be at least 1: a round's deadline is at least a second")
-    figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # TERM stops a run as Ctrl-C does
+    try:
+        figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity))
+    except KeyboardInterrupt:
+        raise SystemExit("bench: interrupted; its server and load generators are stopped") from None
     figures["preset"]["name"] = a.preset
     print(bench_report(figures))
     print(dumps(figures), flush=True)

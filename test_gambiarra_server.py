@@ -23,6 +23,7 @@ import sqlite3
 import string
 import subprocess
 import sys
+import time
 import urllib.parse
 import weakref
 from collections.abc import Callable
@@ -3219,3 +3220,34 @@ def test_bench_measures_a_tiny_room_end_to_end() -> None:
         assert figures[phase]["phone_token_updates"] == 0
     assert figures["votes"]["votes"] == 4 and figures["votes"]["tallies_exact"]          # 2 voters x 2 answers
     assert "bench: 4 runners" in gs.bench_report(figures)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_bench_stopped_with_sigterm_stops_its_server_and_load() -> None:
+    """A TERM to bench (a host's `kill`, a CI timeout) leaves no server or load generator behind."""
+    bench = subprocess.Popen([sys.executable, str(HERE / "gambiarra_server.py"), "bench", "--preset", "meetup",
+                              "--runners", "2", "--screens", "1", "--phones", "1", "--voters", "1",
+                              "--stream-s", "30", "--no-saturation", "--no-affinity"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children(bench.pid)) < 3 and time.monotonic() < deadline:    # the server and its workers
+            time.sleep(0.1)
+        started = children(bench.pid)
+        assert len(started) >= 3
+    finally:
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    assert "interrupted" in err and "Traceback" not in err
+    for pid in started:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
