@@ -145,7 +145,6 @@ class Config:
 
 MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
-MAX_REMEMBERED_VOTERS = 10_000  # (round, voter) vote counts kept to number votes without a query
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
@@ -612,24 +611,40 @@ def log_event(conn: sqlite3.Connection, *event: Any) -> None:
         conn.execute(EVENT_INSERT, event_row(*event))
 
 
+@dataclass
+class VoteCounts:
+    """How many votes each voter has cast in the round last voted in: the next voteOrder, without a query.
+
+    Only the round last voted in is kept, so memory does not grow round after
+    round; a voter it does not know costs one query, so forgetting is safe.
+    """
+
+    round_id: str | None = None
+    by_voter: dict[str, int] = field(default_factory=dict)
+
+    def next_order(self, conn: sqlite3.Connection, round_id: str, voter: str) -> int:
+        if round_id != self.round_id:
+            self.round_id, self.by_voter = round_id, {}
+        if voter not in self.by_voter:
+            self.by_voter[voter] = conn.execute("SELECT COUNT(*) FROM votes WHERE roundId = ? AND voterHash = ?",
+                                                (round_id, voter)).fetchone()[0]
+        return self.by_voter[voter] + 1
+
+
 def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
-               cast_so_far: dict[tuple[str, str], int]) -> list[dict[str, Any] | ClientError]:
+               counts: VoteCounts) -> list[dict[str, Any] | ClientError]:
     """Record a batch of immutable votes in one transaction: each gets its row, or why it was refused.
 
     One commit per batch, not per vote: a commit (and the checkpoints the
     write-ahead log then needs) costs far more than the vote itself.
-    `cast_so_far` remembers each voter's votes per round across batches
-    (forgetting is safe: a voter it does not know costs one query).
     """
-    if len(cast_so_far) > MAX_REMEMBERED_VOTERS:
-        cast_so_far.clear()
     read: dict[tuple, Any] = {}          # what this batch has read: rounds and answers
     results: list[dict[str, Any] | ClientError] = []
     try:
         with conn:
             for v in votes:
                 try:
-                    results.append(insert_vote(conn, v, read, cast_so_far))
+                    results.append(insert_vote(conn, v, read, counts))
                 except ClientError as exc:
                     results.append(exc)
             conn.executemany(EVENT_INSERT, [
@@ -639,13 +654,13 @@ def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
                            "responseTime": r["responseTime"]})
                 for r in results if isinstance(r, dict)])
     except sqlite3.Error:
-        cast_so_far.clear()             # it counted votes that were just rolled back
+        counts.by_voter.clear()         # it counted votes that were just rolled back
         raise
     return results
 
 
 def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any],
-                cast_so_far: dict[tuple[str, str], int]) -> dict[str, Any]:
+                counts: VoteCounts) -> dict[str, Any]:
     """Insert one vote, checked against its round and participant, inside the caller's transaction."""
     round_id, voter = v["round_id"], v["voter_hash"]
     if ("round", round_id) not in read:
@@ -657,11 +672,8 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
             conn, "SELECT 1 FROM metrics WHERE roundId = ? AND participantId = ?", round_id, v["participant_id"])
     if not read["answer", round_id, v["participant_id"]]:
         raise NotFound("Participant not found")
-    if (round_id, voter) not in cast_so_far:
-        cast_so_far[round_id, voter] = conn.execute("SELECT COUNT(*) FROM votes WHERE roundId = ? AND voterHash = ?",
-                                                    (round_id, voter)).fetchone()[0]
     vote = {"id": new_id(), "roundId": round_id, "voterHash": voter, "participantId": v["participant_id"],
-            "score": v["score"], "createdAt": now_ms(), "voteOrder": cast_so_far[round_id, voter] + 1,
+            "score": v["score"], "createdAt": now_ms(), "voteOrder": counts.next_order(conn, round_id, voter),
             "responseTime": v["response_time"], "userAgent": v["user_agent"]}
     if not conn.execute("""INSERT INTO votes (id, roundId, voterHash, participantId, score, createdAt, voteOrder,
                                               responseTime, userAgent)
@@ -669,7 +681,7 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
                                    :responseTime, :userAgent)
                            ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
         raise Conflict("Already voted for this participant")
-    cast_so_far[round_id, voter] += 1
+    counts.by_voter[voter] += 1
     return vote
 
 
@@ -1236,7 +1248,7 @@ class Ballots:
     def __init__(self) -> None:
         self.waiting: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self.writer: asyncio.Task | None = None
-        self.cast_so_far: dict[tuple[str, str], int] = {}   # for cast_votes; only the database thread uses it
+        self.counts = VoteCounts()          # for cast_votes: only the database thread touches it
 
     async def cast(self, db: Database, vote: dict[str, Any]) -> dict[str, Any]:
         """Record a vote and return its row; raise the ClientError that refused it."""
@@ -1251,7 +1263,7 @@ class Ballots:
             await asyncio.sleep(BALLOT_LINGER_S)
             batch, self.waiting = self.waiting, []
             try:
-                results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch], self.cast_so_far)
+                results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch], self.counts)
             except sqlite3.Error as exc:
                 results = [exc] * len(batch)
             for (_, future), result in zip(batch, results):

@@ -3185,25 +3185,25 @@ def test_a_batch_of_votes_refuses_each_bad_vote_on_its_own_and_numbers_the_rest(
                                    "durationMs": 1, "createdAt": 1})
         vote = {"round_id": rnd["id"], "participant_id": "ana", "score": 4, "voter_hash": "v1",
                 "response_time": None, "user_agent": "test"}
-        cast_so_far: dict[tuple[str, str], int] = {}
-        assert isinstance(gs.cast_votes(conn, [vote], cast_so_far)[0], gs.Conflict)   # voting is not open yet
+        counts = gs.VoteCounts()
+        assert isinstance(gs.cast_votes(conn, [vote], counts)[0], gs.Conflict)   # voting is not open yet
         gs.update_round(conn, rnd["id"], {"votingStatus": "open", "endedAt": 2})
         results = gs.cast_votes(conn, [vote, vote, {**vote, "participant_id": "zé"}, {**vote, "voter_hash": "v2"}],
-                                cast_so_far)
+                                counts)
         assert [type(r).__name__ for r in results] == ["dict", "Conflict", "NotFound", "dict"]
         assert str(results[1]) == "Already voted for this participant"
         assert [r["voteOrder"] for r in (results[0], results[3])] == [1, 1]
         assert [e["eventType"] for e in gs.session_events(conn, session["id"])] == ["vote_cast", "vote_cast"]
         # voteOrder goes on from the counts remembered, and from the database once they are forgotten
-        assert gs.cast_votes(conn, [{**vote, "participant_id": "bia"}], cast_so_far)[0]["voteOrder"] == 2
-        assert gs.cast_votes(conn, [{**vote, "participant_id": "caio"}], {})[0]["voteOrder"] == 3
+        assert gs.cast_votes(conn, [{**vote, "participant_id": "bia"}], counts)[0]["voteOrder"] == 2
+        assert gs.cast_votes(conn, [{**vote, "participant_id": "caio"}], gs.VoteCounts())[0]["voteOrder"] == 3
         # a batch the database refuses leaves no trace, in the votes or in the counts
         conn.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON event_logs BEGIN SELECT RAISE(ABORT, 'disk'); END")
         second = {**vote, "voter_hash": "v2", "participant_id": "bia"}
         with pytest.raises(sqlite3.Error):
-            gs.cast_votes(conn, [second], cast_so_far)
+            gs.cast_votes(conn, [second], counts)
         conn.execute("DROP TRIGGER refuse")
-        assert gs.cast_votes(conn, [second], cast_so_far)[0]["voteOrder"] == 2
+        assert gs.cast_votes(conn, [second], counts)[0]["voteOrder"] == 2
     finally:
         conn.close()
 
