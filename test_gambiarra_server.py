@@ -2765,8 +2765,9 @@ JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), s
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 WS_FIELDS = sorted({name for spec, _ in gs.ON_MESSAGE.values() for f in spec for name in (f.name, f.alias)})
-ERROR_CODES = {"INVALID_INPUT", "NOT_REGISTERED", "WRONG_PARTICIPANT", "INVALID_PIN", "PIN_THROTTLED", "ID_IN_USE",
-               "UNKNOWN_ROUND", "TOO_MANY_TOKENS", "NO_SESSION", "FORBIDDEN", "CONFLICT", "NOT_FOUND"}
+# The WebSocket error codes the README documents: the only ones a runner may ever see.
+ERROR_CODES = set(re.findall(r"^\| `([A-Z_]+)` \|", (HERE / "README.md").read_text().split("Error codes (")[1]
+                             .split("Close codes:")[0], re.M))
 SERVER_MESSAGES = {"error", "registered", "registered_telao", "state_snapshot", "participant_registered",
                    "participant_disconnected", "token_update", "completion", "round_state", "round_started",
                    "challenge", "heartbeat"}
