@@ -3224,9 +3224,12 @@ async def obey(conn: Any, options: SimOptions) -> None:
     gc.disable()                        # a collector pause here would count as the server's latency
     async with sim.running():
         await sim.start_screens()
-        conn.send(None)
+        reply = None
         while True:
-            gc.collect()                # between phases, where no one is timed
+            # Collect between phases, before answering: bench starts the next phase
+            # (a challenge, a token's clock) only once every worker has answered.
+            gc.collect()
+            conn.send(reply)
             order, args, timeout_s = await asyncio.to_thread(conn.recv)
             if order == "stop":
                 return
@@ -3239,7 +3242,7 @@ async def obey(conn: Any, options: SimOptions) -> None:
                 sim.ballots.add(args[0])
             elif order in ("answered", "voted", "seen"):
                 await wait_until(lambda: getattr(sim, order)(*args), timeout_s)
-            conn.send(vars(sim.take_tally()))
+            reply = vars(sim.take_tally())
 
 
 class Workers:
