@@ -630,6 +630,14 @@ class VoteCounts:
                                                 (round_id, voter)).fetchone()[0]
         return self.by_voter[voter] + 1
 
+    def counted(self, voter: str) -> None:
+        """A vote of `voter` was inserted in the round last voted in."""
+        self.by_voter[voter] += 1
+
+    def forget(self) -> None:
+        """Drop every count: some were of votes that were rolled back."""
+        self.by_voter.clear()
+
 
 def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
                counts: VoteCounts) -> list[dict[str, Any] | ClientError]:
@@ -654,7 +662,7 @@ def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
                            "responseTime": r["responseTime"]})
                 for r in results if isinstance(r, dict)])
     except sqlite3.Error:
-        counts.by_voter.clear()         # it counted votes that were just rolled back
+        counts.forget()
         raise
     return results
 
@@ -681,7 +689,7 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
                                    :responseTime, :userAgent)
                            ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
         raise Conflict("Already voted for this participant")
-    counts.by_voter[voter] += 1
+    counts.counted(voter)
     return vote
 
 
@@ -2225,8 +2233,12 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = {404: f"No route {request.method} {request.path}", 405: f"No route {request.method} {request.path}",
-                   413: f"The request body is over the limit of {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
+        if exc.status in (404, 405):
+            message = f"No route {request.method} {request.path}"
+        elif exc.status == 413:
+            message = f"The request body is over the limit of {MAX_BODY_BYTES} bytes"
+        else:
+            message = exc.reason
         return json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
     except sqlite3.Error as exc:
         log.error("database error on %s %s: %s", request.method, request.path, exc)
