@@ -374,12 +374,34 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
 # with respect to the others and none of them ever blocks the event loop.
 
 SCHEMA_VERSION = 1
+DB_FILE_CHECK_S = 1.0           # how often the server looks whether its database file was deleted
+
+
+class DatabaseBusy(Exception):
+    """Another process holds the database file: one server per database."""
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False)
+    """Open `path` for this process alone, then bring its schema up to date.
+
+    An exclusive lock keeps the write-ahead log's index in this process's memory
+    instead of a shared `-shm` mmap (which kills the process with SIGBUS when that
+    file cannot be written), and it keeps a second server off the file: it is
+    taken before anything is written, so a second server changes nothing.
+    """
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=0)
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:     # the extended code's primary part
+            raise DatabaseBusy(f"database {path.resolve()} is in use by another server; stop that one, "
+                               "or give this one another DATABASE_URL") from None
+        raise
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -409,9 +431,15 @@ class Database:
     """The one sqlite connection, owned by one thread; statements run in submission order."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite", initializer=yield_to_event_loop)
-        self.conn = self.executor.submit(open_db, path).result()
+        try:
+            self.conn = self.executor.submit(open_db, path).result()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.error: str | None = None
+        self.restored_at: int | None = None      # when the file was last written back after being deleted
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on the database thread and return its result."""
@@ -436,6 +464,32 @@ class Database:
         if self.conn.total_changes != changes:
             self.error = None
         return result
+
+    async def keep_file(self) -> None:
+        """Write the database back to its path if someone deleted the file (the open connection still has it all)."""
+        if not self.path.exists():
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.write_back)
+
+    def write_back(self) -> None:
+        """On the database thread: copy the open database to its path and go on writing there."""
+        if self.path.exists():
+            return
+        where = self.path.resolve()
+        log.error("database %s was deleted while the server runs; writing it back from the open connection", where)
+        copy = self.path.with_name(self.path.name + ".restoring")
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as target:
+                self.conn.backup(target)
+            os.replace(copy, self.path)
+        except (sqlite3.Error, OSError) as exc:
+            self.error = f"the database file {where} was deleted and cannot be written back: {exc}"
+            log.error("%s", self.error)
+            return
+        self.conn.close()               # its log goes into the deleted file, and its -wal away
+        self.conn = open_db(self.path)
+        self.restored_at = now_ms()
+        self.error = None
+        log.warning("database %s written back; the server goes on writing to it", where)
 
     def close(self) -> None:
         self.executor.submit(self.conn.close).result()
@@ -1707,7 +1761,8 @@ async def session_round(server: Server, round_id: str) -> dict[str, Any]:
 
 async def get_health(server: Server, request: web.Request, p: Params) -> web.Response:
     return json_response({"status": "ok", "timestamp": now_ms(), "version": __version__,
-                          "database": server.db.error or "ok", "connections": len(server.hub.peers)})
+                          "database": server.db.error or "ok", "database_restored_at": iso(server.db.restored_at),
+                          "connections": len(server.hub.peers)})
 
 
 async def post_session(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2275,7 +2330,8 @@ async def running_server(app: web.Application) -> Any:
     server.db = Database(server.config.database)
     await server.load()
     loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
-             asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive))]
+             asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive)),
+             asyncio.create_task(repeat(DB_FILE_CHECK_S, server.db.keep_file))]
     yield
     for task in loops:
         task.cancel()
@@ -3746,8 +3802,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config))
+    except DatabaseBusy as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import string
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import weakref
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from websockets.asyncio.client import ClientConnection, connect
@@ -211,7 +214,7 @@ async def http() -> aiohttp.ClientSession:
 
 @pytest.fixture
 async def room(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession) -> Room:
-    server = await aiohttp_server(gs.make_app(config), host="127.0.0.1")
+    server = await aiohttp_server(served(gs.make_app(config)), host="127.0.0.1")
     room = Room(str(server.make_url("")).rstrip("/"), http)
     yield room
     await room.close()
@@ -222,14 +225,59 @@ async def pin(room: Room) -> str:
     return await room.host.new_session()
 
 
+# A running server holds its database file alone (an exclusive lock), so a test reads a
+# database that a server of this process has open through that server's own connection.
+SERVED: dict[Path, gs.Server] = {}
+
+
+def served(app: aiohttp.web.Application) -> aiohttp.web.Application:
+    """`app`, with its database reachable by `db_rows` from its start-up to its clean-up."""
+    server = app[gs.server_key]
+    key = server.config.database.resolve()
+
+    async def opened(app: aiohttp.web.Application) -> None:
+        SERVED[key] = server
+
+    async def closing(app: aiohttp.web.Application) -> None:
+        SERVED.pop(key, None)
+    app.on_startup.append(opened)
+    app.on_cleanup.insert(0, closing)           # before the database closes
+    return app
+
+
+def rows_of(conn: sqlite3.Connection, sql: str, args: tuple) -> list[dict[str, Any]]:
+    cursor = conn.execute(sql, args)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
+
+
 def db_rows(path: Path, sql: str, *args: Any) -> list[dict[str, Any]]:
-    """Read the database as the club's report scripts would, beside the running server."""
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
+    """Read the database as the club's report scripts would: what the server has saved.
+
+    Through the server's own connection while a server of this process holds the file;
+    from the file once it has stopped; from a copy of the file and its write-ahead log
+    while a server process holds it (what a crash would leave).
+    """
+    server = SERVED.get(Path(path).resolve())
+    if server is not None:
+        db = server.db
+        return db.executor.submit(lambda: rows_of(db.conn, sql, args)).result(timeout=TIMEOUT_S)
     try:
-        return [dict(row) for row in conn.execute(sql, args)]
-    finally:
-        conn.close()
+        return read_rows(path, sql, args)
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        return read_rows(copy, sql, args)
+
+
+def read_rows(path: Path, sql: str, args: tuple) -> list[dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(path, timeout=0)) as conn:
+        return rows_of(conn, sql, args)
 
 
 class ServerProcess:
@@ -438,7 +486,7 @@ async def room_with(aiohttp_server: Any, config: gs.Config, http: aiohttp.Client
     rooms: list[Room] = []
 
     async def start(**changes: Any) -> tuple[Room, gs.Server]:
-        app = gs.make_app(replace(config, **changes))
+        app = served(gs.make_app(replace(config, **changes)))
         server = await aiohttp_server(app, host="127.0.0.1")
         rooms.append(Room(str(server.make_url("")).rstrip("/"), http))
         return rooms[-1], app[gs.server_key]
@@ -505,7 +553,8 @@ async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
 async def test_health_shape(room: Room) -> None:
     """GET /health: status, server clock, version, database state and connection count."""
     assert await room.host.call("GET", "/health") == {"status": "ok", "timestamp": MS, "version": gs.__version__,
-                                                     "database": "ok", "connections": 0}
+                                                     "database": "ok", "database_restored_at": None,
+                                                     "connections": 0}
 
 
 async def test_new_session_shape(room: Room) -> None:
@@ -1928,7 +1977,7 @@ async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_serve
                                                                     client_dir: Path,
                                                                     http: aiohttp.ClientSession) -> None:
     """/client and /client-assets/*.js come from CLIENT_DIR with the right type and no-store."""
-    server = await aiohttp_server(gs.make_app(replace(config, client_dir=client_dir)))
+    server = await aiohttp_server(served(gs.make_app(replace(config, client_dir=client_dir))))
     for path, content_type in (("/client", "text/html"), ("/client-assets/net.js", "text/javascript")):
         async with http.get(server.make_url(path)) as response:
             assert response.status == 200 and response.content_type == content_type
@@ -1994,7 +2043,7 @@ async def make_room(aiohttp_server: Any, config: gs.Config, http: aiohttp.Client
     rooms: list[LiveRoom] = []
 
     async def make(**changes: Any) -> LiveRoom:
-        app = gs.make_app(replace(config, **changes))
+        app = served(gs.make_app(replace(config, **changes)))
         server = await aiohttp_server(app, host="127.0.0.1")
         room = LiveRoom(str(server.make_url("")).rstrip("/"), http, app[gs.server_key])
         rooms.append(room)
@@ -3005,6 +3054,40 @@ async def a_full_round_works(room: Room) -> None:
     await room.host.call("POST", f"/rounds/{rnd['id']}/close-voting")
     await room.host.call("POST", f"/rounds/{rnd['id']}/reveal")
     assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 1
+
+
+# --- attack: rounds, sessions, the database file and exports ----------------------
+
+def file_states(database: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of the database and its write-ahead log."""
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in (database, Path(f"{database}-wal")) if path.exists()}
+
+
+async def test_a_second_server_on_the_same_database_says_it_is_busy_and_touches_nothing(
+        server_process: Callable, http: aiohttp.ClientSession) -> None:
+    """One server per database: a second one started on the same file prints one line naming the file
+    (its absolute path) and exits 2 before it listens or writes; the first one's session and runner go on."""
+    first = server_process()
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    session = await room.host.call("GET", "/session")
+    before = file_states(first.database)
+    assert not Path(f"{first.database}-shm").exists()         # the log's index is in the server's memory
+    second = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "gambiarra_server.py"), "--host", "127.0.0.1", "--port", "0",
+                         "--database-url", str(first.database)], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert second.stdout == ""
+    assert second.stderr.splitlines() == [
+        f"database {first.database.resolve()} is in use by another server; stop that one, "
+        "or give this one another DATABASE_URL"]
+    assert file_states(first.database) == before
+    assert await room.host.call("GET", "/session") == session
+    assert [p["id"] for p in (await room.host.call("GET", "/presence"))["participants"]] == ["ana"]
+    await ana.sync()
+    await room.close()
 
 
 # --- load without loss ----------------------------------------------------------------
