@@ -131,6 +131,12 @@ class Config:
                                              "WebSocket connections one address may hold (the host's: any number)")
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round")
+    stop_grace_s: float = option(3.0, "STOP_GRACE", "seconds after a stop during which tokens and completes "
+                                                    "still on their way are kept; then answers are frozen")
+    max_participants: int = option(300, "MAX_PARTICIPANTS",
+                                   "participants per session (one already in it may always register again)")
+    max_round_tokens: int = option(500_000, "MAX_ROUND_TOKENS", "tokens kept per round, all runners together")
+    max_round_chars: int = option(4_000_000, "MAX_ROUND_CHARS", "characters kept per round, all runners together")
     max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
                                    "messages queued for one connection before it is dropped as not reading")
@@ -561,6 +567,14 @@ def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str,
     return get_participant(conn, p["participant_id"])
 
 
+def check_room_for(conn: sqlite3.Connection, session_id: str, participant_id: str, limit: int) -> None:
+    """Refuse a participant new to the session once it holds `limit`; one already in it is always let back."""
+    row = one(conn, "SELECT COUNT(*) AS n, COALESCE(MAX(id = ?), 0) AS known FROM participants WHERE sessionId = ?",
+              participant_id, session_id)
+    if not row["known"] and row["n"] >= limit:
+        raise ClientError(f"This session is full: it has its {limit} participants", "SESSION_FULL")
+
+
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
     with conn:
         conn.execute("UPDATE participants SET connected = ?, lastSeen = ? WHERE id = ?",
@@ -893,6 +907,8 @@ class LiveRound:
 
     row: dict[str, Any]
     generations: dict[str, Generation] = field(default_factory=dict)
+    tokens: int = 0              # kept for all runners together, to bound a round's memory
+    chars: int = 0
 
     @property
     def id(self) -> str:
@@ -911,6 +927,29 @@ class LiveRound:
         if gen is None:
             gen = self.generations[participant_id] = Generation(participant_id)
         return gen
+
+    def keep(self, gen: Generation, seq: int, content: str, at: int) -> bool:
+        """Add a token to one of this round's answers; say whether it was new."""
+        if not gen.add(seq, content, at):
+            return False
+        self.tokens += 1
+        self.chars += len(content)
+        return True
+
+    def check_room(self, chars: int, max_tokens: int, max_chars: int) -> None:
+        """Refuse a token that would take the text of all answers together past the round's bounds."""
+        if self.tokens >= max_tokens or self.chars + chars > max_chars:
+            raise ClientError(f"Round {self.index} holds all the text a round may ({max_tokens} tokens, "
+                              f"{max_chars} characters, every runner together); the rest is ignored", "ROUND_FULL")
+
+    def check_open(self, grace_ms: float) -> None:
+        """Refuse a token or `complete` once the answers are frozen: the grace after the stop is over, or
+        voting has closed. Frames already on their way at the stop still count; later ones would change
+        the answers the room votes on."""
+        ended = self.row["endedAt"]
+        if ended is not None and (self.row["votingStatus"] != "open" or now_ms() - ended > grace_ms):
+            raise ClientError(f"Round {self.index} has ended and its answers are frozen; this is not kept",
+                              "ROUND_CLOSED")
 
 
 @dataclass
@@ -984,7 +1023,7 @@ class Arena:
             raise ClientError(f"An answer keeps at most {chars_limit} characters; the rest is ignored",
                               "ANSWER_TOO_LONG")
         at = now_ms()
-        if not gen.add(seq, content, at):
+        if not self.rounds[index].keep(gen, seq, content, at):
             return None
         self.unsaved.append((self.rounds[index].id, participant_id, seq, content, at))
         return gen
@@ -1399,7 +1438,7 @@ class Server:
             return
         live = self.arena.start_round(shown)
         for token in await self.db.run(round_tokens, live.id):
-            live.generation(token["participantId"]).add(token["seq"], token["content"], token["receivedAt"])
+            live.keep(live.generation(token["participantId"]), token["seq"], token["content"], token["receivedAt"])
         for m in await self.db.run(round_metrics, live.id):
             gen = live.generation(m["participantId"])
             gen.saved, gen.completed, gen.stale = True, not m["rescued"], False
@@ -1565,6 +1604,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
             # Ids are shown on the screen; only the machine holding one may replace its connection.
             raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
                            "ID_IN_USE")
+        await server.db.run(check_room_for, session.id, pid, server.config.max_participants)
         row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
@@ -1592,6 +1632,9 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
 async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
     config = server.config
+    live = server.arena.live_round(m["round"])
+    live.check_open(config.stop_grace_s * 1000)
+    live.check_room(len(m["content"]), config.max_round_tokens, config.max_round_chars)
     gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config.max_tokens_per_generation,
                                     config.max_answer_chars)
     if gen is None:
@@ -1607,6 +1650,7 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     report = {**m, **{key: round(m[key]) for key in ("latency_ms_first_token", "duration_ms") if m[key] is not None}}
     async with server.arena.lock:
         live = server.arena.live_round(m["round"])
+        live.check_open(server.config.stop_grace_s * 1000)
         metrics = await server.save_answer(live, live.generation(pid), report)
     log.info("WS_COMPLETE %s round %d: %d tokens", pid, live.index, metrics["tokensReceived"])
     server.hub.publish_screens(msg_completion(live.index, metrics))

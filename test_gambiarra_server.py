@@ -2493,7 +2493,7 @@ async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
 async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(
         make_room: Any, server_log: pytest.LogCaptureFixture, limits: dict[str, int], why: str) -> None:
     """A frozen phone's queue fills and it is cut off once; the runner and a reading screen get every token."""
-    room = await make_room(max_answer_chars=10**7, **limits)
+    room = await make_room(max_answer_chars=10**7, max_round_chars=10**7, **limits)
     pin = await room.host.new_session()
     reading = await room.screen()
     frozen = await room.connect_from("127.0.0.3", max_queue=1)     # buffers one message, then stops reading
@@ -3088,6 +3088,105 @@ async def test_a_second_server_on_the_same_database_says_it_is_busy_and_touches_
     assert [p["id"] for p in (await room.host.call("GET", "/presence"))["participants"]] == ["ana"]
     await ana.sync()
     await room.close()
+
+
+def shown_to_screens(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m["type"] in ("token_update", "completion")]
+
+
+@pytest.mark.parametrize("frozen_by", ["voting closed", "grace over"])
+async def test_answers_are_frozen_once_voting_closes_or_the_grace_after_stop_is_over(make_room: Any,
+                                                                                     frozen_by: str) -> None:
+    """After a stop, tokens and completes on their way are kept for STOP_GRACE seconds while voting is
+    open; after that, or once voting closed, they get ROUND_CLOSED and the answer voted on stays as it was:
+    in the database, on the voting page, in the export and on the screens."""
+    room = await make_room(stop_grace_s=60.0 if frozen_by == "voting closed" else 0.2)
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
+    await ana.stream(1, WORDS[:2])
+    await bia.stream(1, WORDS)
+    await bia.complete(1, len(WORDS))
+    await ana.sync()
+    await bia.sync()
+    await room.host.stop(rnd["id"])
+    if frozen_by == "voting closed":
+        await ana.token(1, 2, WORDS[2])                 # within the grace: still kept
+        await ana.sync()
+        await room.host.call("POST", f"/rounds/{rnd['id']}/close-voting")
+        kept = WORDS[:3]
+    else:
+        await room.host.vote(rnd["id"], "ana", 4, "v1")
+        await asyncio.sleep(0.3)                        # the grace is over (voting stays open)
+        kept = WORDS[:2]
+    screen = await room.screen()
+    await ana.token(1, len(kept), "ANSWER CHANGED AFTER THE VOTE")
+    await ana.complete(1, 99)
+    await bia.stream(1, ["P.S."], start=len(WORDS))
+    await bia.complete(1, len(WORDS) + 1)
+    for runner in (ana, ana, bia, bia):
+        assert (await runner.recv("error"))["code"] == "ROUND_CLOSED"
+    assert shown_to_screens(await screen.quiet()) == []
+    assert await responses_of(room, rnd) == {"ana": "".join(kept), "bia": "".join(WORDS)}
+    [saved_ana, saved_bia] = sorted(csv_rows((await export(room, "/export.csv"))[0]), key=lambda r: r["participant_id"])
+    assert (saved_ana["generated_content"], saved_ana["tokens_received"], saved_ana["rescued"]) == (
+        "".join(kept), str(len(kept)), "1")
+    assert (saved_bia["generated_content"], saved_bia["tokens"]) == ("".join(WORDS), str(len(WORDS)))
+    assert db_rows(room.server.config.database, "SELECT COUNT(*) AS n FROM tokens") == [
+        {"n": len(kept) + len(WORDS)}]
+
+
+async def test_a_session_holds_at_most_max_participants_and_always_lets_its_own_back(make_room: Any) -> None:
+    """One PIN holder registering id after id is refused with SESSION_FULL past MAX_PARTICIPANTS; a
+    participant already in the session (reconnecting, from another socket) is never refused, a kicked one
+    stays kicked, screens hear of no refused id, and a new session starts empty."""
+    room = await make_room(max_participants=3)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    runners = {name: await room.runner_at(STRANGER, name, pin) for name in ("ana", "bia", "caio")}
+    for name in ("dani", "eli"):
+        assert (await Runner(await room.connect_from(STRANGER), name).register(pin))["code"] == "SESSION_FULL"
+    await runners["ana"].ws.close()
+    again = await room.runner_at(STRANGER, "ana", pin)          # reconnects after a drop
+    await room.runner_at(STRANGER, "bia", pin)                  # replaces its own socket
+    await room.host.call("POST", "/participants/kick", {"participantId": "caio"})
+    assert (await Runner(await room.connect_from(STRANGER), "caio").register(pin))["code"] == "KICKED"
+    assert (await Runner(await room.connect_from(STRANGER), "dani").register(pin))["code"] == "SESSION_FULL"
+    seen = [m["participant"]["id"] for m in await screen.quiet() if m["type"] == "participant_registered"]
+    assert set(seen) == {"ana", "bia", "caio"}
+    session = await room.host.call("GET", "/session")
+    assert sorted(p["id"] for p in session["participants"]) == ["ana", "bia", "caio"]
+    await again.sync()
+    new_pin = await room.host.new_session()
+    for name in ("dani", "eli", "fabi"):
+        await room.runner_at(STRANGER, name, new_pin)
+
+
+@pytest.mark.parametrize("bound", ["tokens", "characters"])
+async def test_a_rounds_live_text_is_bounded_for_every_runner_together(make_room: Any, bound: str) -> None:
+    """Past MAX_ROUND_TOKENS or MAX_ROUND_CHARS (every answer of the round together) a token gets
+    ROUND_FULL, whoever sends it: what was kept is shown, saved and voted on whole, and completes still work."""
+    room = await make_room(**({"max_round_tokens": 10} if bound == "tokens" else {"max_round_chars": 20}))
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana, bia, caio = [await room.runner_at(STRANGER, name, pin) for name in ("ana", "bia", "caio")]
+    rnd = await running_round(room, ana, bia, caio)
+    words = ["ab"] * 6                                  # 12 characters, 6 tokens each
+    await ana.stream(1, words)
+    await ana.sync()
+    await bia.stream(1, words)
+    kept_bia = 4                                         # 10 tokens, or 20 characters, in all
+    assert [(await bia.recv("error"))["code"] for _ in words[kept_bia:]] == ["ROUND_FULL"] * 2
+    await caio.token(1, 0, "a")
+    assert (await caio.recv("error"))["code"] == "ROUND_FULL"
+    current = await room.host.call("GET", "/rounds/current")
+    assert current["liveTokens"] == {"ana": words, "bia": words[:kept_bia]}
+    assert len(shown_to_screens(await screen.quiet())) == len(words) + kept_bia
+    await ana.complete(1, len(words))
+    await bia.complete(1, len(words))
+    await room.host.stop(rnd["id"])
+    assert await responses_of(room, rnd) == {"ana": "ab" * 6, "bia": "ab" * kept_bia}
+    await room.host.vote(rnd["id"], "bia", 5, "v1")
 
 
 # --- load without loss ----------------------------------------------------------------
