@@ -238,6 +238,19 @@ def new_id() -> str:
     return str(uuid.UUID(int=value))
 
 
+# Control characters (newlines, ANSI escapes, C1), line and bidi separators, and lone surrogates.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def loggable(value: Any) -> str:
+    """A client's value as one inert field of a log line: what a terminal would act on is written as an escape.
+
+    Ids, nicknames and messages are typed by anyone with the PIN (and paths and
+    addresses by anyone); raw, they could forge log lines or clear the host's screen.
+    """
+    return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], str(value))
+
+
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -454,7 +467,7 @@ class Database:
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue `fn(conn, *args)` without waiting; a failure is logged, not raised."""
         future = self.executor.submit(self.call, fn, *args)
-        future.add_done_callback(lambda f: f.exception() and log.error("database: %s", f.exception()))
+        future.add_done_callback(lambda f: f.exception() and log.error("database: %s", loggable(f.exception())))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """On the database thread: run `fn`, keeping `error` until a write succeeds again.
@@ -1260,7 +1273,7 @@ class Peer:
         if self.dropped:
             return                      # publishers keep finding the queue full until the handler leaves
         self.dropped = True
-        log.warning("WS_DROPPED %s (%s)", self.participant_id or self.view or self.address, why)
+        log.warning("WS_DROPPED %s (%s)", loggable(self.participant_id or self.view or self.address), why)
         if self.transport is not None:
             self.transport.abort()
 
@@ -1321,7 +1334,7 @@ class Hub:
         """Make `peer` the connection of participant `row`, closing any older one first."""
         old = self.runners.get(row["id"])
         if old is not None and old is not peer:
-            log.info("WS_DEDUP %s", row["id"])
+            log.info("WS_DEDUP %s", loggable(row["id"]))
             old.close(WSCloseCode.OK, "replaced by a newer connection")
         self.drop_screen(peer)
         peer.participant_id, peer.row = row["id"], row
@@ -1454,7 +1467,7 @@ class Server:
             if contents:
                 self.answers_version += 1
         except sqlite3.Error as exc:
-            log.error("could not save %d tokens (will retry): %s", len(rows), exc)
+            log.error("could not save %d tokens (will retry): %s", len(rows), loggable(exc))
             self.arena.give_back(rows)
             for _, _, _, round_id, participant_id in contents:
                 for live in self.arena.rounds.values():
@@ -1475,7 +1488,7 @@ class Server:
         for gen in live.generations.values():
             if gen.tokens and not gen.saved:
                 await self.save_answer(live, gen, None)
-                log.info("Flushed buffered tokens for %s: %d tokens", gen.participant_id, len(gen.tokens))
+                log.info("Flushed buffered tokens for %s: %d tokens", loggable(gen.participant_id), len(gen.tokens))
                 self.event("generation_rescued", "system", None, "participant", gen.participant_id,
                            {"roundIndex": live.index, "tokens": len(gen.tokens)})
 
@@ -1520,7 +1533,7 @@ class Server:
         pid = peer.participant_id
         if pid is not None and self.hub.runners.get(pid) is peer:
             del self.hub.runners[pid]
-            log.info("WS_DISCONNECTED %s", pid)
+            log.info("WS_DISCONNECTED %s", loggable(pid))
             self.hub.publish_screens(msg_participant_disconnected(pid))
             self.db.submit(set_connected, pid, False)
             self.event("participant_disconnected", "participant", pid, "participant", pid)
@@ -1614,7 +1627,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
-    log.info("WS_REGISTERED %s", pid)
+    log.info("WS_REGISTERED %s", loggable(pid))
     server.hub.publish_screens(msg_participant_registered(row))
     server.event("participant_registered", "participant", pid, "participant", pid,
                  {"nickname": row["nickname"], "runner": row["runner"], "model": row["model"]})
@@ -1652,7 +1665,7 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         live = server.arena.live_round(m["round"])
         live.check_open(server.config.stop_grace_s * 1000)
         metrics = await server.save_answer(live, live.generation(pid), report)
-    log.info("WS_COMPLETE %s round %d: %d tokens", pid, live.index, metrics["tokensReceived"])
+    log.info("WS_COMPLETE %s round %d: %d tokens", loggable(pid), live.index, metrics["tokensReceived"])
     server.hub.publish_screens(msg_completion(live.index, metrics))
     server.event("generation_completed", "participant", pid, "round", live.id,
                  {"roundIndex": live.index, "tokens": metrics["tokens"], "durationMs": metrics["durationMs"],
@@ -1661,7 +1674,7 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
 
 async def on_error(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
-    log.warning("runner %s reported %s: %s", pid, m["code"], m["message"])
+    log.warning("runner %s reported %s: %s", loggable(pid), loggable(m["code"]), loggable(m["message"]))
     server.event("generation_failed", "participant", pid, "participant", pid,
                  {"round": m["round"], "code": m["code"], "message": m["message"]})
 
@@ -1688,11 +1701,11 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
     except ClientError as exc:
         peer.send_json(msg_error(str(exc), exc.code))
     except sqlite3.Error as exc:
-        log.error("database error on a %s message: %s", kind, exc)
+        log.error("database error on a %s message: %s", loggable(kind), loggable(exc))
         peer.send_json(msg_error("The server could not save this; please send it again", "SERVER_BUSY"))
     except Exception:
         # A bug must not leave a runner's socket open and unread in the middle of a round.
-        log.exception("unexpected error on a %r message", kind)
+        log.exception("unexpected error on a %s message", loggable(repr(kind)))
         peer.send_json(msg_error("Internal error; the server log has the details", "INTERNAL"))
 
 
@@ -1704,7 +1717,7 @@ def turned_away(server: Server, peer: Peer) -> bool:
     limit = server.config.ws_connections_per_address
     if server.is_host(peer.address) or sum(p.address == peer.address for p in server.hub.peers) <= limit:
         return False
-    log.warning("WS_REFUSED %s: more than %d connections", peer.address, limit)
+    log.warning("WS_REFUSED %s: more than %d connections", loggable(peer.address), limit)
     peer.send_json(msg_error(f"Too many connections from your address (at most {limit}); close one and "
                              "try again", "TOO_MANY_CONNECTIONS"))
     peer.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
@@ -2065,11 +2078,17 @@ ANSWER_COLUMNS = (
 EVENT_COLUMNS = ("id", "timestamp", "eventType", "actorType", "actorId", "targetType", "targetId", "metadata")
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP's CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def csv_cell(column: str, value: Any) -> Any:
     if column.endswith("At") or column == "timestamp":
         return iso(value) or ""
     if column in ("tpsAvg", "avgScore"):
         return f"{value or 0:.2f}"
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value              # shown as the text it is; numbers are never text here
     return "" if value is None else value
 
 
@@ -2340,11 +2359,11 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
             message = exc.reason
         return json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
     except sqlite3.Error as exc:
-        log.error("database error on %s %s: %s", request.method, request.path, exc)
+        log.error("database error on %s %s: %s", loggable(request.method), loggable(request.path), loggable(exc))
         return json_response({"error": f"The database refused the write ({exc}); check the disk and the "
                                        "database file. Live rounds keep streaming.", "code": "DATABASE_ERROR"}, 503)
     except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s %s", loggable(request.method), loggable(request.path))
         return json_response({"error": "Internal error; the server log has the details", "code": "INTERNAL"}, 500)
 
 

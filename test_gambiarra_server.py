@@ -3189,6 +3189,60 @@ async def test_a_rounds_live_text_is_bounded_for_every_runner_together(make_room
     await room.host.vote(rnd["id"], "bia", 5, "v1")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+async def test_exports_hold_no_formulas_and_numbers_stay_numbers(room: Room, pin: str) -> None:
+    """Nicknames, ids, models and answers that a spreadsheet would run as formulas (=, +, -, @, tab,
+    carriage return) are exported as text, prefixed with an apostrophe; numbers are left alone."""
+    evil = Runner(await room.connect(), "-1+2")
+    assert (await evil.register(pin, nickname="=HYPERLINK(\"http://evil.example\",\"prize\")",
+                                model="@SUM(A1:A9)", runner="\tcmd"))["type"] == "registered"
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, evil, ana)
+    answer = ["+cmd|' /C calc'!A0", " and more"]
+    await evil.stream(1, answer)
+    await evil.complete(1, len(answer))
+    await ana.stream(1, ["\r=1+1"])
+    await ana.complete(1, 1)
+    await evil.sync()
+    await ana.sync()
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "-1+2", 5, "v1")
+    rows = {row["participant_id"]: row for row in csv_rows((await export(room, "/export.csv"))[0])}
+    assert set(rows) == {"'-1+2", "ana"}
+    row = rows["'-1+2"]
+    assert (row["nickname"], row["model"], row["runner"], row["generated_content"]) == (
+        "'=HYPERLINK(\"http://evil.example\",\"prize\")", "'@SUM(A1:A9)", "'\tcmd", "'" + "".join(answer))
+    assert rows["ana"]["generated_content"] == "'\r=1+1"
+    assert (row["round"], row["tokens"], row["votes"], row["avg_score"]) == ("1", "2", "1", "5.00")
+    events = csv_rows((await export(room, "/export-events.csv"))[0])
+    assert "'-1+2" in {event["actorId"] for event in events}
+    for table in (rows.values(), events):
+        assert not [cell for row in table for cell in row.values() if cell.startswith(FORMULA_STARTS)]
+
+
+async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_log: pytest.LogCaptureFixture) -> None:
+    """Ids, codes and messages from clients cannot forge a log line or drive the host's terminal: every
+    control character (newline, carriage return, ANSI escape, C1) is written as an escape."""
+    forged = "ana\n2026-01-01 00:00:00 INFO WS_REGISTERED host\x1b[2J\x1b]0;owned\x07\r\x9b"
+    evil = Runner(await room.connect(), forged)
+    assert (await evil.register(pin))["type"] == "registered"
+    rnd = await running_round(room, evil)
+    await evil.send({"type": "error", "round": 1, "code": "OOPS\x1b[31m", "message": "line one\nERROR fake"})
+    await evil.token(1, 0, "x")
+    await evil.sync()
+    await room.host.stop(rnd["id"])                     # rescued: logged with the id
+    await evil.ws.close()
+    await eventually(lambda: any("WS_DISCONNECTED" in r.getMessage() for r in server_log.records), "the leave")
+    ours = [r.getMessage() for r in server_log.records if r.name == "gambiarra"]
+    assert not [line for line in ours if re.search(r"[\x00-\x1f\x7f-\x9f]", line)]
+    escaped = "ana\\n2026-01-01 00:00:00 INFO WS_REGISTERED host\\x1b[2J\\x1b]0;owned\\x07\\r\\x9b"
+    assert f"WS_REGISTERED {escaped}" in ours
+    assert f"runner {escaped} reported OOPS\\x1b[31m: line one\\nERROR fake" in ours
+    assert f"WS_DISCONNECTED {escaped}" in ours
+
+
 # --- load without loss ----------------------------------------------------------------
 
 async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vote_counts_once(
