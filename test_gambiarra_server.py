@@ -3189,6 +3189,53 @@ async def test_a_rounds_live_text_is_bounded_for_every_runner_together(make_room
     await room.host.vote(rnd["id"], "bia", 5, "v1")
 
 
+async def test_a_database_deleted_mid_round_is_written_back_and_loses_nothing(
+        server_process: Callable, http: aiohttp.ClientSession) -> None:
+    """The host deletes the database file and its log mid-round: within seconds the server says so in its
+    log and on /health, writes the database back from its open connection and goes on writing there; after
+    the round, its votes and a SIGTERM, the file holds every token, answer, vote and event."""
+    process = server_process("--flush-interval", "0.1")
+    room = Room(process.start(), http)
+    database = process.database
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
+    words = [f"w{n} " for n in range(40)]
+    await ana.stream(1, words[:20])
+    await eventually(lambda: saved_token_count(database, "ana") == 20, "a flush")
+    database.unlink()
+    Path(f"{database}-wal").unlink()
+    await ana.stream(1, words[20:30], start=20)
+    await bia.stream(1, words)
+    health = await get_when(room, "/health", lambda body: body["database_restored_at"] is not None)
+    assert (health["status"], health["database"]) == ("ok", "ok")
+    await ana.stream(1, words[30:], start=30)
+    for runner in (ana, bia):
+        await runner.complete(1, len(words))
+        await runner.sync()
+    await room.host.stop(rnd["id"])
+    for voter in ("v1", "v2"):
+        await room.host.vote(rnd["id"], "ana", 4, voter)
+        await room.host.vote(rnd["id"], "bia", 2, voter)
+    await room.close()
+    process.process.send_signal(signal.SIGTERM)
+    _, log_text = await asyncio.to_thread(process.process.communicate, timeout=10)
+    assert process.process.returncode == 0
+    assert log_text.count("was deleted while the server runs") == 1
+    for name in ("ana", "bia"):
+        rows = db_rows(database, "SELECT content FROM tokens WHERE participantId = ? ORDER BY seq", name)
+        assert [row["content"] for row in rows] == words
+    answers = db_rows(database, "SELECT participantId, generatedContent, rescued FROM metrics ORDER BY participantId")
+    assert answers == [{"participantId": name, "generatedContent": "".join(words), "rescued": 0}
+                       for name in ("ana", "bia")]
+    assert db_rows(database, "SELECT participantId, SUM(score) AS total FROM votes GROUP BY participantId "
+                             "ORDER BY participantId") == [{"participantId": "ana", "total": 8},
+                                                           {"participantId": "bia", "total": 4}]
+    events = [row["eventType"] for row in db_rows(database, "SELECT eventType FROM event_logs")]
+    assert {"session_created", "round_started", "round_stopped", "voting_opened"} <= set(events)
+    assert events.count("vote_cast") == 4
+
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
