@@ -505,7 +505,12 @@ class Database:
             log.error("%s", self.error)
             return
         self.conn.close()               # its log goes into the deleted file, and its -wal away
-        self.conn = open_db(self.path)
+        try:
+            self.conn = open_db(self.path)
+        except (sqlite3.Error, DatabaseBusy) as exc:
+            self.error = f"the database {where} was written back but cannot be opened again: {exc}"
+            log.error("%s", self.error)
+            return
         self.restored_at = now_ms()
         self.error = None
         log.warning("database %s written back; the server goes on writing to it", where)
