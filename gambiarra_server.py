@@ -2460,7 +2460,7 @@ BOT_PACES = ((0.25, 0.4), (0.5, 1.0), (0.25, 1.6))
 WARM_UP_S = (0.1, 0.8)          # a model reads the prompt before its first token
 PROMPTS = ("Escreva um haiku sobre lhamas.", "Explain recursion to a five-year-old, with emoji.",
            "Desenhe um gato em SVG.", "Write a limerick about a GPU that overheats.")
-REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSION"}
+REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSION", "SESSION_FULL"}
 # Bench's tokens read "<send time>|<word>": the time in µs modulo 2**32 (71 minutes),
 # in hex, so stamps stay short and the answers near their real size.
 STAMP_MARK = "|"

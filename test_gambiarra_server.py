@@ -245,6 +245,11 @@ def served(app: aiohttp.web.Application) -> aiohttp.web.Application:
     return app
 
 
+def own_database(config: gs.Config, started: int) -> dict[str, Path]:
+    """One database file per server a test starts (one server per database), unless it names one."""
+    return {"database": config.database.with_name(f"arena-{started + 1}.db")} if started else {}
+
+
 def rows_of(conn: sqlite3.Connection, sql: str, args: tuple) -> list[dict[str, Any]]:
     cursor = conn.execute(sql, args)
     names = [column[0] for column in cursor.description]
@@ -486,7 +491,7 @@ async def room_with(aiohttp_server: Any, config: gs.Config, http: aiohttp.Client
     rooms: list[Room] = []
 
     async def start(**changes: Any) -> tuple[Room, gs.Server]:
-        app = served(gs.make_app(replace(config, **changes)))
+        app = served(gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes})))
         server = await aiohttp_server(app, host="127.0.0.1")
         rooms.append(Room(str(server.make_url("")).rstrip("/"), http))
         return rooms[-1], app[gs.server_key]
@@ -2043,7 +2048,7 @@ async def make_room(aiohttp_server: Any, config: gs.Config, http: aiohttp.Client
     rooms: list[LiveRoom] = []
 
     async def make(**changes: Any) -> LiveRoom:
-        app = served(gs.make_app(replace(config, **changes)))
+        app = served(gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes})))
         server = await aiohttp_server(app, host="127.0.0.1")
         room = LiveRoom(str(server.make_url("")).rstrip("/"), http, app[gs.server_key])
         rooms.append(room)
