@@ -556,7 +556,8 @@ async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
 
 
 async def test_health_shape(room: Room) -> None:
-    """GET /health: status, server clock, version, database state and connection count."""
+    """GET /health: status, server clock, version, database state (and when its file was last written back)
+    and connection count."""
     assert await room.host.call("GET", "/health") == {"status": "ok", "timestamp": MS, "version": gs.__version__,
                                                      "database": "ok", "database_restored_at": None,
                                                      "connections": 0}
