@@ -490,30 +490,38 @@ class Database:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.write_back)
 
     def write_back(self) -> None:
-        """On the database thread: copy the open database to its path and go on writing there."""
+        """On the database thread: copy the open database to its path and go on writing there.
+
+        While it cannot (the folder is gone too, say) `error` says why, logged once, and the
+        next check tries again.
+        """
         if self.path.exists():
             return
         where = self.path.resolve()
-        log.error("database %s was deleted while the server runs; writing it back from the open connection", where)
         copy = self.path.with_name(self.path.name + ".restoring")
         try:
             with contextlib.closing(sqlite3.connect(copy)) as target:
                 self.conn.backup(target)
             os.replace(copy, self.path)
         except (sqlite3.Error, OSError) as exc:
-            self.error = f"the database file {where} was deleted and cannot be written back: {exc}"
-            log.error("%s", self.error)
+            self.fail(f"the database file {where} was deleted and cannot be written back: {exc}")
             return
         self.conn.close()               # its log goes into the deleted file, and its -wal away
         try:
             self.conn = open_db(self.path)
         except (sqlite3.Error, DatabaseBusy) as exc:
-            self.error = f"the database {where} was written back but cannot be opened again: {exc}"
-            log.error("%s", self.error)
+            self.fail(f"the database file {where} was written back but cannot be opened again: {exc}")
             return
         self.restored_at = now_ms()
         self.error = None
-        log.warning("database %s written back; the server goes on writing to it", where)
+        log.error("database %s was deleted while the server ran; written back from the open connection, "
+                  "nothing lost, and the server goes on writing to it", where)
+
+    def fail(self, error: str) -> None:
+        """Keep `error` for /health; log it when it is news."""
+        if error != self.error:
+            log.error("%s", error)
+        self.error = error
 
     def close(self) -> None:
         self.executor.submit(self.conn.close).result()

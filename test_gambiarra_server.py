@@ -3227,7 +3227,7 @@ async def test_a_database_deleted_mid_round_is_written_back_and_loses_nothing(
     process.process.send_signal(signal.SIGTERM)
     _, log_text = await asyncio.to_thread(process.process.communicate, timeout=10)
     assert process.process.returncode == 0
-    assert log_text.count("was deleted while the server runs") == 1
+    assert log_text.count(f"database {database.resolve()} was deleted while the server ran; written back") == 1
     for name in ("ana", "bia"):
         rows = db_rows(database, "SELECT content FROM tokens WHERE participantId = ? ORDER BY seq", name)
         assert [row["content"] for row in rows] == words
