@@ -131,6 +131,12 @@ class Config:
                                              "WebSocket connections one address may hold (the host's: any number)")
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round")
+    stop_grace_s: float = option(3.0, "STOP_GRACE", "seconds after a stop during which tokens and completes "
+                                                    "still on their way are kept; then answers are frozen")
+    max_participants: int = option(300, "MAX_PARTICIPANTS",
+                                   "participants per session (one already in it may always register again)")
+    max_round_tokens: int = option(500_000, "MAX_ROUND_TOKENS", "tokens kept per round, all runners together")
+    max_round_chars: int = option(4_000_000, "MAX_ROUND_CHARS", "characters kept per round, all runners together")
     max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
                                    "messages queued for one connection before it is dropped as not reading")
@@ -230,6 +236,19 @@ def new_id() -> str:
     value = value & ~(0xF << 76) | 0x7 << 76          # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62          # the RFC's variant
     return str(uuid.UUID(int=value))
+
+
+# Control characters (newlines, ANSI escapes, C1), line and bidi separators, and lone surrogates.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def loggable(value: Any) -> str:
+    """A client's value as one inert field of a log line: what a terminal would act on is written as an escape.
+
+    Ids, nicknames and messages are typed by anyone with the PIN (and paths and
+    addresses by anyone); raw, they could forge log lines or clear the host's screen.
+    """
+    return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], str(value))
 
 
 def sha256_hex(text: str) -> str:
@@ -374,12 +393,34 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
 # with respect to the others and none of them ever blocks the event loop.
 
 SCHEMA_VERSION = 1
+DB_FILE_CHECK_S = 1.0           # how often the server looks whether its database file was deleted
+
+
+class DatabaseBusy(Exception):
+    """Another process holds the database file: one server per database."""
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False)
+    """Open `path` for this process alone, then bring its schema up to date.
+
+    An exclusive lock keeps the write-ahead log's index in this process's memory
+    instead of a shared `-shm` mmap (which kills the process with SIGBUS when that
+    file cannot be written), and it keeps a second server off the file: it is
+    taken before anything is written, so a second server changes nothing.
+    """
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=0)
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:     # the extended code's primary part
+            raise DatabaseBusy(f"database {path.resolve()} is in use by another server; stop that one, "
+                               "or give this one another DATABASE_URL") from None
+        raise
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -409,9 +450,15 @@ class Database:
     """The one sqlite connection, owned by one thread; statements run in submission order."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite", initializer=yield_to_event_loop)
-        self.conn = self.executor.submit(open_db, path).result()
+        try:
+            self.conn = self.executor.submit(open_db, path).result()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.error: str | None = None
+        self.restored_at: int | None = None      # when the file was last written back after being deleted
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on the database thread and return its result."""
@@ -420,7 +467,7 @@ class Database:
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue `fn(conn, *args)` without waiting; a failure is logged, not raised."""
         future = self.executor.submit(self.call, fn, *args)
-        future.add_done_callback(lambda f: f.exception() and log.error("database: %s", f.exception()))
+        future.add_done_callback(lambda f: f.exception() and log.error("database: %s", loggable(f.exception())))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """On the database thread: run `fn`, keeping `error` until a write succeeds again.
@@ -436,6 +483,45 @@ class Database:
         if self.conn.total_changes != changes:
             self.error = None
         return result
+
+    async def keep_file(self) -> None:
+        """Write the database back to its path if someone deleted the file (the open connection still has it all)."""
+        if not self.path.exists():
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.write_back)
+
+    def write_back(self) -> None:
+        """On the database thread: copy the open database to its path and go on writing there.
+
+        While it cannot (the folder is gone too, say) `error` says why, logged once, and the
+        next check tries again.
+        """
+        if self.path.exists():
+            return
+        where = self.path.resolve()
+        copy = self.path.with_name(self.path.name + ".restoring")
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as target:
+                self.conn.backup(target)
+            os.replace(copy, self.path)
+        except (sqlite3.Error, OSError) as exc:
+            self.fail(f"the database file {where} was deleted and cannot be written back: {exc}")
+            return
+        self.conn.close()               # its log goes into the deleted file, and its -wal away
+        try:
+            self.conn = open_db(self.path)
+        except (sqlite3.Error, DatabaseBusy) as exc:
+            self.fail(f"the database file {where} was written back but cannot be opened again: {exc}")
+            return
+        self.restored_at = now_ms()
+        self.error = None
+        log.error("database %s was deleted while the server ran; written back from the open connection, "
+                  "nothing lost, and the server goes on writing to it", where)
+
+    def fail(self, error: str) -> None:
+        """Keep `error` for /health; log it when it is news."""
+        if error != self.error:
+            log.error("%s", error)
+        self.error = error
 
     def close(self) -> None:
         self.executor.submit(self.conn.close).result()
@@ -505,6 +591,14 @@ def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str,
             {"id": p["participant_id"], "session": session_id, "nickname": p["nickname"],
              "runner": p["runner"], "model": p["model"], "now": now})
     return get_participant(conn, p["participant_id"])
+
+
+def check_room_for(conn: sqlite3.Connection, session_id: str, participant_id: str, limit: int) -> None:
+    """Refuse a participant new to the session once it holds `limit`; one already in it is always let back."""
+    row = one(conn, "SELECT COUNT(*) AS n, COALESCE(MAX(id = ?), 0) AS known FROM participants WHERE sessionId = ?",
+              participant_id, session_id)
+    if not row["known"] and row["n"] >= limit:
+        raise ClientError(f"This session is full: it has its {limit} participants", "SESSION_FULL")
 
 
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
@@ -839,6 +933,8 @@ class LiveRound:
 
     row: dict[str, Any]
     generations: dict[str, Generation] = field(default_factory=dict)
+    tokens: int = 0              # kept for all runners together, to bound a round's memory
+    chars: int = 0
 
     @property
     def id(self) -> str:
@@ -857,6 +953,29 @@ class LiveRound:
         if gen is None:
             gen = self.generations[participant_id] = Generation(participant_id)
         return gen
+
+    def keep(self, gen: Generation, seq: int, content: str, at: int) -> bool:
+        """Add a token to one of this round's answers; say whether it was new."""
+        if not gen.add(seq, content, at):
+            return False
+        self.tokens += 1
+        self.chars += len(content)
+        return True
+
+    def check_room(self, chars: int, max_tokens: int, max_chars: int) -> None:
+        """Refuse a token that would take the text of all answers together past the round's bounds."""
+        if self.tokens >= max_tokens or self.chars + chars > max_chars:
+            raise ClientError(f"Round {self.index} holds all the text a round may ({max_tokens} tokens, "
+                              f"{max_chars} characters, every runner together); the rest is ignored", "ROUND_FULL")
+
+    def check_open(self, grace_ms: float) -> None:
+        """Refuse a token or `complete` once the answers are frozen: the grace after the stop is over, or
+        voting has closed. Frames already on their way at the stop still count; later ones would change
+        the answers the room votes on."""
+        ended = self.row["endedAt"]
+        if ended is not None and (self.row["votingStatus"] != "open" or now_ms() - ended > grace_ms):
+            raise ClientError(f"Round {self.index} has ended and its answers are frozen; this is not kept",
+                              "ROUND_CLOSED")
 
 
 @dataclass
@@ -930,7 +1049,7 @@ class Arena:
             raise ClientError(f"An answer keeps at most {chars_limit} characters; the rest is ignored",
                               "ANSWER_TOO_LONG")
         at = now_ms()
-        if not gen.add(seq, content, at):
+        if not self.rounds[index].keep(gen, seq, content, at):
             return None
         self.unsaved.append((self.rounds[index].id, participant_id, seq, content, at))
         return gen
@@ -1167,7 +1286,7 @@ class Peer:
         if self.dropped:
             return                      # publishers keep finding the queue full until the handler leaves
         self.dropped = True
-        log.warning("WS_DROPPED %s (%s)", self.participant_id or self.view or self.address, why)
+        log.warning("WS_DROPPED %s (%s)", loggable(self.participant_id or self.view or self.address), why)
         if self.transport is not None:
             self.transport.abort()
 
@@ -1228,7 +1347,7 @@ class Hub:
         """Make `peer` the connection of participant `row`, closing any older one first."""
         old = self.runners.get(row["id"])
         if old is not None and old is not peer:
-            log.info("WS_DEDUP %s", row["id"])
+            log.info("WS_DEDUP %s", loggable(row["id"]))
             old.close(WSCloseCode.OK, "replaced by a newer connection")
         self.drop_screen(peer)
         peer.participant_id, peer.row = row["id"], row
@@ -1345,7 +1464,7 @@ class Server:
             return
         live = self.arena.start_round(shown)
         for token in await self.db.run(round_tokens, live.id):
-            live.generation(token["participantId"]).add(token["seq"], token["content"], token["receivedAt"])
+            live.keep(live.generation(token["participantId"]), token["seq"], token["content"], token["receivedAt"])
         for m in await self.db.run(round_metrics, live.id):
             gen = live.generation(m["participantId"])
             gen.saved, gen.completed, gen.stale = True, not m["rescued"], False
@@ -1361,7 +1480,7 @@ class Server:
             if contents:
                 self.answers_version += 1
         except sqlite3.Error as exc:
-            log.error("could not save %d tokens (will retry): %s", len(rows), exc)
+            log.error("could not save %d tokens (will retry): %s", len(rows), loggable(exc))
             self.arena.give_back(rows)
             for _, _, _, round_id, participant_id in contents:
                 for live in self.arena.rounds.values():
@@ -1382,7 +1501,7 @@ class Server:
         for gen in live.generations.values():
             if gen.tokens and not gen.saved:
                 await self.save_answer(live, gen, None)
-                log.info("Flushed buffered tokens for %s: %d tokens", gen.participant_id, len(gen.tokens))
+                log.info("Flushed buffered tokens for %s: %d tokens", loggable(gen.participant_id), len(gen.tokens))
                 self.event("generation_rescued", "system", None, "participant", gen.participant_id,
                            {"roundIndex": live.index, "tokens": len(gen.tokens)})
 
@@ -1427,7 +1546,7 @@ class Server:
         pid = peer.participant_id
         if pid is not None and self.hub.runners.get(pid) is peer:
             del self.hub.runners[pid]
-            log.info("WS_DISCONNECTED %s", pid)
+            log.info("WS_DISCONNECTED %s", loggable(pid))
             self.hub.publish_screens(msg_participant_disconnected(pid))
             self.db.submit(set_connected, pid, False)
             self.event("participant_disconnected", "participant", pid, "participant", pid)
@@ -1511,6 +1630,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
             # Ids are shown on the screen; only the machine holding one may replace its connection.
             raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
                            "ID_IN_USE")
+        await server.db.run(check_room_for, session.id, pid, server.config.max_participants)
         row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
@@ -1520,7 +1640,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
-    log.info("WS_REGISTERED %s", pid)
+    log.info("WS_REGISTERED %s", loggable(pid))
     server.hub.publish_screens(msg_participant_registered(row))
     server.event("participant_registered", "participant", pid, "participant", pid,
                  {"nickname": row["nickname"], "runner": row["runner"], "model": row["model"]})
@@ -1538,6 +1658,9 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
 async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
     config = server.config
+    live = server.arena.live_round(m["round"])
+    live.check_open(config.stop_grace_s * 1000)
+    live.check_room(len(m["content"]), config.max_round_tokens, config.max_round_chars)
     gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config.max_tokens_per_generation,
                                     config.max_answer_chars)
     if gen is None:
@@ -1553,8 +1676,9 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     report = {**m, **{key: round(m[key]) for key in ("latency_ms_first_token", "duration_ms") if m[key] is not None}}
     async with server.arena.lock:
         live = server.arena.live_round(m["round"])
+        live.check_open(server.config.stop_grace_s * 1000)
         metrics = await server.save_answer(live, live.generation(pid), report)
-    log.info("WS_COMPLETE %s round %d: %d tokens", pid, live.index, metrics["tokensReceived"])
+    log.info("WS_COMPLETE %s round %d: %d tokens", loggable(pid), live.index, metrics["tokensReceived"])
     server.hub.publish_screens(msg_completion(live.index, metrics))
     server.event("generation_completed", "participant", pid, "round", live.id,
                  {"roundIndex": live.index, "tokens": metrics["tokens"], "durationMs": metrics["durationMs"],
@@ -1563,7 +1687,7 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
 
 async def on_error(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
-    log.warning("runner %s reported %s: %s", pid, m["code"], m["message"])
+    log.warning("runner %s reported %s: %s", loggable(pid), loggable(m["code"]), loggable(m["message"]))
     server.event("generation_failed", "participant", pid, "participant", pid,
                  {"round": m["round"], "code": m["code"], "message": m["message"]})
 
@@ -1590,11 +1714,11 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
     except ClientError as exc:
         peer.send_json(msg_error(str(exc), exc.code))
     except sqlite3.Error as exc:
-        log.error("database error on a %s message: %s", kind, exc)
+        log.error("database error on a %s message: %s", loggable(kind), loggable(exc))
         peer.send_json(msg_error("The server could not save this; please send it again", "SERVER_BUSY"))
     except Exception:
         # A bug must not leave a runner's socket open and unread in the middle of a round.
-        log.exception("unexpected error on a %r message", kind)
+        log.exception("unexpected error on a %s message", loggable(repr(kind)))
         peer.send_json(msg_error("Internal error; the server log has the details", "INTERNAL"))
 
 
@@ -1606,7 +1730,7 @@ def turned_away(server: Server, peer: Peer) -> bool:
     limit = server.config.ws_connections_per_address
     if server.is_host(peer.address) or sum(p.address == peer.address for p in server.hub.peers) <= limit:
         return False
-    log.warning("WS_REFUSED %s: more than %d connections", peer.address, limit)
+    log.warning("WS_REFUSED %s: more than %d connections", loggable(peer.address), limit)
     peer.send_json(msg_error(f"Too many connections from your address (at most {limit}); close one and "
                              "try again", "TOO_MANY_CONNECTIONS"))
     peer.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
@@ -1707,7 +1831,8 @@ async def session_round(server: Server, round_id: str) -> dict[str, Any]:
 
 async def get_health(server: Server, request: web.Request, p: Params) -> web.Response:
     return json_response({"status": "ok", "timestamp": now_ms(), "version": __version__,
-                          "database": server.db.error or "ok", "connections": len(server.hub.peers)})
+                          "database": server.db.error or "ok", "database_restored_at": iso(server.db.restored_at),
+                          "connections": len(server.hub.peers)})
 
 
 async def post_session(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -1966,11 +2091,17 @@ ANSWER_COLUMNS = (
 EVENT_COLUMNS = ("id", "timestamp", "eventType", "actorType", "actorId", "targetType", "targetId", "metadata")
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP's CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def csv_cell(column: str, value: Any) -> Any:
     if column.endswith("At") or column == "timestamp":
         return iso(value) or ""
     if column in ("tpsAvg", "avgScore"):
         return f"{value or 0:.2f}"
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value              # shown as the text it is; numbers are never text here
     return "" if value is None else value
 
 
@@ -2241,11 +2372,11 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
             message = exc.reason
         return json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
     except sqlite3.Error as exc:
-        log.error("database error on %s %s: %s", request.method, request.path, exc)
+        log.error("database error on %s %s: %s", loggable(request.method), loggable(request.path), loggable(exc))
         return json_response({"error": f"The database refused the write ({exc}); check the disk and the "
                                        "database file. Live rounds keep streaming.", "code": "DATABASE_ERROR"}, 503)
     except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s %s", loggable(request.method), loggable(request.path))
         return json_response({"error": "Internal error; the server log has the details", "code": "INTERNAL"}, 500)
 
 
@@ -2275,7 +2406,8 @@ async def running_server(app: web.Application) -> Any:
     server.db = Database(server.config.database)
     await server.load()
     loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
-             asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive))]
+             asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive)),
+             asyncio.create_task(repeat(DB_FILE_CHECK_S, server.db.keep_file))]
     yield
     for task in loops:
         task.cancel()
@@ -2336,7 +2468,7 @@ BOT_PACES = ((0.25, 0.4), (0.5, 1.0), (0.25, 1.6))
 WARM_UP_S = (0.1, 0.8)          # a model reads the prompt before its first token
 PROMPTS = ("Escreva um haiku sobre lhamas.", "Explain recursion to a five-year-old, with emoji.",
            "Desenhe um gato em SVG.", "Write a limerick about a GPU that overheats.")
-REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSION"}
+REFUSALS = {"INVALID_PIN", "PIN_THROTTLED", "SESSION_ENDED", "KICKED", "NO_SESSION", "SESSION_FULL"}
 # Bench's tokens read "<send time>|<word>": the time in µs modulo 2**32 (71 minutes),
 # in hex, so stamps stay short and the answers near their real size.
 STAMP_MARK = "|"
@@ -3746,8 +3878,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config))
+    except DatabaseBusy as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

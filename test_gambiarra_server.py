@@ -17,12 +17,14 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import string
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import weakref
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from websockets.asyncio.client import ClientConnection, connect
@@ -211,7 +214,7 @@ async def http() -> aiohttp.ClientSession:
 
 @pytest.fixture
 async def room(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession) -> Room:
-    server = await aiohttp_server(gs.make_app(config), host="127.0.0.1")
+    server = await aiohttp_server(served(gs.make_app(config)), host="127.0.0.1")
     room = Room(str(server.make_url("")).rstrip("/"), http)
     yield room
     await room.close()
@@ -222,14 +225,64 @@ async def pin(room: Room) -> str:
     return await room.host.new_session()
 
 
+# A running server holds its database file alone (an exclusive lock), so a test reads a
+# database that a server of this process has open through that server's own connection.
+SERVED: dict[Path, gs.Server] = {}
+
+
+def served(app: aiohttp.web.Application) -> aiohttp.web.Application:
+    """`app`, with its database reachable by `db_rows` from its start-up to its clean-up."""
+    server = app[gs.server_key]
+    key = server.config.database.resolve()
+
+    async def opened(app: aiohttp.web.Application) -> None:
+        SERVED[key] = server
+
+    async def closing(app: aiohttp.web.Application) -> None:
+        SERVED.pop(key, None)
+    app.on_startup.append(opened)
+    app.on_cleanup.insert(0, closing)           # before the database closes
+    return app
+
+
+def own_database(config: gs.Config, started: int) -> dict[str, Path]:
+    """One database file per server a test starts (one server per database), unless it names one."""
+    return {"database": config.database.with_name(f"arena-{started + 1}.db")} if started else {}
+
+
+def rows_of(conn: sqlite3.Connection, sql: str, args: tuple) -> list[dict[str, Any]]:
+    cursor = conn.execute(sql, args)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
+
+
 def db_rows(path: Path, sql: str, *args: Any) -> list[dict[str, Any]]:
-    """Read the database as the club's report scripts would, beside the running server."""
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
+    """Read the database as the club's report scripts would: what the server has saved.
+
+    Through the server's own connection while a server of this process holds the file;
+    from the file once it has stopped; from a copy of the file and its write-ahead log
+    while a server process holds it (what a crash would leave).
+    """
+    server = SERVED.get(Path(path).resolve())
+    if server is not None:
+        db = server.db
+        return db.executor.submit(lambda: rows_of(db.conn, sql, args)).result(timeout=TIMEOUT_S)
     try:
-        return [dict(row) for row in conn.execute(sql, args)]
-    finally:
-        conn.close()
+        return read_rows(path, sql, args)
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        return read_rows(copy, sql, args)
+
+
+def read_rows(path: Path, sql: str, args: tuple) -> list[dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(path, timeout=0)) as conn:
+        return rows_of(conn, sql, args)
 
 
 class ServerProcess:
@@ -438,7 +491,7 @@ async def room_with(aiohttp_server: Any, config: gs.Config, http: aiohttp.Client
     rooms: list[Room] = []
 
     async def start(**changes: Any) -> tuple[Room, gs.Server]:
-        app = gs.make_app(replace(config, **changes))
+        app = served(gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes})))
         server = await aiohttp_server(app, host="127.0.0.1")
         rooms.append(Room(str(server.make_url("")).rstrip("/"), http))
         return rooms[-1], app[gs.server_key]
@@ -503,9 +556,11 @@ async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
 
 
 async def test_health_shape(room: Room) -> None:
-    """GET /health: status, server clock, version, database state and connection count."""
+    """GET /health: status, server clock, version, database state (and when its file was last written back)
+    and connection count."""
     assert await room.host.call("GET", "/health") == {"status": "ok", "timestamp": MS, "version": gs.__version__,
-                                                     "database": "ok", "connections": 0}
+                                                     "database": "ok", "database_restored_at": None,
+                                                     "connections": 0}
 
 
 async def test_new_session_shape(room: Room) -> None:
@@ -1928,7 +1983,7 @@ async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_serve
                                                                     client_dir: Path,
                                                                     http: aiohttp.ClientSession) -> None:
     """/client and /client-assets/*.js come from CLIENT_DIR with the right type and no-store."""
-    server = await aiohttp_server(gs.make_app(replace(config, client_dir=client_dir)))
+    server = await aiohttp_server(served(gs.make_app(replace(config, client_dir=client_dir))))
     for path, content_type in (("/client", "text/html"), ("/client-assets/net.js", "text/javascript")):
         async with http.get(server.make_url(path)) as response:
             assert response.status == 200 and response.content_type == content_type
@@ -1994,7 +2049,7 @@ async def make_room(aiohttp_server: Any, config: gs.Config, http: aiohttp.Client
     rooms: list[LiveRoom] = []
 
     async def make(**changes: Any) -> LiveRoom:
-        app = gs.make_app(replace(config, **changes))
+        app = served(gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes})))
         server = await aiohttp_server(app, host="127.0.0.1")
         room = LiveRoom(str(server.make_url("")).rstrip("/"), http, app[gs.server_key])
         rooms.append(room)
@@ -2444,7 +2499,7 @@ async def test_a_failing_database_tells_the_host_while_screens_keep_streaming(
 async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(
         make_room: Any, server_log: pytest.LogCaptureFixture, limits: dict[str, int], why: str) -> None:
     """A frozen phone's queue fills and it is cut off once; the runner and a reading screen get every token."""
-    room = await make_room(max_answer_chars=10**7, **limits)
+    room = await make_room(max_answer_chars=10**7, max_round_chars=10**7, **limits)
     pin = await room.host.new_session()
     reading = await room.screen()
     frozen = await room.connect_from("127.0.0.3", max_queue=1)     # buffers one message, then stops reading
@@ -3005,6 +3060,240 @@ async def a_full_round_works(room: Room) -> None:
     await room.host.call("POST", f"/rounds/{rnd['id']}/close-voting")
     await room.host.call("POST", f"/rounds/{rnd['id']}/reveal")
     assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 1
+
+
+# --- attack: rounds, sessions, the database file and exports ----------------------
+
+def file_states(database: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of the database and its write-ahead log."""
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in (database, Path(f"{database}-wal")) if path.exists()}
+
+
+async def test_a_second_server_on_the_same_database_says_it_is_busy_and_touches_nothing(
+        server_process: Callable, http: aiohttp.ClientSession) -> None:
+    """One server per database: a second one started on the same file prints one line naming the file
+    (its absolute path) and exits 2 before it listens or writes; the first one's session and runner go on."""
+    first = server_process()
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    session = await room.host.call("GET", "/session")
+    before = file_states(first.database)
+    assert not Path(f"{first.database}-shm").exists()         # the log's index is in the server's memory
+    second = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "gambiarra_server.py"), "--host", "127.0.0.1", "--port", "0",
+                         "--database-url", str(first.database)], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert second.stdout == ""
+    assert second.stderr.splitlines() == [
+        f"database {first.database.resolve()} is in use by another server; stop that one, "
+        "or give this one another DATABASE_URL"]
+    assert file_states(first.database) == before
+    assert await room.host.call("GET", "/session") == session
+    assert [p["id"] for p in (await room.host.call("GET", "/presence"))["participants"]] == ["ana"]
+    await ana.sync()
+    await room.close()
+
+
+def shown_to_screens(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m["type"] in ("token_update", "completion")]
+
+
+@pytest.mark.parametrize("frozen_by", ["voting closed", "grace over"])
+async def test_answers_are_frozen_once_voting_closes_or_the_grace_after_stop_is_over(make_room: Any,
+                                                                                     frozen_by: str) -> None:
+    """After a stop, tokens and completes on their way are kept for STOP_GRACE seconds while voting is
+    open; after that, or once voting closed, they get ROUND_CLOSED and the answer voted on stays as it was:
+    in the database, on the voting page, in the export and on the screens."""
+    room = await make_room(stop_grace_s=60.0 if frozen_by == "voting closed" else 0.2)
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
+    await ana.stream(1, WORDS[:2])
+    await bia.stream(1, WORDS)
+    await bia.complete(1, len(WORDS))
+    await ana.sync()
+    await bia.sync()
+    await room.host.stop(rnd["id"])
+    if frozen_by == "voting closed":
+        await ana.token(1, 2, WORDS[2])                 # within the grace: still kept
+        await ana.sync()
+        await room.host.call("POST", f"/rounds/{rnd['id']}/close-voting")
+        kept = WORDS[:3]
+    else:
+        await room.host.vote(rnd["id"], "ana", 4, "v1")
+        await asyncio.sleep(0.3)                        # the grace is over (voting stays open)
+        kept = WORDS[:2]
+    screen = await room.screen()
+    await ana.token(1, len(kept), "ANSWER CHANGED AFTER THE VOTE")
+    await ana.complete(1, 99)
+    await bia.stream(1, ["P.S."], start=len(WORDS))
+    await bia.complete(1, len(WORDS) + 1)
+    for runner in (ana, ana, bia, bia):
+        assert (await runner.recv("error"))["code"] == "ROUND_CLOSED"
+    assert shown_to_screens(await screen.quiet()) == []
+    assert await responses_of(room, rnd) == {"ana": "".join(kept), "bia": "".join(WORDS)}
+    [saved_ana, saved_bia] = sorted(csv_rows((await export(room, "/export.csv"))[0]), key=lambda r: r["participant_id"])
+    assert (saved_ana["generated_content"], saved_ana["tokens_received"], saved_ana["rescued"]) == (
+        "".join(kept), str(len(kept)), "1")
+    assert (saved_bia["generated_content"], saved_bia["tokens"]) == ("".join(WORDS), str(len(WORDS)))
+    assert db_rows(room.server.config.database, "SELECT COUNT(*) AS n FROM tokens") == [
+        {"n": len(kept) + len(WORDS)}]
+
+
+async def test_a_session_holds_at_most_max_participants_and_always_lets_its_own_back(make_room: Any) -> None:
+    """One PIN holder registering id after id is refused with SESSION_FULL past MAX_PARTICIPANTS; a
+    participant already in the session (reconnecting, from another socket) is never refused, a kicked one
+    stays kicked, screens hear of no refused id, and a new session starts empty."""
+    room = await make_room(max_participants=3)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    runners = {name: await room.runner_at(STRANGER, name, pin) for name in ("ana", "bia", "caio")}
+    for name in ("dani", "eli"):
+        assert (await Runner(await room.connect_from(STRANGER), name).register(pin))["code"] == "SESSION_FULL"
+    await runners["ana"].ws.close()
+    again = await room.runner_at(STRANGER, "ana", pin)          # reconnects after a drop
+    await room.runner_at(STRANGER, "bia", pin)                  # replaces its own socket
+    await room.host.call("POST", "/participants/kick", {"participantId": "caio"})
+    assert (await Runner(await room.connect_from(STRANGER), "caio").register(pin))["code"] == "KICKED"
+    assert (await Runner(await room.connect_from(STRANGER), "dani").register(pin))["code"] == "SESSION_FULL"
+    seen = [m["participant"]["id"] for m in await screen.quiet() if m["type"] == "participant_registered"]
+    assert set(seen) == {"ana", "bia", "caio"}
+    session = await room.host.call("GET", "/session")
+    assert sorted(p["id"] for p in session["participants"]) == ["ana", "bia", "caio"]
+    await again.sync()
+    new_pin = await room.host.new_session()
+    for name in ("dani", "eli", "fabi"):
+        await room.runner_at(STRANGER, name, new_pin)
+
+
+@pytest.mark.parametrize("bound", ["tokens", "characters"])
+async def test_a_rounds_live_text_is_bounded_for_every_runner_together(make_room: Any, bound: str) -> None:
+    """Past MAX_ROUND_TOKENS or MAX_ROUND_CHARS (every answer of the round together) a token gets
+    ROUND_FULL, whoever sends it: what was kept is shown, saved and voted on whole, and completes still work."""
+    room = await make_room(**({"max_round_tokens": 10} if bound == "tokens" else {"max_round_chars": 20}))
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana, bia, caio = [await room.runner_at(STRANGER, name, pin) for name in ("ana", "bia", "caio")]
+    rnd = await running_round(room, ana, bia, caio)
+    words = ["ab"] * 6                                  # 12 characters, 6 tokens each
+    await ana.stream(1, words)
+    await ana.sync()
+    await bia.stream(1, words)
+    kept_bia = 4                                         # 10 tokens, or 20 characters, in all
+    assert [(await bia.recv("error"))["code"] for _ in words[kept_bia:]] == ["ROUND_FULL"] * 2
+    await caio.token(1, 0, "a")
+    assert (await caio.recv("error"))["code"] == "ROUND_FULL"
+    current = await room.host.call("GET", "/rounds/current")
+    assert current["liveTokens"] == {"ana": words, "bia": words[:kept_bia]}
+    assert len(shown_to_screens(await screen.quiet())) == len(words) + kept_bia
+    await ana.complete(1, len(words))
+    await bia.complete(1, len(words))
+    await room.host.stop(rnd["id"])
+    assert await responses_of(room, rnd) == {"ana": "ab" * 6, "bia": "ab" * kept_bia}
+    await room.host.vote(rnd["id"], "bia", 5, "v1")
+
+
+async def test_a_database_deleted_mid_round_is_written_back_and_loses_nothing(
+        server_process: Callable, http: aiohttp.ClientSession) -> None:
+    """The host deletes the database file and its log mid-round: within seconds the server says so in its
+    log and on /health, writes the database back from its open connection and goes on writing there; after
+    the round, its votes and a SIGTERM, the file holds every token, answer, vote and event."""
+    process = server_process("--flush-interval", "0.1")
+    room = Room(process.start(), http)
+    database = process.database
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
+    words = [f"w{n} " for n in range(40)]
+    await ana.stream(1, words[:20])
+    await eventually(lambda: saved_token_count(database, "ana") == 20, "a flush")
+    database.unlink()
+    Path(f"{database}-wal").unlink()
+    await ana.stream(1, words[20:30], start=20)
+    await bia.stream(1, words)
+    health = await get_when(room, "/health", lambda body: body["database_restored_at"] is not None)
+    assert (health["status"], health["database"]) == ("ok", "ok")
+    await ana.stream(1, words[30:], start=30)
+    for runner in (ana, bia):
+        await runner.complete(1, len(words))
+        await runner.sync()
+    await room.host.stop(rnd["id"])
+    for voter in ("v1", "v2"):
+        await room.host.vote(rnd["id"], "ana", 4, voter)
+        await room.host.vote(rnd["id"], "bia", 2, voter)
+    await room.close()
+    process.process.send_signal(signal.SIGTERM)
+    _, log_text = await asyncio.to_thread(process.process.communicate, timeout=10)
+    assert process.process.returncode == 0
+    assert log_text.count(f"database {database.resolve()} was deleted while the server ran; written back") == 1
+    for name in ("ana", "bia"):
+        rows = db_rows(database, "SELECT content FROM tokens WHERE participantId = ? ORDER BY seq", name)
+        assert [row["content"] for row in rows] == words
+    answers = db_rows(database, "SELECT participantId, generatedContent, rescued FROM metrics ORDER BY participantId")
+    assert answers == [{"participantId": name, "generatedContent": "".join(words), "rescued": 0}
+                       for name in ("ana", "bia")]
+    assert db_rows(database, "SELECT participantId, SUM(score) AS total FROM votes GROUP BY participantId "
+                             "ORDER BY participantId") == [{"participantId": "ana", "total": 8},
+                                                           {"participantId": "bia", "total": 4}]
+    events = [row["eventType"] for row in db_rows(database, "SELECT eventType FROM event_logs")]
+    assert {"session_created", "round_started", "round_stopped", "voting_opened"} <= set(events)
+    assert events.count("vote_cast") == 4
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+async def test_exports_hold_no_formulas_and_numbers_stay_numbers(room: Room, pin: str) -> None:
+    """Nicknames, ids, models and answers that a spreadsheet would run as formulas (=, +, -, @, tab,
+    carriage return) are exported as text, prefixed with an apostrophe; numbers are left alone."""
+    evil = Runner(await room.connect(), "-1+2")
+    assert (await evil.register(pin, nickname="=HYPERLINK(\"http://evil.example\",\"prize\")",
+                                model="@SUM(A1:A9)", runner="\tcmd"))["type"] == "registered"
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, evil, ana)
+    answer = ["+cmd|' /C calc'!A0", " and more"]
+    await evil.stream(1, answer)
+    await evil.complete(1, len(answer))
+    await ana.stream(1, ["\r=1+1"])
+    await ana.complete(1, 1)
+    await evil.sync()
+    await ana.sync()
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "-1+2", 5, "v1")
+    rows = {row["participant_id"]: row for row in csv_rows((await export(room, "/export.csv"))[0])}
+    assert set(rows) == {"'-1+2", "ana"}
+    row = rows["'-1+2"]
+    assert (row["nickname"], row["model"], row["runner"], row["generated_content"]) == (
+        "'=HYPERLINK(\"http://evil.example\",\"prize\")", "'@SUM(A1:A9)", "'\tcmd", "'" + "".join(answer))
+    assert rows["ana"]["generated_content"] == "'\r=1+1"
+    assert (row["round"], row["tokens"], row["votes"], row["avg_score"]) == ("1", "2", "1", "5.00")
+    events = csv_rows((await export(room, "/export-events.csv"))[0])
+    assert "'-1+2" in {event["actorId"] for event in events}
+    for table in (rows.values(), events):
+        assert not [cell for row in table for cell in row.values() if cell.startswith(FORMULA_STARTS)]
+
+
+async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_log: pytest.LogCaptureFixture) -> None:
+    """Ids, codes and messages from clients cannot forge a log line or drive the host's terminal: every
+    control character (newline, carriage return, ANSI escape, C1) is written as an escape."""
+    forged = "ana\n2026-01-01 00:00:00 INFO WS_REGISTERED host\x1b[2J\x1b]0;owned\x07\r\x9b"
+    evil = Runner(await room.connect(), forged)
+    assert (await evil.register(pin))["type"] == "registered"
+    rnd = await running_round(room, evil)
+    await evil.send({"type": "error", "round": 1, "code": "OOPS\x1b[31m", "message": "line one\nERROR fake"})
+    await evil.token(1, 0, "x")
+    await evil.sync()
+    await room.host.stop(rnd["id"])                     # rescued: logged with the id
+    await evil.ws.close()
+    await eventually(lambda: any("WS_DISCONNECTED" in r.getMessage() for r in server_log.records), "the leave")
+    ours = [r.getMessage() for r in server_log.records if r.name == "gambiarra"]
+    assert not [line for line in ours if re.search(r"[\x00-\x1f\x7f-\x9f]", line)]
+    escaped = "ana\\n2026-01-01 00:00:00 INFO WS_REGISTERED host\\x1b[2J\\x1b]0;owned\\x07\\r\\x9b"
+    assert f"WS_REGISTERED {escaped}" in ours
+    assert f"runner {escaped} reported OOPS\\x1b[31m: line one\\nERROR fake" in ours
+    assert f"WS_DISCONNECTED {escaped}" in ours
 
 
 # --- load without loss ----------------------------------------------------------------
