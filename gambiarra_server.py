@@ -2188,8 +2188,9 @@ FIELD_SCHEMAS = {str: {"type": "string"}, int: {"type": "integer"}, float: {"typ
 
 def field_schema(f: Field) -> dict[str, Any]:
     schema = {**FIELD_SCHEMAS[f.kind], "description": f.doc}
-    limits = ("minLength", "maxLength") if f.kind is str else ("minimum", "maximum")
-    schema.update({key: value for key, value in zip(limits, (f.low, f.high)) if value is not None})
+    # JSON Schema has no size for an object as JSON: its doc says it.
+    limits = {str: ("minLength", "maxLength"), int: ("minimum", "maximum"), float: ("minimum", "maximum")}
+    schema.update({key: value for key, value in zip(limits.get(f.kind, ()), (f.low, f.high)) if value is not None})
     if f.default is not None:
         schema["default"] = f.default
     return schema
