@@ -216,8 +216,6 @@ def iso(ms: int | None) -> str | None:
 
 
 JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # one for every call: it runs per token
-
-
 ASCII_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))              # \u-escapes what UTF-8 cannot carry
 
 
@@ -239,14 +237,21 @@ def json_bytes(obj: Any) -> bytes:
         return ASCII_JSON_ENCODER.encode(obj).encode()
 
 
+def encodable(text: str) -> bool:
+    """Whether UTF-8, and so sqlite, a log file or a frame, can carry `text` (no half of a UTF-16 pair)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def clean_text(text: str) -> str:
     """`text` as sqlite, a log and UTF-8 can take it: the halves of a UTF-16 surrogate pair
     joined, a lone half (or a header byte aiohttp kept as one) replaced by U+FFFD."""
-    try:
-        text.encode()
+    if encodable(text):
         return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def new_id() -> str:
@@ -358,16 +363,18 @@ def coerce(f: Field, value: Any, from_text: bool) -> Any:
         raise ClientError(f"'{f.name}' must be {KIND_NAMES[f.kind]}")
     if f.kind is float and not math.isfinite(value):
         raise ClientError(f"'{f.name}' must be a finite number")
-    if f.kind is str and not f.as_sent:
-        value = clean_text(value)
-    if f.kind is dict:
+    if f.kind is str:
+        value = value if f.as_sent or value.isascii() else clean_text(value)
+        size = len(value)
+    elif f.kind is dict:
         value = clean_json(f, value, 1)
-    size = len(value) if f.kind is str else len(dumps(value)) if f.kind is dict else value
-    unit = SIZE_UNITS.get(f.kind, "")
+        size = len(dumps(value))
+    else:
+        size = value
     if f.low is not None and f.kind is not bool and size < f.low:
-        raise ClientError(f"'{f.name}' must be at least {f.low:g}{unit}")
+        raise ClientError(f"'{f.name}' must be at least {f.low:g}{SIZE_UNITS.get(f.kind, '')}")
     if f.high is not None and f.kind is not bool and size > f.high:
-        raise ClientError(f"'{f.name}' must be at most {f.high:g}{unit}")
+        raise ClientError(f"'{f.name}' must be at most {f.high:g}{SIZE_UNITS.get(f.kind, '')}")
     return value
 
 
@@ -638,11 +645,7 @@ def token_column(content: str) -> str | bytes:
     """A token as the tokens table keeps it: its text, or, for a token holding half of a UTF-16
     surrogate pair (which sqlite cannot take as text), that text's bytes with the half kept,
     as a BLOB, so that a restart joins the pair again (see token_text)."""
-    try:
-        content.encode()
-        return content
-    except UnicodeEncodeError:
-        return content.encode(errors="surrogatepass")
+    return content if encodable(content) else content.encode(errors="surrogatepass")
 
 
 def token_text(column: str | bytes) -> str:

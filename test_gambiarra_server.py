@@ -2362,6 +2362,7 @@ async def test_lone_surrogates_and_bad_bytes_in_bodies_queries_and_headers_get_a
             ("GET", "/health", b"Origin: http://" + bad + b"\r\n", 200),
             ("GET", "/health", b"X-Forwarded-For: " + bad + b"\r\n", 200),
             ("GET", f"/rounds/{rnd['id']}/responses", b"Accept-Encoding: " + bad + b"\r\n", 200),
+            ("GET", "/rounds/%ED%A0%80/responses", b"", 404),
             ("GET", f"/votes/mine?roundId={rnd['id']}&voterId=%ED%A0%80%FF", b"User-Agent: " + bad + b"\r\n", 200)):
         status, reply = await raw_http(room, method, path, headers, address=STRANGER)
         assert status == expect, (method, path, headers, reply)
