@@ -2364,7 +2364,7 @@ async def test_lone_surrogates_and_bad_bytes_in_bodies_queries_and_headers_get_a
             ("GET", "/session", b"Authorization: Bearer " + bad + b"\r\n", 200),            # a public route
             ("POST", "/rounds/stop", b"Authorization: Bearer " + bad + b"\r\n", 403),       # a host route
             ("GET", "/health", b"Origin: http://" + bad + b"\r\n", 200),
-            ("GET", "/health", b"X-Forwarded-For: " + bad + b"\r\n", 200),
+            ("GET", f"/votes/mine?roundId={rnd['id']}", b"X-Forwarded-For: " + bad + b"\r\n", 200),  # the voter
             ("GET", f"/rounds/{rnd['id']}/responses", b"Accept-Encoding: " + bad + b"\r\n", 200),
             ("GET", "/rounds/%ED%A0%80/responses", b"", 404),
             ("GET", "/session", b"Host: " + bad + b"\r\nOrigin: http://" + bad + b"\r\n", None),
