@@ -1400,8 +1400,8 @@ class Server:
         """
         if not self.is_host(client_address(request, self.config)):
             return False
-        origin = request.headers.get("Origin")
-        if origin is None or origin in self.config.cors_origins:
+        origin = header(request, "Origin")
+        if not origin or origin in self.config.cors_origins:
             return True
         try:
             hostname = urllib.parse.urlsplit(origin).hostname or ""
