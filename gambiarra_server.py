@@ -152,6 +152,8 @@ class Config:
 MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
+MAX_ROUND = 1_000_000       # round indexes, in messages
+MAX_MS = 86_400_000         # durations a client reports: a day
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
@@ -220,10 +222,42 @@ def iso(ms: int | None) -> str | None:
 
 
 JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # one for every call: it runs per token
+ASCII_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))              # \u-escapes what UTF-8 cannot carry
 
 
 def dumps(obj: Any) -> str:
     return JSON_ENCODER.encode(obj)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as UTF-8 JSON, for every frame and JSON response.
+
+    A token may hold half of a UTF-16 surrogate pair (a runner that cuts text by
+    UTF-16 units splits an emoji in two), which UTF-8 cannot carry: then the JSON
+    says it with a \\u escape, as the runner sent it. The try costs nothing otherwise.
+    """
+    text = JSON_ENCODER.encode(obj)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return ASCII_JSON_ENCODER.encode(obj).encode()
+
+
+def encodable(text: str) -> bool:
+    """Whether UTF-8, and so sqlite, a log file or a frame, can carry `text` (no half of a UTF-16 pair)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def clean_text(text: str) -> str:
+    """`text` as sqlite, a log and UTF-8 can take it: the halves of a UTF-16 surrogate pair
+    joined, a lone half (or a header byte aiohttp kept as one) replaced by U+FFFD."""
+    if encodable(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def new_id() -> str:
@@ -310,6 +344,11 @@ class Field:
     """One input field of a request body, query string or WebSocket message.
 
     Inputs may spell the name in snake_case or camelCase; `null` counts as absent.
+    Every value is bounded here, at the edge, before anything stores it: a string's
+    length, a number's range (an integer's within SQLite's 64 bits), an object's
+    size as JSON (`high`) and nesting (`depth`). Strings, inside objects too, are
+    made storable (see clean_text); `as_sent` keeps a token's text untouched for the
+    screens, and its answer is cleaned when it is joined.
     """
 
     name: str
@@ -319,6 +358,8 @@ class Field:
     low: float | None = None
     high: float | None = None
     doc: str = ""
+    depth: int | None = None
+    as_sent: bool = False
 
     @property
     def alias(self) -> str:
@@ -341,12 +382,37 @@ def coerce(f: Field, value: Any, from_text: bool) -> Any:
         raise ClientError(f"'{f.name}' must be {KIND_NAMES[f.kind]}")
     if f.kind is float and not math.isfinite(value):
         raise ClientError(f"'{f.name}' must be a finite number")
-    size = len(value) if isinstance(value, str) else value
+    if f.kind is str:
+        value = value if f.as_sent or value.isascii() else clean_text(value)
+        size = len(value)
+    elif f.kind is dict:
+        value = clean_json(f, value, 1)
+        size = len(dumps(value))
+    else:
+        size = value
     if f.low is not None and f.kind is not bool and size < f.low:
-        raise ClientError(f"'{f.name}' must be at least {f.low:g}" + (" characters" if f.kind is str else ""))
+        raise ClientError(f"'{f.name}' must be at least {f.low:g}{SIZE_UNITS.get(f.kind, '')}")
     if f.high is not None and f.kind is not bool and size > f.high:
-        raise ClientError(f"'{f.name}' must be at most {f.high:g}" + (" characters" if f.kind is str else ""))
+        raise ClientError(f"'{f.name}' must be at most {f.high:g}{SIZE_UNITS.get(f.kind, '')}")
     return value
+
+
+SIZE_UNITS = {str: " characters", dict: " characters as JSON"}
+
+
+def clean_json(f: Field, value: Any, depth: int) -> Any:
+    """A value inside an object field made storable: strings cleaned, finite numbers, at most `f.depth` levels."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ClientError(f"'{f.name}' must hold finite numbers only")
+    if not isinstance(value, (dict, list)):
+        return value
+    if depth > f.depth:
+        raise ClientError(f"'{f.name}' must be at most {f.depth} levels deep")
+    if isinstance(value, list):
+        return [clean_json(f, item, depth + 1) for item in value]
+    return {clean_text(key): clean_json(f, item, depth + 1) for key, item in value.items()}
 
 
 def parse_text(f: Field, text: str) -> Any:
@@ -669,18 +735,31 @@ def save_metrics(conn: sqlite3.Connection, m: dict[str, Any]) -> None:
                      f"ON CONFLICT (roundId, participantId) DO UPDATE SET {updates}", m)
 
 
+def token_column(content: str) -> str | bytes:
+    """A token as the tokens table keeps it: its text, or, for a token holding half of a UTF-16
+    surrogate pair (which sqlite cannot take as text), that text's bytes with the half kept,
+    as a BLOB, so that a restart joins the pair again (see token_text)."""
+    return content if encodable(content) else content.encode(errors="surrogatepass")
+
+
+def token_text(column: str | bytes) -> str:
+    return column.decode(errors="surrogatepass") if isinstance(column, bytes) else column
+
+
 def save_tokens(conn: sqlite3.Connection, rows: list[tuple], contents: list[tuple]) -> None:
     """Write a batch of accepted tokens and refresh the content of already-saved answers."""
     with conn:
         conn.executemany("INSERT OR IGNORE INTO tokens (roundId, participantId, seq, content, receivedAt) "
-                         "VALUES (?, ?, ?, ?, ?)", rows)
+                         "VALUES (?, ?, ?, ?, ?)",
+                         [(round_id, pid, seq, token_column(content), at) for round_id, pid, seq, content, at in rows])
         conn.executemany("UPDATE metrics SET generatedContent = ?, tokensReceived = ?, seqGaps = ? "
                          "WHERE roundId = ? AND participantId = ?", contents)
 
 
 def round_tokens(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any]]:
-    return every(conn, "SELECT participantId, seq, content, receivedAt FROM tokens WHERE roundId = ? "
+    rows = every(conn, "SELECT participantId, seq, content, receivedAt FROM tokens WHERE roundId = ? "
                        "ORDER BY participantId, seq", round_id)
+    return [{**row, "content": token_text(row["content"])} for row in rows]
 
 
 def round_metrics(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any]]:
@@ -910,7 +989,8 @@ class Generation:
 
     @property
     def content(self) -> str:
-        return "".join(self.ordered())
+        """The answer as stored: an emoji split across two tokens is one character again."""
+        return clean_text("".join(self.ordered()))
 
     def ordered(self) -> list[str]:
         return [self.tokens[seq] for seq in sorted(self.tokens)]
@@ -1237,10 +1317,8 @@ class Peer:
         self.queued_bytes = 0
         self.writer = asyncio.create_task(self.write_all())
 
-    def send(self, item: str | bytes | Control) -> None:
-        """Send text, a frame made by text_frame (to share one among many peers), or a control."""
-        if isinstance(item, str):
-            item = text_frame(item.encode())
+    def send(self, item: bytes | Control) -> None:
+        """Send a frame made by text_frame (to share one among many peers), or a control."""
         if isinstance(item, bytes) and self.queue.empty() and self.keeping_up():
             if not self.outbox and self.view in SCREEN_VIEWS_WITHOUT_TOKENS:
                 asyncio.get_running_loop().call_later(UNHURRIED_FLUSH_S, self.flush)
@@ -1263,7 +1341,7 @@ class Peer:
         self.queued_bytes += size
 
     def send_json(self, message: dict[str, Any]) -> None:
-        self.send(dumps(message))
+        self.send(text_frame(json_bytes(message)))
 
     def keeping_up(self) -> bool:
         """Whether the socket takes what it is given (else messages queue for the writer)."""
@@ -1334,12 +1412,12 @@ class Hub:
 
     def publish_screens(self, message: dict[str, Any], tokens: bool = False) -> None:
         """Send to every screen; `tokens` messages skip screens that don't show tokens."""
-        frame = text_frame(dumps(message).encode())     # encoded and framed once for everyone
+        frame = text_frame(json_bytes(message))         # encoded and framed once for everyone
         for peer in self.arena_screens if tokens else self.screens:
             peer.send(frame)
 
     def publish_runners(self, message: dict[str, Any]) -> None:
-        frame = text_frame(dumps(message).encode())
+        frame = text_frame(json_bytes(message))
         for peer in self.runners.values():
             peer.send(frame)
 
@@ -1441,8 +1519,8 @@ class Server:
         """
         if not self.is_host(client_address(request, self.config)):
             return False
-        origin = request.headers.get("Origin")
-        if origin is None or origin in self.config.cors_origins:
+        origin = header(request, "Origin")
+        if not origin or origin in self.config.cors_origins:
             return True
         try:
             hostname = urllib.parse.urlsplit(origin).hostname or ""
@@ -1567,21 +1645,23 @@ TELAO_REGISTER = (
     Field("view", str, default="arena", high=32, doc='"arena" (default), "voting" (no token_update), ...'),
 )
 TOKEN = (
-    Field("round", int, True, low=0, doc="round index from the challenge"),
+    Field("round", int, True, low=0, high=MAX_ROUND, doc="round index from the challenge"),
     Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
     Field("seq", int, True, low=0, high=10_000_000, doc="0, 1, 2, ... per round"),
-    Field("content", str, default="", doc="the token text; may be empty"),
+    Field("content", str, default="", high=1_000_000, as_sent=True,
+          doc="the token text; may be empty, or hold half of an emoji (joined with the next token's half)"),
 )
 COMPLETE = (
-    Field("round", int, True, low=0, doc="round index"),
+    Field("round", int, True, low=0, high=MAX_ROUND, doc="round index"),
     Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
-    Field("tokens", int, low=0, doc="tokens generated, as the runner counts them"),
-    Field("latency_ms_first_token", float, low=0, doc="runner's own time to first token"),
-    Field("duration_ms", float, low=0, doc="runner's own generation time"),
-    Field("model_info", dict, doc="{name, runner, device?}"),
+    Field("tokens", int, low=0, high=10_000_000, doc="tokens generated, as the runner counts them"),
+    Field("latency_ms_first_token", float, low=0, high=MAX_MS, doc="runner's own time to first token"),
+    Field("duration_ms", float, low=0, high=MAX_MS, doc="runner's own generation time"),
+    Field("model_info", dict, high=10_000, depth=8,
+          doc="{name, runner, device?}: at most 10000 characters as JSON, 8 levels deep"),
 )
 RUNNER_ERROR = (
-    Field("round", int, low=0, doc="round index"),
+    Field("round", int, low=0, high=MAX_ROUND, doc="round index"),
     Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
     Field("code", str, default="", high=MAX_TEXT, doc="e.g. GENERATION_FAILED"),
     Field("message", str, default="", high=10_000, doc="what went wrong"),
@@ -1773,13 +1853,22 @@ Params = dict[str, Any]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=dumps)
+    return web.Response(body=json_bytes(data), status=status, content_type="application/json", charset="utf-8")
+
+
+def header(request: web.Request, name: str) -> str:
+    """A request header as text we may store, log and send back ("" when absent).
+
+    aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which sqlite, logs and responses refuse; they become U+FFFD.
+    """
+    return clean_text(request.headers.get(name, ""))
 
 
 def client_address(request: web.Request, config: Config) -> str:
     """The caller's address: the socket's, or X-Forwarded-For's first hop behind a trusted proxy."""
     if config.trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        forwarded = header(request, "X-Forwarded-For").split(",")[0].strip()
         if forwarded:
             return forwarded
     return request.remote or ""
@@ -1789,7 +1878,7 @@ def require_host(server: Server, request: web.Request) -> None:
     """Host routes answer the host's own machine, or anyone holding the admin token."""
     if server.acts_as_host(request):
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, token = header(request, "Authorization").partition(" ")
     if not token and server.is_host(client_address(request, server.config)):
         raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
                         "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
@@ -1815,7 +1904,7 @@ def allowed_origin(config: Config, origin: str) -> str | None:
 
 def check_origin(request: web.Request, config: Config) -> None:
     """Refuse a browser WebSocket from a page on another origin that CORS_ORIGINS does not allow."""
-    origin = request.headers.get("Origin")
+    origin = header(request, "Origin")
     if origin and not allowed_origin(config, origin) and origin.split("://")[-1] != request.host:
         raise Forbidden("Cross-origin WebSocket connection rejected")
 
@@ -1961,8 +2050,8 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
 
 async def encode_responses(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
     """The voting page's JSON for a round, plain and gzipped (compressed off the event loop)."""
-    body = dumps({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
-                  "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]}).encode()
+    body = json_bytes({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
+                       "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]})
     return body, await asyncio.to_thread(gzip.compress, body, 5)
 
 
@@ -1981,7 +2070,7 @@ async def get_round_responses(server: Server, request: web.Request, p: Params) -
     if cached is None or cached[0] != key or (cached[1].done() and cached[1].exception()):
         cached = server.responses_cache = (key, asyncio.ensure_future(encode_responses(server, row)))
     body, zipped = await asyncio.shield(cached[1])
-    if "gzip" in request.headers.get("Accept-Encoding", ""):
+    if "gzip" in header(request, "Accept-Encoding"):
         return web.Response(body=zipped, content_type="application/json", charset="utf-8",
                             headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
     return web.Response(body=body, content_type="application/json", charset="utf-8", headers={"Vary": "Accept-Encoding"})
@@ -2052,7 +2141,7 @@ def voter_hash(server: Server, request: web.Request, voter_id: str | None) -> st
 async def post_votes(server: Server, request: web.Request, p: Params) -> web.Response:
     vote = await server.ballots.cast(server.db, {
         **p, "voter_hash": voter_hash(server, request, p["voter_id"]),
-        "user_agent": p["user_agent"] or request.headers.get("User-Agent", "")[:MAX_TEXT]})
+        "user_agent": p["user_agent"] or header(request, "User-Agent")[:MAX_TEXT]})
     return json_response(vote_json(vote))
 
 
@@ -2233,8 +2322,9 @@ FIELD_SCHEMAS = {str: {"type": "string"}, int: {"type": "integer"}, float: {"typ
 
 def field_schema(f: Field) -> dict[str, Any]:
     schema = {**FIELD_SCHEMAS[f.kind], "description": f.doc}
-    limits = ("minLength", "maxLength") if f.kind is str else ("minimum", "maximum")
-    schema.update({key: value for key, value in zip(limits, (f.low, f.high)) if value is not None})
+    # JSON Schema has no size for an object as JSON: its doc says it.
+    limits = {str: ("minLength", "maxLength"), int: ("minimum", "maximum"), float: ("minimum", "maximum")}
+    schema.update({key: value for key, value in zip(limits.get(f.kind, ()), (f.low, f.high)) if value is not None})
     if f.default is not None:
         schema["default"] = f.default
     return schema
@@ -2338,7 +2428,7 @@ UNTHROTTLED_PATHS = {"/ws", "/docs", "/redoc", "/openapi.json", "/health", "/cli
 async def cors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Answer preflights and label responses for the origins CORS_ORIGINS allows."""
     config = request.app[server_key].config
-    origin = request.headers.get("Origin", "")
+    origin = header(request, "Origin")
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response: web.StreamResponse = web.Response(status=204)
     else:

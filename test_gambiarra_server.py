@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import gc
 import gzip
 import hashlib
@@ -2280,6 +2281,236 @@ async def test_a_web_page_from_another_site_cannot_act_as_the_host(make_room: An
         await room.host.call("POST", "/rounds", {"prompt": "from the club's admin page"}, headers={"Origin": origin})
     holder = await room.http_from("127.0.0.1", token=room.server.config.admin_token)
     await holder.call("POST", "/rounds", {"prompt": "with the token"}, headers={"Origin": "https://evil.example"})
+
+
+# --- attack: client text and sizes ---------------------------------------------------
+
+# A runner that cuts text by UTF-16 units (JavaScript's) splits 🦙 (U+1F999) into its two halves.
+LLAMA_HIGH, LLAMA_LOW, LONE = "\ud83e", "\udd99", "\ud800"
+SPLIT = ["Uma ", "lhama ", LLAMA_HIGH, LLAMA_LOW, " e meia ", LONE, "."]
+JOINED = "Uma lhama 🦙 e meia \ufffd."
+
+
+async def raw_http(room: Room, method: str, path: str, headers: bytes = b"", body: Any = None,
+                   address: str = "127.0.0.1") -> tuple[int, Any]:
+    """A request written byte by byte (aiohttp's client sends no header that is not UTF-8); (status, JSON)."""
+    host, port = room.base.removeprefix("http://").split(":")
+    data = b"" if body is None else json.dumps(body).encode()          # \ud800 goes out as an escape
+    if not headers.lower().startswith(b"host:"):
+        headers = b"Host: %s:%s\r\n%s" % (host.encode(), port.encode(), headers)
+    reader, writer = await asyncio.open_connection(host, int(port), local_addr=(address, 0))
+    try:
+        writer.write(b"%s %s HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            method.encode(), path.encode(), len(data), headers, data))
+        async with asyncio.timeout(TIMEOUT_S):
+            response = await reader.read()
+    finally:
+        writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+def nothing_unwritable_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    """No ERROR, and every line the server logged can be written as UTF-8 (a log file would refuse it).
+
+    aiohttp's access log, which copies headers as they came, is the test server's only: `main` turns it off.
+    """
+    for record in caplog.records:
+        if record.name != "aiohttp.access":
+            record.getMessage().encode()
+    return errors_logged(caplog) == []
+
+
+async def test_an_emoji_split_across_two_tokens_is_one_character_in_the_answer_the_exports_and_the_vote(
+        room: Room, pin: str, config: gs.Config, server_log: pytest.LogCaptureFixture) -> None:
+    """Halves of a UTF-16 pair in two tokens are joined when stored, a lone half is U+FFFD; screens get them as sent."""
+    screen = await room.screen()
+    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    await bia.stream(1, SPLIT)
+    await ana.stream(1, WORDS)
+    await bia.sync()
+    await ana.sync()
+    await eventually(lambda: saved_token_count(config.database, "bia") == len(SPLIT), "the halves saved")
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": WORDS, "bia": SPLIT}
+    late_screen = await room.screen()
+    assert (await late_screen.recv("state_snapshot"))["liveTokens"]["bia"] == SPLIT
+    for runner, words in ((ana, WORDS), (bia, SPLIT)):
+        await runner.complete(1, len(words))
+        await runner.sync()                             # no INTERNAL, no SERVER_BUSY before it
+    saw = await screen.quiet()
+    assert tokens_of(saw, "bia") == list(enumerate(SPLIT)) and tokens_of(saw, "ana") == list(enumerate(WORDS))
+    await room.host.stop(rnd["id"])
+    assert metrics_row(config.database, "bia")["generatedContent"] == JOINED
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": JOINED}
+    answers = {row["participant_id"]: row["generated_content"] for row in csv_rows((await export(room, "/export.csv"))[0])}
+    tree = json.loads((await export(room, "/export-all.json"))[0])
+    assert answers == {m["participantId"]: m["generatedContent"] for m in tree["rounds"][0]["metrics"]} == {
+        "ana": "".join(WORDS), "bia": JOINED}
+    assert nothing_unwritable_logged(server_log)
+
+
+async def test_a_split_emoji_is_still_joined_after_kill_9_and_a_restart(
+        server_process: Any, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """The tokens table keeps each half, so the answer a restart rebuilds joins them again."""
+    killed = server_process("--flush-interval", "0.2")
+    room = Room(killed.start(), http)
+    pin = await room.host.new_session()
+    rnd, (bia,) = await started(room, pin, "bia")
+    await bia.stream(1, SPLIT)
+    await eventually(lambda: saved_token_count(tmp_path / "arena.db", "bia") == len(SPLIT), "the halves saved")
+    killed.stop(signal.SIGKILL)
+    await room.close()
+    kinds = db_rows(tmp_path / "arena.db", "SELECT typeof(content) AS kind FROM tokens ORDER BY seq")
+    assert [row["kind"] for row in kinds] == ["text", "text", "blob", "blob", "text", "blob", "text"]
+
+    restarted = server_process("--flush-interval", "0.2")
+    room = Room(restarted.start(), http)
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"bia": SPLIT}
+    bia = Runner(await room.connect(), "bia")
+    assert (await bia.register(pin))["resume"] == {"round": 1, "next_seq": len(SPLIT), "missing": []}
+    await bia.complete(1, len(SPLIT))
+    await bia.sync()
+    await room.host.stop(rnd["id"])
+    assert await responses_of(room, rnd) == {"bia": JOINED}
+    await room.close()
+    assert restarted.stop(signal.SIGTERM) == 0
+
+
+async def test_lone_surrogates_in_every_websocket_field_are_stored_logged_and_shown_cleanly(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """Halves of UTF-16 pairs in register, telao_register, complete and error fields: U+FFFD, no INTERNAL."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    watcher = await room.screen()
+    screen = Peer(await room.connect_from(STRANGER))
+    await screen.send({"type": "telao_register", "view": f"v{LONE}"})
+    assert await screen.recv() == {"type": "registered_telao", "view": "v\ufffd"}
+    ana, mallory = await room.runner("ana", pin), Runner(await room.connect_from(STRANGER), f"mal{LONE}")
+    reply = await mallory.register(pin, nickname=f"N{LLAMA_HIGH}", runner=LLAMA_LOW, model=f"m{LONE}")
+    assert (reply["type"], reply["participant_id"]) == ("registered", "mal\ufffd")
+    await running_round(room, ana, mallory)
+    await mallory.stream(1, ["x"])
+    await mallory.send({"type": "error", "round": 1, "code": f"E{LONE}", "message": f"{LLAMA_LOW} oops"})
+    await mallory.complete(1, 1, model_info={f"n{LONE}": [LLAMA_LOW, {"k": f"x{LONE}"}]})
+    await mallory.sync()
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await ana.sync()
+    assert tokens_of(await watcher.quiet(), "ana") == list(enumerate(WORDS))
+    database = room.server.config.database
+    assert db_rows(database, "SELECT id, nickname, runner, model FROM participants WHERE id != 'ana'") == [
+        {"id": "mal\ufffd", "nickname": "N\ufffd", "runner": "\ufffd", "model": "m\ufffd"}]
+    assert json.loads(metrics_row(database, "mal\ufffd")["modelInfo"]) == {"n\ufffd": ["\ufffd", {"k": "x\ufffd"}]}
+    failed = db_rows(database, "SELECT metadata FROM event_logs WHERE eventType = 'generation_failed'")
+    assert json.loads(failed[0]["metadata"]) == {"round": 1, "code": "E\ufffd", "message": "\ufffd oops"}
+    assert (await room.host.call("GET", "/export-all.json"))["participants"][1]["id"] == "mal\ufffd"
+    assert nothing_unwritable_logged(server_log)
+
+
+async def test_lone_surrogates_and_bad_bytes_in_bodies_queries_and_headers_get_answers_not_500s(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """Prompts, ids, the headers we read (not UTF-8, or halves of pairs): a clean answer, clean rows, no 500."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), trust_proxy=True)
+    pin = await room.host.new_session()
+    status, rnd = await raw_http(room, "POST", "/rounds", body={"prompt": f"Diga {LONE}"})
+    assert (status, rnd["prompt"]) == (200, "Diga \ufffd")
+    bad = b"\xff\xfe\xed\xa0\x80"
+    for method, path, headers, expect in (
+            ("GET", "/session", b"Authorization: Bearer " + bad + b"\r\n", 200),            # a public route
+            ("POST", "/rounds/stop", b"Authorization: Bearer " + bad + b"\r\n", 403),       # a host route
+            ("GET", "/health", b"Origin: http://" + bad + b"\r\n", 200),
+            ("GET", f"/votes/mine?roundId={rnd['id']}", b"X-Forwarded-For: " + bad + b"\r\n", 200),  # the voter
+            ("GET", f"/rounds/{rnd['id']}/responses", b"Accept-Encoding: " + bad + b"\r\n", 200),
+            ("GET", "/rounds/%ED%A0%80/responses", b"", 404),
+            ("GET", "/session", b"Host: " + bad + b"\r\nOrigin: http://" + bad + b"\r\n", None),
+            ("GET", f"/votes/mine?roundId={rnd['id']}&voterId=%ED%A0%80%FF", b"User-Agent: " + bad + b"\r\n", 200)):
+        status, reply = await raw_http(room, method, path, headers, address=STRANGER)
+        assert status == expect or expect is None and status < 500, (method, path, headers, reply)
+        if "pin" in reply:
+            raise AssertionError(f"the PIN went to a stranger: {reply}")
+    status, reply = await raw_http(room, "POST", "/participants/kick", body={"participantId": LONE})
+    assert (status, reply["error"]) == (404, "Participant \ufffd is not in this session")
+    status, reply = await raw_http(room, "GET", "/export.csv?sessionId=%ED%A0%80")
+    assert (status, reply["error"]) == (404, "Session not found")
+    await a_full_round_works(room)
+    assert db_rows(room.server.config.database, "SELECT prompt FROM rounds")[0] == {"prompt": "Diga \ufffd"}
+    assert nothing_unwritable_logged(server_log)
+
+
+async def test_bad_text_in_votes_never_fails_the_honest_votes_batched_with_them(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """Lone halves in participantId, voterId, userAgent or a User-Agent that is not UTF-8, sent in the middle of
+    a burst: each gets its own answer, every honest vote gets 200 and counts, the vote writer carries on."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    rnd = await room.host.new_round()
+    ana = await room.runner("ana", pin)
+    await room.host.start(rnd["id"])
+    await answered(room, rnd, {"ana": ana})
+    await room.host.stop(rnd["id"])
+    vote = {"roundId": rnd["id"], "participantId": "ana", "score": 4}
+    stranger = await room.http_from(STRANGER)
+
+    async def honest(n: int) -> int:
+        return (await stranger.status("POST", "/votes", {**vote, "voterId": f"phone-{n}"}))[0]
+    attacks = [raw_http(room, "POST", "/votes", body={**vote, "participantId": f"ana{LONE}"}, address=STRANGER),
+               raw_http(room, "POST", "/votes", body={**vote, "voterId": f"x{LONE}"}, address=STRANGER),
+               raw_http(room, "POST", "/votes", body={**vote, "voterId": "ua", "userAgent": f"UA{LLAMA_LOW}"},
+                        address=STRANGER),
+               raw_http(room, "POST", "/votes", b"User-Agent: \xff\xfe\r\n", {**vote, "voterId": "raw"}, STRANGER)]
+    async with asyncio.timeout(TIMEOUT_S):                  # every request gets an answer
+        results = await asyncio.gather(*[honest(n) for n in range(30)], *attacks)
+    assert results[:30] == [200] * 30
+    assert [status for status, _ in results[30:]] == [404, 200, 200, 200]
+    assert results[30][1]["error"] == "Participant not found"
+    agents = {row["userAgent"] for row in db_rows(room.server.config.database, "SELECT userAgent FROM votes")}
+    assert {"UA\ufffd", "\ufffd\ufffd"} <= agents
+    board = (await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]
+    assert [(row["participant_id"], row["votes"]) for row in board] == [("ana", 33)]
+    assert (await room.host.call("GET", "/health"))["database"] == "ok"
+    assert nothing_unwritable_logged(server_log)
+
+
+def test_every_input_field_has_a_bound_that_sqlite_and_the_exports_can_take() -> None:
+    """Every field of every route and message: strings a length, numbers a range (integers within SQLite's
+    64 bits), objects a size as JSON and a depth. A new field cannot forget its bound."""
+    specs = [(f"{route.method} {route.path}", route.body + route.query) for route in gs.ROUTES]
+    specs += [(kind, spec) for kind, (spec, _) in gs.ON_MESSAGE.items()]
+    for where, spec in specs:
+        for f in spec:
+            if f.kind is str:
+                assert f.high is not None, (where, f.name)
+            elif f.kind in (int, float):
+                assert f.low is not None and f.high is not None, (where, f.name)
+                assert f.kind is float or -2**63 <= f.low <= f.high < 2**63, (where, f.name)
+            elif f.kind is dict:
+                assert f.high is not None and f.depth is not None, (where, f.name)
+            else:
+                assert f.kind is bool, (where, f.name)
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"tokens": 2**70}, "'tokens' must be at most 1e+07"),
+    ({"duration_ms": 1e300}, "'duration_ms' must be at most 8.64e+07"),
+    ({"model_info": functools.reduce(lambda inner, _: {"a": inner}, range(600), {})},
+     "'model_info' must be at most 8 levels deep"),
+    ({"model_info": {"name": "x" * 10_000}}, "'model_info' must be at most 10000 characters as JSON"),
+    ({"model_info": {"n": [math.nan]}}, "'model_info' must hold finite numbers only"),
+], ids=["huge-int", "huge-float", "deep-object", "big-object", "nan-inside"])
+async def test_values_past_their_bounds_are_refused_before_anything_stores_them(
+        room: Room, pin: str, fields: dict[str, Any], error: str, server_log: pytest.LogCaptureFixture) -> None:
+    """A complete with a value past its bound gets INVALID_INPUT; the next good one is saved, the export still works."""
+    rnd, (ana,) = await started(room, pin, "ana")
+    await ana.stream(1, WORDS)
+    await ana.send({"type": "complete", "round": 1, **fields})
+    assert await ana.recv("error") == ws_error(error)
+    await ana.complete(1, len(WORDS))
+    await ana.sync()
+    await room.host.stop(rnd["id"])
+    tree = await room.host.call("GET", "/export-all.json")
+    assert [(m["generatedContent"], m["modelInfo"]) for m in tree["rounds"][0]["metrics"]] == [
+        ("".join(WORDS), MODEL_INFO)]
+    assert nothing_unwritable_logged(server_log)
 
 
 # --- faults ---------------------------------------------------------------------
