@@ -3238,7 +3238,7 @@ STALLED_PER_ADDRESS = 15        # under the server's default WS_CONNECTIONS_PER_
 STALLED_RECEIVE_BYTES = 4096    # a stalled screen's receive buffer: the server's writes back up at once
 TRICKLE_S = 2.0                 # how often half the idle connections send one more header line
 ATTACK_CONNECT_S = 10.0
-ANSWER_WAIT_S = 1.0             # an attacker that gets no answer this soon asks again
+ANSWER_WAIT_S = 1.0             # a register loop that gets no snapshot this soon asks again
 GUESS_PAUSE_S = 0.05            # a PIN guesser's pause between an answer and its next guess
 MESSAGE_TYPE = re.compile(r'\{"type":"(\w+)"')
 STALLED_KEY = "dGhlIHNhbXBsZSBub25jZQ=="   # RFC 6455's sample Sec-WebSocket-Key: a server cannot tell it is reused
@@ -3389,13 +3389,14 @@ class Attackers:
         """telao_register, with no PIN, again as soon as the last one is answered."""
         while self.left_s() and not ws.closed:
             await ws.send_str(dumps({"type": "telao_register"}))
-            answer = await self.answer(ws, "loop", ("state_snapshot", "error"))
+            self.count("loop_sent")
+            answer = await self.answer(ws, "loop", ("state_snapshot", "error"), ANSWER_WAIT_S)
             if answer is None:
                 return
             self.count(f"loop_{answer}")
 
     async def guess_pins(self, ws: Any, rng: random.Random) -> None:
-        """Register with a wrong PIN, again after each answer."""
+        """Register with a wrong PIN, again after each answer (a guess the server sits on is waited for)."""
         pin = self.sim.pin
         while self.left_s() and not ws.closed:
             guess = pin
@@ -3403,17 +3404,18 @@ class Attackers:
                 guess = "".join(rng.choice("0123456789") for _ in pin)
             await ws.send_str(dumps({"type": "register", "participant_id": f"guesser-{rng.randrange(10**6)}",
                                      "pin": guess}))
-            answer = await self.answer(ws, "guess", ("registered", "error"))
+            self.count("guess_sent")
+            answer = await self.answer(ws, "guess", ("registered", "error"), self.left_s())
             if answer is None:
                 return
             self.count(f"guess_{answer}")
             await asyncio.sleep(GUESS_PAUSE_S)
 
-    async def answer(self, ws: Any, kind: str, wanted: tuple[str, ...]) -> str | None:
-        """The next message of a `wanted` type (an error's code for an error), or "unanswered" after a
-        while; None once the socket is closed. Everything read is counted in bytes."""
+    async def answer(self, ws: Any, kind: str, wanted: tuple[str, ...], wait_s: float) -> str | None:
+        """The next message of a `wanted` type (an error's code for an error), or "unanswered" after `wait_s`
+        (or at the attack's end); None once the socket is closed. Everything read is counted in bytes."""
         try:
-            async with asyncio.timeout(min(ANSWER_WAIT_S, self.left_s())):
+            async with asyncio.timeout(min(wait_s, self.left_s())):
                 async for message in ws:
                     if message.type is not WSMsgType.TEXT:
                         continue
@@ -3801,7 +3803,9 @@ def attack_outcome(counts: dict[str, int], kind: str) -> str:
     mine = {key.removeprefix(f"{kind}_"): n for key, n in counts.items() if key.startswith(f"{kind}_")}
     text = (f"{mine.pop('opened', 0):,} opened, {mine.pop('refused', 0):,} refused, {mine.pop('closed', 0):,} closed "
             "by the server")
-    read_bytes = mine.pop("bytes", 0)
+    read_bytes, sent = mine.pop("bytes", 0), mine.pop("sent", None)
+    if sent is not None:
+        text += f"; {sent:,} sent"
     if mine:
         text += "; answers: " + ", ".join(f"{n:,} {answer}" for answer, n in sorted(mine.items()))
     return text + (f"; {read_bytes / 1e6:,.2f} MB read" if read_bytes else "")
