@@ -3238,7 +3238,9 @@ STALLED_PER_ADDRESS = 15        # under the server's default WS_CONNECTIONS_PER_
 STALLED_RECEIVE_BYTES = 4096    # a stalled screen's receive buffer: the server's writes back up at once
 TRICKLE_S = 2.0                 # how often half the idle connections send one more header line
 ATTACK_CONNECT_S = 10.0
-ANSWER_WAIT_S = 1.0             # a register loop that gets no snapshot this soon asks again
+ANSWER_WAIT_S = 1.0             # a register loop with no snapshot this soon asks again; a refused attacker retries
+LATE_RUNNER_ADDRESS = "127.0.5.1"   # a participant's laptop joining mid-attack: neither the host nor an attacker
+LATE_RUNNER_WAIT_S = 30.0
 GUESS_PAUSE_S = 0.05            # a PIN guesser's pause between an answer and its next guess
 MESSAGE_TYPE = re.compile(r'\{"type":"(\w+)"')
 STALLED_KEY = "dGhlIHNhbXBsZSBub25jZQ=="   # RFC 6455's sample Sec-WebSocket-Key: a server cannot tell it is reused
@@ -3298,6 +3300,7 @@ class Attackers:
                        for i in range(o.register_loops)]
         self.tasks += [asyncio.ensure_future(self.from_address("guess", attacker_address("guess", i), self.guess_pins))
                        for i in range(o.wrong_pin_addresses)]
+        self.sim.tasks += self.tasks            # cancelled with the simulation if bench ends early
 
     async def stop(self) -> dict[str, int]:
         """End every attack; count the connections the server closed meanwhile, close the rest; return the counts."""
@@ -3370,19 +3373,20 @@ class Attackers:
                     sock.send(b"X-Trickle: 1\r\n")
 
     async def from_address(self, kind: str, address: str, talk: Callable[[Any, random.Random], Awaitable[None]]) -> None:
-        """Keep a WebSocket open from `address` until the attack ends, `talk`ing on it; reconnect if it closes."""
+        """Keep a WebSocket open from `address` until the attack ends, `talk`ing on it; if it is refused or
+        closed, try again a moment later."""
         rng = random.Random(address)
         async with ClientSession(connector=TCPConnector(local_addr=(address, 0)),
                                  timeout=ClientTimeout(total=ATTACK_CONNECT_S)) as http:
             while self.left_s():
-                try:
+                opened = False
+                with contextlib.suppress(OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError):
                     async with http.ws_connect(self.sim.ws_url, compress=0, max_msg_size=0) as ws:
+                        opened = True
                         self.count(f"{kind}_opened")
                         await talk(ws, rng)
-                    if self.left_s():
-                        self.count(f"{kind}_closed")
-                except (OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError):
-                    self.count(f"{kind}_refused")
+                if self.left_s():
+                    self.count(f"{kind}_closed" if opened else f"{kind}_refused")
                     await asyncio.sleep(min(ANSWER_WAIT_S, self.left_s()))
 
     async def ask_snapshots(self, ws: Any, rng: random.Random) -> None:
@@ -3647,18 +3651,41 @@ class Bench:
 
     async def under_attack(self) -> dict[str, Any]:
         """A streamed round while strangers attack the server; the honest screens' figures and /health's time."""
+        pin = (await self.host.call("GET", "/session"))["pin"]
         await self.workers.order("attackers", "attack", self.preset.stream_s + ATTACK_SLACK_S, timeout_s=60)
         health_ms: list[float | None] = []
         probe = asyncio.ensure_future(self.probe_health(health_ms))
+        late = asyncio.ensure_future(self.late_runner(pin, self.preset.stream_s / 2))
         try:
             figures, row = await self.stream(self.preset.rate, 10**6, round(self.preset.stream_s * 1000))
+            late_runner = await late
         finally:
             probe.cancel()
+            late.cancel()
         attackers = await self.workers.order("attackers", "calm", timeout_s=60)
         await self.finish(row)
         answered = [ms for ms in health_ms if ms is not None]
         return {**figures, "health_ms": spread(answered), "health_calls": len(health_ms),
-                "health_failed": len(health_ms) - len(answered), "attackers": attackers.attack}
+                "health_failed": len(health_ms) - len(answered), "late_runner": late_runner,
+                "attackers": attackers.attack}
+
+    async def late_runner(self, pin: str, after_s: float) -> dict[str, Any]:
+        """A runner joining mid-attack with the right PIN from its own address: the answer it got, and when."""
+        await asyncio.sleep(after_s)
+        began, answer = time.monotonic(), "closed"
+        try:
+            async with ClientSession(connector=TCPConnector(local_addr=(LATE_RUNNER_ADDRESS, 0)),
+                                     timeout=ClientTimeout(total=LATE_RUNNER_WAIT_S)) as http, \
+                    http.ws_connect(websocket_url(self.server.base)) as ws, asyncio.timeout(LATE_RUNNER_WAIT_S):
+                await ws.send_str(dumps({"type": "register", "participant_id": "bench-late", "pin": pin}))
+                async for message in ws:
+                    m = json.loads(message.data) if message.type is WSMsgType.TEXT else {}
+                    if m.get("type") in ("registered", "error"):
+                        answer = m.get("code", m["type"])
+                        break
+        except (OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError) as exc:
+            answer = type(exc).__name__
+        return {"answer": answer, "after_s": round(time.monotonic() - began, 3)}
 
     async def probe_health(self, times_ms: list[float | None]) -> None:
         """The host's GET /health again and again: each call's time, or None when it failed."""
@@ -3787,14 +3814,16 @@ ATTACK_KINDS = {"stalled": "stalled screens", "idle": "idle connections", "loop"
 
 def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[tuple[str, str, str, bool | None, str]]:
     """The round under attack: the honest screens' latency and losses, /health's time, each attacker's haul."""
-    latency, health = a["latency_ms"], a["health_ms"]
+    latency, health, late = a["latency_ms"], a["health_ms"], a["late_runner"]
     rows = [("under attack", f"token -> screen p50 {latency['p50']} ms, p99 {latency['p99']} ms, max "
                              f"{latency['max']} ms at {a['tokens_per_s'] or 0:,} tok/s; lost {a['lost']}, reordered "
                              f"{a['reordered']}; RSS max {rss_max_mb} MB", "p99 < 50 ms, 0 lost",
              latency["p99"] is not None and latency["p99"] < 50 and not any(a["lost"] + a["reordered"]),
              f"{cpu_note(a)} (attackers {a['load_cpu_by_role'].get('attackers', 0):.0%})"),
             ("/health under attack", f"p50 {health['p50']} ms, p99 {health['p99']} ms, max {health['max']} ms over "
-                                     f"{a['health_calls']} calls, {a['health_failed']} failed", "", None, "")]
+                                     f"{a['health_calls']} calls, {a['health_failed']} failed", "", None, ""),
+            ("late runner", f"{late['answer']} {late['after_s']} s after connecting (right PIN, from "
+                            f"{LATE_RUNNER_ADDRESS}, mid-attack)", "registered", late["answer"] == "registered", "")]
     return rows + [(f"  {name}", attack_outcome(a["attackers"], kind), "", None, "") for kind, name in ATTACK_KINDS.items()]
 
 

@@ -3232,13 +3232,14 @@ def test_bench_streams_a_round_under_attack_and_reports_what_the_attackers_got()
     assert attack["tokens"] > 0 and attack["lost"] == [0, 0] and attack["reordered"] == [0, 0]
     assert attack["phone_token_updates"] == 0
     assert attack["health_calls"] > 0 and attack["health_ms"]["p99"] is not None
+    assert attack["late_runner"]["answer"] == "registered"
     got = attack["attackers"]
     assert got["stalled_opened"] == 3 and got["idle_opened"] == 4 and got["loop_opened"] >= 1
     assert got.get("loop_state_snapshot", 0) >= 1
     assert got.get("guess_INVALID_PIN", 0) + got.get("guess_PIN_THROTTLED", 0) >= 1 and "guess_registered" not in got
     rows = [line.strip() for line in gs.bench_report(figures).splitlines()]
-    for name in ("under attack", "/health under attack", "stalled screens", "idle connections", "telao_register loop",
-                 "wrong PINs"):
+    for name in ("under attack", "/health under attack", "late runner", "stalled screens", "idle connections",
+                 "telao_register loop", "wrong PINs"):
         assert any(row.startswith(name) for row in rows), name
 
 
