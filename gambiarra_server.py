@@ -3239,9 +3239,9 @@ STALLED_RECEIVE_BYTES = 4096    # a stalled screen's receive buffer: the server'
 TRICKLE_S = 2.0                 # how often half the idle connections send one more header line
 ATTACK_CONNECT_S = 10.0
 ANSWER_WAIT_S = 1.0             # a register loop with no snapshot this soon asks again; a refused attacker retries
+GUESS_PAUSE_S = 0.05            # a PIN guesser's pause between an answer and its next guess
 LATE_RUNNER_ADDRESS = "127.0.5.1"   # a participant's laptop joining mid-attack: neither the host nor an attacker
 LATE_RUNNER_WAIT_S = 30.0
-GUESS_PAUSE_S = 0.05            # a PIN guesser's pause between an answer and its next guess
 MESSAGE_TYPE = re.compile(r'\{"type":"(\w+)"')
 STALLED_KEY = "dGhlIHNhbXBsZSBub25jZQ=="   # RFC 6455's sample Sec-WebSocket-Key: a server cannot tell it is reused
 
