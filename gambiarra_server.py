@@ -3240,6 +3240,7 @@ TRICKLE_S = 2.0                 # how often half the idle connections send one m
 ATTACK_CONNECT_S = 10.0
 ANSWER_WAIT_S = 1.0             # a register loop with no snapshot this soon asks again; a refused attacker retries
 GUESS_PAUSE_S = 0.05            # a PIN guesser's pause between an answer and its next guess
+CLOSED_WITHIN_S = 1.0           # at the end, a connection whose close has not arrived by then is still open
 LATE_RUNNER_ADDRESS = "127.0.5.1"   # a participant's laptop joining mid-attack: neither the host nor an attacker
 LATE_RUNNER_WAIT_S = 30.0
 MESSAGE_TYPE = re.compile(r'\{"type":"(\w+)"')
@@ -3250,17 +3251,19 @@ def attacker_address(kind: str, n: int) -> str:
     return f"127.0.{ATTACK_NETS[kind]}.{n + 1}"
 
 
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Whether the other end closed or reset a connection we never read (what waits in it is dropped)."""
+async def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """Whether the other end has closed or reset a connection we stopped reading: read (and drop) what it
+    sent until its end, for `within_s` at most. A server's close comes after what its kernel still held."""
+    loop = asyncio.get_running_loop()
     try:
-        for _ in range(64):
-            if not sock.recv(65536):
-                return True
-    except BlockingIOError:
+        async with asyncio.timeout(within_s):
+            while await loop.sock_recv(sock, 65536):
+                pass
+    except TimeoutError:                        # first: it is an OSError too
         return False
     except OSError:
         return True
-    return False
+    return True
 
 
 class Attackers:
@@ -3309,7 +3312,8 @@ class Attackers:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for kind, socks in self.sockets.items():
-            self.count(f"{kind}_closed", sum(closed_by_peer(sock) for sock in socks))
+            closed = await asyncio.gather(*(closed_by_peer(sock, CLOSED_WITHIN_S) for sock in socks))
+            self.count(f"{kind}_closed", sum(closed))
             for sock in socks:
                 sock.close()
         return self.counts
@@ -3338,9 +3342,10 @@ class Attackers:
             self.count("stalled_refused")
             return
         try:
-            await loop.sock_sendall(sock, (f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
-                                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {STALLED_KEY}\r\n"
-                                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+            await loop.sock_sendall(sock, (f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                                           f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                           f"Sec-WebSocket-Key: {STALLED_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                                           ).encode())
             head = await asyncio.wait_for(loop.sock_recv(sock, 4096), ATTACK_CONNECT_S)
             if not head.startswith(b"HTTP/1.1 101"):
                 raise ConnectionRefusedError(head[:40])
@@ -3372,7 +3377,8 @@ class Attackers:
                 with contextlib.suppress(OSError):
                     sock.send(b"X-Trickle: 1\r\n")
 
-    async def from_address(self, kind: str, address: str, talk: Callable[[Any, random.Random], Awaitable[None]]) -> None:
+    async def from_address(self, kind: str, address: str,
+                           talk: Callable[[Any, random.Random], Awaitable[None]]) -> None:
         """Keep a WebSocket open from `address` until the attack ends, `talk`ing on it; if it is refused or
         closed, try again a moment later."""
         rng = random.Random(address)
@@ -3674,9 +3680,9 @@ class Bench:
         await asyncio.sleep(after_s)
         began, answer = time.monotonic(), "closed"
         try:
-            async with ClientSession(connector=TCPConnector(local_addr=(LATE_RUNNER_ADDRESS, 0)),
-                                     timeout=ClientTimeout(total=LATE_RUNNER_WAIT_S)) as http, \
-                    http.ws_connect(websocket_url(self.server.base)) as ws, asyncio.timeout(LATE_RUNNER_WAIT_S):
+            async with asyncio.timeout(LATE_RUNNER_WAIT_S), \
+                    ClientSession(connector=TCPConnector(local_addr=(LATE_RUNNER_ADDRESS, 0))) as http, \
+                    http.ws_connect(websocket_url(self.server.base)) as ws:
                 await ws.send_str(dumps({"type": "register", "participant_id": "bench-late", "pin": pin}))
                 async for message in ws:
                     m = json.loads(message.data) if message.type is WSMsgType.TEXT else {}
@@ -3824,7 +3830,8 @@ def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[tuple[str, str, st
                                      f"{a['health_calls']} calls, {a['health_failed']} failed", "", None, ""),
             ("late runner", f"{late['answer']} {late['after_s']} s after connecting (right PIN, from "
                             f"{LATE_RUNNER_ADDRESS}, mid-attack)", "registered", late["answer"] == "registered", "")]
-    return rows + [(f"  {name}", attack_outcome(a["attackers"], kind), "", None, "") for kind, name in ATTACK_KINDS.items()]
+    return rows + [(f"  {name}", attack_outcome(a["attackers"], kind), "", None, "")
+                   for kind, name in ATTACK_KINDS.items()]
 
 
 def attack_outcome(counts: dict[str, int], kind: str) -> str:
