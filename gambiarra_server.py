@@ -2658,6 +2658,10 @@ class SimOptions:
     votes_per_voter: int = 0            # 0: every answer
     fill: bool = False                  # bench: stream up to max_tokens, not a natural length
     stamp: bool = False                 # bench: put the send time in each token
+    stalled_screens: int = 0            # bench's attackers (Attackers): screens that never read,
+    idle_connections: int = 0           # half-sent HTTP requests from one address,
+    register_loops: int = 0             # sockets asking for snapshots flat out,
+    wrong_pin_addresses: int = 0        # and addresses guessing PINs
     prefix: str = "sim"
     seed: int = 1
     progress: bool = True
@@ -2687,6 +2691,7 @@ class Tally:
     votes_refused: int = 0
     scores: dict[str, list[int]] = field(default_factory=dict)  # participant -> [votes, total score]
     errors: dict[str, int] = field(default_factory=dict)       # error codes the server sent
+    attack: dict[str, int] = field(default_factory=dict)       # what bench's attackers achieved (Attackers)
 
     def add(self, other: Tally) -> None:
         """Fold another process's tally into this one."""
@@ -3351,6 +3356,10 @@ class Preset:
     vote_rate: float = 2500.0           # votes/s offered by all voters together
     votes_per_voter: int = 0            # 0: every answer
     saturation_tokens: int = 1000       # tokens per runner in the flat-out round
+    stalled_screens: int = 60           # under attack: screens that register and never read
+    idle_connections: int = 300         # ... half-sent HTTP requests, all from one address
+    register_loops: int = 1             # ... sockets sending telao_register as fast as they are answered
+    wrong_pin_addresses: int = 31       # ... addresses registering with wrong PINs
 
 
 BENCH_PRESETS = {
@@ -3361,6 +3370,8 @@ BENCH_PRESETS = {
 RUNNERS_PER_WORKER = 100
 LOAD_NICENESS = 10
 SOAK_SAMPLE_S = 30.0
+ATTACK_SLACK_S = 60.0           # the attackers stop by themselves this long after the round's deadline
+HEALTH_PROBE_S = 0.1            # the pause between two of the host's /health calls under attack
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -3409,8 +3420,9 @@ class BenchServer:
 
     def __enter__(self) -> BenchServer:
         """Start the server and wait for its "listening on" line."""
+        # Only 127.0.0.1 is the host's: bench's attackers come from other loopback addresses, as strangers.
         command = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", "0",
-                   "--database-url", str(self.folder / "bench.db")]
+                   "--database-url", str(self.folder / "bench.db"), "--host-addresses", "127.0.0.1/32"]
         self.log = open(self.folder / "server.log", "w")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -3441,6 +3453,213 @@ class BenchServer:
         return process_rss_mb(self.process.pid)
 
 
+# Bench's attackers: strangers on loopback addresses other than the host's 127.0.0.1,
+# one /24 per kind of attack (127.0.<net>.<n+1>).
+ATTACK_NETS = {"stalled": 1, "idle": 2, "loop": 3, "guess": 4}
+STALLED_PER_ADDRESS = 15        # under the server's default WS_CONNECTIONS_PER_ADDRESS (20)
+STALLED_RECEIVE_BYTES = 4096    # a stalled screen's receive buffer: the server's writes back up at once
+TRICKLE_S = 2.0                 # how often half the idle connections send one more header line
+ATTACK_CONNECT_S = 10.0
+ANSWER_WAIT_S = 1.0             # a register loop with no snapshot this soon asks again; a refused attacker retries
+GUESS_PAUSE_S = 0.05            # a PIN guesser's pause between an answer and its next guess
+CLOSED_WITHIN_S = 1.0           # at the end, a connection whose close has not arrived by then is still open
+LATE_RUNNER_ADDRESS = "127.0.5.1"   # a participant's laptop joining mid-attack: neither the host nor an attacker
+LATE_RUNNER_WAIT_S = 30.0
+MESSAGE_TYPE = re.compile(r'\{"type":"(\w+)"')
+STALLED_KEY = "dGhlIHNhbXBsZSBub25jZQ=="   # RFC 6455's sample Sec-WebSocket-Key: a server cannot tell it is reused
+
+
+def attacker_address(kind: str, n: int) -> str:
+    return f"127.0.{ATTACK_NETS[kind]}.{n + 1}"
+
+
+async def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """Whether the other end has closed or reset a connection we stopped reading: read (and drop) what it
+    sent until its end, for `within_s` at most. A server's close comes after what its kernel still held."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(within_s):
+            while await loop.sock_recv(sock, 65536):
+                pass
+    except TimeoutError:                        # first: it is an OSError too
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class Attackers:
+    """Strangers attacking the server at once, from their own loopback addresses (bench's attack phase).
+
+    Stalled screens register and never read; idle connections send half an HTTP
+    request and then trickle or stay silent; register loops ask for a screen's
+    snapshot as fast as they are answered; guessers register with wrong PINs.
+    Each is bounded in connections and in time (`stop`, or `max_s` at the latest).
+    What they achieved is counted per kind: connections opened, refused, and
+    closed by the server, and the answers they got.
+    """
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        parts = urllib.parse.urlsplit(sim.options.url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.until = 0.0
+        self.counts: dict[str, int] = {}
+        self.sockets: dict[str, list[socket.socket]] = {"stalled": [], "idle": []}
+        self.tasks: list[asyncio.Task] = []
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    def left_s(self) -> float:
+        return max(0.0, self.until - time.monotonic())
+
+    async def start(self, max_s: float) -> None:
+        """Open the stalled screens and the idle connections, then set the loops going."""
+        o, self.until = self.sim.options, time.monotonic() + max_s
+        await asyncio.gather(*(self.stall(attacker_address("stalled", i // STALLED_PER_ADDRESS))
+                               for i in range(o.stalled_screens)),
+                             *(self.idle(attacker_address("idle", 0)) for _ in range(o.idle_connections)))
+        self.tasks = [asyncio.ensure_future(self.trickle())]
+        self.tasks += [asyncio.ensure_future(self.from_address("loop", attacker_address("loop", i), self.ask_snapshots))
+                       for i in range(o.register_loops)]
+        self.tasks += [asyncio.ensure_future(self.from_address("guess", attacker_address("guess", i), self.guess_pins))
+                       for i in range(o.wrong_pin_addresses)]
+        self.sim.tasks += self.tasks            # cancelled with the simulation if bench ends early
+
+    async def stop(self) -> dict[str, int]:
+        """End every attack; count the connections the server closed meanwhile, close the rest; return the counts."""
+        self.until = 0.0
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for kind, socks in self.sockets.items():
+            closed = await asyncio.gather(*(closed_by_peer(sock, CLOSED_WITHIN_S) for sock in socks))
+            self.count(f"{kind}_closed", sum(closed))
+            for sock in socks:
+                sock.close()
+        return self.counts
+
+    async def connect(self, address: str, receive_bytes: int = 0) -> socket.socket:
+        """A TCP connection to the server from `address`, with a small receive buffer if asked."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if receive_bytes:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_bytes)   # before the handshake
+            sock.bind((address, 0))
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (self.host, self.port)),
+                                   ATTACK_CONNECT_S)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def stall(self, address: str) -> None:
+        """A screen that registers and then never reads again."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await self.connect(address, STALLED_RECEIVE_BYTES)
+        except (OSError, asyncio.TimeoutError):
+            self.count("stalled_refused")
+            return
+        try:
+            await loop.sock_sendall(sock, (f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                                           f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                           f"Sec-WebSocket-Key: {STALLED_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                                           ).encode())
+            head = await asyncio.wait_for(loop.sock_recv(sock, 4096), ATTACK_CONNECT_S)
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise ConnectionRefusedError(head[:40])
+            await loop.sock_sendall(sock, text_frame(dumps({"type": "telao_register"}).encode(), masked=True))
+        except (OSError, asyncio.TimeoutError):
+            sock.close()
+            self.count("stalled_refused")
+            return
+        self.sockets["stalled"].append(sock)
+        self.count("stalled_opened")
+
+    async def idle(self, address: str) -> None:
+        """A connection that starts an HTTP request and never finishes it (slowloris)."""
+        try:
+            sock = await self.connect(address)
+            await asyncio.get_running_loop().sock_sendall(
+                sock, f"GET /health HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n".encode())
+        except (OSError, asyncio.TimeoutError):
+            self.count("idle_refused")
+            return
+        self.sockets["idle"].append(sock)
+        self.count("idle_opened")
+
+    async def trickle(self) -> None:
+        """Every other idle connection sends one more header line now and then; the rest stay silent."""
+        while self.left_s():
+            await asyncio.sleep(min(TRICKLE_S, self.left_s()))
+            for sock in self.sockets["idle"][::2]:
+                with contextlib.suppress(OSError):
+                    sock.send(b"X-Trickle: 1\r\n")
+
+    async def from_address(self, kind: str, address: str,
+                           talk: Callable[[Any, random.Random], Awaitable[None]]) -> None:
+        """Keep a WebSocket open from `address` until the attack ends, `talk`ing on it; if it is refused or
+        closed, try again a moment later."""
+        rng = random.Random(address)
+        async with ClientSession(connector=TCPConnector(local_addr=(address, 0)),
+                                 timeout=ClientTimeout(total=ATTACK_CONNECT_S)) as http:
+            while self.left_s():
+                opened = False
+                with contextlib.suppress(OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError):
+                    async with http.ws_connect(self.sim.ws_url, compress=0, max_msg_size=0) as ws:
+                        opened = True
+                        self.count(f"{kind}_opened")
+                        await talk(ws, rng)
+                if self.left_s():
+                    self.count(f"{kind}_closed" if opened else f"{kind}_refused")
+                    await asyncio.sleep(min(ANSWER_WAIT_S, self.left_s()))
+
+    async def ask_snapshots(self, ws: Any, rng: random.Random) -> None:
+        """telao_register, with no PIN, again as soon as the last one is answered."""
+        while self.left_s() and not ws.closed:
+            await ws.send_str(dumps({"type": "telao_register"}))
+            self.count("loop_sent")
+            answer = await self.answer(ws, "loop", ("state_snapshot", "error"), ANSWER_WAIT_S)
+            if answer is None:
+                return
+            self.count(f"loop_{answer}")
+
+    async def guess_pins(self, ws: Any, rng: random.Random) -> None:
+        """Register with a wrong PIN, again after each answer (a guess the server sits on is waited for)."""
+        pin = self.sim.pin
+        while self.left_s() and not ws.closed:
+            guess = pin
+            while guess == pin:
+                guess = "".join(rng.choice("0123456789") for _ in pin)
+            await ws.send_str(dumps({"type": "register", "participant_id": f"guesser-{rng.randrange(10**6)}",
+                                     "pin": guess}))
+            self.count("guess_sent")
+            answer = await self.answer(ws, "guess", ("registered", "error"), self.left_s())
+            if answer is None:
+                return
+            self.count(f"guess_{answer}")
+            await asyncio.sleep(GUESS_PAUSE_S)
+
+    async def answer(self, ws: Any, kind: str, wanted: tuple[str, ...], wait_s: float) -> str | None:
+        """The next message of a `wanted` type (an error's code for an error), or "unanswered" after `wait_s`
+        (or at the attack's end); None once the socket is closed. Everything read is counted in bytes."""
+        try:
+            async with asyncio.timeout(min(wait_s, self.left_s())):
+                async for message in ws:
+                    if message.type is not WSMsgType.TEXT:
+                        continue
+                    self.count(f"{kind}_bytes", len(message.data))
+                    match = MESSAGE_TYPE.match(message.data)
+                    if match and match[1] in wanted:
+                        return json.loads(message.data).get("code", "error") if match[1] == "error" else match[1]
+        except asyncio.TimeoutError:
+            return "unanswered"
+        return None
+
+
 def bench_worker(conn: Any, options: SimOptions, cpus: set[int] | None) -> None:
     """A load-generator process: plays its slice of the evening on bench's orders."""
     if cpus:
@@ -3455,6 +3674,7 @@ async def obey(conn: Any, options: SimOptions) -> None:
     """Start the screens, then carry out orders until "stop"; each reply is the tally since the last."""
     sim = Simulation(options)
     sim.ballots = set()
+    attackers = Attackers(sim)
     gc.disable()                        # a collector pause here would count as the server's latency
     async with sim.running():
         await sim.start_screens()
@@ -3476,6 +3696,10 @@ async def obey(conn: Any, options: SimOptions) -> None:
                 sim.ballots.add(args[0])
             elif order in ("answered", "voted", "seen"):
                 await wait_until(lambda: getattr(sim, order)(*args), timeout_s)
+            elif order == "attack":
+                await attackers.start(*args)
+            elif order == "calm":
+                sim.tally.attack = await attackers.stop()
             reply = vars(sim.take_tally())
 
 
@@ -3534,8 +3758,9 @@ class Workers:
                 process.terminate()
 
 
-def worker_slices(preset: Preset, base: str, pin: str) -> list[tuple[str, SimOptions]]:
-    """The load split into processes: runners by the hundred, the arena screens, the phones and voters."""
+def worker_slices(preset: Preset, base: str, pin: str, attack: bool) -> list[tuple[str, SimOptions]]:
+    """The load split into processes: runners by the hundred, the arena screens, the phones and voters,
+    and the attackers."""
     common = {"url": base, "pin": pin, "prefix": "bench", "fill": True, "stamp": True, "rate": preset.rate,
               "screens": 0, "bots": 0, "all_voters": preset.voters, "vote_rate": preset.vote_rate,
               "votes_per_voter": preset.votes_per_voter, "progress": False}
@@ -3545,6 +3770,9 @@ def worker_slices(preset: Preset, base: str, pin: str) -> list[tuple[str, SimOpt
     slices.append(("screens", SimOptions(**{**common, "screens": preset.screens})))
     slices.append(("phones", SimOptions(**{**common, "phones": max(preset.phones, 1 if preset.voters else 0),
                                            "voters": preset.voters})))
+    if attack:
+        slices.append(("attackers", SimOptions(**{**common, **{name: getattr(preset, name) for name in (
+            "stalled_screens", "idle_connections", "register_loops", "wrong_pin_addresses")}})))
     return slices
 
 
@@ -3649,6 +3877,55 @@ class Bench:
         await self.host.call("POST", "/rounds/stop", {"roundId": row["id"]})
         await self.host.call("POST", f"/rounds/{row['id']}/close-voting")
 
+    async def under_attack(self) -> dict[str, Any]:
+        """A streamed round while strangers attack the server; the honest screens' figures and /health's time."""
+        pin = (await self.host.call("GET", "/session"))["pin"]
+        await self.workers.order("attackers", "attack", self.preset.stream_s + ATTACK_SLACK_S, timeout_s=60)
+        health_ms: list[float | None] = []
+        probe = asyncio.ensure_future(self.probe_health(health_ms))
+        late = asyncio.ensure_future(self.late_runner(pin, self.preset.stream_s / 2))
+        try:
+            figures, row = await self.stream(self.preset.rate, 10**6, round(self.preset.stream_s * 1000))
+            late_runner = await late
+        finally:
+            probe.cancel()
+            late.cancel()
+        attackers = await self.workers.order("attackers", "calm", timeout_s=60)
+        await self.finish(row)
+        answered = [ms for ms in health_ms if ms is not None]
+        return {**figures, "health_ms": spread(answered), "health_calls": len(health_ms),
+                "health_failed": len(health_ms) - len(answered), "late_runner": late_runner,
+                "attackers": attackers.attack}
+
+    async def late_runner(self, pin: str, after_s: float) -> dict[str, Any]:
+        """A runner joining mid-attack with the right PIN from its own address: the answer it got, and when."""
+        await asyncio.sleep(after_s)
+        began, answer = time.monotonic(), "closed"
+        try:
+            async with asyncio.timeout(LATE_RUNNER_WAIT_S), \
+                    ClientSession(connector=TCPConnector(local_addr=(LATE_RUNNER_ADDRESS, 0))) as http, \
+                    http.ws_connect(websocket_url(self.server.base)) as ws:
+                await ws.send_str(dumps({"type": "register", "participant_id": "bench-late", "pin": pin}))
+                async for message in ws:
+                    m = json.loads(message.data) if message.type is WSMsgType.TEXT else {}
+                    if m.get("type") in ("registered", "error"):
+                        answer = m.get("code", m["type"])
+                        break
+        except (OSError, asyncio.TimeoutError, ClientConnectionError, WSServerHandshakeError) as exc:
+            answer = type(exc).__name__
+        return {"answer": answer, "after_s": round(time.monotonic() - began, 3)}
+
+    async def probe_health(self, times_ms: list[float | None]) -> None:
+        """The host's GET /health again and again: each call's time, or None when it failed."""
+        while True:
+            began = time.monotonic()
+            try:
+                await self.host.call("GET", "/health")
+                times_ms.append((time.monotonic() - began) * 1000)
+            except (OSError, asyncio.TimeoutError, ClientConnectionError, RuntimeError):
+                times_ms.append(None)
+            await asyncio.sleep(HEALTH_PROBE_S)
+
     async def soak(self, minutes: float) -> dict[str, Any]:
         """Meetup rounds back to back for `minutes`, sampling the server's memory after each."""
         began, rounds, faults, worst_p99, exact = time.monotonic(), 0, 0, 0.0, True
@@ -3666,7 +3943,7 @@ class Bench:
 
 
 async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0.0,
-                affinity: bool = True) -> dict[str, Any]:
+                affinity: bool = True, attack: bool = True) -> dict[str, Any]:
     """Start a server on loopback, measure it under `preset`, stop it; return the figures."""
     cpus = split_cpus(affinity)
     figures: dict[str, Any] = {"preset": vars(preset).copy(), "machine": {
@@ -3679,14 +3956,14 @@ async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0
         async with host.running():
             figures["rss_mb"] = {"before": server.rss_mb()}
             pin = (await host.call("POST", "/session"))["pin"]
-            slices = worker_slices(preset, server.base, pin)
+            slices = worker_slices(preset, server.base, pin, attack)
             figures["machine"]["load_generator_processes"] = len(slices)
             workers = Workers(slices, cpus[1] if cpus else None)
             run = Bench(preset, server, workers, host)
             watch = asyncio.ensure_future(run.watch_memory())
             try:
                 await workers.ready()
-                await run_phases(run, figures, saturation, soak_minutes)
+                await run_phases(run, figures, saturation, soak_minutes, attack)
             finally:
                 watch.cancel()
                 workers.close()
@@ -3695,8 +3972,10 @@ async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0
     return figures
 
 
-async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak_minutes: float) -> None:
-    """The preset's evening (join, a streamed round, its votes), then the flat-out round and the soak."""
+async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak_minutes: float,
+                     attack: bool) -> None:
+    """The preset's evening (join, a streamed round, its votes), then the flat-out round, the round under
+    attack, and the soak."""
     preset = run.preset
     figures["join"] = await run.join()
     figures["stream"], row = await run.stream(preset.rate, 10**6, round(preset.stream_s * 1000))
@@ -3706,6 +3985,9 @@ async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak
         figures["saturation"], row = await run.stream(0, preset.saturation_tokens, 600_000)
         await run.finish(row)
         figures["rss_mb"]["saturation_max"] = round(run.rss_max_mb, 1)
+    if attack:
+        figures["attack"] = await run.under_attack()
+        figures["rss_mb"]["attack_max"] = round(run.rss_max_mb, 1)
     if soak_minutes:
         figures["soak"] = await run.soak(soak_minutes)
 
@@ -3747,9 +4029,44 @@ def report_rows(f: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str
                                  f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
                      ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
                      cpu_note(t)))
+    if "attack" in f:
+        rows += attack_rows(f["attack"], rss["attack_max"])
     rows.append(("server CPU", f"{s['cpu_s_per_1000_tokens']} s per 1,000 tokens streaming" +
                  (f", {f['saturation']['cpu_s_per_1000_tokens']} s flat out" if "saturation" in f else ""), "", None, ""))
     return rows
+
+
+ATTACK_KINDS = {"stalled": "stalled screens", "idle": "idle connections", "loop": "telao_register loop",
+                "guess": "wrong PINs"}
+
+
+def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[tuple[str, str, str, bool | None, str]]:
+    """The round under attack: the honest screens' latency and losses, /health's time, each attacker's haul."""
+    latency, health, late = a["latency_ms"], a["health_ms"], a["late_runner"]
+    rows = [("under attack", f"token -> screen p50 {latency['p50']} ms, p99 {latency['p99']} ms, max "
+                             f"{latency['max']} ms at {a['tokens_per_s'] or 0:,} tok/s; lost {a['lost']}, reordered "
+                             f"{a['reordered']}; RSS max {rss_max_mb} MB", "p99 < 50 ms, 0 lost",
+             latency["p99"] is not None and latency["p99"] < 50 and not any(a["lost"] + a["reordered"]),
+             f"{cpu_note(a)} (attackers {a['load_cpu_by_role'].get('attackers', 0):.0%})"),
+            ("/health under attack", f"p50 {health['p50']} ms, p99 {health['p99']} ms, max {health['max']} ms over "
+                                     f"{a['health_calls']} calls, {a['health_failed']} failed", "", None, ""),
+            ("late runner", f"{late['answer']} {late['after_s']} s after connecting (right PIN, from "
+                            f"{LATE_RUNNER_ADDRESS}, mid-attack)", "registered", late["answer"] == "registered", "")]
+    return rows + [(f"  {name}", attack_outcome(a["attackers"], kind), "", None, "")
+                   for kind, name in ATTACK_KINDS.items()]
+
+
+def attack_outcome(counts: dict[str, int], kind: str) -> str:
+    """What one kind of attacker achieved: connections opened, refused and closed by the server; answers; bytes."""
+    mine = {key.removeprefix(f"{kind}_"): n for key, n in counts.items() if key.startswith(f"{kind}_")}
+    text = (f"{mine.pop('opened', 0):,} opened, {mine.pop('refused', 0):,} refused, {mine.pop('closed', 0):,} closed "
+            "by the server")
+    read_bytes, sent = mine.pop("bytes", 0), mine.pop("sent", None)
+    if sent is not None:
+        text += f"; {sent:,} sent"
+    if mine:
+        text += "; answers: " + ", ".join(f"{n:,} {answer}" for answer, n in sorted(mine.items()))
+    return text + (f"; {read_bytes / 1e6:,.2f} MB read" if read_bytes else "")
 
 
 def bench_report(f: dict[str, Any]) -> str:
@@ -3828,6 +4145,7 @@ def bench_command(argv: list[str]) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[f.type],
                             help="override the preset's value")
     parser.add_argument("--no-saturation", action="store_true", help="skip the flat-out round")
+    parser.add_argument("--no-attack", action="store_true", help="skip the round under attack")
     parser.add_argument("--soak", type=float, default=0.0, metavar="MINUTES",
                         help="then run rounds back to back for MINUTES, sampling the server's memory")
     parser.add_argument("--no-affinity", action="store_true", help="do not pin the server and the load to CPUs")
@@ -3836,9 +4154,11 @@ def bench_command(argv: list[str]) -> None:
                                                  if getattr(a, f.name) is not None})
     if preset.stream_s < 1:
         parser.error("--stream-s must be at least 1: a round's deadline is at least a second")
+    if max(preset.wrong_pin_addresses, preset.register_loops, -(-preset.stalled_screens // STALLED_PER_ADDRESS)) > 254:
+        parser.error(f"the attackers have 254 addresses of each kind ({STALLED_PER_ADDRESS} stalled screens on each)")
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # TERM stops a run as Ctrl-C does
     try:
-        figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity))
+        figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity, not a.no_attack))
     except KeyboardInterrupt:
         raise SystemExit("bench: interrupted; its server and load generators are stopped") from None
     figures["preset"]["name"] = a.preset

@@ -3733,7 +3733,7 @@ def test_bench_measures_a_tiny_room_end_to_end() -> None:
     """bench starts its own server and load generators and reports every figure, nothing lost."""
     preset = gs.Preset(runners=4, rate=50, screens=2, phones=1, voters=2, stream_s=1.0, vote_rate=100,
                        votes_per_voter=2, saturation_tokens=30)
-    figures = asyncio.run(gs.bench(preset, affinity=False))
+    figures = asyncio.run(gs.bench(preset, affinity=False, attack=False))
     assert figures["join"]["registered"] == 4
     for phase in ("stream", "saturation"):
         assert figures[phase]["tokens"] > 0
@@ -3741,6 +3741,26 @@ def test_bench_measures_a_tiny_room_end_to_end() -> None:
         assert figures[phase]["phone_token_updates"] == 0
     assert figures["votes"]["votes"] == 4 and figures["votes"]["tallies_exact"]          # 2 voters x 2 answers
     assert "bench: 4 runners" in gs.bench_report(figures)
+
+
+def test_bench_streams_a_round_under_attack_and_reports_what_the_attackers_got() -> None:
+    """Strangers on other loopback addresses attack a tiny room: the honest screens lose nothing, all is reported."""
+    preset = gs.Preset(runners=4, rate=50, screens=2, phones=1, voters=2, stream_s=1.0, vote_rate=100,
+                       votes_per_voter=2, stalled_screens=3, idle_connections=4, register_loops=1, wrong_pin_addresses=2)
+    figures = asyncio.run(gs.bench(preset, saturation=False, affinity=False))
+    attack = figures["attack"]
+    assert attack["tokens"] > 0 and attack["lost"] == [0, 0] and attack["reordered"] == [0, 0]
+    assert attack["phone_token_updates"] == 0
+    assert attack["health_calls"] > 0 and attack["health_ms"]["p99"] is not None
+    assert attack["late_runner"]["answer"] == "registered"
+    got = attack["attackers"]
+    assert got["stalled_opened"] == 3 and got["idle_opened"] == 4 and got["loop_opened"] >= 1
+    assert got.get("loop_state_snapshot", 0) >= 1
+    assert got.get("guess_INVALID_PIN", 0) + got.get("guess_PIN_THROTTLED", 0) >= 1 and "guess_registered" not in got
+    rows = [line.strip() for line in gs.bench_report(figures).splitlines()]
+    for name in ("under attack", "/health under attack", "late runner", "stalled screens", "idle connections",
+                 "telao_register loop", "wrong PINs"):
+        assert any(row.startswith(name) for row in rows), name
 
 
 def children(pid: int) -> list[int]:
