@@ -124,6 +124,8 @@ class Config:
     pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
                                          "wrong PINs from all addresses together per window")
     pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds")
+    proxy_hops: int = option(1, "PROXY_HOPS", "with TRUST_PROXY: proxies in front of this server, each adding "
+                                              "one X-Forwarded-For hop")
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
                                             f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer")
     ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes")
@@ -1653,11 +1655,15 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def client_address(request: web.Request, config: Config) -> str:
-    """The caller's address: the socket's, or X-Forwarded-For's first hop behind a trusted proxy."""
+    """The caller's address: the socket's, or behind a trusted proxy the X-Forwarded-For hop it added.
+
+    Each proxy appends the address it saw, so only the last PROXY_HOPS hops are ours:
+    anything to their left is whatever the client chose to send.
+    """
     if config.trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
+        hops = [hop.strip() for hop in request.headers.get("X-Forwarded-For", "").split(",") if hop.strip()]
+        if hops:
+            return hops[max(0, len(hops) - max(1, config.proxy_hops))]
     return request.remote or ""
 
 

@@ -969,10 +969,10 @@ async def test_the_pin_is_only_for_the_host(away: tuple) -> None:
 @pytest.mark.parametrize(("trust_proxy", "status"), [(False, 401), (True, 200)])
 async def test_x_forwarded_for_counts_only_behind_a_trusted_proxy(room_with: Callable, trust_proxy: bool,
                                                                   status: int) -> None:
-    """A forged X-Forwarded-For naming the host's address is ignored unless --trust-proxy."""
+    """X-Forwarded-For is ignored unless --trust-proxy; then the hop the proxy added (the last) is the caller."""
     room, _ = await room_with(host_addresses=AWAY, trust_proxy=trust_proxy)
-    forged = {"X-Forwarded-For": "10.255.255.7, 127.0.0.1"}
-    assert (await room.host.status("POST", "/session", headers=forged))[0] == status
+    forwarded = {"X-Forwarded-For": "127.0.0.9, 10.255.255.7"}
+    assert (await room.host.status("POST", "/session", headers=forwarded))[0] == status
 
 
 async def test_the_audience_is_rate_limited_but_never_the_host_or_the_docs(room_with: Callable) -> None:
@@ -2225,6 +2225,28 @@ async def test_a_web_page_from_another_site_cannot_act_as_the_host(make_room: An
         await room.host.call("POST", "/rounds", {"prompt": "from the club's admin page"}, headers={"Origin": origin})
     holder = await room.http_from("127.0.0.1", token=room.server.config.admin_token)
     await holder.call("POST", "/rounds", {"prompt": "with the token"}, headers={"Origin": "https://evil.example"})
+
+
+# --- attack: host, PIN and seats ---------------------------------------------------
+
+async def test_a_client_cannot_choose_its_address_through_a_trusted_proxy(make_room: Any) -> None:
+    """Behind --trust-proxy, hops the client wrote itself (left of the proxies' own) make no one the host,
+    and changing them on every connection does not escape the wrong-PIN throttle."""
+    for hops, header in [(1, "127.0.0.1, 10.0.0.66"), (2, "127.0.0.1, 10.0.0.66, 10.0.0.1")]:
+        room = await make_room(host_addresses=("127.0.0.1/32",), trust_proxy=True, proxy_hops=hops)
+        stranger = await room.http_from(STRANGER)
+        status, body = await stranger.status("POST", "/session", headers={"X-Forwarded-For": header})
+        assert (status, body["code"]) == (401, "UNAUTHORIZED"), header
+    holder = await room.http_from(STRANGER, token=room.server.config.admin_token)
+    pin = await holder.new_session()
+    codes = []
+    for n in range(room.server.config.pin_attempts_max + 2):
+        ws = await room.connect_from(STRANGER, additional_headers={"X-Forwarded-For": f"127.0.0.1, 10.0.{n}.1, "
+                                                                                      "10.0.0.66, 10.0.0.1"})
+        codes.append((await Runner(ws, f"m{n}").register(f"{n:07d}"))["code"])
+    assert codes == ["INVALID_PIN"] * room.server.config.pin_attempts_max + ["PIN_THROTTLED"] * 2
+    proxied = await room.connect_from(STRANGER, additional_headers={"X-Forwarded-For": "10.0.0.7, 10.0.0.1"})
+    assert (await Runner(proxied, "ana").register(pin))["type"] == "registered"     # another caller, same proxy
 
 
 # --- faults ---------------------------------------------------------------------
