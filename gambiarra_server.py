@@ -149,6 +149,7 @@ MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
+PIN_CHECKS_WAITING = 16     # distinct PINs queued for bcrypt (only before the server knows the PIN); more wait outside
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
 PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
@@ -276,6 +277,11 @@ class Throttle:
         self.windows[key] = (start, count + 1)
         if len(self.windows) > 10_000:      # forget finished windows now and then
             self.windows = {k: v for k, v in self.windows.items() if now - v[0] < self.window_s}
+
+    def count(self, key: str) -> int:
+        """Events of `key` in its current window."""
+        start, count = self.windows.get(key, (0.0, 0))
+        return count if time.monotonic() - start < self.window_s else 0
 
     def forgive(self, key: str) -> None:
         """Take back one event of `key`'s current window (one that turned out to be harmless)."""
@@ -869,8 +875,18 @@ class SessionState:
     created_at: int
     pin_hash: bytes
     kicked: set[str] = field(default_factory=set)
-    # bcrypt verdicts per candidate PIN, shared by every register that asks at once.
+    # The PIN once this server made it or saw it match the hash: candidates are then compared, not hashed.
+    known_pin: str | None = None
+    # Until then, bcrypt checks in flight per candidate, shared by every register that asks at once.
     pin_checks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
+
+
+def pin_matches(candidate: str, pin_hash: bytes) -> bool:
+    """bcrypt's verdict (slow on purpose: call it off the loop); a malformed hash matches nothing."""
+    try:
+        return bcrypt.checkpw(candidate.encode(), pin_hash)
+    except ValueError:
+        return False
 
 
 class Arena:
@@ -881,6 +897,7 @@ class Arena:
         self.session: SessionState | None = None
         self.rounds: dict[int, LiveRound] = {}          # by index
         self.unsaved: list[tuple] = []                   # token rows waiting for the next flush
+        self.bcrypt_turn = asyncio.Semaphore(1)          # one bcrypt check at a time: guesses cannot fill the CPU
 
     def start_session(self, row: dict[str, Any], kicked: set[str] = frozenset()) -> SessionState:
         self.session = SessionState(row["id"], row["createdAt"], row["pinHash"].encode(), set(kicked))
@@ -907,17 +924,23 @@ class Arena:
         return self.rounds[row["index"]]
 
     async def verify_pin(self, session: SessionState, candidate: str) -> bool:
-        """Check a PIN with bcrypt off the loop, paying once per distinct candidate in flight."""
+        """Whether `candidate` is the session's PIN: compared once the PIN is known, else bcrypt,
+        one check at a time and once per distinct candidate in flight."""
+        if session.known_pin is not None:
+            return hmac.compare_digest(candidate.encode(), session.known_pin.encode())
         check = session.pin_checks.get(candidate)
         if check is None:
-            check = asyncio.ensure_future(asyncio.to_thread(bcrypt.checkpw, candidate.encode(), session.pin_hash))
-            session.pin_checks[candidate] = check
+            check = session.pin_checks[candidate] = asyncio.ensure_future(self.bcrypt_check(session, candidate))
+        return await asyncio.shield(check)
+
+    async def bcrypt_check(self, session: SessionState, candidate: str) -> bool:
         try:
-            ok = await asyncio.shield(check)
-        except ValueError:
-            ok = False
-        if not ok:
-            session.pin_checks.pop(candidate, None)     # remember only the right PIN
+            async with self.bcrypt_turn:
+                ok = await asyncio.to_thread(pin_matches, candidate, session.pin_hash)
+        finally:
+            session.pin_checks.pop(candidate, None)
+        if ok:
+            session.known_pin = candidate
         return ok
 
     def accept_token(self, participant_id: str, index: int, seq: int, content: str,
@@ -1341,7 +1364,10 @@ class Server:
         if row is None:
             return
         await self.db.run(disconnect_everyone)
-        self.arena.start_session(row, await self.db.run(kicked_ids, row["id"]))
+        session = self.arena.start_session(row, await self.db.run(kicked_ids, row["id"]))
+        # One bcrypt check now spares every runner reconnecting after the restart its own.
+        if await asyncio.to_thread(pin_matches, row["pin"], session.pin_hash):
+            session.known_pin = row["pin"]
         shown = await self.db.run(shown_round, row["id"])
         if shown is None:
             return
@@ -1481,6 +1507,46 @@ def require_runner(peer: Peer, m: dict[str, Any]) -> str:
     return peer.participant_id
 
 
+def pin_network(address: str) -> str:
+    """Whom a wrong PIN is counted against: the address, or for IPv6 its /64, any of which one machine can take."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and not ip.ipv4_mapped:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return address
+
+
+async def check_pin(server: Server, peer: Peer, session: SessionState, candidate: str) -> None:
+    """Refuse a wrong PIN, and a caller that guessed wrong too often, with a clear error.
+
+    Only a PIN found wrong counts: PIN_ATTEMPTS_MAX per address (an IPv6 /64), and
+    PIN_ATTEMPTS_TOTAL_MAX from everyone together. Past the total, an address that already
+    guessed wrong in the window waits it out, but one that did not is still checked: strangers
+    filling the total cannot lock out a runner that types the right PIN.
+    """
+    throttle, everyone, key = server.pin_throttle, server.pin_total_throttle, pin_network(peer.address)
+    wait_s = throttle.wait_s(key) or (everyone.wait_s("") if throttle.count(key) else 0.0)
+    if wait_s:
+        whose = "from your address" if throttle.wait_s(key) else "on this server, yours among them"
+        raise TooMany(f"Too many wrong PINs {whose}; try again in {math.ceil(wait_s)} s", wait_s, "PIN_THROTTLED")
+    # Count a guess before bcrypt answers, or guesses sent at once on many connections would all be
+    # checked before the first failure counted; a register joining a check in flight is not a new guess.
+    counted = candidate not in session.pin_checks
+    if counted and session.known_pin is None and len(session.pin_checks) >= PIN_CHECKS_WAITING:
+        raise TooMany("The server is busy checking other PINs; try again in 1 s", 1.0, "PIN_THROTTLED")
+    if counted:
+        throttle.add(key)
+        everyone.add("")
+    if await server.arena.verify_pin(session, candidate):
+        if counted:
+            throttle.forgive(key)                       # the right PIN is not a guess
+            everyone.forgive("")
+        return
+    raise ClientError("Invalid PIN.", "INVALID_PIN")
+
+
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     if peer.participant_id not in (None, m["participant_id"]):
         # One connection speaks for one participant; a second identity would leave the first
@@ -1489,19 +1555,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
                        f"for {m['participant_id']}", "ALREADY_REGISTERED")
     arena = server.arena
     session = arena.require_session()
-    wait_s, everyone_wait_s = server.pin_throttle.wait_s(peer.address), server.pin_total_throttle.wait_s("")
-    if wait_s or everyone_wait_s:
-        whose = "from your address" if wait_s else "on this server"
-        wait_s = max(wait_s, everyone_wait_s)
-        raise TooMany(f"Too many wrong PINs {whose}; try again in {math.ceil(wait_s)} s", wait_s, "PIN_THROTTLED")
-    # Count the attempt before bcrypt answers, or guesses sent at once on many connections
-    # would all be checked before the first failure was counted.
-    server.pin_throttle.add(peer.address)
-    server.pin_total_throttle.add("")
-    if not await arena.verify_pin(session, m["pin"]):
-        raise ClientError("Invalid PIN.", "INVALID_PIN")
-    server.pin_throttle.forgive(peer.address)           # the right PIN is not a guess
-    server.pin_total_throttle.forgive("")
+    await check_pin(server, peer, session, m["pin"])
     pid = m["participant_id"]
     async with arena.lock:
         if arena.session is not session:
@@ -1729,11 +1783,8 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         row = await server.db.run(create_session, pin, pin_hash.decode())
         sent_away = list(hub.runners.values())
         hub.runners.clear()
-        # This server just made the PIN and its hash: runners typing it need not pay bcrypt
-        # (checked on the event loop's neighbour thread, ~0.3 s at cost 12). Other guesses still do.
-        made_here = asyncio.get_running_loop().create_future()
-        made_here.set_result(True)
-        arena.start_session(row).pin_checks[pin] = made_here
+        # This server just made the PIN: registers compare against it instead of paying bcrypt.
+        arena.start_session(row).known_pin = pin
     for peer in sent_away:
         peer.participant_id = None
         peer.send_json(msg_error("A new session started; reconnect with the new PIN.", "SESSION_ENDED"))

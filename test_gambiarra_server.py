@@ -2112,27 +2112,33 @@ async def test_parallel_wrong_pins_from_one_address_are_throttled_too(room: Room
 
 
 async def test_wrong_pins_from_many_addresses_are_throttled_together(make_room: Any) -> None:
-    """Past PIN_ATTEMPTS_TOTAL_MAX wrong PINs from all addresses together, every address waits out the window."""
+    """Past PIN_ATTEMPTS_TOTAL_MAX wrong PINs from all addresses together, an address that guessed wrong waits
+    out the window (even with the right PIN, even within its own allowance); the others get one check each."""
     room = await make_room(pin_attempts_max=100, pin_attempts_total_max=5)
     pin = await room.host.new_session()
-    codes = []
-    for n in range(7):
-        guesser = await room.runner_at(f"127.0.1.{n + 1}", f"m{n}")
-        codes.append((await guesser.register(f"{n:07d}"))["code"])
-    assert codes == ["INVALID_PIN"] * 5 + ["PIN_THROTTLED"] * 2
-    latecomer = await room.runner_at("127.0.2.1", "ana")
-    refused = await latecomer.register(pin)
-    assert refused["code"] == "PIN_THROTTLED" and "on this server" in refused["message"]
+    guessers = [await room.runner_at(f"127.0.1.{n + 1}", f"m{n}") for n in range(7)]
+    assert [(await g.register(f"{n:07d}"))["code"] for n, g in enumerate(guessers)] == ["INVALID_PIN"] * 7
+    for n, guesser in enumerate(guessers):
+        refused = await guesser.register(f"{n + 10:07d}" if n else pin)
+        assert refused["code"] == "PIN_THROTTLED" and "on this server" in refused["message"], refused
+    latecomer = await room.runner_at("127.0.2.1", "eve")
+    assert (await latecomer.register("0000000"))["code"] == "INVALID_PIN"
+    assert (await latecomer.register("0000001"))["code"] == "PIN_THROTTLED"
 
 
 def test_guessing_a_six_digit_pin_takes_longer_than_a_meetup() -> None:
-    """With the default limits, trying half the 10**6 PINs takes over a day from any number of addresses."""
+    """With the default limits a window holds at most PIN_ATTEMPTS_TOTAL_MAX wrong PINs plus one per address
+    (one per /64 for IPv6, where one machine can take any address of it): trying half the 10**6 PINs takes
+    over a day from 40 addresses, over 15 hours from a whole /24, and over a month from one address."""
     config = gs.Config()
     assert config.pin_length == 6
-    guesses_per_hour = config.pin_attempts_total_max * 3600 / config.pin_attempts_window_s
-    assert 10**6 / 2 / guesses_per_hour > 24
-    per_address_per_hour = config.pin_attempts_max * 3600 / config.pin_attempts_window_s
-    assert 10**6 / 2 / per_address_per_hour > 24 * 30
+
+    def hours_for_half(addresses: int) -> float:
+        per_window = min(config.pin_attempts_total_max + addresses, config.pin_attempts_max * addresses)
+        return 10**6 / 2 / (per_window * 3600 / config.pin_attempts_window_s)
+    assert hours_for_half(40) > 24 and hours_for_half(254) > 15 and hours_for_half(1) > 24 * 30
+    assert gs.pin_network("2001:db8::1") == gs.pin_network("2001:db8::ffff:ffff:ffff:ffff") == "2001:db8::/64"
+    assert gs.pin_network("127.0.0.2") == "127.0.0.2" and gs.pin_network("::ffff:10.0.0.1") == "::ffff:10.0.0.1"
 
 
 async def test_a_runner_cannot_speak_for_another_participant(room: Room, pin: str) -> None:
@@ -2247,6 +2253,94 @@ async def test_a_client_cannot_choose_its_address_through_a_trusted_proxy(make_r
     assert codes == ["INVALID_PIN"] * room.server.config.pin_attempts_max + ["PIN_THROTTLED"] * 2
     proxied = await room.connect_from(STRANGER, additional_headers={"X-Forwarded-For": "10.0.0.7, 10.0.0.1"})
     assert (await Runner(proxied, "ana").register(pin))["type"] == "registered"     # another caller, same proxy
+
+
+async def guess_from(room: LiveRoom, address: str, guesses: list[str]) -> list[str]:
+    """A stranger at `address` tries each guess in turn on one connection; the reply codes."""
+    guesser = await room.runner_at(address, f"guesser-{address}")
+    return [(await guesser.register(guess))["code"] for guess in guesses]
+
+
+async def test_strangers_filling_the_wrong_pin_total_never_lock_out_the_right_pin(make_room: Any) -> None:
+    """31 addresses, each within its own allowance, fill PIN_ATTEMPTS_TOTAL_MAX: they are refused from then on,
+    while runners arriving with the right PIN are registered, and a guess from a new address is still only one."""
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    config = room.server.config
+    pin = await room.host.new_session()
+    strangers = [f"127.0.4.{n + 1}" for n in range(31)]
+    per_address = [[f"{n:02d}{k:05d}" for k in range(config.pin_attempts_max)] for n in range(31)]  # 7 digits
+    codes = await asyncio.gather(*(guess_from(room, a, g) for a, g in zip(strangers, per_address)))
+    assert sorted({code for c in codes for code in c}) == ["INVALID_PIN", "PIN_THROTTLED"]
+    assert sum(c.count("INVALID_PIN") for c in codes) == config.pin_attempts_total_max
+    assert room.server.pin_total_throttle.wait_s("") > 0
+    ana = await room.runner_at("127.0.5.1", "ana", pin)
+    crowd = await asyncio.gather(*(room.runner_at("127.0.5.2", f"r{n}") for n in range(12)))
+    assert {r["type"] for r in await asyncio.gather(*(r.register(pin) for r in crowd))} == {"registered"}
+    for address in strangers[:3]:
+        assert await guess_from(room, address, [pin]) == ["PIN_THROTTLED"]
+    assert await guess_from(room, "127.0.6.1", ["0000000", "0000001"]) == ["INVALID_PIN", "PIN_THROTTLED"]
+    await running_round(room, ana, *crowd)
+
+
+def club_database(path: Path, pin_hash: bytes) -> None:
+    """A database from the club's server, which keeps only the PIN's hash (its `pin` column is the default)."""
+    conn = gs.open_db(path)
+    with conn:
+        conn.execute("INSERT INTO sessions (id, createdAt, pinHash, status) VALUES ('club', 1, ?, 'active')",
+                     (pin_hash.decode(),))
+    conn.close()
+
+
+async def test_before_the_pin_is_known_bcrypt_checks_one_pin_at_a_time(make_room: Any, config: gs.Config,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a club database (no plain PIN), guesses from 31 addresses at once never run two bcrypt checks together;
+    past the queue they are refused with PIN_THROTTLED; 12 runners with the right PIN at once cost one check."""
+    club_database(config.database, gs.bcrypt.hashpw(b"424242", gs.bcrypt.gensalt(4)))
+    checkpw, running, most, calls = gs.bcrypt.checkpw, [0], [0], []
+
+    def watched(candidate: bytes, hashed: bytes) -> bool:
+        running[0] += 1                     # no lock: if two threads ever overlapped, `most` would show it
+        most[0] = max(most[0], running[0])
+        calls.append(candidate)
+        try:
+            time.sleep(0.005)
+            return checkpw(candidate, hashed)
+        finally:
+            running[0] -= 1
+    monkeypatch.setattr(gs.bcrypt, "checkpw", watched)
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    guesses = await asyncio.gather(*(guess_from(room, f"127.0.4.{n + 1}", [f"{n:07d}"]) for n in range(31)))
+    codes = [c for (c,) in guesses]
+    assert codes.count("INVALID_PIN") >= gs.PIN_CHECKS_WAITING and set(codes) <= {"INVALID_PIN", "PIN_THROTTLED"}
+    assert most[0] == 1 and len(calls) == codes.count("INVALID_PIN") + 1        # +1: the stored PIN, at start
+    calls.clear()
+    crowd = await asyncio.gather(*(room.runner_at("127.0.5.2", f"r{n}") for n in range(12)))
+    assert {r["type"] for r in await asyncio.gather(*(r.register("424242") for r in crowd))} == {"registered"}
+    assert calls == [b"424242"]
+
+
+async def test_runners_reconnecting_at_once_after_a_restart_are_not_throttled(
+        server_process: Any, http: aiohttp.ClientSession) -> None:
+    """After a restart, 15 runners from one address registering at once with the right PIN all get in;
+    15 wrong PINs at once from another address are still cut at PIN_ATTEMPTS_MAX."""
+    first = server_process("--host-addresses", "127.0.0.1/32")
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+    first.stop()
+    room = Room(server_process("--host-addresses", "127.0.0.1/32").start(), http)
+
+    async def runner_at(address: str, participant_id: str) -> Runner:
+        ws = await connect(room.ws_url, local_addr=(address, 0))
+        room.connections.append(ws)
+        return Runner(ws, participant_id)
+    laptops = [await runner_at("127.0.0.5", f"r{n}") for n in range(15)]
+    guessers = [await runner_at(STRANGER, f"m{n}") for n in range(15)]
+    replies = await asyncio.gather(*(r.register(pin) for r in laptops),
+                                   *(g.register(f"{n:07d}") for n, g in enumerate(guessers)))
+    assert [r["type"] for r in replies[:15]] == ["registered"] * 15
+    codes = [r["code"] for r in replies[15:]]
+    assert sorted(codes) == ["INVALID_PIN"] * 10 + ["PIN_THROTTLED"] * 5
+    await room.close()
 
 
 # --- faults ---------------------------------------------------------------------
