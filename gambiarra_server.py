@@ -124,6 +124,9 @@ class Config:
     pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
                                          "wrong PINs from all addresses together per window")
     pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds")
+    allowed_hosts: tuple[str, ...] = option((), "ALLOWED_HOSTS", "names this server answers to besides its "
+                                            "addresses, localhost and this machine's names, comma-separated; "
+                                            "* for any")
     proxy_hops: int = option(1, "PROXY_HOPS", "with TRUST_PROXY: proxies in front of this server, each adding "
                                               "one X-Forwarded-For hop")
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
@@ -245,14 +248,19 @@ def camel(name: str) -> str:
     return head + "".join(word.title() for word in rest)
 
 
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `text` spells (an IPv4-mapped IPv6 one as IPv4), or None for a name."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
 def in_networks(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     """Whether `address` (IPv4, IPv6 or IPv4-mapped IPv6) lies in one of `networks`."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    return any(ip in net for net in networks)
+    ip = ip_of(address)
+    return ip is not None and any(ip in net for net in networks)
 
 
 class Throttle:
@@ -1330,6 +1338,8 @@ class Server:
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
         self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
+        self.own_names = {"localhost"}                   # with this machine's names, found at start-up
+        self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
 
     def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
               target_type: str | None = None, target_id: str | None = None,
@@ -1357,6 +1367,20 @@ class Server:
         if self.own_addresses is None:
             self.own_addresses = set(lan_addresses())
         return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
+
+    def is_named(self, host: str, local_address: str) -> bool:
+        """Whether a Host header names this server, reached at `local_address`.
+
+        That is an address of this machine, localhost, this machine's names (and their .local
+        form, which phones use with mDNS) or ALLOWED_HOSTS. Any other name is a site that pointed
+        its name at this machine (DNS rebinding), so that its pages could read it as their own.
+        """
+        name = host_name(host)
+        if name in self.own_names or name in self.allowed_hosts or "*" in self.allowed_hosts:
+            return True
+        ip = ip_of(name)
+        own = self.own_addresses or set()
+        return ip is not None and (ip.is_loopback or ip == ip_of(local_address) or str(ip) in own)
 
     async def load(self) -> None:
         """Pick up where a previous run stopped: the active session and its live round."""
@@ -1706,6 +1730,14 @@ Params = dict[str, Any]
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=dumps)
+
+
+def host_name(host: str) -> str:
+    """The name or address in a Host header: no port, brackets or final dot, in lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return (host.rpartition(":")[0] if host.count(":") == 1 else host).rstrip(".")
 
 
 def client_address(request: web.Request, config: Config) -> str:
@@ -2307,6 +2339,20 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
 
 
 @web.middleware
+async def host_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Refuse every request (WebSocket upgrades too) whose Host does not name this server.
+
+    A client without a Host header (HTTP/1.0, curl-like tools) is not a browser page, so it passes.
+    """
+    host = request.headers.get("Host")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if host is not None and not request.app[server_key].is_named(host, sockname[0] if sockname else ""):
+        raise Forbidden("This server does not answer to that name (the Host header): use its address or this "
+                        "machine's name, or list the name in ALLOWED_HOSTS", "UNKNOWN_HOST")
+    return await handler(request)
+
+
+@web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """A generous per-address HTTP limit; never for the host's addresses, WebSockets or docs."""
     server = request.app[server_key]
@@ -2330,6 +2376,8 @@ async def running_server(app: web.Application) -> Any:
     """Open the database and resume, run the background loops, and save everything at exit."""
     server = app[server_key]
     server.db = Database(server.config.database)
+    server.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
+    server.own_addresses = set(await asyncio.to_thread(lan_addresses))
     await server.load()
     loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
              asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive))]
@@ -2356,7 +2404,7 @@ async def close_connections(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     if not config.admin_token:
         config = replace(config, admin_token=secrets.token_urlsafe(16))
-    app = web.Application(middlewares=[cors_middleware, error_middleware, rate_limit_middleware],
+    app = web.Application(middlewares=[cors_middleware, error_middleware, host_middleware, rate_limit_middleware],
                           client_max_size=MAX_BODY_BYTES)
     app[server_key] = Server(config)
     app.cleanup_ctx.append(running_server)
@@ -3746,6 +3794,15 @@ def lan_addresses() -> list[str]:
         probe.connect(("192.0.2.1", 9))     # a UDP connect sends nothing; it only picks the outgoing interface
         found.add(probe.getsockname()[0])
     return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified)
+
+
+def machine_names() -> set[str]:
+    """This machine's host name and full name, each also with .local (its mDNS name), in lower case."""
+    names = set()
+    with contextlib.suppress(OSError):
+        names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    short = {name.split(".")[0] for name in names}
+    return {name.rstrip(".") for name in names | short | {f"{name}.local" for name in short} if name}
 
 
 def banner(config: Config, listening: list[str], port: int) -> str:

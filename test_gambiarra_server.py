@@ -2255,6 +2255,46 @@ async def test_a_client_cannot_choose_its_address_through_a_trusted_proxy(make_r
     assert (await Runner(proxied, "ana").register(pin))["type"] == "registered"     # another caller, same proxy
 
 
+async def raw_http(room: Room, request: bytes) -> bytes:
+    """Send `request` as written (say, HTTP/1.0 with no Host) and read the whole answer."""
+    reader, writer = await asyncio.open_connection(*urllib.parse.urlsplit(room.base).netloc.split(":"))
+    try:
+        writer.write(request)
+        async with asyncio.timeout(TIMEOUT_S):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_site_whose_name_points_here_gets_a_clear_403_on_every_route(make_room: Any) -> None:
+    """DNS rebinding: requests naming another site in Host (no Origin) get 403 UNKNOWN_HOST on every route and
+    on /ws; this machine's addresses and names, localhost, ALLOWED_HOSTS and clients sending no Host work."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), allowed_hosts=("Arena.Example.",))
+    pin = await room.host.new_session()
+    port = room.base.rsplit(":", 1)[1]
+    routes = [("GET", "/session"), ("GET", "/api/session"), ("POST", "/session"), ("GET", "/export.csv"),
+              ("GET", "/export-all.json"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/client"),
+              ("POST", "/votes"), ("GET", "/nowhere")]
+    for foreign in (f"attacker.example:{port}", "attacker.example", "ATTACKER.EXAMPLE.", f"127.0.0.1.nip.io:{port}",
+                    f"localhost.attacker.example:{port}", "10.0.0.66", f"[2001:db8::1]:{port}", "arena.example.org"):
+        for method, path in routes:
+            status, body = await room.host.status(method, path, headers={"Host": foreign})
+            assert (status, body["code"]) == (403, "UNKNOWN_HOST"), (foreign, path)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await room.host.http.ws_connect(room.ws_url, headers={"Host": foreign})
+        assert refused.value.status == 403, foreign
+    assert (await room.host.call("GET", "/session"))["pin"] == pin               # nothing was replaced
+    own = [*gs.machine_names(), *gs.lan_addresses()]
+    for name in ("localhost", "LocalHost.", "127.0.0.1", "127.0.0.2", "[::1]", "arena.example", *own):
+        for host in (name, f"{name}:{port}"):
+            assert (await room.host.call("GET", "/session", headers={"Host": host}))["pin"] == pin, host
+    async with room.host.http.ws_connect(room.ws_url, headers={"Host": f"localhost:{port}"}) as ws:
+        await ws.send_json({"type": "telao_register"})
+        assert (await ws.receive_json())["type"] == "registered_telao"
+    answer = await raw_http(room, b"GET /session HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200") and pin.encode() in answer
+
+
 async def guess_from(room: LiveRoom, address: str, guesses: list[str]) -> list[str]:
     """A stranger at `address` tries each guess in turn on one connection; the reply codes."""
     guesser = await room.runner_at(address, f"guesser-{address}")
