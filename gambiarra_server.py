@@ -389,7 +389,18 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
 # thread that owns the only connection (see Database), so each one is atomic
 # with respect to the others and none of them ever blocks the event loop.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added since tables were first shipped: CREATE TABLE IF NOT EXISTS leaves an older
+# database's table as it was, so these are added to it before schema.sql runs.
+ADDED_COLUMNS = {"participants": ("resumeHash TEXT", "lastAddress TEXT")}
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if present and column.split()[0] not in present:      # no table yet: schema.sql makes it whole
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def open_db(path: Path) -> sqlite3.Connection:
@@ -403,6 +414,8 @@ def open_db(path: Path) -> sqlite3.Connection:
     if version > SCHEMA_VERSION:
         conn.close()
         raise SystemExit(f"{path} was written by a newer server (schema {version}); use a newer gambiarra_server.py")
+    if version < SCHEMA_VERSION:
+        add_missing_columns(conn)
     conn.executescript((HERE / "schema.sql").read_text())
     return conn
 
@@ -507,19 +520,21 @@ def get_participant(conn: sqlite3.Connection, participant_id: str) -> dict[str, 
     return one(conn, "SELECT * FROM participants WHERE id = ?", participant_id)
 
 
-def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any]) -> dict[str, Any]:
-    """Insert or update a participant, moving it into `session_id` (the club's semantics)."""
+def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str | None = None,
+                         address: str | None = None) -> dict[str, Any]:
+    """Insert or update a participant, moving it into `session_id` (the club's semantics), held by its runner."""
     now = now_ms()
     with conn:
         conn.execute(
-            """INSERT INTO participants (id, sessionId, nickname, runner, model, connected, createdAt, lastSeen)
-               VALUES (:id, :session, :nickname, :runner, :model, 1, :now, :now)
+            """INSERT INTO participants (id, sessionId, nickname, runner, model, connected, createdAt, lastSeen,
+                                         resumeHash, lastAddress)
+               VALUES (:id, :session, :nickname, :runner, :model, 1, :now, :now, :resume_hash, :address)
                ON CONFLICT (id) DO UPDATE SET
                  kicked = CASE WHEN sessionId = :session THEN kicked ELSE 0 END,
                  sessionId = :session, nickname = :nickname, runner = :runner, model = :model,
-                 connected = 1, lastSeen = :now""",
+                 connected = 1, lastSeen = :now, resumeHash = :resume_hash, lastAddress = :address""",
             {"id": p["participant_id"], "session": session_id, "nickname": p["nickname"],
-             "runner": p["runner"], "model": p["model"], "now": now})
+             "runner": p["runner"], "model": p["model"], "now": now, "resume_hash": resume_hash, "address": address})
     return get_participant(conn, p["participant_id"])
 
 
@@ -536,6 +551,15 @@ def kick_participant(conn: sqlite3.Connection, session_id: str, participant_id: 
     if cursor.rowcount == 0:
         raise NotFound(f"Participant {participant_id} is not in this session")
     return get_participant(conn, participant_id)
+
+
+def release_participant(conn: sqlite3.Connection, participant_id: str) -> None:
+    """Forget who holds an id, so that any runner with the PIN may take it."""
+    with conn:
+        cursor = conn.execute("UPDATE participants SET resumeHash = NULL, lastAddress = NULL WHERE id = ?",
+                              (participant_id,))
+    if cursor.rowcount == 0:
+        raise NotFound(f"No participant {participant_id}")
 
 
 def kicked_ids(conn: sqlite3.Connection, session_id: str) -> set[str]:
@@ -785,8 +809,10 @@ def session_tree(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
         rounds.append({**row, "metrics": metrics, "votes": votes})
     events = [{**e, "metadata": json.loads(e["metadata"]) if e["metadata"] else None}
               for e in session_events(conn, session_id)]
+    participants = [{k: v for k, v in row.items() if k not in ("resumeHash", "lastAddress")}
+                    for row in session_participants(conn, session_id)]
     return {**{k: v for k, v in session.items() if k not in ("pin", "pinHash")},
-            "participants": session_participants(conn, session_id), "rounds": rounds, "events": events}
+            "participants": participants, "rounds": rounds, "events": events}
 
 
 def find_session(conn: sqlite3.Connection, session_id: str | None) -> str:
@@ -1495,6 +1521,8 @@ REGISTER = (
     Field("pin", str, True, high=64, doc="the session PIN"),
     Field("runner", str, default="", high=MAX_TEXT, doc="ollama, llamacpp, lmstudio, ..."),
     Field("model", str, default="", high=MAX_TEXT, doc="model name, free text"),
+    Field("resume_secret", str, high=MAX_TEXT, doc="the resume_secret of an earlier registered: takes this id "
+                                                   "back from another machine"),
 )
 TELAO_REGISTER = (
     Field("view", str, default="arena", high=32, doc='"arena" (default), "voting" (no token_update), ...'),
@@ -1571,6 +1599,26 @@ async def check_pin(server: Server, peer: Peer, session: SessionState, candidate
     raise ClientError("Invalid PIN.", "INVALID_PIN")
 
 
+def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: str | None,
+                   connected_elsewhere: bool) -> None:
+    """Let a register take `pid` only from the runner that holds it.
+
+    Ids are public (they are on the screen) and an id's answers carry the nickname of
+    whoever registers it last. Its runner proves itself with the resume_secret it was
+    given, or (the club's clients send none) by coming back from the address it last used;
+    an id no one holds (new, or released by the host) is anyone's.
+    """
+    held = row is not None and row["resumeHash"] is not None
+    if held and secret is not None and secret.isascii() and hmac.compare_digest(sha256_hex(secret),
+                                                                                 row["resumeHash"]):
+        return
+    if connected_elsewhere:
+        raise Conflict(f"'{pid}' is connected from another machine; choose another participant id", "ID_IN_USE")
+    if held and row["lastAddress"] != address:
+        raise Conflict(f"'{pid}' belongs to another runner: reconnect from its machine or with its resume_secret, "
+                       "choose another participant id, or ask the host to release it", "ID_IN_USE")
+
+
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     if peer.participant_id not in (None, m["participant_id"]):
         # One connection speaks for one participant; a second identity would leave the first
@@ -1587,14 +1635,14 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         if pid in session.kicked:
             raise Forbidden("The host removed you from this session", "KICKED")
         holder = server.hub.runners.get(pid)
-        if holder is not None and holder is not peer and holder.address != peer.address:
-            # Ids are shown on the screen; only the machine holding one may replace its connection.
-            raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
-                           "ID_IN_USE")
-        row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
+        elsewhere = holder is not None and holder is not peer and holder.address != peer.address
+        require_holder(pid, await server.db.run(get_participant, pid), peer.address, m["resume_secret"], elsewhere)
+        secret = secrets.token_urlsafe(16)
+        row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid},
+                                  sha256_hex(secret), peer.address)
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
-    reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
+    reply = {"type": "registered", "session_id": session.id, "participant_id": pid, "resume_secret": secret}
     live = arena.running_round()
     if live is not None:
         gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
@@ -1859,6 +1907,15 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         server.hub.publish_screens(msg_participant_disconnected(pid))
     server.event("participant_kicked", "admin", None, "participant", pid)
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
+
+
+async def post_participants_release(server: Server, request: web.Request, p: Params) -> web.Response:
+    """Let any runner with the PIN take this id (its laptop changed); a connection holding it keeps it."""
+    pid = p["participant_id"]
+    async with server.arena.lock:                       # not between a register's check and its write
+        await server.db.run(release_participant, pid)
+    server.event("participant_released", "admin", None, "participant", pid)
+    return json_response({"status": "ok", "participant_id": pid, "connected": pid in server.hub.runners})
 
 
 # --- rounds --------------------------------------------------------------------
@@ -2166,6 +2223,9 @@ ROUTES = (
           query=(SESSION_ID,)),
     Route("POST", "/participants/kick", post_participants_kick, "Disconnect a participant and refuse them for "
           "the rest of the session; their data stays.", True,
+          (Field("participant_id", str, True, high=MAX_TEXT, doc="who"),)),
+    Route("POST", "/participants/release", post_participants_release, "Let another machine take a participant "
+          "id (its runner lost its laptop or address); a connection holding it keeps it.", True,
           (Field("participant_id", str, True, high=MAX_TEXT, doc="who"),)),
 )
 

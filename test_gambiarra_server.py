@@ -403,6 +403,7 @@ class Like:
 
 ID = Like("uuid", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", v))
 WHEN = Like("ISO time", lambda v: isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", v))
+SECRET = Like("resume secret", lambda v: isinstance(v, str) and len(v) >= 20)
 MS = Like("epoch ms", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 1_600_000_000_000)
 AMOUNT = Like("number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
 RUNNER_ROW = {"runner": "ollama", "model": "llama3.1:8b", "connected": True, "createdAt": WHEN, "lastSeen": WHEN}
@@ -1051,10 +1052,11 @@ async def test_redoc_redirects_to_docs(room: Room) -> None:
 # =============================================================================
 
 async def test_register_replies_with_the_session(room: Room, pin: str) -> None:
-    """register -> registered with session_id (and our participant_id); no resume when nothing runs."""
+    """register -> registered with session_id (and our participant_id, resume_secret); no resume when nothing runs."""
     session_id = (await room.host.call("GET", "/session"))["id"]
     ana = await room.runner("ana")
-    assert await ana.register(pin) == {"type": "registered", "session_id": session_id, "participant_id": "ana"}
+    assert await ana.register(pin) == {"type": "registered", "session_id": session_id, "participant_id": "ana",
+                                       "resume_secret": SECRET}
 
 
 async def test_a_wrong_pin_keeps_the_socket_open(room: Room, pin: str) -> None:
@@ -1421,7 +1423,7 @@ async def test_reconnect_mid_round_resumes_where_the_server_stopped(room: Room, 
     assert (await screen.recv("participant_disconnected"))["participant_id"] == "ana"
     again = await room.runner("ana")
     assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
-                                         "participant_id": "ana",
+                                         "participant_id": "ana", "resume_secret": SECRET,
                                          "resume": {"round": 1, "next_seq": 4 + 1, "missing": [2]}}
     await again.token(1, 2, WORDS[2])
     await again.stream(1, ["!"], start=5)
@@ -1762,7 +1764,7 @@ async def test_a_crash_mid_round_loses_nothing_the_runner_cannot_resend(server_p
     assert (await room.host.call("GET", "/presence"))["participants"] == []
     again = await room.runner("ana")
     assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
-                                         "participant_id": "ana",
+                                         "participant_id": "ana", "resume_secret": SECRET,
                                          "resume": {"round": 1, "next_seq": len(held), "missing": []}}
     await again.stream(1, WORDS[len(held):], start=len(held))
     await again.complete(1, len(WORDS))
@@ -2178,7 +2180,7 @@ async def test_a_connected_participant_cannot_be_taken_over_from_another_machine
     assert await closed_code(ana.ws) == 1000
     await again.ws.close()
     await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
-    assert (await impostor.register(pin))["type"] == "registered"   # an id no one holds can be claimed
+    assert (await impostor.register(pin))["code"] == "ID_IN_USE"    # nor once she has left
 
 
 async def test_voter_ids_are_stored_only_hashed(room: Room, pin: str, config: gs.Config) -> None:
@@ -2381,6 +2383,92 @@ async def test_runners_reconnecting_at_once_after_a_restart_are_not_throttled(
     codes = [r["code"] for r in replies[15:]]
     assert sorted(codes) == ["INVALID_PIN"] * 10 + ["PIN_THROTTLED"] * 5
     await room.close()
+
+
+async def test_a_disconnected_id_is_taken_back_only_by_its_runner(make_room: Any, config: gs.Config) -> None:
+    """Once ana has left, her id (and the nickname on her voted answer) is refused to anyone else; her laptop
+    comes back without a secret, any address with her latest resume_secret; the host can release the id."""
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    pin = await room.host.new_session()
+    ana = await room.runner_at("127.0.0.5", "ana")
+    first = await ana.register(pin)
+    rnd = await running_round(room, ana)
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "ana", 5, "phone-1")
+    await ana.ws.close()
+    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    impostor = await room.runner_at(STRANGER, "ana")
+    for extra in ({}, {"resume_secret": "guess"}, {"resume_secret": None}, {"resume_secret": "\udc80"}):
+        refused = await impostor.register(pin, "Pwned", **extra)
+        assert refused["code"] == "ID_IN_USE" and "release" in refused["message"], extra
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert [a["nickname"] for a in answers] == ["Ana"]
+    back = await (await room.runner_at("127.0.0.5", "ana")).register(pin)          # the club's client: no secret
+    assert back["type"] == "registered" and back["resume_secret"] != first["resume_secret"]
+    moved = await room.runner_at("127.0.0.6", "ana")                               # new address, with the secret
+    assert (await moved.register(pin, resume_secret=back["resume_secret"]))["type"] == "registered"
+    stale = await room.runner_at("127.0.0.7", "ana")
+    assert (await stale.register(pin, resume_secret=first["resume_secret"]))["code"] == "ID_IN_USE"
+    rows = db_rows(config.database, "SELECT resumeHash, lastAddress FROM participants WHERE id = 'ana'")
+    assert rows[0]["lastAddress"] == "127.0.0.6" and len(rows[0]["resumeHash"]) == 64
+    files = list(config.database.parent.glob(config.database.name + "*"))
+    assert not any(back["resume_secret"].encode() in path.read_bytes() for path in files)
+    stranger = await room.http_from(STRANGER)
+    assert (await stranger.status("POST", "/participants/release", {"participantId": "ana"}))[0] == 401
+    assert await room.host.call("POST", "/participants/release", {"participantId": "ana"}) == {
+        "status": "ok", "participant_id": "ana", "connected": True}
+    assert (await room.host.status("POST", "/participants/release", {"participantId": "nobody"}))[0] == 404
+    assert (await impostor.register(pin))["code"] == "ID_IN_USE"               # ana is still connected
+    await moved.ws.close()
+    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    assert (await impostor.register(pin))["type"] == "registered"
+    export = await room.host.call("GET", "/export-all.json")
+    assert "resumeHash" not in json.dumps(export) and "lastAddress" not in json.dumps(export)
+
+
+async def test_resume_secrets_and_addresses_survive_a_restart(server_process: Any,
+                                                             http: aiohttp.ClientSession) -> None:
+    """After a restart, ids are still their runners': strangers are refused, ana's laptop (by its address) and
+    bia's secret (from a new address) get in."""
+    first = server_process()
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+
+    async def runner_at(address: str, participant_id: str) -> Runner:
+        ws = await connect(room.ws_url, local_addr=(address, 0))
+        room.connections.append(ws)
+        return Runner(ws, participant_id)
+    assert (await (await runner_at("127.0.0.5", "ana")).register(pin))["type"] == "registered"
+    secret = (await (await runner_at("127.0.0.6", "bia")).register(pin))["resume_secret"]
+    await room.close()
+    first.stop()
+    room = Room(server_process().start(), http)
+    for name in ("ana", "bia"):
+        assert (await (await runner_at(STRANGER, name)).register(pin))["code"] == "ID_IN_USE"
+    assert (await (await runner_at("127.0.0.5", "ana")).register(pin))["type"] == "registered"
+    assert (await (await runner_at("127.0.0.7", "bia")).register(pin, resume_secret=secret))["type"] == "registered"
+    await room.close()
+
+
+async def test_an_older_database_gets_the_new_columns_and_keeps_its_rows(make_room: Any, config: gs.Config) -> None:
+    """A schema-1 database (no resumeHash, lastAddress) is brought up to date at start-up; its rows stay."""
+    conn = gs.open_db(config.database)
+    with conn:
+        conn.execute("INSERT INTO sessions (id, createdAt, pinHash) VALUES ('old', 1, 'x')")
+        conn.execute("INSERT INTO participants (id, sessionId, nickname, runner, model, createdAt, lastSeen) "
+                     "VALUES ('ana', 'old', 'Ana', 'ollama', 'm', 1, 1)")
+        conn.execute("ALTER TABLE participants DROP COLUMN resumeHash")
+        conn.execute("ALTER TABLE participants DROP COLUMN lastAddress")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    room = await make_room()
+    pin = await room.host.new_session()
+    assert (await room.runner_at(STRANGER, "ana", pin)) is not None      # no one held it yet
+    assert db_rows(config.database, "PRAGMA user_version") == [{"user_version": gs.SCHEMA_VERSION}]
+    assert db_rows(config.database, "SELECT nickname, lastAddress FROM participants") == [
+        {"nickname": "Ana", "lastAddress": STRANGER}]
 
 
 # --- faults ---------------------------------------------------------------------
