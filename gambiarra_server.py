@@ -152,7 +152,7 @@ MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
-PIN_CHECKS_WAITING = 16     # distinct PINs queued for bcrypt (only before the server knows the PIN); more wait outside
+PIN_CHECKS_WAITING = 16     # distinct PINs waiting for bcrypt (only before the server knows the PIN); more are refused
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
 PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
@@ -915,10 +915,15 @@ class SessionState:
     pin_checks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
 
 
+def pin_bytes(pin: str) -> bytes:
+    # A lone surrogate (valid JSON) cannot be UTF-8; kept as its own bytes, it simply matches nothing.
+    return pin.encode("utf-8", "surrogatepass")
+
+
 def pin_matches(candidate: str, pin_hash: bytes) -> bool:
     """bcrypt's verdict (slow on purpose: call it off the loop); a malformed hash matches nothing."""
     try:
-        return bcrypt.checkpw(candidate.encode(), pin_hash)
+        return bcrypt.checkpw(pin_bytes(candidate), pin_hash)
     except ValueError:
         return False
 
@@ -961,7 +966,7 @@ class Arena:
         """Whether `candidate` is the session's PIN: compared once the PIN is known, else bcrypt,
         one check at a time and once per distinct candidate in flight."""
         if session.known_pin is not None:
-            return hmac.compare_digest(candidate.encode(), session.known_pin.encode())
+            return hmac.compare_digest(pin_bytes(candidate), pin_bytes(session.known_pin))
         check = session.pin_checks.get(candidate)
         if check is None:
             check = session.pin_checks[candidate] = asyncio.ensure_future(self.bcrypt_check(session, candidate))
@@ -1363,7 +1368,7 @@ class Server:
         host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
-        self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
+        self.own_addresses: set[str] = set()             # this machine's LAN addresses, found at start-up
         self.own_names = {"localhost"}                   # with this machine's names, found at start-up
         self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
 
@@ -1390,8 +1395,6 @@ class Server:
             hostname = urllib.parse.urlsplit(origin).hostname or ""
         except ValueError:
             return False
-        if self.own_addresses is None:
-            self.own_addresses = set(lan_addresses())
         return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
 
     def is_named(self, host: str, local_address: str) -> bool:
@@ -1405,8 +1408,7 @@ class Server:
         if name in self.own_names or name in self.allowed_hosts or "*" in self.allowed_hosts:
             return True
         ip = ip_of(name)
-        own = self.own_addresses or set()
-        return ip is not None and (ip.is_loopback or ip == ip_of(local_address) or str(ip) in own)
+        return ip is not None and (ip.is_loopback or ip == ip_of(local_address) or str(ip) in self.own_addresses)
 
     async def load(self) -> None:
         """Pick up where a previous run stopped: the active session and its live round."""
@@ -1561,13 +1563,8 @@ def require_runner(peer: Peer, m: dict[str, Any]) -> str:
 
 def pin_network(address: str) -> str:
     """Whom a wrong PIN is counted against: the address, or for IPv6 its /64, any of which one machine can take."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6 and not ip.ipv4_mapped:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return address
+    ip = ip_of(address)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip and ip.version == 6 else address
 
 
 async def check_pin(server: Server, peer: Peer, session: SessionState, candidate: str) -> None:
@@ -2437,7 +2434,7 @@ async def running_server(app: web.Application) -> Any:
     server = app[server_key]
     server.db = Database(server.config.database)
     server.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
-    server.own_addresses = set(await asyncio.to_thread(lan_addresses))
+    server.own_addresses.update(await asyncio.to_thread(lan_addresses))
     await server.load()
     loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
              asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive))]

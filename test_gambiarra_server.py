@@ -2321,6 +2321,7 @@ async def test_strangers_filling_the_wrong_pin_total_never_lock_out_the_right_pi
     for address in strangers[:3]:
         assert await guess_from(room, address, [pin]) == ["PIN_THROTTLED"]
     assert await guess_from(room, "127.0.6.1", ["0000000", "0000001"]) == ["INVALID_PIN", "PIN_THROTTLED"]
+    assert await guess_from(room, "127.0.6.2", ["\ud800"]) == ["INVALID_PIN"]         # valid JSON, not UTF-8
     await running_round(room, ana, *crowd)
 
 
@@ -2355,6 +2356,7 @@ async def test_before_the_pin_is_known_bcrypt_checks_one_pin_at_a_time(make_room
     codes = [c for (c,) in guesses]
     assert codes.count("INVALID_PIN") >= gs.PIN_CHECKS_WAITING and set(codes) <= {"INVALID_PIN", "PIN_THROTTLED"}
     assert most[0] == 1 and len(calls) == codes.count("INVALID_PIN") + 1        # +1: the stored PIN, at start
+    assert await guess_from(room, "127.0.6.2", ["\ud800", "4\x002"]) == ["INVALID_PIN"] * 2
     calls.clear()
     crowd = await asyncio.gather(*(room.runner_at("127.0.5.2", f"r{n}") for n in range(12)))
     assert {r["type"] for r in await asyncio.gather(*(r.register("424242") for r in crowd))} == {"registered"}
