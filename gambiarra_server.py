@@ -538,6 +538,34 @@ def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str,
     return get_participant(conn, p["participant_id"])
 
 
+def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: str | None,
+                   connected_elsewhere: bool) -> None:
+    """Let a register take `pid` only from the runner that holds it.
+
+    Ids are public (they are on the screen) and an id's answers carry the nickname of
+    whoever registers it last. Its runner proves itself with the resume_secret it was
+    given, or (the club's clients send none) by coming back from the address it last used;
+    an id no one holds (new, or released by the host) is anyone's.
+    """
+    held = row is not None and row["resumeHash"] is not None
+    if held and secret is not None and secret.isascii() and hmac.compare_digest(sha256_hex(secret),
+                                                                                 row["resumeHash"]):
+        return
+    if connected_elsewhere:
+        raise Conflict(f"'{pid}' is connected from another machine; choose another participant id", "ID_IN_USE")
+    if held and row["lastAddress"] != address:
+        raise Conflict(f"'{pid}' belongs to another runner: reconnect from its machine or with its resume_secret, "
+                       "choose another participant id, or ask the host to release it", "ID_IN_USE")
+
+
+def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str, address: str,
+                      connected_elsewhere: bool) -> dict[str, Any]:
+    """Register `p` for the runner at `address` if it holds the id (see require_holder), in one database call."""
+    pid = p["participant_id"]
+    require_holder(pid, get_participant(conn, pid), address, p["resume_secret"], connected_elsewhere)
+    return register_participant(conn, session_id, p, resume_hash, address)
+
+
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
     with conn:
         conn.execute("UPDATE participants SET connected = ?, lastSeen = ? WHERE id = ?",
@@ -1596,26 +1624,6 @@ async def check_pin(server: Server, peer: Peer, session: SessionState, candidate
     raise ClientError("Invalid PIN.", "INVALID_PIN")
 
 
-def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: str | None,
-                   connected_elsewhere: bool) -> None:
-    """Let a register take `pid` only from the runner that holds it.
-
-    Ids are public (they are on the screen) and an id's answers carry the nickname of
-    whoever registers it last. Its runner proves itself with the resume_secret it was
-    given, or (the club's clients send none) by coming back from the address it last used;
-    an id no one holds (new, or released by the host) is anyone's.
-    """
-    held = row is not None and row["resumeHash"] is not None
-    if held and secret is not None and secret.isascii() and hmac.compare_digest(sha256_hex(secret),
-                                                                                 row["resumeHash"]):
-        return
-    if connected_elsewhere:
-        raise Conflict(f"'{pid}' is connected from another machine; choose another participant id", "ID_IN_USE")
-    if held and row["lastAddress"] != address:
-        raise Conflict(f"'{pid}' belongs to another runner: reconnect from its machine or with its resume_secret, "
-                       "choose another participant id, or ask the host to release it", "ID_IN_USE")
-
-
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     if peer.participant_id not in (None, m["participant_id"]):
         # One connection speaks for one participant; a second identity would leave the first
@@ -1633,10 +1641,9 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
             raise Forbidden("The host removed you from this session", "KICKED")
         holder = server.hub.runners.get(pid)
         elsewhere = holder is not None and holder is not peer and holder.address != peer.address
-        require_holder(pid, await server.db.run(get_participant, pid), peer.address, m["resume_secret"], elsewhere)
         secret = secrets.token_urlsafe(16)
-        row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid},
-                                  sha256_hex(secret), peer.address)
+        row = await server.db.run(claim_participant, session.id, {**m, "nickname": m["nickname"] or pid},
+                                  sha256_hex(secret), peer.address, elsewhere)
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid, "resume_secret": secret}
