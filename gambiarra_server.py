@@ -17,13 +17,13 @@ Run it::
 
 WebSocket protocol (every frame is one JSON object with a ``type``):
 
-    runner -> server   register {participant_id, nickname, pin, runner, model}
+    runner -> server   register {participant_id, nickname, pin, runner, model, resume_secret?}
                        token    {round, participant_id, seq, content}
                        complete {round, participant_id, tokens, latency_ms_first_token?,
                                  duration_ms?, model_info?}
                        error    {round, participant_id, code, message}
     screen -> server   telao_register {view?: "arena" | "voting" | ...}
-    server -> runner   registered {session_id, participant_id, resume?}
+    server -> runner   registered {session_id, participant_id, resume_secret, resume?}
                        challenge {session_id, round, prompt, max_tokens, temperature,
                                   deadline_ms, seed}
                        heartbeat {ts}      error {message, code}
