@@ -2346,15 +2346,17 @@ async def test_before_the_pin_is_known_bcrypt_checks_one_pin_at_a_time(make_room
         most[0] = max(most[0], running[0])
         calls.append(candidate)
         try:
-            time.sleep(0.005)
+            time.sleep(0.02)                # cost 12 takes ~0.25 s: guesses pile up behind the one running
             return checkpw(candidate, hashed)
         finally:
             running[0] -= 1
     monkeypatch.setattr(gs.bcrypt, "checkpw", watched)
     room = await make_room(host_addresses=("127.0.0.1/32",))
-    guesses = await asyncio.gather(*(guess_from(room, f"127.0.4.{n + 1}", [f"{n:07d}"]) for n in range(31)))
-    codes = [c for (c,) in guesses]
-    assert codes.count("INVALID_PIN") >= gs.PIN_CHECKS_WAITING and set(codes) <= {"INVALID_PIN", "PIN_THROTTLED"}
+    guessers = [await room.runner_at(f"127.0.4.{n + 1}", f"m{n}") for n in range(31)]
+    replies = await asyncio.gather(*(g.register(f"{n:07d}") for n, g in enumerate(guessers)))
+    codes = [reply["code"] for reply in replies]
+    assert codes.count("INVALID_PIN") >= gs.PIN_CHECKS_WAITING and set(codes) == {"INVALID_PIN", "PIN_THROTTLED"}
+    assert all("busy checking other PINs" in r["message"] for r in replies if r["code"] == "PIN_THROTTLED")
     assert most[0] == 1 and len(calls) == codes.count("INVALID_PIN") + 1        # +1: the stored PIN, at start
     assert await guess_from(room, "127.0.6.2", ["\ud800", "4\x002"]) == ["INVALID_PIN"] * 2
     calls.clear()
