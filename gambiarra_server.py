@@ -17,13 +17,13 @@ Run it::
 
 WebSocket protocol (every frame is one JSON object with a ``type``):
 
-    runner -> server   register {participant_id, nickname, pin, runner, model}
+    runner -> server   register {participant_id, nickname, pin, runner, model, resume_secret?}
                        token    {round, participant_id, seq, content}
                        complete {round, participant_id, tokens, latency_ms_first_token?,
                                  duration_ms?, model_info?}
                        error    {round, participant_id, code, message}
     screen -> server   telao_register {view?: "arena" | "voting" | ...}
-    server -> runner   registered {session_id, participant_id, resume?}
+    server -> runner   registered {session_id, participant_id, resume_secret, resume?}
                        challenge {session_id, round, prompt, max_tokens, temperature,
                                   deadline_ms, seed}
                        heartbeat {ts}      error {message, code}
@@ -124,6 +124,11 @@ class Config:
     pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
                                          "wrong PINs from all addresses together per window")
     pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds")
+    allowed_hosts: tuple[str, ...] = option((), "ALLOWED_HOSTS", "names this server answers to besides its "
+                                            "addresses, localhost and this machine's names, comma-separated; "
+                                            "* for any")
+    proxy_hops: int = option(1, "PROXY_HOPS", "with TRUST_PROXY: proxies in front of this server, each adding "
+                                              "one X-Forwarded-For hop")
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
                                             f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer")
     ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes")
@@ -155,6 +160,7 @@ MAX_PROMPT = 100_000
 MAX_ROUND = 1_000_000       # round indexes, in messages
 MAX_MS = 86_400_000         # durations a client reports: a day
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
+PIN_CHECKS_WAITING = 16     # distinct PINs waiting for bcrypt (only before the server knows the PIN); more are refused
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
 PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
@@ -295,14 +301,19 @@ def camel(name: str) -> str:
     return head + "".join(word.title() for word in rest)
 
 
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `text` spells (an IPv4-mapped IPv6 one as IPv4), or None for a name."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
 def in_networks(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     """Whether `address` (IPv4, IPv6 or IPv4-mapped IPv6) lies in one of `networks`."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    return any(ip in net for net in networks)
+    ip = ip_of(address)
+    return ip is not None and any(ip in net for net in networks)
 
 
 class Throttle:
@@ -327,6 +338,11 @@ class Throttle:
         self.windows[key] = (start, count + 1)
         if len(self.windows) > 10_000:      # forget finished windows now and then
             self.windows = {k: v for k, v in self.windows.items() if now - v[0] < self.window_s}
+
+    def count(self, key: str) -> int:
+        """Events of `key` in its current window."""
+        start, count = self.windows.get(key, (0.0, 0))
+        return count if time.monotonic() - start < self.window_s else 0
 
     def forgive(self, key: str) -> None:
         """Take back one event of `key`'s current window (one that turned out to be harmless)."""
@@ -458,8 +474,19 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
 # thread that owns the only connection (see Database), so each one is atomic
 # with respect to the others and none of them ever blocks the event loop.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILE_CHECK_S = 1.0           # how often the server looks whether its database file was deleted
+# Columns added since tables were first shipped: CREATE TABLE IF NOT EXISTS leaves an older
+# database's table as it was, so these are added to it before schema.sql runs.
+ADDED_COLUMNS = {"participants": ("resumeHash TEXT", "lastAddress TEXT")}
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if present and column.split()[0] not in present:      # no table yet: schema.sql makes it whole
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 class DatabaseBusy(Exception):
@@ -494,6 +521,8 @@ def open_db(path: Path) -> sqlite3.Connection:
     if version > SCHEMA_VERSION:
         conn.close()
         raise SystemExit(f"{path} was written by a newer server (schema {version}); use a newer gambiarra_server.py")
+    if version < SCHEMA_VERSION:
+        add_missing_columns(conn)
     conn.executescript((HERE / "schema.sql").read_text())
     return conn
 
@@ -643,19 +672,21 @@ def get_participant(conn: sqlite3.Connection, participant_id: str) -> dict[str, 
     return one(conn, "SELECT * FROM participants WHERE id = ?", participant_id)
 
 
-def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any]) -> dict[str, Any]:
-    """Insert or update a participant, moving it into `session_id` (the club's semantics)."""
+def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str | None = None,
+                         address: str | None = None) -> dict[str, Any]:
+    """Insert or update a participant, moving it into `session_id` (the club's semantics), held by its runner."""
     now = now_ms()
     with conn:
         conn.execute(
-            """INSERT INTO participants (id, sessionId, nickname, runner, model, connected, createdAt, lastSeen)
-               VALUES (:id, :session, :nickname, :runner, :model, 1, :now, :now)
+            """INSERT INTO participants (id, sessionId, nickname, runner, model, connected, createdAt, lastSeen,
+                                         resumeHash, lastAddress)
+               VALUES (:id, :session, :nickname, :runner, :model, 1, :now, :now, :resume_hash, :address)
                ON CONFLICT (id) DO UPDATE SET
                  kicked = CASE WHEN sessionId = :session THEN kicked ELSE 0 END,
                  sessionId = :session, nickname = :nickname, runner = :runner, model = :model,
-                 connected = 1, lastSeen = :now""",
+                 connected = 1, lastSeen = :now, resumeHash = :resume_hash, lastAddress = :address""",
             {"id": p["participant_id"], "session": session_id, "nickname": p["nickname"],
-             "runner": p["runner"], "model": p["model"], "now": now})
+             "runner": p["runner"], "model": p["model"], "now": now, "resume_hash": resume_hash, "address": address})
     return get_participant(conn, p["participant_id"])
 
 
@@ -665,6 +696,36 @@ def check_room_for(conn: sqlite3.Connection, session_id: str, participant_id: st
               participant_id, session_id)
     if not row["known"] and row["n"] >= limit:
         raise ClientError(f"This session is full: it has its {limit} participants", "SESSION_FULL")
+
+
+def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: str | None,
+                   connected_elsewhere: bool) -> None:
+    """Let a register take `pid` only from the runner that holds it.
+
+    Ids are public (they are on the screen) and an id's answers carry the nickname of
+    whoever registers it last. Its runner proves itself with the resume_secret it was
+    given, or (the club's clients send none) by coming back from the address it last used;
+    an id no one holds (new, or released by the host) is anyone's.
+    """
+    held = row is not None and row["resumeHash"] is not None
+    if held and secret is not None and secret.isascii() and hmac.compare_digest(sha256_hex(secret),
+                                                                                 row["resumeHash"]):
+        return
+    if connected_elsewhere:
+        raise Conflict(f"'{pid}' is connected from another machine; choose another participant id", "ID_IN_USE")
+    if held and row["lastAddress"] != address:
+        raise Conflict(f"'{pid}' belongs to another runner: reconnect from its machine or with its resume_secret, "
+                       "choose another participant id, or ask the host to release it", "ID_IN_USE")
+
+
+def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str, address: str,
+                      connected_elsewhere: bool, max_participants: int) -> dict[str, Any]:
+    """Register `p` for the runner at `address` if it holds the id (see require_holder) and the session has
+    room for it (see check_room_for), in one database call."""
+    pid = p["participant_id"]
+    require_holder(pid, get_participant(conn, pid), address, p["resume_secret"], connected_elsewhere)
+    check_room_for(conn, session_id, pid, max_participants)
+    return register_participant(conn, session_id, p, resume_hash, address)
 
 
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
@@ -680,6 +741,15 @@ def kick_participant(conn: sqlite3.Connection, session_id: str, participant_id: 
     if cursor.rowcount == 0:
         raise NotFound(f"Participant {participant_id} is not in this session")
     return get_participant(conn, participant_id)
+
+
+def release_participant(conn: sqlite3.Connection, participant_id: str) -> None:
+    """Forget who holds an id, so that any runner with the PIN may take it."""
+    with conn:
+        cursor = conn.execute("UPDATE participants SET resumeHash = NULL, lastAddress = NULL WHERE id = ?",
+                              (participant_id,))
+    if cursor.rowcount == 0:
+        raise NotFound(f"No participant {participant_id}")
 
 
 def kicked_ids(conn: sqlite3.Connection, session_id: str) -> set[str]:
@@ -942,8 +1012,10 @@ def session_tree(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
         rounds.append({**row, "metrics": metrics, "votes": votes})
     events = [{**e, "metadata": json.loads(e["metadata"]) if e["metadata"] else None}
               for e in session_events(conn, session_id)]
+    participants = [{k: v for k, v in row.items() if k not in ("resumeHash", "lastAddress")}
+                    for row in session_participants(conn, session_id)]
     return {**{k: v for k, v in session.items() if k not in ("pin", "pinHash")},
-            "participants": session_participants(conn, session_id), "rounds": rounds, "events": events}
+            "participants": participants, "rounds": rounds, "events": events}
 
 
 def find_session(conn: sqlite3.Connection, session_id: str | None) -> str:
@@ -1066,8 +1138,23 @@ class SessionState:
     created_at: int
     pin_hash: bytes
     kicked: set[str] = field(default_factory=set)
-    # bcrypt verdicts per candidate PIN, shared by every register that asks at once.
+    # The PIN once this server made it or saw it match the hash: candidates are then compared, not hashed.
+    known_pin: str | None = None
+    # Until then, bcrypt checks in flight per candidate, shared by every register that asks at once.
     pin_checks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
+
+
+def pin_bytes(pin: str) -> bytes:
+    # A lone surrogate (valid JSON) cannot be UTF-8; kept as its own bytes, it simply matches nothing.
+    return pin.encode("utf-8", "surrogatepass")
+
+
+def pin_matches(candidate: str, pin_hash: bytes) -> bool:
+    """bcrypt's verdict (slow on purpose: call it off the loop); a malformed hash matches nothing."""
+    try:
+        return bcrypt.checkpw(pin_bytes(candidate), pin_hash)
+    except ValueError:
+        return False
 
 
 class Arena:
@@ -1078,6 +1165,7 @@ class Arena:
         self.session: SessionState | None = None
         self.rounds: dict[int, LiveRound] = {}          # by index
         self.unsaved: list[tuple] = []                   # token rows waiting for the next flush
+        self.bcrypt_turn = asyncio.Semaphore(1)          # one bcrypt check at a time: guesses cannot fill the CPU
 
     def start_session(self, row: dict[str, Any], kicked: set[str] = frozenset()) -> SessionState:
         self.session = SessionState(row["id"], row["createdAt"], row["pinHash"].encode(), set(kicked))
@@ -1104,17 +1192,23 @@ class Arena:
         return self.rounds[row["index"]]
 
     async def verify_pin(self, session: SessionState, candidate: str) -> bool:
-        """Check a PIN with bcrypt off the loop, paying once per distinct candidate in flight."""
+        """Whether `candidate` is the session's PIN: compared once the PIN is known, else bcrypt,
+        one check at a time and once per distinct candidate in flight."""
+        if session.known_pin is not None:
+            return hmac.compare_digest(pin_bytes(candidate), pin_bytes(session.known_pin))
         check = session.pin_checks.get(candidate)
         if check is None:
-            check = asyncio.ensure_future(asyncio.to_thread(bcrypt.checkpw, candidate.encode(), session.pin_hash))
-            session.pin_checks[candidate] = check
+            check = session.pin_checks[candidate] = asyncio.ensure_future(self.bcrypt_check(session, candidate))
+        return await asyncio.shield(check)
+
+    async def bcrypt_check(self, session: SessionState, candidate: str) -> bool:
         try:
-            ok = await asyncio.shield(check)
-        except ValueError:
-            ok = False
-        if not ok:
-            session.pin_checks.pop(candidate, None)     # remember only the right PIN
+            async with self.bcrypt_turn:
+                ok = await asyncio.to_thread(pin_matches, candidate, session.pin_hash)
+        finally:
+            session.pin_checks.pop(candidate, None)
+        if ok:
+            session.known_pin = candidate
         return ok
 
     def accept_token(self, participant_id: str, index: int, seq: int, content: str,
@@ -1501,7 +1595,9 @@ class Server:
         host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
-        self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
+        self.own_addresses: set[str] = set()             # this machine's LAN addresses, found at start-up
+        self.own_names = {"localhost"}                   # with this machine's names, found at start-up
+        self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
 
     def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
               target_type: str | None = None, target_id: str | None = None,
@@ -1526,9 +1622,20 @@ class Server:
             hostname = urllib.parse.urlsplit(origin).hostname or ""
         except ValueError:
             return False
-        if self.own_addresses is None:
-            self.own_addresses = set(lan_addresses())
         return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
+
+    def is_named(self, host: str, local_address: str) -> bool:
+        """Whether a Host header names this server, reached at `local_address`.
+
+        That is an address of this machine, localhost, this machine's names (and their .local
+        form, which phones use with mDNS) or ALLOWED_HOSTS. Any other name is a site that pointed
+        its name at this machine (DNS rebinding), so that its pages could read it as their own.
+        """
+        name = host_name(host)
+        if name in self.own_names or name in self.allowed_hosts or "*" in self.allowed_hosts:
+            return True
+        ip = ip_of(name)
+        return ip is not None and (ip.is_loopback or ip == ip_of(local_address) or str(ip) in self.own_addresses)
 
     async def load(self) -> None:
         """Pick up where a previous run stopped: the active session and its live round."""
@@ -1536,7 +1643,10 @@ class Server:
         if row is None:
             return
         await self.db.run(disconnect_everyone)
-        self.arena.start_session(row, await self.db.run(kicked_ids, row["id"]))
+        session = self.arena.start_session(row, await self.db.run(kicked_ids, row["id"]))
+        # One bcrypt check now spares every runner reconnecting after the restart its own.
+        if await asyncio.to_thread(pin_matches, row["pin"], session.pin_hash):
+            session.known_pin = row["pin"]
         shown = await self.db.run(shown_round, row["id"])
         if shown is None:
             return
@@ -1640,6 +1750,8 @@ REGISTER = (
     Field("pin", str, True, high=64, doc="the session PIN"),
     Field("runner", str, default="", high=MAX_TEXT, doc="ollama, llamacpp, lmstudio, ..."),
     Field("model", str, default="", high=MAX_TEXT, doc="model name, free text"),
+    Field("resume_secret", str, high=MAX_TEXT, doc="the resume_secret of an earlier registered: takes this id "
+                                                   "back from another machine"),
 )
 TELAO_REGISTER = (
     Field("view", str, default="arena", high=32, doc='"arena" (default), "voting" (no token_update), ...'),
@@ -1678,6 +1790,41 @@ def require_runner(peer: Peer, m: dict[str, Any]) -> str:
     return peer.participant_id
 
 
+def pin_network(address: str) -> str:
+    """Whom a wrong PIN is counted against: the address, or for IPv6 its /64, any of which one machine can take."""
+    ip = ip_of(address)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip and ip.version == 6 else address
+
+
+async def check_pin(server: Server, peer: Peer, session: SessionState, candidate: str) -> None:
+    """Refuse a wrong PIN, and a caller that guessed wrong too often, with a clear error.
+
+    Only a PIN found wrong counts: PIN_ATTEMPTS_MAX per address (an IPv6 /64), and
+    PIN_ATTEMPTS_TOTAL_MAX from everyone together. Past the total, an address that already
+    guessed wrong in the window waits it out, but one that did not is still checked: strangers
+    filling the total cannot lock out a runner that types the right PIN.
+    """
+    throttle, everyone, key = server.pin_throttle, server.pin_total_throttle, pin_network(peer.address)
+    wait_s = throttle.wait_s(key) or (everyone.wait_s("") if throttle.count(key) else 0.0)
+    if wait_s:
+        whose = "from your address" if throttle.wait_s(key) else "on this server, yours among them"
+        raise TooMany(f"Too many wrong PINs {whose}; try again in {math.ceil(wait_s)} s", wait_s, "PIN_THROTTLED")
+    # Count a guess before bcrypt answers, or guesses sent at once on many connections would all be
+    # checked before the first failure counted; a register joining a check in flight is not a new guess.
+    counted = candidate not in session.pin_checks
+    if counted and session.known_pin is None and len(session.pin_checks) >= PIN_CHECKS_WAITING:
+        raise TooMany("The server is busy checking other PINs; try again in 1 s", 1.0, "PIN_THROTTLED")
+    if counted:
+        throttle.add(key)
+        everyone.add("")
+    if await server.arena.verify_pin(session, candidate):
+        if counted:
+            throttle.forgive(key)                       # the right PIN is not a guess
+            everyone.forgive("")
+        return
+    raise ClientError("Invalid PIN.", "INVALID_PIN")
+
+
 async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     if peer.participant_id not in (None, m["participant_id"]):
         # One connection speaks for one participant; a second identity would leave the first
@@ -1686,19 +1833,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
                        f"for {m['participant_id']}", "ALREADY_REGISTERED")
     arena = server.arena
     session = arena.require_session()
-    wait_s, everyone_wait_s = server.pin_throttle.wait_s(peer.address), server.pin_total_throttle.wait_s("")
-    if wait_s or everyone_wait_s:
-        whose = "from your address" if wait_s else "on this server"
-        wait_s = max(wait_s, everyone_wait_s)
-        raise TooMany(f"Too many wrong PINs {whose}; try again in {math.ceil(wait_s)} s", wait_s, "PIN_THROTTLED")
-    # Count the attempt before bcrypt answers, or guesses sent at once on many connections
-    # would all be checked before the first failure was counted.
-    server.pin_throttle.add(peer.address)
-    server.pin_total_throttle.add("")
-    if not await arena.verify_pin(session, m["pin"]):
-        raise ClientError("Invalid PIN.", "INVALID_PIN")
-    server.pin_throttle.forgive(peer.address)           # the right PIN is not a guess
-    server.pin_total_throttle.forgive("")
+    await check_pin(server, peer, session, m["pin"])
     pid = m["participant_id"]
     async with arena.lock:
         if arena.session is not session:
@@ -1706,15 +1841,14 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         if pid in session.kicked:
             raise Forbidden("The host removed you from this session", "KICKED")
         holder = server.hub.runners.get(pid)
-        if holder is not None and holder is not peer and holder.address != peer.address:
-            # Ids are shown on the screen; only the machine holding one may replace its connection.
-            raise Conflict(f"'{pid}' is connected from another machine; choose another participant id",
-                           "ID_IN_USE")
-        await server.db.run(check_room_for, session.id, pid, server.config.max_participants)
-        row = await server.db.run(register_participant, session.id, {**m, "nickname": m["nickname"] or pid})
+        elsewhere = holder is not None and holder is not peer and holder.address != peer.address
+        secret = secrets.token_urlsafe(16)
+        row = await server.db.run(claim_participant, session.id, {**m, "nickname": m["nickname"] or pid},
+                                  sha256_hex(secret), peer.address, elsewhere,
+                                  server.config.max_participants)
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
-    reply = {"type": "registered", "session_id": session.id, "participant_id": pid}
+    reply = {"type": "registered", "session_id": session.id, "participant_id": pid, "resume_secret": secret}
     live = arena.running_round()
     if live is not None:
         gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
@@ -1865,12 +1999,24 @@ def header(request: web.Request, name: str) -> str:
     return clean_text(request.headers.get(name, ""))
 
 
+def host_name(host: str) -> str:
+    """The name or address in a Host header: no port, brackets or final dot, in lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return (host.rpartition(":")[0] if host.count(":") == 1 else host).rstrip(".")
+
+
 def client_address(request: web.Request, config: Config) -> str:
-    """The caller's address: the socket's, or X-Forwarded-For's first hop behind a trusted proxy."""
+    """The caller's address: the socket's, or behind a trusted proxy the X-Forwarded-For hop it added.
+
+    Each proxy appends the address it saw, so only the last PROXY_HOPS hops are ours:
+    anything to their left is whatever the client chose to send.
+    """
     if config.trust_proxy:
-        forwarded = header(request, "X-Forwarded-For").split(",")[0].strip()
-        if forwarded:
-            return forwarded
+        hops = [hop.strip() for hop in header(request, "X-Forwarded-For").split(",") if hop.strip()]
+        if hops:
+            return hops[max(0, len(hops) - max(1, config.proxy_hops))]
     return request.remote or ""
 
 
@@ -1937,11 +2083,8 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         row = await server.db.run(create_session, pin, pin_hash.decode())
         sent_away = list(hub.runners.values())
         hub.runners.clear()
-        # This server just made the PIN and its hash: runners typing it need not pay bcrypt
-        # (checked on the event loop's neighbour thread, ~0.3 s at cost 12). Other guesses still do.
-        made_here = asyncio.get_running_loop().create_future()
-        made_here.set_result(True)
-        arena.start_session(row).pin_checks[pin] = made_here
+        # This server just made the PIN: registers compare against it instead of paying bcrypt.
+        arena.start_session(row).known_pin = pin
     for peer in sent_away:
         peer.participant_id = None
         peer.send_json(msg_error("A new session started; reconnect with the new PIN.", "SESSION_ENDED"))
@@ -1984,6 +2127,15 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         server.hub.publish_screens(msg_participant_disconnected(pid))
     server.event("participant_kicked", "admin", None, "participant", pid)
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
+
+
+async def post_participants_release(server: Server, request: web.Request, p: Params) -> web.Response:
+    """Let any runner with the PIN take this id (its laptop changed); a connection holding it keeps it."""
+    pid = p["participant_id"]
+    async with server.arena.lock:                       # not between a register's check and its write
+        await server.db.run(release_participant, pid)
+    server.event("participant_released", "admin", None, "participant", pid)
+    return json_response({"status": "ok", "participant_id": pid, "connected": pid in server.hub.runners})
 
 
 # --- rounds --------------------------------------------------------------------
@@ -2298,6 +2450,9 @@ ROUTES = (
     Route("POST", "/participants/kick", post_participants_kick, "Disconnect a participant and refuse them for "
           "the rest of the session; their data stays.", True,
           (Field("participant_id", str, True, high=MAX_TEXT, doc="who"),)),
+    Route("POST", "/participants/release", post_participants_release, "Let another machine take a participant "
+          "id (its runner lost its laptop or address); a connection holding it keeps it.", True,
+          (Field("participant_id", str, True, high=MAX_TEXT, doc="who"),)),
 )
 
 
@@ -2471,6 +2626,20 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
 
 
 @web.middleware
+async def host_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Refuse every request (WebSocket upgrades too) whose Host does not name this server.
+
+    A client without a Host header (HTTP/1.0, curl-like tools) is not a browser page, so it passes.
+    """
+    host = request.headers.get("Host")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if host is not None and not request.app[server_key].is_named(host, sockname[0] if sockname else ""):
+        raise Forbidden("This server does not answer to that name (the Host header): use its address or this "
+                        "machine's name, or list the name in ALLOWED_HOSTS", "UNKNOWN_HOST")
+    return await handler(request)
+
+
+@web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """A generous per-address HTTP limit; never for the host's addresses, WebSockets or docs."""
     server = request.app[server_key]
@@ -2494,6 +2663,8 @@ async def running_server(app: web.Application) -> Any:
     """Open the database and resume, run the background loops, and save everything at exit."""
     server = app[server_key]
     server.db = Database(server.config.database)
+    server.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
+    server.own_addresses.update(await asyncio.to_thread(lan_addresses))
     await server.load()
     loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
              asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive)),
@@ -2521,7 +2692,7 @@ async def close_connections(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     if not config.admin_token:
         config = replace(config, admin_token=secrets.token_urlsafe(16))
-    app = web.Application(middlewares=[cors_middleware, error_middleware, rate_limit_middleware],
+    app = web.Application(middlewares=[cors_middleware, error_middleware, host_middleware, rate_limit_middleware],
                           client_max_size=MAX_BODY_BYTES)
     app[server_key] = Server(config)
     app.cleanup_ctx.append(running_server)
@@ -4231,6 +4402,15 @@ def lan_addresses() -> list[str]:
         probe.connect(("192.0.2.1", 9))     # a UDP connect sends nothing; it only picks the outgoing interface
         found.add(probe.getsockname()[0])
     return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified)
+
+
+def machine_names() -> set[str]:
+    """This machine's host name and full name, each also with .local (its mDNS name), in lower case."""
+    names = set()
+    with contextlib.suppress(OSError):
+        names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    short = {name.split(".")[0] for name in names}
+    return {name.rstrip(".") for name in names | short | {f"{name}.local" for name in short} if name}
 
 
 def banner(config: Config, listening: list[str], port: int) -> str:

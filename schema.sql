@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS participants (
     connected   INTEGER NOT NULL DEFAULT 0,
     createdAt   INTEGER NOT NULL,
     lastSeen    INTEGER NOT NULL,
-    kicked      INTEGER NOT NULL DEFAULT 0        -- ours: refused in sessionId until it changes
+    kicked      INTEGER NOT NULL DEFAULT 0,       -- ours: refused in sessionId until it changes
+    resumeHash  TEXT,                             -- ours: sha256 of the resume secret its runner holds
+    lastAddress TEXT                              -- ours: where its runner last registered from
 );
 
 CREATE TABLE IF NOT EXISTS rounds (
@@ -107,4 +109,4 @@ CREATE TABLE IF NOT EXISTS tokens (
     PRIMARY KEY (roundId, participantId, seq)
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

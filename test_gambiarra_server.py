@@ -457,6 +457,7 @@ class Like:
 
 ID = Like("uuid", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", v))
 WHEN = Like("ISO time", lambda v: isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", v))
+SECRET = Like("resume secret", lambda v: isinstance(v, str) and len(v) >= 20)
 MS = Like("epoch ms", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 1_600_000_000_000)
 AMOUNT = Like("number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
 RUNNER_ROW = {"runner": "ollama", "model": "llama3.1:8b", "connected": True, "createdAt": WHEN, "lastSeen": WHEN}
@@ -1025,10 +1026,10 @@ async def test_the_pin_is_only_for_the_host(away: tuple) -> None:
 @pytest.mark.parametrize(("trust_proxy", "status"), [(False, 401), (True, 200)])
 async def test_x_forwarded_for_counts_only_behind_a_trusted_proxy(room_with: Callable, trust_proxy: bool,
                                                                   status: int) -> None:
-    """A forged X-Forwarded-For naming the host's address is ignored unless --trust-proxy."""
+    """X-Forwarded-For is ignored unless --trust-proxy; then the hop the proxy added (the last) is the caller."""
     room, _ = await room_with(host_addresses=AWAY, trust_proxy=trust_proxy)
-    forged = {"X-Forwarded-For": "10.255.255.7, 127.0.0.1"}
-    assert (await room.host.status("POST", "/session", headers=forged))[0] == status
+    forwarded = {"X-Forwarded-For": "127.0.0.9, 10.255.255.7"}
+    assert (await room.host.status("POST", "/session", headers=forwarded))[0] == status
 
 
 async def test_the_audience_is_rate_limited_but_never_the_host_or_the_docs(room_with: Callable) -> None:
@@ -1107,10 +1108,11 @@ async def test_redoc_redirects_to_docs(room: Room) -> None:
 # =============================================================================
 
 async def test_register_replies_with_the_session(room: Room, pin: str) -> None:
-    """register -> registered with session_id (and our participant_id); no resume when nothing runs."""
+    """register -> registered with session_id (and our participant_id, resume_secret); no resume when nothing runs."""
     session_id = (await room.host.call("GET", "/session"))["id"]
     ana = await room.runner("ana")
-    assert await ana.register(pin) == {"type": "registered", "session_id": session_id, "participant_id": "ana"}
+    assert await ana.register(pin) == {"type": "registered", "session_id": session_id, "participant_id": "ana",
+                                       "resume_secret": SECRET}
 
 
 async def test_a_wrong_pin_keeps_the_socket_open(room: Room, pin: str) -> None:
@@ -1477,7 +1479,7 @@ async def test_reconnect_mid_round_resumes_where_the_server_stopped(room: Room, 
     assert (await screen.recv("participant_disconnected"))["participant_id"] == "ana"
     again = await room.runner("ana")
     assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
-                                         "participant_id": "ana",
+                                         "participant_id": "ana", "resume_secret": SECRET,
                                          "resume": {"round": 1, "next_seq": 4 + 1, "missing": [2]}}
     await again.token(1, 2, WORDS[2])
     await again.stream(1, ["!"], start=5)
@@ -1818,7 +1820,7 @@ async def test_a_crash_mid_round_loses_nothing_the_runner_cannot_resend(server_p
     assert (await room.host.call("GET", "/presence"))["participants"] == []
     again = await room.runner("ana")
     assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
-                                         "participant_id": "ana",
+                                         "participant_id": "ana", "resume_secret": SECRET,
                                          "resume": {"round": 1, "next_seq": len(held), "missing": []}}
     await again.stream(1, WORDS[len(held):], start=len(held))
     await again.complete(1, len(WORDS))
@@ -2168,27 +2170,33 @@ async def test_parallel_wrong_pins_from_one_address_are_throttled_too(room: Room
 
 
 async def test_wrong_pins_from_many_addresses_are_throttled_together(make_room: Any) -> None:
-    """Past PIN_ATTEMPTS_TOTAL_MAX wrong PINs from all addresses together, every address waits out the window."""
+    """Past PIN_ATTEMPTS_TOTAL_MAX wrong PINs from all addresses together, an address that guessed wrong waits
+    out the window (even with the right PIN, even within its own allowance); the others get one check each."""
     room = await make_room(pin_attempts_max=100, pin_attempts_total_max=5)
     pin = await room.host.new_session()
-    codes = []
-    for n in range(7):
-        guesser = await room.runner_at(f"127.0.1.{n + 1}", f"m{n}")
-        codes.append((await guesser.register(f"{n:07d}"))["code"])
-    assert codes == ["INVALID_PIN"] * 5 + ["PIN_THROTTLED"] * 2
-    latecomer = await room.runner_at("127.0.2.1", "ana")
-    refused = await latecomer.register(pin)
-    assert refused["code"] == "PIN_THROTTLED" and "on this server" in refused["message"]
+    guessers = [await room.runner_at(f"127.0.1.{n + 1}", f"m{n}") for n in range(7)]
+    assert [(await g.register(f"{n:07d}"))["code"] for n, g in enumerate(guessers)] == ["INVALID_PIN"] * 7
+    for n, guesser in enumerate(guessers):
+        refused = await guesser.register(f"{n + 10:07d}" if n else pin)
+        assert refused["code"] == "PIN_THROTTLED" and "on this server" in refused["message"], refused
+    latecomer = await room.runner_at("127.0.2.1", "eve")
+    assert (await latecomer.register("0000000"))["code"] == "INVALID_PIN"
+    assert (await latecomer.register("0000001"))["code"] == "PIN_THROTTLED"
 
 
 def test_guessing_a_six_digit_pin_takes_longer_than_a_meetup() -> None:
-    """With the default limits, trying half the 10**6 PINs takes over a day from any number of addresses."""
+    """With the default limits a window holds at most PIN_ATTEMPTS_TOTAL_MAX wrong PINs plus one per address
+    (one per /64 for IPv6, where one machine can take any address of it): trying half the 10**6 PINs takes
+    over a day from 40 addresses, over 15 hours from a whole /24, and over a month from one address."""
     config = gs.Config()
     assert config.pin_length == 6
-    guesses_per_hour = config.pin_attempts_total_max * 3600 / config.pin_attempts_window_s
-    assert 10**6 / 2 / guesses_per_hour > 24
-    per_address_per_hour = config.pin_attempts_max * 3600 / config.pin_attempts_window_s
-    assert 10**6 / 2 / per_address_per_hour > 24 * 30
+
+    def hours_for_half(addresses: int) -> float:
+        per_window = min(config.pin_attempts_total_max + addresses, config.pin_attempts_max * addresses)
+        return 10**6 / 2 / (per_window * 3600 / config.pin_attempts_window_s)
+    assert hours_for_half(40) > 24 and hours_for_half(254) > 15 and hours_for_half(1) > 24 * 30
+    assert gs.pin_network("2001:db8::1") == gs.pin_network("2001:db8::ffff:ffff:ffff:ffff") == "2001:db8::/64"
+    assert gs.pin_network("127.0.0.2") == "127.0.0.2" and gs.pin_network("::ffff:10.0.0.1") == "::ffff:10.0.0.1"
 
 
 async def test_a_runner_cannot_speak_for_another_participant(room: Room, pin: str) -> None:
@@ -2228,7 +2236,7 @@ async def test_a_connected_participant_cannot_be_taken_over_from_another_machine
     assert await closed_code(ana.ws) == 1000
     await again.ws.close()
     await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
-    assert (await impostor.register(pin))["type"] == "registered"   # an id no one holds can be claimed
+    assert (await impostor.register(pin))["code"] == "ID_IN_USE"    # nor once she has left
 
 
 async def test_voter_ids_are_stored_only_hashed(room: Room, pin: str, config: gs.Config) -> None:
@@ -2511,6 +2519,245 @@ async def test_values_past_their_bounds_are_refused_before_anything_stores_them(
     assert [(m["generatedContent"], m["modelInfo"]) for m in tree["rounds"][0]["metrics"]] == [
         ("".join(WORDS), MODEL_INFO)]
     assert nothing_unwritable_logged(server_log)
+
+# --- attack: host, PIN and seats ---------------------------------------------------
+
+async def test_a_client_cannot_choose_its_address_through_a_trusted_proxy(make_room: Any) -> None:
+    """Behind --trust-proxy, hops the client wrote itself (left of the proxies' own) make no one the host,
+    and changing them on every connection does not escape the wrong-PIN throttle."""
+    for hops, header in [(1, "127.0.0.1, 10.0.0.66"), (2, "127.0.0.1, 10.0.0.66, 10.0.0.1")]:
+        room = await make_room(host_addresses=("127.0.0.1/32",), trust_proxy=True, proxy_hops=hops)
+        stranger = await room.http_from(STRANGER)
+        status, body = await stranger.status("POST", "/session", headers={"X-Forwarded-For": header})
+        assert (status, body["code"]) == (401, "UNAUTHORIZED"), header
+    holder = await room.http_from(STRANGER, token=room.server.config.admin_token)
+    pin = await holder.new_session()
+    codes = []
+    for n in range(room.server.config.pin_attempts_max + 2):
+        ws = await room.connect_from(STRANGER, additional_headers={"X-Forwarded-For": f"127.0.0.1, 10.0.{n}.1, "
+                                                                                      "10.0.0.66, 10.0.0.1"})
+        codes.append((await Runner(ws, f"m{n}").register(f"{n:07d}"))["code"])
+    assert codes == ["INVALID_PIN"] * room.server.config.pin_attempts_max + ["PIN_THROTTLED"] * 2
+    proxied = await room.connect_from(STRANGER, additional_headers={"X-Forwarded-For": "10.0.0.7, 10.0.0.1"})
+    assert (await Runner(proxied, "ana").register(pin))["type"] == "registered"     # another caller, same proxy
+
+
+async def raw_request(room: Room, request: bytes) -> bytes:
+    """Send `request` as written (say, HTTP/1.0 with no Host) and read the whole answer."""
+    reader, writer = await asyncio.open_connection(*urllib.parse.urlsplit(room.base).netloc.split(":"))
+    try:
+        writer.write(request)
+        async with asyncio.timeout(TIMEOUT_S):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_site_whose_name_points_here_gets_a_clear_403_on_every_route(make_room: Any) -> None:
+    """DNS rebinding: requests naming another site in Host (no Origin) get 403 UNKNOWN_HOST on every route and
+    on /ws; this machine's addresses and names, localhost, ALLOWED_HOSTS and clients sending no Host work."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), allowed_hosts=("Arena.Example.",))
+    pin = await room.host.new_session()
+    port = room.base.rsplit(":", 1)[1]
+    routes = [("GET", "/session"), ("GET", "/api/session"), ("POST", "/session"), ("GET", "/export.csv"),
+              ("GET", "/export-all.json"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/client"),
+              ("POST", "/votes"), ("GET", "/nowhere")]
+    for foreign in (f"attacker.example:{port}", "attacker.example", "ATTACKER.EXAMPLE.", f"127.0.0.1.nip.io:{port}",
+                    f"localhost.attacker.example:{port}", "10.0.0.66", f"[2001:db8::1]:{port}", "arena.example.org"):
+        for method, path in routes:
+            status, body = await room.host.status(method, path, headers={"Host": foreign})
+            assert (status, body["code"]) == (403, "UNKNOWN_HOST"), (foreign, path)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await room.host.http.ws_connect(room.ws_url, headers={"Host": foreign})
+        assert refused.value.status == 403, foreign
+    assert (await room.host.call("GET", "/session"))["pin"] == pin               # nothing was replaced
+    own = [*gs.machine_names(), *gs.lan_addresses()]
+    for name in ("localhost", "LocalHost.", "127.0.0.1", "127.0.0.2", "[::1]", "arena.example", *own):
+        for host in (name, f"{name}:{port}"):
+            assert (await room.host.call("GET", "/session", headers={"Host": host}))["pin"] == pin, host
+    async with room.host.http.ws_connect(room.ws_url, headers={"Host": f"localhost:{port}"}) as ws:
+        await ws.send_json({"type": "telao_register"})
+        assert (await ws.receive_json())["type"] == "registered_telao"
+    answer = await raw_request(room, b"GET /session HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200") and pin.encode() in answer
+
+
+async def guess_from(room: LiveRoom, address: str, guesses: list[str]) -> list[str]:
+    """A stranger at `address` tries each guess in turn on one connection; the reply codes."""
+    guesser = await room.runner_at(address, f"guesser-{address}")
+    return [(await guesser.register(guess))["code"] for guess in guesses]
+
+
+async def test_strangers_filling_the_wrong_pin_total_never_lock_out_the_right_pin(make_room: Any) -> None:
+    """31 addresses, each within its own allowance, fill PIN_ATTEMPTS_TOTAL_MAX: they are refused from then on,
+    while runners arriving with the right PIN are registered, and a guess from a new address is still only one."""
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    config = room.server.config
+    pin = await room.host.new_session()
+    strangers = [f"127.0.4.{n + 1}" for n in range(31)]
+    per_address = [[f"{n:02d}{k:05d}" for k in range(config.pin_attempts_max)] for n in range(31)]  # 7 digits
+    codes = await asyncio.gather(*(guess_from(room, a, g) for a, g in zip(strangers, per_address)))
+    assert sorted({code for c in codes for code in c}) == ["INVALID_PIN", "PIN_THROTTLED"]
+    assert sum(c.count("INVALID_PIN") for c in codes) == config.pin_attempts_total_max
+    assert room.server.pin_total_throttle.wait_s("") > 0
+    ana = await room.runner_at("127.0.5.1", "ana", pin)
+    crowd = await asyncio.gather(*(room.runner_at("127.0.5.2", f"r{n}") for n in range(12)))
+    assert {r["type"] for r in await asyncio.gather(*(r.register(pin) for r in crowd))} == {"registered"}
+    for address in strangers[:3]:
+        assert await guess_from(room, address, [pin]) == ["PIN_THROTTLED"]
+    assert await guess_from(room, "127.0.6.1", ["0000000", "0000001"]) == ["INVALID_PIN", "PIN_THROTTLED"]
+    assert await guess_from(room, "127.0.6.2", ["\ud800"]) == ["INVALID_PIN"]         # valid JSON, not UTF-8
+    await running_round(room, ana, *crowd)
+
+
+def club_database(path: Path, pin_hash: bytes) -> None:
+    """A database from the club's server, which keeps only the PIN's hash (its `pin` column is the default)."""
+    conn = gs.open_db(path)
+    with conn:
+        conn.execute("INSERT INTO sessions (id, createdAt, pinHash, status) VALUES ('club', 1, ?, 'active')",
+                     (pin_hash.decode(),))
+    conn.close()
+
+
+async def test_before_the_pin_is_known_bcrypt_checks_one_pin_at_a_time(make_room: Any, config: gs.Config,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a club database (no plain PIN), guesses from 31 addresses at once never run two bcrypt checks together;
+    past the queue they are refused with PIN_THROTTLED; 12 runners with the right PIN at once cost one check."""
+    club_database(config.database, gs.bcrypt.hashpw(b"424242", gs.bcrypt.gensalt(4)))
+    checkpw, running, most, calls = gs.bcrypt.checkpw, [0], [0], []
+
+    def watched(candidate: bytes, hashed: bytes) -> bool:
+        running[0] += 1                     # no lock: if two threads ever overlapped, `most` would show it
+        most[0] = max(most[0], running[0])
+        calls.append(candidate)
+        try:
+            time.sleep(0.02)                # cost 12 takes ~0.25 s: guesses pile up behind the one running
+            return checkpw(candidate, hashed)
+        finally:
+            running[0] -= 1
+    monkeypatch.setattr(gs.bcrypt, "checkpw", watched)
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    guessers = [await room.runner_at(f"127.0.4.{n + 1}", f"m{n}") for n in range(31)]
+    replies = await asyncio.gather(*(g.register(f"{n:07d}") for n, g in enumerate(guessers)))
+    codes = [reply["code"] for reply in replies]
+    assert codes.count("INVALID_PIN") >= gs.PIN_CHECKS_WAITING and set(codes) == {"INVALID_PIN", "PIN_THROTTLED"}
+    assert all("busy checking other PINs" in r["message"] for r in replies if r["code"] == "PIN_THROTTLED")
+    assert most[0] == 1 and len(calls) == codes.count("INVALID_PIN") + 1        # +1: the stored PIN, at start
+    assert await guess_from(room, "127.0.6.2", ["\ud800", "4\x002"]) == ["INVALID_PIN"] * 2
+    calls.clear()
+    crowd = await asyncio.gather(*(room.runner_at("127.0.5.2", f"r{n}") for n in range(12)))
+    assert {r["type"] for r in await asyncio.gather(*(r.register("424242") for r in crowd))} == {"registered"}
+    assert calls == [b"424242"]
+
+
+async def test_runners_reconnecting_at_once_after_a_restart_are_not_throttled(
+        server_process: Any, http: aiohttp.ClientSession) -> None:
+    """After a restart, 15 runners from one address registering at once with the right PIN all get in;
+    15 wrong PINs at once from another address are still cut at PIN_ATTEMPTS_MAX."""
+    first = server_process("--host-addresses", "127.0.0.1/32")
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+    first.stop()
+    room = Room(server_process("--host-addresses", "127.0.0.1/32").start(), http)
+
+    async def runner_at(address: str, participant_id: str) -> Runner:
+        ws = await connect(room.ws_url, local_addr=(address, 0))
+        room.connections.append(ws)
+        return Runner(ws, participant_id)
+    laptops = [await runner_at("127.0.0.5", f"r{n}") for n in range(15)]
+    guessers = [await runner_at(STRANGER, f"m{n}") for n in range(15)]
+    replies = await asyncio.gather(*(r.register(pin) for r in laptops),
+                                   *(g.register(f"{n:07d}") for n, g in enumerate(guessers)))
+    assert [r["type"] for r in replies[:15]] == ["registered"] * 15
+    codes = [r["code"] for r in replies[15:]]
+    assert sorted(codes) == ["INVALID_PIN"] * 10 + ["PIN_THROTTLED"] * 5
+    await room.close()
+
+
+async def test_a_disconnected_id_is_taken_back_only_by_its_runner(make_room: Any, config: gs.Config) -> None:
+    """Once ana has left, her id (and the nickname on her voted answer) is refused to anyone else; her laptop
+    comes back without a secret, any address with her latest resume_secret; the host can release the id."""
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    pin = await room.host.new_session()
+    ana = await room.runner_at("127.0.0.5", "ana")
+    first = await ana.register(pin)
+    rnd = await running_round(room, ana)
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "ana", 5, "phone-1")
+    await ana.ws.close()
+    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    impostor = await room.runner_at(STRANGER, "ana")
+    for extra in ({}, {"resume_secret": "guess"}, {"resume_secret": None}, {"resume_secret": "\udc80"}):
+        refused = await impostor.register(pin, "Pwned", **extra)
+        assert refused["code"] == "ID_IN_USE" and "release" in refused["message"], extra
+    answers = (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"]
+    assert [a["nickname"] for a in answers] == ["Ana"]
+    back = await (await room.runner_at("127.0.0.5", "ana")).register(pin)          # the club's client: no secret
+    assert back["type"] == "registered" and back["resume_secret"] != first["resume_secret"]
+    moved = await room.runner_at("127.0.0.6", "ana")                               # new address, with the secret
+    assert (await moved.register(pin, resume_secret=back["resume_secret"]))["type"] == "registered"
+    stale = await room.runner_at("127.0.0.7", "ana")
+    assert (await stale.register(pin, resume_secret=first["resume_secret"]))["code"] == "ID_IN_USE"
+    rows = db_rows(config.database, "SELECT resumeHash, lastAddress FROM participants WHERE id = 'ana'")
+    assert rows[0]["lastAddress"] == "127.0.0.6" and len(rows[0]["resumeHash"]) == 64
+    files = list(config.database.parent.glob(config.database.name + "*"))
+    assert not any(back["resume_secret"].encode() in path.read_bytes() for path in files)
+    stranger = await room.http_from(STRANGER)
+    assert (await stranger.status("POST", "/participants/release", {"participantId": "ana"}))[0] == 401
+    assert await room.host.call("POST", "/participants/release", {"participantId": "ana"}) == {
+        "status": "ok", "participant_id": "ana", "connected": True}
+    assert (await room.host.status("POST", "/participants/release", {"participantId": "nobody"}))[0] == 404
+    assert (await impostor.register(pin))["code"] == "ID_IN_USE"               # ana is still connected
+    await moved.ws.close()
+    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    assert (await impostor.register(pin))["type"] == "registered"
+    export = await room.host.call("GET", "/export-all.json")
+    assert "resumeHash" not in json.dumps(export) and "lastAddress" not in json.dumps(export)
+
+
+async def test_resume_secrets_and_addresses_survive_a_restart(server_process: Any,
+                                                             http: aiohttp.ClientSession) -> None:
+    """After a restart, ids are still their runners': strangers are refused, ana's laptop (by its address) and
+    bia's secret (from a new address) get in."""
+    first = server_process()
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+
+    async def runner_at(address: str, participant_id: str) -> Runner:
+        ws = await connect(room.ws_url, local_addr=(address, 0))
+        room.connections.append(ws)
+        return Runner(ws, participant_id)
+    assert (await (await runner_at("127.0.0.5", "ana")).register(pin))["type"] == "registered"
+    secret = (await (await runner_at("127.0.0.6", "bia")).register(pin))["resume_secret"]
+    await room.close()
+    first.stop()
+    room = Room(server_process().start(), http)
+    for name in ("ana", "bia"):
+        assert (await (await runner_at(STRANGER, name)).register(pin))["code"] == "ID_IN_USE"
+    assert (await (await runner_at("127.0.0.5", "ana")).register(pin))["type"] == "registered"
+    assert (await (await runner_at("127.0.0.7", "bia")).register(pin, resume_secret=secret))["type"] == "registered"
+    await room.close()
+
+
+async def test_an_older_database_gets_the_new_columns_and_keeps_its_rows(make_room: Any, config: gs.Config) -> None:
+    """A schema-1 database (no resumeHash, lastAddress) is brought up to date at start-up; its rows stay."""
+    conn = gs.open_db(config.database)
+    with conn:
+        conn.execute("INSERT INTO sessions (id, createdAt, pinHash) VALUES ('old', 1, 'x')")
+        conn.execute("INSERT INTO participants (id, sessionId, nickname, runner, model, createdAt, lastSeen) "
+                     "VALUES ('ana', 'old', 'Ana', 'ollama', 'm', 1, 1)")
+        conn.execute("ALTER TABLE participants DROP COLUMN resumeHash")
+        conn.execute("ALTER TABLE participants DROP COLUMN lastAddress")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    room = await make_room()
+    pin = await room.host.new_session()
+    assert (await room.runner_at(STRANGER, "ana", pin)) is not None      # no one held it yet
+    assert db_rows(config.database, "PRAGMA user_version") == [{"user_version": gs.SCHEMA_VERSION}]
+    assert db_rows(config.database, "SELECT nickname, lastAddress FROM participants") == [
+        {"nickname": "Ana", "lastAddress": STRANGER}]
 
 
 # --- faults ---------------------------------------------------------------------
