@@ -504,8 +504,9 @@ async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
 
 async def test_health_shape(room: Room) -> None:
     """GET /health: status, server clock, version, database state and connection count."""
-    assert await room.host.call("GET", "/health") == {"status": "ok", "timestamp": MS, "version": gs.__version__,
-                                                     "database": "ok", "connections": 0}
+    assert await room.host.call("GET", "/health") == {
+        "status": "ok", "timestamp": MS, "version": gs.__version__, "database": "ok", "connections": 0,
+        "writers": {"tokens": "ok", "answers": "ok", "votes": "ok", "events": "ok", "heartbeat": "ok"}, "refused": []}
 
 
 async def test_new_session_shape(room: Room) -> None:
@@ -3198,13 +3199,22 @@ def test_a_batch_of_votes_refuses_each_bad_vote_on_its_own_and_numbers_the_rest(
         # voteOrder goes on from the counts remembered, and from the database once they are forgotten
         assert gs.cast_votes(conn, [{**vote, "participant_id": "bia"}], counts)[0]["voteOrder"] == 2
         assert gs.cast_votes(conn, [{**vote, "participant_id": "caio"}], gs.VoteCounts())[0]["voteOrder"] == 3
-        # a batch the database refuses leaves no trace, in the votes or in the counts
-        conn.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON event_logs BEGIN SELECT RAISE(ABORT, 'disk'); END")
+        # a vote that cannot be written (here its event) is undone alone, in the votes and in the counts
+        conn.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON event_logs WHEN NEW.actorId = 'v2' "
+                     "BEGIN SELECT RAISE(ABORT, 'refused'); END")
         second = {**vote, "voter_hash": "v2", "participant_id": "bia"}
-        with pytest.raises(sqlite3.Error):
-            gs.cast_votes(conn, [second], counts)
+        results = gs.cast_votes(conn, [second, {**vote, "voter_hash": "v3"}], counts)
+        assert isinstance(results[0], sqlite3.IntegrityError) and results[1]["voteOrder"] == 1
         conn.execute("DROP TRIGGER refuse")
         assert gs.cast_votes(conn, [second], counts)[0]["voteOrder"] == 2
+        # a batch the database itself refuses leaves no trace in the counts either
+        conn.commit()
+        conn.execute("PRAGMA query_only = ON")
+        with pytest.raises(sqlite3.OperationalError):
+            gs.cast_votes(conn, [{**vote, "voter_hash": "v2", "participant_id": "caio"}], counts)
+        conn.rollback()
+        conn.execute("PRAGMA query_only = OFF")
+        assert gs.cast_votes(conn, [{**vote, "voter_hash": "v2", "participant_id": "caio"}], counts)[0]["voteOrder"] == 3
     finally:
         conn.close()
 
