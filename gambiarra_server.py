@@ -760,39 +760,47 @@ def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
     """Record a batch of immutable votes in one transaction: each gets its row, or why it was refused.
 
     One commit per batch, not per vote: a commit (and the checkpoints the
-    write-ahead log then needs) costs far more than the vote itself. Each vote
-    goes in with its event on a savepoint, so a vote that cannot be written, for
-    whatever reason, is undone alone; only a database failure fails the batch.
+    write-ahead log then needs) costs far more than the vote itself. A vote that
+    cannot be written for a reason of its own (anything but a database failure)
+    undoes the batch, which is written again with each vote on a savepoint: then
+    that vote alone is refused.
     """
-    read: dict[tuple, Any] = {}          # what this batch has read: rounds and answers
-    results: list[dict[str, Any] | Exception] = []
     try:
-        for v in votes:
-            try:
-                with savepoint(conn):
-                    vote = insert_vote(conn, v, read, counts)
-                    conn.execute(EVENT_INSERT, event_row(
-                        read["round", vote["roundId"]]["sessionId"], "vote_cast",
-                        actor=("voter", vote["voterHash"]), target=("participant", vote["participantId"]),
-                        metadata={"participantId": vote["participantId"], "score": vote["score"],
-                                  "voteOrder": vote["voteOrder"], "responseTime": vote["responseTime"]}))
-                results.append(vote)
-            except ClientError as exc:
-                results.append(exc)
-            except Exception as exc:
-                if is_database_failure(exc):
-                    raise
-                counts.forget()                 # it may have counted the vote just undone
-                results.append(exc)
+        try:
+            with savepoint(conn):
+                return insert_votes(conn, votes, counts, alone=False)
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise
+            counts.forget()                     # some counted votes were just undone
+        return insert_votes(conn, votes, counts, alone=True)
     except Exception:
         counts.forget()
         raise
+
+
+def insert_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]], counts: VoteCounts,
+                 alone: bool) -> list[dict[str, Any] | Exception]:
+    """Insert each vote, or say why not; `alone`: each on a savepoint, where any failure undoes just that vote."""
+    read: dict[tuple, Any] = {}          # what this batch has read: rounds and answers
+    results: list[dict[str, Any] | Exception] = []
+    for v in votes:
+        try:
+            with savepoint(conn) if alone else contextlib.nullcontext():
+                results.append(insert_vote(conn, v, read, counts))
+        except ClientError as exc:
+            results.append(exc)
+        except Exception as exc:
+            if not alone or is_database_failure(exc):
+                raise
+            counts.forget()                 # it may have counted the vote just undone
+            results.append(exc)
     return results
 
 
 def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any],
                 counts: VoteCounts) -> dict[str, Any]:
-    """Insert one vote, checked against its round and participant, inside the caller's transaction."""
+    """Insert one vote and its event, checked against its round and participant, in the caller's transaction."""
     round_id, voter = v["round_id"], v["voter_hash"]
     if ("round", round_id) not in read:
         read["round", round_id] = get_round(conn, round_id)
@@ -812,6 +820,11 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
                                    :responseTime, :userAgent)
                            ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
         raise Conflict("Already voted for this participant")
+    conn.execute(EVENT_INSERT, event_row(
+        read["round", round_id]["sessionId"], "vote_cast", actor=("voter", voter),
+        target=("participant", vote["participantId"]),
+        metadata={"participantId": vote["participantId"], "score": vote["score"], "voteOrder": vote["voteOrder"],
+                  "responseTime": vote["responseTime"]}))
     counts.counted(voter)
     return vote
 
