@@ -443,7 +443,7 @@ class Writers:
         """`item` could not be written and was set aside so that the rest could be."""
         what = f"could not write {item}, set it aside: {failure_text(exc)}"
         self.failed(writer, what)
-        self.refused = [*self.refused[1 - self.REFUSED_SHOWN:], f"{writer}: {what}"]
+        self.refused = [*self.refused, f"{writer}: {what}"][-self.REFUSED_SHOWN:]
 
     def report(self) -> dict[str, str]:
         return {name: self.failing.get(name, "ok") for name in self.NAMES}
@@ -468,8 +468,9 @@ class Database:
             if future.exception() is None:
                 self.writers.ok("events")
             else:
-                self.writers.failed("events", f"could not write {fn.__name__}: {failure_text(future.exception())}")
-        asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events).add_done_callback(report)
+                self.writers.refuse("events", fn.__name__, future.exception())
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
+        future.add_done_callback(report)
 
     def call(self, fn: Callable[..., Any], args: tuple, events: Events) -> Any:
         """On the database thread: run `fn` and record its events in one transaction; keep `error` until a
@@ -2221,7 +2222,8 @@ ROUND_ID = Field("round_id", str, True, high=MAX_TEXT, doc="a round's id")
 SESSION_ID = Field("session_id", str, high=MAX_TEXT, doc="a session's id (default: the active one)")
 
 ROUTES = (
-    Route("GET", "/health", get_health, "Liveness, version and database state."),
+    Route("GET", "/health", get_health, "Liveness, version, database state and how each background writer "
+          "fares."),
     Route("POST", "/session", post_session, "Start a new session with a new PIN; ends the previous one "
           "and disconnects its runners.", True,
           (Field("pin_length", int, low=4, high=12, doc="digits in the PIN (default: PIN_LENGTH)"),)),

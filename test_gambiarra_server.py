@@ -2619,7 +2619,8 @@ async def test_writers_set_aside_what_they_cannot_write_and_lose_nothing_else(
     assert len(db_rows(database, "SELECT id FROM votes")) == 6
     await eve.send({"type": "error", "round": 1, "code": "GENERATION_FAILED", "message": BOMB})
     health = await get_when(room, "/health", lambda h: h["writers"]["events"] != "ok")
-    assert "could not write record_events: Sabotage" in health["writers"]["events"]
+    assert health["refused"][-1] == ("events: could not write record_events, set it aside: "
+                                     "Sabotage: this value cannot be stored")
 
     rnd = await running_round(room, ana, bia, **{"prompt": "De novo"})
     await ana.stream(2, WORDS)
@@ -3390,12 +3391,13 @@ def test_a_batch_of_votes_refuses_each_bad_vote_on_its_own_and_numbers_the_rest(
         assert gs.cast_votes(conn, [second], counts)[0]["voteOrder"] == 2
         # a batch the database itself refuses leaves no trace in the counts either
         conn.commit()
+        third = {**vote, "voter_hash": "v2", "participant_id": "caio"}
         conn.execute("PRAGMA query_only = ON")
         with pytest.raises(sqlite3.OperationalError):
-            gs.cast_votes(conn, [{**vote, "voter_hash": "v2", "participant_id": "caio"}], counts)
+            gs.cast_votes(conn, [third], counts)
         conn.rollback()
         conn.execute("PRAGMA query_only = OFF")
-        assert gs.cast_votes(conn, [{**vote, "voter_hash": "v2", "participant_id": "caio"}], counts)[0]["voteOrder"] == 3
+        assert gs.cast_votes(conn, [third], counts)[0]["voteOrder"] == 3
     finally:
         conn.close()
 
