@@ -477,8 +477,9 @@ class Database:
         write succeeds again.
 
         `events` are event_row rows, or a function of `fn`'s result that makes them
-        (when they name what `fn` created). A read that works says nothing about a
-        full disk, so only a write clears the error.
+        when they name what `fn` created (it runs here, so it must not read live
+        state). A read that works says nothing about a full disk, so only a write
+        clears the error.
         """
         changes = self.conn.total_changes
         try:
@@ -1960,11 +1961,12 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
 
 async def post_rounds(server: Server, request: web.Request, p: Params) -> web.Response:
     async with server.arena.lock:
-        row = await server.db.run(create_round, server.arena.require_session().id, p, events=lambda row: [
-            server.event("round_created", actor=ADMIN, target=("round", row["id"]),
-                         metadata={"index": row["index"], "prompt": row["prompt"], "maxTokens": row["maxTokens"],
-                                   "temperature": row["temperature"], "deadlineMs": row["deadlineMs"],
-                                   "svgMode": p["svg_mode"]})])
+        session_id = server.arena.require_session().id
+        row = await server.db.run(create_round, session_id, p, events=lambda row: [
+            event_row(session_id, "round_created", actor=ADMIN, target=("round", row["id"]),
+                      metadata={"index": row["index"], "prompt": row["prompt"], "maxTokens": row["maxTokens"],
+                                "temperature": row["temperature"], "deadlineMs": row["deadlineMs"],
+                                "svgMode": p["svg_mode"]})])
     return json_response(round_json(row))
 
 
