@@ -2534,6 +2534,8 @@ async def test_every_acknowledged_action_has_its_event_row_even_after_kill_9(
                       ("reveal_started", rnd["id"]), ("position_revealed", rnd["id"]),
                       ("participant_kicked", "ana")]:
             assert event in recorded, (event, recorded)
+        tokens = db_rows(database, "SELECT COUNT(*) AS n FROM tokens WHERE roundId = ?", rnd["id"])[0]["n"]
+        assert (("first_token_received", None) in recorded) == (tokens > 0)       # saved with its token
 
 
 # Loaded by the server process at start-up (as sitecustomize): its sqlite connections fail, with an
@@ -2622,7 +2624,7 @@ async def test_writers_set_aside_what_they_cannot_write_and_lose_nothing_else(
     assert health["refused"][-1] == ("events: could not write record_events, set it aside: "
                                      "Sabotage: this value cannot be stored")
 
-    rnd = await running_round(room, ana, bia, **{"prompt": "De novo"})
+    rnd = await running_round(room, ana, bia, prompt="De novo")
     await ana.stream(2, WORDS)
     await bia.stream(2, WORDS)
     await bia.sync()
@@ -2646,7 +2648,7 @@ async def test_a_periodic_task_outlives_its_failures() -> None:
     writers, turns, broken = gs.Writers(), [], [True]
 
     async def heartbeat() -> None:
-        turns.append(len(turns))
+        turns.append(broken[0])
         if broken[0]:
             raise LookupError("no such peer")
     loop = asyncio.create_task(gs.repeat(0.001, heartbeat, "heartbeat", writers))
