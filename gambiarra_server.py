@@ -74,7 +74,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
@@ -473,6 +473,9 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
 # Every function here is a plain function of a connection. They all run on one
 # thread that owns the only connection (see Database), so each one is atomic
 # with respect to the others and none of them ever blocks the event loop.
+# The writes open no transaction of their own: Database.call runs each one, and
+# the event-log rows that record it, in one transaction (a nested `with conn:`
+# would commit at its end, before the events).
 
 SCHEMA_VERSION = 2
 DB_FILE_CHECK_S = 1.0           # how often the server looks whether its database file was deleted
@@ -541,10 +544,51 @@ def yield_to_event_loop() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DB_THREAD_NICENESS)
 
 
+# What a write records in the event log: event_row rows, or a function of the write's result that makes them.
+Events = Iterable[tuple] | Callable[[Any], Iterable[tuple]]
+
+
+def failure_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Writers:
+    """How the background writers fare, for /health and the log.
+
+    A writer that fails is logged once, and /health names what failed until the
+    writer next runs clean; an item a writer set aside is logged and listed.
+    """
+
+    NAMES = ("tokens", "answers", "votes", "events", "heartbeat")
+    REFUSED_SHOWN = 20
+
+    def __init__(self) -> None:
+        self.failing: dict[str, str] = {}
+        self.refused: list[str] = []            # the latest items set aside, oldest first
+
+    def failed(self, writer: str, what: str) -> None:
+        if self.failing.get(writer) != what:
+            log.error("%s writer: %s", writer, loggable(what))
+        self.failing[writer] = what
+
+    def ok(self, writer: str) -> None:
+        if self.failing.pop(writer, None) is not None:
+            log.info("%s writer: working again", writer)
+
+    def refuse(self, writer: str, item: str, exc: BaseException) -> None:
+        """`item` could not be written and was set aside so that the rest could be."""
+        what = f"could not write {item}, set it aside: {failure_text(exc)}"
+        self.failed(writer, what)
+        self.refused = [*self.refused, f"{writer}: {what}"][-self.REFUSED_SHOWN:]
+
+    def report(self) -> dict[str, str]:
+        return {name: self.failing.get(name, "ok") for name in self.NAMES}
+
+
 class Database:
     """The one sqlite connection, owned by one thread; statements run in submission order."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writers: Writers) -> None:
         self.path = path
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite", initializer=yield_to_event_loop)
         try:
@@ -554,26 +598,40 @@ class Database:
             raise
         self.error: str | None = None
         self.restored_at: int | None = None      # when the file was last written back after being deleted
+        self.writers = writers
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(conn, *args)` on the database thread and return its result."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, *args)
+    async def run(self, fn: Callable[..., Any], *args: Any, events: Events = ()) -> Any:
+        """Run `fn(conn, *args)` on the database thread, with the events it records; return its result."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue `fn(conn, *args)` without waiting; a failure is logged, not raised."""
-        future = self.executor.submit(self.call, fn, *args)
-        future.add_done_callback(lambda f: f.exception() and log.error("database: %s", loggable(f.exception())))
+    def submit(self, fn: Callable[..., Any], *args: Any, events: Events = ()) -> None:
+        """Queue `fn(conn, *args)` and its events without waiting; a failure is logged and shown on /health."""
+        def report(future: asyncio.Future[Any]) -> None:
+            if future.exception() is None:
+                self.writers.ok("events")
+            else:
+                self.writers.refuse("events", fn.__name__, future.exception())
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
+        future.add_done_callback(report)
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """On the database thread: run `fn`, keeping `error` until a write succeeds again.
+    def call(self, fn: Callable[..., Any], args: tuple, events: Events) -> Any:
+        """On the database thread: run `fn` and record its events in one transaction; keep `error` until a
+        write succeeds again.
 
-        A read that works says nothing about a full disk, so only a write clears the error.
+        `events` are event_row rows, or a function of `fn`'s result that makes them
+        when they name what `fn` created (it runs here, so it must not read live
+        state). A read that works says nothing about a full disk, so only a write
+        clears the error.
         """
         changes = self.conn.total_changes
         try:
-            result = fn(self.conn, *args)
-        except sqlite3.Error as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            with self.conn:
+                result = fn(self.conn, *args)
+                record_events(self.conn, events(result) if callable(events) else events)
+        except ClientError:
+            raise
+        except Exception as exc:
+            self.error = failure_text(exc)
             raise
         if self.conn.total_changes != changes:
             self.error = None
@@ -640,14 +698,13 @@ def create_session(conn: sqlite3.Connection, pin: str, pin_hash: str) -> dict[st
     """End the active session, start a new one, and return it."""
     now = now_ms()
     session_id = new_id()
-    with conn:
-        # The old session's rounds end with it: none stays running, none takes votes.
-        conn.execute("UPDATE rounds SET endedAt = COALESCE(endedAt, :now), votingStatus = 'closed' "
-                     "WHERE votingStatus = 'open' OR (startedAt IS NOT NULL AND endedAt IS NULL)", {"now": now})
-        conn.execute("UPDATE sessions SET status = 'ended', endedAt = ? WHERE status = 'active'", (now,))
-        disconnect_everyone(conn)
-        conn.execute("INSERT INTO sessions (id, createdAt, pin, pinHash, status) VALUES (?, ?, ?, ?, 'active')",
-                     (session_id, now, pin, pin_hash))
+    # The old session's rounds end with it: none stays running, none takes votes.
+    conn.execute("UPDATE rounds SET endedAt = COALESCE(endedAt, :now), votingStatus = 'closed' "
+                 "WHERE votingStatus = 'open' OR (startedAt IS NOT NULL AND endedAt IS NULL)", {"now": now})
+    conn.execute("UPDATE sessions SET status = 'ended', endedAt = ? WHERE status = 'active'", (now,))
+    disconnect_everyone(conn)
+    conn.execute("INSERT INTO sessions (id, createdAt, pin, pinHash, status) VALUES (?, ?, ?, ?, 'active')",
+                 (session_id, now, pin, pin_hash))
     return session_row(conn, session_id)
 
 
@@ -656,8 +713,7 @@ def session_row(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | N
 
 
 def disconnect_everyone(conn: sqlite3.Connection) -> None:
-    with conn:
-        conn.execute("UPDATE participants SET connected = 0 WHERE connected = 1")
+    conn.execute("UPDATE participants SET connected = 0 WHERE connected = 1")
 
 
 def session_participants(conn: sqlite3.Connection, session_id: str) -> list[dict[str, Any]]:
@@ -676,17 +732,16 @@ def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str,
                          address: str | None = None) -> dict[str, Any]:
     """Insert or update a participant, moving it into `session_id` (the club's semantics), held by its runner."""
     now = now_ms()
-    with conn:
-        conn.execute(
-            """INSERT INTO participants (id, sessionId, nickname, runner, model, connected, createdAt, lastSeen,
-                                         resumeHash, lastAddress)
-               VALUES (:id, :session, :nickname, :runner, :model, 1, :now, :now, :resume_hash, :address)
-               ON CONFLICT (id) DO UPDATE SET
-                 kicked = CASE WHEN sessionId = :session THEN kicked ELSE 0 END,
-                 sessionId = :session, nickname = :nickname, runner = :runner, model = :model,
-                 connected = 1, lastSeen = :now, resumeHash = :resume_hash, lastAddress = :address""",
-            {"id": p["participant_id"], "session": session_id, "nickname": p["nickname"],
-             "runner": p["runner"], "model": p["model"], "now": now, "resume_hash": resume_hash, "address": address})
+    conn.execute(
+        """INSERT INTO participants (id, sessionId, nickname, runner, model, connected, createdAt, lastSeen,
+                                     resumeHash, lastAddress)
+           VALUES (:id, :session, :nickname, :runner, :model, 1, :now, :now, :resume_hash, :address)
+           ON CONFLICT (id) DO UPDATE SET
+             kicked = CASE WHEN sessionId = :session THEN kicked ELSE 0 END,
+             sessionId = :session, nickname = :nickname, runner = :runner, model = :model,
+             connected = 1, lastSeen = :now, resumeHash = :resume_hash, lastAddress = :address""",
+        {"id": p["participant_id"], "session": session_id, "nickname": p["nickname"],
+         "runner": p["runner"], "model": p["model"], "now": now, "resume_hash": resume_hash, "address": address})
     return get_participant(conn, p["participant_id"])
 
 
@@ -729,15 +784,13 @@ def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, An
 
 
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
-    with conn:
-        conn.execute("UPDATE participants SET connected = ?, lastSeen = ? WHERE id = ?",
-                     (int(connected), now_ms(), participant_id))
+    conn.execute("UPDATE participants SET connected = ?, lastSeen = ? WHERE id = ?",
+                 (int(connected), now_ms(), participant_id))
 
 
 def kick_participant(conn: sqlite3.Connection, session_id: str, participant_id: str) -> dict[str, Any]:
-    with conn:
-        cursor = conn.execute("UPDATE participants SET kicked = 1, connected = 0 WHERE id = ? AND sessionId = ?",
-                              (participant_id, session_id))
+    cursor = conn.execute("UPDATE participants SET kicked = 1, connected = 0 WHERE id = ? AND sessionId = ?",
+                          (participant_id, session_id))
     if cursor.rowcount == 0:
         raise NotFound(f"Participant {participant_id} is not in this session")
     return get_participant(conn, participant_id)
@@ -745,9 +798,8 @@ def kick_participant(conn: sqlite3.Connection, session_id: str, participant_id: 
 
 def release_participant(conn: sqlite3.Connection, participant_id: str) -> None:
     """Forget who holds an id, so that any runner with the PIN may take it."""
-    with conn:
-        cursor = conn.execute("UPDATE participants SET resumeHash = NULL, lastAddress = NULL WHERE id = ?",
-                              (participant_id,))
+    cursor = conn.execute("UPDATE participants SET resumeHash = NULL, lastAddress = NULL WHERE id = ?",
+                          (participant_id,))
     if cursor.rowcount == 0:
         raise NotFound(f"No participant {participant_id}")
 
@@ -758,13 +810,12 @@ def kicked_ids(conn: sqlite3.Connection, session_id: str) -> set[str]:
 
 def create_round(conn: sqlite3.Connection, session_id: str, r: dict[str, Any]) -> dict[str, Any]:
     round_id = new_id()
-    with conn:
-        conn.execute(
-            """INSERT INTO rounds (id, sessionId, "index", prompt, maxTokens, temperature, deadlineMs, seed,
-                                   svgMode, createdAt)
-               VALUES (?, ?, (SELECT COUNT(*) + 1 FROM rounds WHERE sessionId = ?), ?, ?, ?, ?, ?, ?, ?)""",
-            (round_id, session_id, session_id, r["prompt"], r["max_tokens"], r["temperature"], r["deadline_ms"],
-             r["seed"], int(r["svg_mode"]), now_ms()))
+    conn.execute(
+        """INSERT INTO rounds (id, sessionId, "index", prompt, maxTokens, temperature, deadlineMs, seed,
+                               svgMode, createdAt)
+           VALUES (?, ?, (SELECT COUNT(*) + 1 FROM rounds WHERE sessionId = ?), ?, ?, ?, ?, ?, ?, ?)""",
+        (round_id, session_id, session_id, r["prompt"], r["max_tokens"], r["temperature"], r["deadline_ms"],
+         r["seed"], int(r["svg_mode"]), now_ms()))
     return get_round(conn, round_id)
 
 
@@ -777,8 +828,7 @@ def get_round(conn: sqlite3.Connection, round_id: str) -> dict[str, Any]:
 
 def update_round(conn: sqlite3.Connection, round_id: str, changes: dict[str, Any]) -> dict[str, Any]:
     assignments = ", ".join(f"{column} = :{column}" for column in changes)
-    with conn:
-        conn.execute(f"UPDATE rounds SET {assignments} WHERE id = :id", {**changes, "id": round_id})
+    conn.execute(f"UPDATE rounds SET {assignments} WHERE id = :id", {**changes, "id": round_id})
     return get_round(conn, round_id)
 
 
@@ -800,9 +850,8 @@ def save_metrics(conn: sqlite3.Connection, m: dict[str, Any]) -> None:
     """Insert or replace the metrics row of one (round, participant)."""
     columns = ", ".join(m)
     updates = ", ".join(f"{c} = excluded.{c}" for c in m if c not in ("id", "createdAt"))
-    with conn:
-        conn.execute(f"INSERT INTO metrics ({columns}) VALUES ({', '.join(':' + c for c in m)}) "
-                     f"ON CONFLICT (roundId, participantId) DO UPDATE SET {updates}", m)
+    conn.execute(f"INSERT INTO metrics ({columns}) VALUES ({', '.join(':' + c for c in m)}) "
+                 f"ON CONFLICT (roundId, participantId) DO UPDATE SET {updates}", m)
 
 
 def token_column(content: str) -> str | bytes:
@@ -816,14 +865,80 @@ def token_text(column: str | bytes) -> str:
     return column.decode(errors="surrogatepass") if isinstance(column, bytes) else column
 
 
-def save_tokens(conn: sqlite3.Connection, rows: list[tuple], contents: list[tuple]) -> None:
-    """Write a batch of accepted tokens and refresh the content of already-saved answers."""
-    with conn:
-        conn.executemany("INSERT OR IGNORE INTO tokens (roundId, participantId, seq, content, receivedAt) "
-                         "VALUES (?, ?, ?, ?, ?)",
-                         [(round_id, pid, seq, token_column(content), at) for round_id, pid, seq, content, at in rows])
-        conn.executemany("UPDATE metrics SET generatedContent = ?, tokensReceived = ?, seqGaps = ? "
-                         "WHERE roundId = ? AND participantId = ?", contents)
+# SQLite's names for "the database cannot write now", as against "this statement cannot be written".
+DATABASE_FAILURES = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED",
+                     "SQLITE_NOMEM", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_CORRUPT", "SQLITE_NOTADB",
+                     "SQLITE_PROTOCOL")
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot write now (full, read-only, locked, broken): then a whole
+    batch waits for the next try. Any other failure is about one item, which is set aside alone."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is None:                                # Python 3.10 names no code: assume the disk
+        return isinstance(exc, sqlite3.OperationalError)
+    return name.startswith(DATABASE_FAILURES)
+
+
+@contextlib.contextmanager
+def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """Undo what the block wrote if it fails, and only that: the caller's transaction goes on."""
+    if not conn.in_transaction:
+        conn.execute("BEGIN")       # else the SAVEPOINT starts a transaction that its RELEASE commits
+    conn.execute("SAVEPOINT item")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:     # a full disk can end the whole transaction at once
+            conn.execute("ROLLBACK TO item")
+            conn.execute("RELEASE item")
+        raise
+    conn.execute("RELEASE item")
+
+
+def execute_each(conn: sqlite3.Connection, sql: str, rows: list[tuple]) -> list[tuple[tuple, Exception]]:
+    """Run `sql` for every row in the caller's transaction; return the rows that failed, each with why.
+
+    The rows go in one call; if one fails, they go again one by one, so that the others are
+    written (SQLite undoes just the statement that failed). A database failure is raised.
+    """
+    if not rows:
+        return []
+    try:
+        with savepoint(conn):
+            conn.executemany(sql, rows)
+        return []
+    except Exception as exc:
+        if is_database_failure(exc):
+            raise
+    failed = []
+    for row in rows:
+        try:
+            conn.execute(sql, row)
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise
+            failed.append((row, exc))
+    return failed
+
+
+TOKEN_INSERT = ("INSERT OR IGNORE INTO tokens (roundId, participantId, seq, content, receivedAt) "
+                "VALUES (?, ?, ?, ?, ?)")
+CONTENT_UPDATE = ("UPDATE metrics SET generatedContent = ?, tokensReceived = ?, seqGaps = ? "
+                  "WHERE roundId = ? AND participantId = ?")
+
+
+def save_tokens(conn: sqlite3.Connection, rows: list[tuple], contents: list[tuple],
+                events: list[tuple]) -> list[tuple[str, Exception]]:
+    """Write a batch of accepted tokens, refresh the content of already-saved answers and record the
+    batch's events; return what could not be written, each with why. The rest is written."""
+    rows = [(round_id, pid, seq, token_column(content), at) for round_id, pid, seq, content, at in rows]
+    failed = [(f"token {row[2]} of {row[1]!r}", exc) for row, exc in execute_each(conn, TOKEN_INSERT, rows)]
+    failed += [(f"the saved answer of {row[4]!r}", exc) for row, exc in execute_each(conn, CONTENT_UPDATE, contents)]
+    failed += [(f"a {row[3]} event", exc) for row, exc in execute_each(conn, EVENT_INSERT, events)]
+    return failed
 
 
 def round_tokens(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any]]:
@@ -840,18 +955,20 @@ EVENT_INSERT = ("INSERT INTO event_logs (id, sessionId, timestamp, eventType, ac
                 "targetId, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def event_row(session_id: str | None, event_type: str, actor_type: str = "system", actor_id: str | None = None,
-              target_type: str | None = None, target_id: str | None = None,
-              metadata: dict[str, Any] | None = None) -> tuple:
-    """The values of one event-log row, for EVENT_INSERT."""
-    return (new_id(), session_id, now_ms(), event_type, actor_type, actor_id, target_type, target_id,
-            None if metadata is None else dumps(metadata))
+SYSTEM: tuple[str, str | None] = ("system", None)          # who acts, as (actorType, actorId)
+ADMIN: tuple[str, str | None] = ("admin", None)
+NO_TARGET: tuple[str | None, str | None] = (None, None)
 
 
-def log_event(conn: sqlite3.Connection, *event: Any) -> None:
-    """Add a row to the event log (see event_row for the fields)."""
-    with conn:
-        conn.execute(EVENT_INSERT, event_row(*event))
+def event_row(session_id: str | None, event_type: str, *, actor: tuple[str, str | None] = SYSTEM,
+              target: tuple[str | None, str | None] = NO_TARGET, metadata: dict[str, Any] | None = None) -> tuple:
+    """The values of one event-log row, for EVENT_INSERT; `actor` and `target` are (type, id) pairs."""
+    return (new_id(), session_id, now_ms(), event_type, *actor, *target, None if metadata is None else dumps(metadata))
+
+
+def record_events(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+    """Add rows made by event_row to the event log."""
+    conn.executemany(EVENT_INSERT, rows)
 
 
 @dataclass
@@ -883,36 +1000,51 @@ class VoteCounts:
 
 
 def cast_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]],
-               counts: VoteCounts) -> list[dict[str, Any] | ClientError]:
+               counts: VoteCounts) -> list[dict[str, Any] | Exception]:
     """Record a batch of immutable votes in one transaction: each gets its row, or why it was refused.
 
     One commit per batch, not per vote: a commit (and the checkpoints the
-    write-ahead log then needs) costs far more than the vote itself.
+    write-ahead log then needs) costs far more than the vote itself. A vote that
+    cannot be written for a reason of its own (anything but a database failure)
+    undoes the batch, which is written again with each vote on a savepoint: then
+    that vote alone is refused.
     """
-    read: dict[tuple, Any] = {}          # what this batch has read: rounds and answers
-    results: list[dict[str, Any] | ClientError] = []
     try:
-        with conn:
-            for v in votes:
-                try:
-                    results.append(insert_vote(conn, v, read, counts))
-                except ClientError as exc:
-                    results.append(exc)
-            conn.executemany(EVENT_INSERT, [
-                event_row(read["round", r["roundId"]]["sessionId"], "vote_cast", "voter", r["voterHash"],
-                          "participant", r["participantId"],
-                          {"participantId": r["participantId"], "score": r["score"], "voteOrder": r["voteOrder"],
-                           "responseTime": r["responseTime"]})
-                for r in results if isinstance(r, dict)])
-    except sqlite3.Error:
+        try:
+            with savepoint(conn):
+                return insert_votes(conn, votes, counts, alone=False)
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise
+            counts.forget()                     # some counted votes were just undone
+        return insert_votes(conn, votes, counts, alone=True)
+    except Exception:
         counts.forget()
         raise
+
+
+def insert_votes(conn: sqlite3.Connection, votes: list[dict[str, Any]], counts: VoteCounts,
+                 alone: bool) -> list[dict[str, Any] | Exception]:
+    """Insert each vote, or say why not; `alone`: each on a savepoint, where any failure undoes just that vote."""
+    read: dict[tuple, Any] = {}          # what this batch has read: rounds and answers
+    results: list[dict[str, Any] | Exception] = []
+    for v in votes:
+        try:
+            with savepoint(conn) if alone else contextlib.nullcontext():
+                results.append(insert_vote(conn, v, read, counts))
+        except ClientError as exc:
+            results.append(exc)
+        except Exception as exc:
+            if not alone or is_database_failure(exc):
+                raise
+            counts.forget()                 # it may have counted the vote just undone
+            results.append(exc)
     return results
 
 
 def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, Any],
                 counts: VoteCounts) -> dict[str, Any]:
-    """Insert one vote, checked against its round and participant, inside the caller's transaction."""
+    """Insert one vote and its event, checked against its round and participant, in the caller's transaction."""
     round_id, voter = v["round_id"], v["voter_hash"]
     if ("round", round_id) not in read:
         read["round", round_id] = get_round(conn, round_id)
@@ -932,6 +1064,11 @@ def insert_vote(conn: sqlite3.Connection, v: dict[str, Any], read: dict[tuple, A
                                    :responseTime, :userAgent)
                            ON CONFLICT (roundId, voterHash, participantId) DO NOTHING""", vote).rowcount:
         raise Conflict("Already voted for this participant")
+    conn.execute(EVENT_INSERT, event_row(
+        read["round", round_id]["sessionId"], "vote_cast", actor=("voter", voter),
+        target=("participant", vote["participantId"]),
+        metadata={"participantId": vote["participantId"], "score": vote["score"], "voteOrder": vote["voteOrder"],
+                  "responseTime": vote["responseTime"]}))
     counts.counted(voter)
     return vote
 
@@ -1166,6 +1303,7 @@ class Arena:
         self.rounds: dict[int, LiveRound] = {}          # by index
         self.unsaved: list[tuple] = []                   # token rows waiting for the next flush
         self.bcrypt_turn = asyncio.Semaphore(1)          # one bcrypt check at a time: guesses cannot fill the CPU
+        self.unsaved_events: list[tuple] = []            # and the events they record (first_token_received)
 
     def start_session(self, row: dict[str, Any], kicked: set[str] = frozenset()) -> SessionState:
         self.session = SessionState(row["id"], row["createdAt"], row["pinHash"].encode(), set(kicked))
@@ -1228,20 +1366,26 @@ class Arena:
         self.unsaved.append((self.rounds[index].id, participant_id, seq, content, at))
         return gen
 
-    def take_unsaved(self) -> tuple[list[tuple], list[tuple]]:
-        """Hand over the tokens and refreshed contents that the next flush writes."""
+    def take_unsaved(self) -> tuple[list[tuple], list[tuple], list[tuple]]:
+        """Hand over the tokens, refreshed contents and events that the next flush writes."""
         rows, self.unsaved = self.unsaved, []
+        events, self.unsaved_events = self.unsaved_events, []
         contents = []
         for live in self.rounds.values():
             for gen in live.generations.values():
                 if gen.stale:
                     gen.stale = False
                     contents.append((gen.content, len(gen.tokens), gen.gaps, live.id, gen.participant_id))
-        return rows, contents
+        return rows, contents, events
 
-    def give_back(self, rows: list[tuple]) -> None:
-        """Keep tokens whose flush failed, so the next flush tries again."""
+    def give_back(self, rows: list[tuple], contents: list[tuple], events: list[tuple]) -> None:
+        """Keep what a failed flush took, so the next flush tries again."""
         self.unsaved[:0] = rows
+        self.unsaved_events[:0] = events
+        for _, _, _, round_id, participant_id in contents:
+            for live in self.rounds.values():
+                if live.id == round_id:
+                    live.generation(participant_id).stale = True
 
 
 def generation_metrics(live: LiveRound, gen: Generation, report: dict[str, Any] | None) -> dict[str, Any]:
@@ -1558,13 +1702,22 @@ class Ballots:
         return await future
 
     async def write_all(self, db: Database) -> None:
+        """Write batches while votes wait; each vote's request gets its row or its error, whatever fails."""
         while self.waiting:
             await asyncio.sleep(BALLOT_LINGER_S)
             batch, self.waiting = self.waiting, []
             try:
                 results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch], self.counts)
-            except sqlite3.Error as exc:
+            except Exception as exc:
+                db.writers.failed("votes", f"could not write {len(batch)} votes: {failure_text(exc)}")
                 results = [exc] * len(batch)
+            else:
+                refused = [(vote, result) for (vote, _), result in zip(batch, results)
+                           if isinstance(result, Exception) and not isinstance(result, ClientError)]
+                for vote, exc in refused:
+                    db.writers.refuse("votes", f"a vote for {vote['participant_id']!r}", exc)
+                if not refused:
+                    db.writers.ok("votes")
             for (_, future), result in zip(batch, results):
                 if future.done():
                     continue                            # the phone gave up waiting
@@ -1583,6 +1736,7 @@ class Server:
     arena: Arena = field(default_factory=Arena)
     hub: Hub = field(default_factory=Hub)
     ballots: Ballots = field(default_factory=Ballots)
+    writers: Writers = field(default_factory=Writers)
     answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
     # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
     responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
@@ -1599,12 +1753,11 @@ class Server:
         self.own_names = {"localhost"}                   # with this machine's names, found at start-up
         self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
 
-    def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
-              target_type: str | None = None, target_id: str | None = None,
-              metadata: dict[str, Any] | None = None) -> None:
-        """Append to the event log, after every write already queued."""
+    def event(self, event_type: str, *, actor: tuple[str, str | None] = SYSTEM,
+              target: tuple[str | None, str | None] = NO_TARGET, metadata: dict[str, Any] | None = None) -> tuple:
+        """An event-log row of the active session, for the write it records (`events=` of Database.run)."""
         session_id = self.arena.session.id if self.arena.session else None
-        self.db.submit(log_event, session_id, event_type, actor_type, actor_id, target_type, target_id, metadata)
+        return event_row(session_id, event_type, actor=actor, target=target, metadata=metadata)
 
     def acts_as_host(self, request: web.Request) -> bool:
         """The request comes from the host's machine, and not from a page of another site open in its browser.
@@ -1659,39 +1812,66 @@ class Server:
         log.info("resumed session %s, round %d (%d answers in memory)", row["id"], live.index, len(live.generations))
 
     async def flush(self) -> None:
-        """Write the tokens accepted since the last flush; on failure keep them for the next."""
-        rows, contents = self.arena.take_unsaved()
-        if not rows and not contents:
+        """Write the tokens accepted since the last flush, and the events they record. Never raises.
+
+        What cannot be written is set aside (logged, and shown on /health) and the rest
+        is written; if the database itself fails, everything waits for the next flush.
+        """
+        rows, contents, events = self.arena.take_unsaved()
+        if not rows and not contents and not events:
             return
         try:
-            await self.db.run(save_tokens, rows, contents)
-            if contents:
-                self.answers_version += 1
-        except sqlite3.Error as exc:
-            log.error("could not save %d tokens (will retry): %s", len(rows), loggable(exc))
-            self.arena.give_back(rows)
-            for _, _, _, round_id, participant_id in contents:
-                for live in self.arena.rounds.values():
-                    if live.id == round_id:
-                        live.generation(participant_id).stale = True
+            refused = await self.db.run(save_tokens, rows, contents, events)
+        except Exception as exc:
+            self.writers.failed("tokens", f"could not save {len(rows)} tokens (will retry): {failure_text(exc)}")
+            self.arena.give_back(rows, contents, events)
+            return
+        for item, exc in refused:
+            self.writers.refuse("tokens", item, exc)
+        if not refused:
+            self.writers.ok("tokens")
+        if contents:
+            self.answers_version += 1
 
     async def save_answer(self, live: LiveRound, gen: Generation, report: dict[str, Any] | None) -> dict[str, Any]:
-        """Write an answer's metrics row: on `complete` (with its report), or rescued at stop."""
+        """Write an answer's metrics row and its event: on `complete` (with its report), or rescued at stop."""
         metrics = generation_metrics(live, gen, report)
-        await self.db.run(save_metrics, metrics)
+        pid = gen.participant_id
+        if report is None:
+            event = self.event("generation_rescued", target=("participant", pid),
+                               metadata={"roundIndex": live.index, "tokens": len(gen.tokens)})
+        else:
+            event = self.event("generation_completed", actor=("participant", pid), target=("round", live.id),
+                               metadata={"roundIndex": live.index, "tokens": metrics["tokens"],
+                                         "durationMs": metrics["durationMs"],
+                                         "latencyFirstTokenMs": metrics["latencyFirstTokenMs"],
+                                         "tpsAvg": metrics["tpsAvg"]})
+        await self.db.run(save_metrics, metrics, events=[event])
         self.answers_version += 1
         gen.saved, gen.stale = True, False
         gen.completed = gen.completed or report is not None
         return metrics
 
     async def rescue(self, live: LiveRound) -> None:
-        """Save every answer that streamed tokens but never completed (the runner dropped)."""
+        """Save every answer that streamed tokens but never completed (the runner dropped).
+
+        An answer that cannot be written is set aside, so that the others are saved and the round
+        can stop; a database failure is raised (the host's request then says so).
+        """
+        refused = False
         for gen in live.generations.values():
             if gen.tokens and not gen.saved:
-                await self.save_answer(live, gen, None)
+                try:
+                    await self.save_answer(live, gen, None)
+                except Exception as exc:
+                    if is_database_failure(exc):
+                        raise
+                    self.writers.refuse("answers", f"the answer of {gen.participant_id!r}", exc)
+                    refused = True
+                    continue
                 log.info("Flushed buffered tokens for %s: %d tokens", loggable(gen.participant_id), len(gen.tokens))
-                self.event("generation_rescued", "system", None, "participant", gen.participant_id,
-                           {"roundIndex": live.index, "tokens": len(gen.tokens)})
+        if not refused:
+            self.writers.ok("answers")
 
     async def snapshot(self) -> dict[str, Any] | None:
         """The state a screen needs when it (re)connects."""
@@ -1736,8 +1916,8 @@ class Server:
             del self.hub.runners[pid]
             log.info("WS_DISCONNECTED %s", loggable(pid))
             self.hub.publish_screens(msg_participant_disconnected(pid))
-            self.db.submit(set_connected, pid, False)
-            self.event("participant_disconnected", "participant", pid, "participant", pid)
+            self.db.submit(set_connected, pid, False, events=[
+                self.event("participant_disconnected", actor=("participant", pid), target=("participant", pid))])
 
 
 # =============================================================================
@@ -1843,9 +2023,11 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         holder = server.hub.runners.get(pid)
         elsewhere = holder is not None and holder is not peer and holder.address != peer.address
         secret = secrets.token_urlsafe(16)
-        row = await server.db.run(claim_participant, session.id, {**m, "nickname": m["nickname"] or pid},
-                                  sha256_hex(secret), peer.address, elsewhere,
-                                  server.config.max_participants)
+        nickname = m["nickname"] or pid
+        row = await server.db.run(claim_participant, session.id, {**m, "nickname": nickname}, sha256_hex(secret),
+                                  peer.address, elsewhere, server.config.max_participants, events=[
+            server.event("participant_registered", actor=("participant", pid), target=("participant", pid),
+                         metadata={"nickname": nickname, "runner": m["runner"], "model": m["model"]})])
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
     reply = {"type": "registered", "session_id": session.id, "participant_id": pid, "resume_secret": secret}
@@ -1856,8 +2038,6 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     peer.send_json(reply)
     log.info("WS_REGISTERED %s", loggable(pid))
     server.hub.publish_screens(msg_participant_registered(row))
-    server.event("participant_registered", "participant", pid, "participant", pid,
-                 {"nickname": row["nickname"], "runner": row["runner"], "model": row["model"]})
 
 
 async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
@@ -1879,8 +2059,9 @@ async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
                                     config.max_answer_chars)
     if gen is None:
         return                                          # a duplicate seq: already shown
-    if len(gen.tokens) == 1:
-        server.event("first_token_received", "participant", pid, metadata={"round": m["round"]})
+    if len(gen.tokens) == 1:                            # saved with the token, by the next flush
+        server.arena.unsaved_events.append(
+            server.event("first_token_received", actor=("participant", pid), metadata={"round": m["round"]}))
     server.hub.publish_screens({"type": "token_update", "participant_id": pid, "round": m["round"], "seq": m["seq"],
                                 "content": m["content"], "total_tokens": len(gen.tokens)}, tokens=True)
 
@@ -1894,16 +2075,14 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         metrics = await server.save_answer(live, live.generation(pid), report)
     log.info("WS_COMPLETE %s round %d: %d tokens", loggable(pid), live.index, metrics["tokensReceived"])
     server.hub.publish_screens(msg_completion(live.index, metrics))
-    server.event("generation_completed", "participant", pid, "round", live.id,
-                 {"roundIndex": live.index, "tokens": metrics["tokens"], "durationMs": metrics["durationMs"],
-                  "latencyFirstTokenMs": metrics["latencyFirstTokenMs"], "tpsAvg": metrics["tpsAvg"]})
 
 
 async def on_error(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
     log.warning("runner %s reported %s: %s", loggable(pid), loggable(m["code"]), loggable(m["message"]))
-    server.event("generation_failed", "participant", pid, "participant", pid,
-                 {"round": m["round"], "code": m["code"], "message": m["message"]})
+    server.db.submit(record_events, [
+        server.event("generation_failed", actor=("participant", pid), target=("participant", pid),
+                     metadata={"round": m["round"], "code": m["code"], "message": m["message"]})])
 
 
 ON_MESSAGE: dict[str, tuple[tuple[Field, ...], Callable[[Server, Peer, dict[str, Any]], Awaitable[None]]]] = {
@@ -2065,9 +2244,11 @@ async def session_round(server: Server, round_id: str) -> dict[str, Any]:
 # --- session and presence ----------------------------------------------------
 
 async def get_health(server: Server, request: web.Request, p: Params) -> web.Response:
+    writers = server.writers.report()
+    failing = next((f"{name} writer: {what}" for name, what in writers.items() if what != "ok"), None)
     return json_response({"status": "ok", "timestamp": now_ms(), "version": __version__,
-                          "database": server.db.error or "ok", "database_restored_at": iso(server.db.restored_at),
-                          "connections": len(server.hub.peers)})
+                          "database": server.db.error or failing or "ok", "database_restored_at": iso(server.db.restored_at),
+                          "connections": len(server.hub.peers), "writers": writers, "refused": server.writers.refused})
 
 
 async def post_session(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2080,8 +2261,10 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         if live is not None:
             await server.rescue(live)
         await server.flush()
-        row = await server.db.run(create_session, pin, pin_hash.decode())
         sent_away = list(hub.runners.values())
+        row = await server.db.run(create_session, pin, pin_hash.decode(), events=lambda row: [
+            event_row(row["id"], "session_created", actor=ADMIN,
+                      metadata={"disconnectedPreviousParticipants": len(sent_away)})])
         hub.runners.clear()
         # This server just made the PIN: registers compare against it instead of paying bcrypt.
         arena.start_session(row).known_pin = pin
@@ -2089,7 +2272,6 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         peer.participant_id = None
         peer.send_json(msg_error("A new session started; reconnect with the new PIN.", "SESSION_ENDED"))
         peer.close(WSCloseCode.OK, "session ended")
-    server.event("session_created", "admin", metadata={"disconnectedPreviousParticipants": len(sent_away)})
     hub.publish_screens(await server.snapshot())
     return json_response({"session_id": row["id"], "id": row["id"], "pin": pin, "created_at": iso(row["createdAt"]),
                           "status": "active", "disconnected_participants": len(sent_away)})
@@ -2117,7 +2299,8 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
     pid = p["participant_id"]
     async with server.arena.lock:
         session = server.arena.require_session()
-        await server.db.run(kick_participant, session.id, pid)
+        await server.db.run(kick_participant, session.id, pid, events=[
+            server.event("participant_kicked", actor=ADMIN, target=("participant", pid))])
         session.kicked.add(pid)
         peer = server.hub.runners.pop(pid, None)
     if peer is not None:
@@ -2125,7 +2308,6 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         peer.send_json(msg_error("The host removed you from this session", "KICKED"))
         peer.close(WSCloseCode.POLICY_VIOLATION, "kicked by the host")
         server.hub.publish_screens(msg_participant_disconnected(pid))
-    server.event("participant_kicked", "admin", None, "participant", pid)
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
 
 
@@ -2133,8 +2315,8 @@ async def post_participants_release(server: Server, request: web.Request, p: Par
     """Let any runner with the PIN take this id (its laptop changed); a connection holding it keeps it."""
     pid = p["participant_id"]
     async with server.arena.lock:                       # not between a register's check and its write
-        await server.db.run(release_participant, pid)
-    server.event("participant_released", "admin", None, "participant", pid)
+        await server.db.run(release_participant, pid, events=[
+            server.event("participant_released", actor=ADMIN, target=("participant", pid))])
     return json_response({"status": "ok", "participant_id": pid, "connected": pid in server.hub.runners})
 
 
@@ -2142,10 +2324,12 @@ async def post_participants_release(server: Server, request: web.Request, p: Par
 
 async def post_rounds(server: Server, request: web.Request, p: Params) -> web.Response:
     async with server.arena.lock:
-        row = await server.db.run(create_round, server.arena.require_session().id, p)
-    server.event("round_created", "admin", None, "round", row["id"],
-                 {"index": row["index"], "prompt": row["prompt"], "maxTokens": row["maxTokens"],
-                  "temperature": row["temperature"], "deadlineMs": row["deadlineMs"], "svgMode": p["svg_mode"]})
+        session_id = server.arena.require_session().id
+        row = await server.db.run(create_round, session_id, p, events=lambda row: [
+            event_row(session_id, "round_created", actor=ADMIN, target=("round", row["id"]),
+                      metadata={"index": row["index"], "prompt": row["prompt"], "maxTokens": row["maxTokens"],
+                                "temperature": row["temperature"], "deadlineMs": row["deadlineMs"],
+                                "svgMode": p["svg_mode"]})])
     return json_response(round_json(row))
 
 
@@ -2160,13 +2344,13 @@ async def post_rounds_start(server: Server, request: web.Request, p: Params) -> 
         if running is not None:
             raise Conflict(f"Round {running.index} is still running; stop it first")
         await server.flush()                            # the previous round leaves memory only once saved
-        row = await server.db.run(update_round, row["id"], {"startedAt": now_ms()})
+        row = await server.db.run(update_round, row["id"], {"startedAt": now_ms()}, events=[
+            server.event("round_started", actor=ADMIN, target=("round", row["id"]), metadata={"index": row["index"]})])
         arena.start_round(row)
     session_id = arena.require_session().id
     server.hub.publish_runners(msg_challenge(session_id, row))
     server.hub.publish_screens({"type": "round_started", "round": row["index"], "session_id": session_id})
     await server.publish_round(row)
-    server.event("round_started", "admin", None, "round", row["id"], {"index": row["index"]})
     return json_response(round_json(row))
 
 
@@ -2184,11 +2368,13 @@ async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> w
         if row["endedAt"] is not None:
             raise Conflict("Round already ended")
         await server.rescue(arena.rounds[row["index"]])
-        row = await server.db.run(update_round, row["id"], {"endedAt": now_ms(), "votingStatus": "open"})
-        await server.publish_round(row)
         answers = len(await server.db.run(round_metrics, row["id"]))
-    server.event("round_stopped", "admin", None, "round", row["id"], {"index": row["index"], "responses": answers})
-    server.event("voting_opened", "system", None, "round", row["id"])
+        target = ("round", row["id"])
+        row = await server.db.run(update_round, row["id"], {"endedAt": now_ms(), "votingStatus": "open"}, events=[
+            server.event("round_stopped", actor=ADMIN, target=target, metadata={"index": row["index"],
+                                                                               "responses": answers}),
+            server.event("voting_opened", target=target)])
+        await server.publish_round(row)
     return json_response(round_json(row))
 
 
@@ -2230,43 +2416,45 @@ async def get_round_responses(server: Server, request: web.Request, p: Params) -
 
 # --- voting and the reveal -------------------------------------------------------
 
-async def change_round(server: Server, round_id: str | None, check: Callable[[dict[str, Any], int], dict[str, Any]],
+Change = tuple[dict[str, Any], dict[str, Any] | None]        # the columns to change, and the event's metadata
+
+
+async def change_round(server: Server, round_id: str | None, check: Callable[[dict[str, Any], int], Change],
                        event_type: str) -> web.Response:
-    """One step of the voting ceremony: `check` vets the round and names the columns to change."""
+    """One step of the voting ceremony: `check` vets the round and says what to change and record."""
     async with server.arena.lock:
         session = server.arena.require_session()
         row = await (session_round(server, round_id) if round_id else server.db.run(voting_round, session.id))
         answers = len(await server.db.run(round_metrics, row["id"]))
-        row = await server.db.run(update_round, row["id"], check(row, answers))
+        changes, metadata = check(row, answers)
+        row = await server.db.run(update_round, row["id"], changes, events=[
+            server.event(event_type, actor=ADMIN, target=("round", row["id"]), metadata=metadata)])
         await server.publish_round(row)
-    metadata = None
-    if event_type == "position_revealed":
-        metadata = {"position": answers - row["revealedCount"] + 1, "revealedCount": row["revealedCount"],
-                    "totalParticipants": answers}
-    server.event(event_type, "admin", None, "round", row["id"], metadata)
     return json_response(round_json(row))
 
 
-def closing_vote(row: dict[str, Any], answers: int) -> dict[str, Any]:
+def closing_vote(row: dict[str, Any], answers: int) -> Change:
     if row["votingStatus"] != "open":
         raise Conflict("Voting is not open for this round")
-    return {"votingStatus": "closed"}
+    return {"votingStatus": "closed"}, None
 
 
-def starting_reveal(row: dict[str, Any], answers: int) -> dict[str, Any]:
+def starting_reveal(row: dict[str, Any], answers: int) -> Change:
     if row["endedAt"] is None:
         raise Conflict("The round has not ended yet")
     if row["votingStatus"] == "open":
         raise Conflict("Close voting before the reveal")
-    return {"votingStatus": "revealed", "revealedCount": 0}
+    return {"votingStatus": "revealed", "revealedCount": 0}, None
 
 
-def revealing_next(row: dict[str, Any], answers: int) -> dict[str, Any]:
+def revealing_next(row: dict[str, Any], answers: int) -> Change:
     if row["votingStatus"] != "revealed":
         raise Conflict("Start the reveal first")
     if row["revealedCount"] >= answers:
         raise Conflict("Every position is already revealed")
-    return {"revealedCount": row["revealedCount"] + 1}
+    revealed = row["revealedCount"] + 1
+    return {"revealedCount": revealed}, {"position": answers - revealed + 1, "revealedCount": revealed,
+                                         "totalParticipants": answers}
 
 
 async def post_close_voting(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2370,6 +2558,7 @@ async def get_export_csv(server: Server, request: web.Request, p: Params) -> web
 
 
 async def get_export_events_csv(server: Server, request: web.Request, p: Params) -> web.Response:
+    await server.flush()                                # first_token_received is saved with its token
     session_id = await server.db.run(find_session, p["session_id"])
     rows = await server.db.run(session_events, session_id)
     return attachment(csv_text(EVENT_COLUMNS, EVENT_COLUMNS, rows, True), "text/csv", f"events-{session_id}.csv")
@@ -2404,7 +2593,8 @@ ROUND_ID = Field("round_id", str, True, high=MAX_TEXT, doc="a round's id")
 SESSION_ID = Field("session_id", str, high=MAX_TEXT, doc="a session's id (default: the active one)")
 
 ROUTES = (
-    Route("GET", "/health", get_health, "Liveness, version and database state."),
+    Route("GET", "/health", get_health, "Liveness, version, database state and how each background writer "
+          "fares."),
     Route("POST", "/session", post_session, "Start a new session with a new PIN; ends the previous one "
           "and disconnects its runners.", True,
           (Field("pin_length", int, low=4, high=12, doc="digits in the PIN (default: PIN_LENGTH)"),)),
@@ -2653,22 +2843,34 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
     return await handler(request)
 
 
-async def repeat(interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+async def repeat(interval_s: float, action: Callable[[], Awaitable[None]], writer: str, writers: Writers) -> None:
+    """Run `action` every `interval_s` until cancelled; a failure is logged and shown on /health, and the
+    loop goes on (one bad turn must not end the saving or the heartbeat for the rest of the evening)."""
+    failing = False
     while True:
         await asyncio.sleep(interval_s)
-        await action()
+        try:
+            await action()
+        except Exception as exc:
+            writers.failed(writer, failure_text(exc))
+            failing = True
+        else:
+            if failing:             # clear only what this loop reported: `action` may report on its own
+                writers.ok(writer)
+            failing = False
 
 
 async def running_server(app: web.Application) -> Any:
     """Open the database and resume, run the background loops, and save everything at exit."""
     server = app[server_key]
-    server.db = Database(server.config.database)
+    server.db = Database(server.config.database, server.writers)
     server.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
     server.own_addresses.update(await asyncio.to_thread(lan_addresses))
     await server.load()
-    loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush)),
-             asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive)),
-             asyncio.create_task(repeat(DB_FILE_CHECK_S, server.db.keep_file))]
+    loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush, "tokens", server.writers)),
+             asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive, "heartbeat",
+                                        server.writers)),
+             asyncio.create_task(repeat(DB_FILE_CHECK_S, server.db.keep_file, "database file", server.writers))]
     yield
     for task in loops:
         task.cancel()

@@ -558,11 +558,12 @@ async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
 
 
 async def test_health_shape(room: Room) -> None:
-    """GET /health: status, server clock, version, database state (and when its file was last written back)
-    and connection count."""
-    assert await room.host.call("GET", "/health") == {"status": "ok", "timestamp": MS, "version": gs.__version__,
-                                                     "database": "ok", "database_restored_at": None,
-                                                     "connections": 0}
+    """GET /health: status, server clock, version, database state (and when its file was last written back),
+    connection count, and how each background writer fares."""
+    assert await room.host.call("GET", "/health") == {
+        "status": "ok", "timestamp": MS, "version": gs.__version__, "database": "ok", "database_restored_at": None,
+        "connections": 0, "refused": [],
+        "writers": {"tokens": "ok", "answers": "ok", "votes": "ok", "events": "ok", "heartbeat": "ok"}}
 
 
 async def test_new_session_shape(room: Room) -> None:
@@ -3009,6 +3010,190 @@ async def test_a_screen_that_stops_reading_is_dropped_and_slows_no_one(
     assert shown == list(enumerate(words))[:len(shown)] and len(shown) < len(words)
 
 
+# --- attack: writers and transactions -------------------------------------------------
+
+def events_of(database: Path, session_id: str) -> list[tuple[str, str | None]]:
+    return [(e["eventType"], e["targetId"]) for e in
+            db_rows(database, "SELECT eventType, targetId FROM event_logs WHERE sessionId = ?", session_id)]
+
+
+async def test_every_acknowledged_action_has_its_event_row_even_after_kill_9(
+        server_process: Any, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """kill -9 right after each acknowledged action, then restart: the action's event row is on disk, every time."""
+    database = tmp_path / "arena.db"
+
+    async def then_kill(act: Callable[[Room], Any]) -> Any:
+        process = server_process()
+        room = Room(process.start(), http)
+        try:
+            return await act(room)
+        finally:
+            process.stop(signal.SIGKILL)
+            await room.close()
+
+    async def runner_in(room: Room) -> Runner:
+        return await room.runner("ana", pin)
+
+    async def start(room: Room) -> None:
+        ana = await runner_in(room)
+        await room.host.start(rnd["id"])
+        await ana.recv("challenge")
+
+    async def answer_and_stop(room: Room) -> None:
+        ana = await runner_in(room)
+        await ana.stream(rnd["index"], WORDS)
+        await ana.complete(rnd["index"], len(WORDS))
+        await ana.sync()
+        await room.host.stop(rnd["id"])
+
+    def host_step(step: str) -> Callable[[Room], Any]:
+        return lambda room: room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
+
+    for _ in range(2):
+        pin = await then_kill(lambda room: room.host.new_session())
+        [session] = db_rows(database, "SELECT id FROM sessions WHERE status = 'active'")
+        rnd = await then_kill(lambda room: room.host.new_round())
+        await then_kill(runner_in)
+        await then_kill(start)
+        await then_kill(answer_and_stop)
+        await then_kill(lambda room: room.host.vote(rnd["id"], "ana", 5, "v1"))
+        for step in ("close-voting", "reveal", "reveal-next"):
+            await then_kill(host_step(step))
+        await then_kill(lambda room: room.host.call("POST", "/participants/kick", {"participantId": "ana"}))
+        recorded = events_of(database, session["id"])
+        for event in [("session_created", None), ("round_created", rnd["id"]), ("participant_registered", "ana"),
+                      ("round_started", rnd["id"]), ("generation_completed", rnd["id"]), ("round_stopped", rnd["id"]),
+                      ("voting_opened", rnd["id"]), ("vote_cast", "ana"), ("voting_closed", rnd["id"]),
+                      ("reveal_started", rnd["id"]), ("position_revealed", rnd["id"]),
+                      ("participant_kicked", "ana")]:
+            assert event in recorded, (event, recorded)
+        tokens = db_rows(database, "SELECT COUNT(*) AS n FROM tokens WHERE roundId = ?", rnd["id"])[0]["n"]
+        assert (("first_token_received", None) in recorded) == (tokens > 0)       # saved with its token
+
+
+# Loaded by the server process at start-up (as sitecustomize): its sqlite connections fail, with an
+# exception of a kind the server was never told about, on any statement given a value holding MARK.
+SABOTAGE = '''
+import sqlite3
+
+MARK = "\\N{BOMB}"
+
+
+class Sabotage(Exception):
+    pass
+
+
+def check(values):
+    if any(isinstance(v, str) and MARK in v for v in (values.values() if isinstance(values, dict) else values)):
+        raise Sabotage("this value cannot be stored")
+
+
+class SabotagedConnection(sqlite3.Connection):
+    def execute(self, sql, values=()):
+        check(values)
+        return super().execute(sql, values)
+
+    def executemany(self, sql, rows):
+        rows = list(rows)
+        for values in rows:
+            check(values)
+        return super().executemany(sql, rows)
+
+
+connect = sqlite3.connect
+sqlite3.connect = lambda *args, **kwargs: connect(*args, factory=SabotagedConnection, **kwargs)
+'''
+BOMB = "\N{BOMB}"
+
+
+async def test_writers_set_aside_what_they_cannot_write_and_lose_nothing_else(
+        server_process: Any, http: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values no statement can store, sent among honest ones: each is set aside alone and named on /health and in
+    the log; every other token, vote and event is saved, the writers go on, and SIGTERM saves all and exits 0."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SABOTAGE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    database = tmp_path / "arena.db"
+    process = server_process("--flush-interval", "60")             # one batch, written when the host asks
+    room = Room(process.start(), http)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana, bia, eve = [await room.runner(name, pin) for name in ("ana", "bia", "eve")]
+    rnd = await running_round(room, ana, bia, eve)
+    sent = {"ana": WORDS, "bia": WORDS[::-1], "eve": ["a ", f"{BOMB} ", "b "]}
+    for runner in (ana, eve, bia):
+        await runner.stream(1, sent[runner.participant_id])
+    shown = [await screen.recv("token_update") for _ in range(13)]
+    for name, words in sent.items():                               # screens get every token as sent
+        assert tokens_of(shown, name) == list(enumerate(words))
+    await room.host.call("GET", "/export.csv")                      # the batch is written
+    saved = {name: [row["content"] for row in db_rows(
+        database, "SELECT content FROM tokens WHERE participantId = ? ORDER BY seq", name)] for name in sent}
+    assert saved == {"ana": WORDS, "bia": WORDS[::-1], "eve": ["a ", "b "]}
+    health = await room.host.call("GET", "/health")
+    assert health["refused"] == ["tokens: could not write token 1 of 'eve', set it aside: "
+                                 "Sabotage: this value cannot be stored"]
+    assert "Sabotage" in health["writers"]["tokens"] and "Sabotage" in health["database"]
+
+    await ana.stream(1, ["mais"], start=len(WORDS))                # the next batch is written, and clean
+    await ana.sync()
+    await room.host.call("GET", "/export.csv")
+    assert saved_token_count(database, "ana") == len(WORDS) + 1
+    assert (await room.host.call("GET", "/health"))["writers"]["tokens"] == "ok"
+    await ana.complete(1, len(WORDS) + 1)
+    await bia.complete(1, len(WORDS))
+    await bia.sync()
+    await room.host.stop(rnd["id"])                                 # eve's answer holds the bomb: set aside
+    health = await room.host.call("GET", "/health")
+    assert health["refused"][-1] == ("answers: could not write the answer of 'eve', set it aside: "
+                                     "Sabotage: this value cannot be stored")
+    vote = {"roundId": rnd["id"], "participantId": "ana", "score": 5}
+    votes = await asyncio.gather(*[room.host.status("POST", "/votes", {**vote, "voterId": f"v{n}"}) for n in range(6)],
+                                 room.host.status("POST", "/votes", {**vote, "voterId": "x", "userAgent": BOMB}))
+    assert [status for status, _ in votes] == [200] * 6 + [500] and votes[-1][1]["code"] == "INTERNAL"
+    assert len(db_rows(database, "SELECT id FROM votes")) == 6
+    await eve.send({"type": "error", "round": 1, "code": "GENERATION_FAILED", "message": BOMB})
+    health = await get_when(room, "/health", lambda h: h["writers"]["events"] != "ok")
+    assert health["refused"][-1] == ("events: could not write record_events, set it aside: "
+                                     "Sabotage: this value cannot be stored")
+
+    rnd = await running_round(room, ana, bia, prompt="De novo")
+    await ana.stream(2, WORDS)
+    await bia.stream(2, WORDS)
+    await bia.sync()
+    process.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.process.wait, 10) == 0
+    log_text = process.process.stderr.read()
+    process.process.stdout.close()
+    process.process.stderr.close()
+    assert "tokens writer: could not write token 1 of 'eve', set it aside: Sabotage" in log_text
+    assert "answers writer: could not write the answer of 'eve', set it aside: Sabotage" in log_text
+    assert [row["content"] for row in db_rows(database, "SELECT content FROM tokens WHERE roundId = ? ORDER BY "
+                                              "participantId, seq", rnd["id"])] == WORDS + WORDS
+    answers = db_rows(database, "SELECT participantId, generatedContent FROM metrics ORDER BY participantId")
+    assert answers == [{"participantId": "ana", "generatedContent": "".join(WORDS) + "mais"},
+                       {"participantId": "bia", "generatedContent": "".join(WORDS[::-1])}]
+    await room.close()
+
+
+async def test_a_periodic_task_outlives_its_failures() -> None:
+    """A failing turn of a background loop is reported, the loop goes on, and the report clears once it works."""
+    writers, turns, broken = gs.Writers(), [], [True]
+
+    async def heartbeat() -> None:
+        turns.append(broken[0])
+        if broken[0]:
+            raise LookupError("no such peer")
+    loop = asyncio.create_task(gs.repeat(0.001, heartbeat, "heartbeat", writers))
+    try:
+        await eventually(lambda: len(turns) > 2, "more turns after the first failure")
+        assert writers.report()["heartbeat"] == "LookupError: no such peer"
+        broken[0] = False
+        await eventually(lambda: writers.report()["heartbeat"] == "ok", "working again")
+    finally:
+        loop.cancel()
+
+
 # --- bounded resources -----------------------------------------------------------
 
 async def test_websocket_connections_per_address_are_capped_except_for_the_host(make_room: Any) -> None:
@@ -3965,13 +4150,23 @@ def test_a_batch_of_votes_refuses_each_bad_vote_on_its_own_and_numbers_the_rest(
         # voteOrder goes on from the counts remembered, and from the database once they are forgotten
         assert gs.cast_votes(conn, [{**vote, "participant_id": "bia"}], counts)[0]["voteOrder"] == 2
         assert gs.cast_votes(conn, [{**vote, "participant_id": "caio"}], gs.VoteCounts())[0]["voteOrder"] == 3
-        # a batch the database refuses leaves no trace, in the votes or in the counts
-        conn.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON event_logs BEGIN SELECT RAISE(ABORT, 'disk'); END")
+        # a vote that cannot be written (here its event) is undone alone, in the votes and in the counts
+        conn.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON event_logs WHEN NEW.actorId = 'v2' "
+                     "BEGIN SELECT RAISE(ABORT, 'refused'); END")
         second = {**vote, "voter_hash": "v2", "participant_id": "bia"}
-        with pytest.raises(sqlite3.Error):
-            gs.cast_votes(conn, [second], counts)
+        results = gs.cast_votes(conn, [second, {**vote, "voter_hash": "v3"}], counts)
+        assert isinstance(results[0], sqlite3.IntegrityError) and results[1]["voteOrder"] == 1
         conn.execute("DROP TRIGGER refuse")
         assert gs.cast_votes(conn, [second], counts)[0]["voteOrder"] == 2
+        # a batch the database itself refuses leaves no trace in the counts either
+        conn.commit()
+        third = {**vote, "voter_hash": "v2", "participant_id": "caio"}
+        conn.execute("PRAGMA query_only = ON")
+        with pytest.raises(sqlite3.OperationalError):
+            gs.cast_votes(conn, [third], counts)
+        conn.rollback()
+        conn.execute("PRAGMA query_only = OFF")
+        assert gs.cast_votes(conn, [third], counts)[0]["voteOrder"] == 3
     finally:
         conn.close()
 
