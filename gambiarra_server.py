@@ -152,7 +152,8 @@ class Config:
                                     parse=listen_addresses)
     port: int = option(3000, "PORT", "TCP port (0: any free port)", low=0, high=65535)
     database: Path = option(HERE / "gambiarra.db", "DATABASE_URL",
-                            "SQLite file: a path, sqlite:///path or file:path", parse=database_path)
+                            "SQLite file: a path, sqlite:///path, sqlite+<driver>:///path or file:path",
+                            parse=database_path)
     cors_origins: tuple[str, ...] = option(("*",), "CORS_ORIGINS", "browser origins allowed, comma-separated")
     pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN", low=MIN_PIN_LENGTH,
                              high=MAX_PIN_LENGTH)
@@ -254,17 +255,13 @@ def warn_unknown_keys(dotenv: dict[str, str], path: Path) -> None:
             log.warning("%s: %s is not a setting%s; ignored", path, key, f" (did you mean {guess[0]}?)" if guess else "")
 
 
-def number(text: str, kind: type, low: float | None, high: float | None) -> float:
-    allowed = "a whole number" if kind is int else "a number"
-    if low is not None and high is not None:
-        allowed += f" from {low:,} to {high:,}"
-    try:
-        value = kind(text.strip())
-    except ValueError:
-        raise ValueError(allowed) from None
-    if not (low is None or value >= low) or not (high is None or value <= high):     # NaN fails both
-        raise ValueError(allowed)
-    return value
+def allowed(f: Any) -> str:
+    """What the number or true/false Config field `f` accepts, for --help and for refusing a value."""
+    low, high = f.metadata["low"], f.metadata["high"]
+    if isinstance(f.default, bool):
+        return "one of " + ", ".join(BOOLEANS)
+    kind = "a whole number" if isinstance(f.default, int) else "a number"
+    return kind + (f" from {low:,} to {high:,}" if low is not None and high is not None else "")
 
 
 def setting_value(f: Any, text: str) -> Any:
@@ -272,15 +269,21 @@ def setting_value(f: Any, text: str) -> Any:
 
     The one check for flags, environment variables and .env lines alike.
     """
-    default, meta = f.default, f.metadata
-    if meta["parse"]:
-        return meta["parse"](text)
+    default, low, high = f.default, f.metadata["low"], f.metadata["high"]
+    if f.metadata["parse"]:
+        return f.metadata["parse"](text)
     if isinstance(default, bool):
         if text.strip().lower() not in BOOLEANS:
-            raise ValueError("one of " + ", ".join(BOOLEANS))
+            raise ValueError(allowed(f))
         return BOOLEANS[text.strip().lower()]
     if isinstance(default, (int, float)):
-        return number(text, type(default), meta["low"], meta["high"])
+        try:
+            value = type(default)(text.strip())
+        except ValueError:
+            raise ValueError(allowed(f)) from None
+        if not (low is None or value >= low) or not (high is None or value <= high):     # NaN fails both
+            raise ValueError(allowed(f))
+        return value
     if isinstance(default, tuple):
         return comma_list(text)
     if isinstance(default, Path):
@@ -312,8 +315,9 @@ def parse_config(argv: list[str]) -> Config:
         if isinstance(default, bool):
             parser.add_argument(flag_name(env), dest=f.name, action="store_const", const="1", help=f"{doc} [{env}]")
         else:
+            limits = f"; {allowed(f)}" if isinstance(default, (int, float)) else ""
             parser.add_argument(flag_name(env), dest=f.name, metavar=env,
-                                help=f"{doc} [{env}; default: {shown or 'none'}]")
+                                help=f"{doc} [{env}; default: {shown or 'none'}{limits}]")
     flags = vars(parser.parse_args(argv))
     values = {}
     for f in fields(Config):
