@@ -111,6 +111,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 
 def listen_addresses(text: str) -> tuple[str, ...]:
+    """HOST: with no address the server would start and listen nowhere."""
     addresses = comma_list(text)
     if not addresses:
         raise ValueError("at least one address to listen on, such as 0.0.0.0 or 127.0.0.1")
@@ -118,6 +119,7 @@ def listen_addresses(text: str) -> tuple[str, ...]:
 
 
 def networks(text: str) -> tuple[str, ...]:
+    """HOST_ADDRESSES, checked now rather than when the app is made (a traceback)."""
     items = comma_list(text)
     try:
         for item in items:
@@ -209,6 +211,7 @@ PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of 
 # Phones (and world screens) show no tokens, so what they get can wait this long
 # and go out together: 200 runners joining at once is 200 messages per phone.
 UNHURRIED_FLUSH_S = 0.05
+
 # Keys of the club's own .env.example that mean nothing here: named once at start-up.
 CLUB_ONLY_KEYS = ("ENVIRONMENT", "SESSION_TIMEOUT_MS", "MDNS_HOSTNAME")
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -221,6 +224,7 @@ def fail(message: str) -> NoReturn:
 
 
 def missing(module: str, pip: str, uv: str) -> NoReturn:
+    """Say that `module` is not installed, with the pip command and the uv one that would run this anyway."""
     fail(f"{module} is not installed for {sys.executable}: pip install {pip}   (or: uv run {uv})")
 
 
@@ -3915,7 +3919,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config))
-
 
 
 # =============================================================================

@@ -1971,12 +1971,13 @@ def post_session(banner: dict[str, str]) -> dict[str, Any]:
         return json.load(response)
 
 
-def test_the_embedded_schema_is_schema_sql() -> None:
-    """The file carries schema.sql's text for when it runs alone; when the two differ, this says what to paste."""
+def test_the_embedded_schema_is_schema_sql(tmp_path: Path) -> None:
+    """The file carries schema.sql's text for when it runs alone; when the two differ, this writes what to paste."""
     text = (HERE / "schema.sql").read_text()
     assert "\\" not in text and '"""' not in text, "schema.sql must stay pastable into a plain triple-quoted string"
-    assert gs.SCHEMA_SQL == text, ("schema.sql changed: replace SCHEMA_SQL at the end of gambiarra_server.py "
-                                   f'with these lines:\n\nSCHEMA_SQL = """\\\n{text}"""\n')
+    paste = tmp_path / "SCHEMA_SQL.py"
+    paste.write_text(f'SCHEMA_SQL = """\\\n{text}"""\n')
+    assert gs.SCHEMA_SQL == text, f"schema.sql changed: replace SCHEMA_SQL in gambiarra_server.py with all of {paste}"
 
 
 def test_the_file_alone_in_an_empty_folder_runs(alone: Path) -> None:
