@@ -3878,8 +3878,8 @@ async def serve(config: Config) -> None:
         try:
             await web.TCPSite(runner, host, config.port).start()
             listening.append(host)
-        except OSError as exc:
-            refused[host] = os.strerror(exc.errno) if exc.errno else str(exc)
+        except OSError as exc:      # asyncio words a busy port at length; the system's words say it
+            refused[host] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     if not listening:
         await runner.cleanup()
         fail(f"could not listen on port {config.port} of {', '.join(refused)}: {'; '.join(set(refused.values()))}"
