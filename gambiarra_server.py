@@ -223,9 +223,9 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def missing(module: str, pip: str, uv: str) -> NoReturn:
-    """Say that `module` is not installed, with the pip command and the uv one that would run this anyway."""
-    fail(f"{module} is not installed for {sys.executable}: pip install {pip}   (or: uv run {uv})")
+def missing(modules: list[str], pip: str, uv: str) -> NoReturn:
+    """Name the modules this Python lacks, with the pip command and the uv one that would run this anyway."""
+    fail(f"not installed for {sys.executable}: {', '.join(modules)} (pip install {pip}, or: uv run {uv})")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -364,7 +364,8 @@ except ImportError as exc:
         raise
     if sys.argv[1:2] not in (["simulate"], ["bench"]):
         parse_config(sys.argv[1:])          # answers --help, or names a bad setting first
-    missing(exc.name or "aiohttp", "aiohttp bcrypt", sys.argv[0])
+    missing([name for name in ("aiohttp", "bcrypt") if importlib.util.find_spec(name) is None] or [str(exc.name)],
+            "aiohttp bcrypt", sys.argv[0])
 
 
 # =============================================================================
@@ -3910,7 +3911,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         if importlib.util.find_spec("websockets") is None:
-            missing("websockets", "websockets", f"--with websockets {sys.argv[0]} {argv[0]}")
+            missing(["websockets"], "websockets", f"--with websockets {sys.argv[0]} {argv[0]}")
         COMMANDS[argv[0]](argv[1:])
         return
     config = parse_config(argv)
