@@ -129,6 +129,17 @@ def networks(text: str) -> tuple[str, ...]:
     return items
 
 
+def origins(text: str) -> tuple[str, ...]:
+    """CORS_ORIGINS: a browser's Origin is compared as text, so `http://host:5173/` would never match."""
+    items = comma_list(text)
+    for item in items:
+        parts = urllib.parse.urlsplit(item)
+        if item not in ("*", "null") and (parts.scheme not in ("http", "https") or not parts.netloc
+                                          or item != f"{parts.scheme}://{parts.netloc}"):
+            raise ValueError("origins such as http://192.168.0.12:5173 (no path, no trailing /), or *")
+    return items
+
+
 def database_path(url: str) -> Path:
     """DATABASE_URL as a path: a plain path, sqlite:///path, sqlite+<driver>:///path or file:path."""
     url = re.sub(r"^sqlite\+\w+:", "sqlite:", url)      # SQLAlchemy names a driver (aiosqlite); the file is the same
@@ -156,7 +167,8 @@ class Config:
     database: Path = option(HERE / "gambiarra.db", "DATABASE_URL",
                             "SQLite file: a path, sqlite:///path, sqlite+<driver>:///path or file:path",
                             parse=database_path)
-    cors_origins: tuple[str, ...] = option(("*",), "CORS_ORIGINS", "browser origins allowed, comma-separated")
+    cors_origins: tuple[str, ...] = option(("*",), "CORS_ORIGINS", "browser origins allowed, comma-separated",
+                                           parse=origins)
     pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN", low=MIN_PIN_LENGTH,
                              high=MAX_PIN_LENGTH)
     admin_token: str = option("", "ADMIN_TOKEN", "token for host routes from other machines "

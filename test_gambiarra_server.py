@@ -2017,6 +2017,7 @@ def test_simulate_and_bench_without_websockets_say_so(alone: Path, command: str)
     ("PORT", "abc"), ("PORT", "70000"), ("PIN_LENGTH", "99"), ("PIN_LENGTH", "0"), ("BCRYPT_ROUNDS", "99"),
     ("FLUSH_INTERVAL", "nan"), ("RATE_LIMIT_WINDOW", "-1"), ("WS_MAX_PAYLOAD", "10"), ("TRUST_PROXY", "ture"),
     ("HOST", ","), ("HOST_ADDRESSES", "192.168.1/24"), ("DATABASE_URL", "postgresql://db/arena"),
+    ("CORS_ORIGINS", "http://localhost:5173/"),
     ("--port", "abc"), ("--bcrypt-rounds", "3")])
 def test_a_bad_setting_is_one_line_naming_it(alone: Path, setting: str, value: str) -> None:
     """An env var or flag out of range stops the start-up with one line holding its name as written, the
