@@ -267,8 +267,8 @@ def warn_unknown_keys(dotenv: dict[str, str], path: Path) -> None:
         log.warning("%s: %s (from the club's .env.example) not used by this server; ignored", path, ", ".join(club))
     for key in dotenv:
         if key not in known and key not in CLUB_ONLY_KEYS:
-            guess = difflib.get_close_matches(key, known, 1)
-            log.warning("%s: %s is not a setting%s; ignored", path, key, f" (did you mean {guess[0]}?)" if guess else "")
+            guess = "".join(f" (did you mean {name}?)" for name in difflib.get_close_matches(key, known, 1))
+            log.warning("%s: %s is not a setting%s; ignored", path, key, guess)
 
 
 def allowed(f: Any) -> str:
@@ -289,9 +289,9 @@ def setting_value(f: Any, text: str) -> Any:
     if f.metadata["parse"]:
         return f.metadata["parse"](text)
     if isinstance(default, bool):
-        if text.strip().lower() not in BOOLEANS:
+        if (word := text.strip().lower()) not in BOOLEANS:
             raise ValueError(allowed(f))
-        return BOOLEANS[text.strip().lower()]
+        return BOOLEANS[word]
     if isinstance(default, (int, float)):
         try:
             value = type(default)(text.strip())
@@ -311,16 +311,8 @@ def flag_name(env: str) -> str:
     return "--" + env.lower().replace("_", "-")
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Config from the flags, then the environment, then .env beside this file, then the defaults.
-
-    An empty value counts as unset. A bad value ends the start-up with one line naming the setting
-    as the host wrote it. A relative path in .env is relative to the .env's folder; elsewhere, to
-    the current folder.
-    """
-    dotenv_path = HERE / ".env"
-    dotenv = read_dotenv(dotenv_path)
-    warn_unknown_keys(dotenv, dotenv_path)
+def config_parser() -> argparse.ArgumentParser:
+    """A --flag per Config field; values stay text, for setting_value to check wherever they come from."""
     parser = argparse.ArgumentParser(
         description="Gambiarra arena server. Every option can also be set by the environment variable named "
                     "in its help, or in a .env file beside this script.",
@@ -334,12 +326,25 @@ def parse_config(argv: list[str]) -> Config:
             limits = f"; {allowed(f)}" if isinstance(default, (int, float)) else ""
             parser.add_argument(flag_name(env), dest=f.name, metavar=env,
                                 help=f"{doc} [{env}; default: {shown or 'none'}{limits}]")
-    flags = vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Config from the flags, then the environment, then .env beside this file, then the defaults.
+
+    An empty value counts as unset. A bad value ends the start-up with one line naming the setting
+    as the host wrote it. A relative path in .env is relative to the .env's folder; elsewhere, to
+    the current folder.
+    """
+    dotenv_path = HERE / ".env"
+    dotenv = read_dotenv(dotenv_path)
+    warn_unknown_keys(dotenv, dotenv_path)
+    flags = vars(config_parser().parse_args(argv))
     values = {}
     for f in fields(Config):
         env = f.metadata["env"]
         sources = ((flag_name(env), flags[f.name], Path.cwd()), (env, os.environ.get(env), Path.cwd()),
-                   (f"{env} (in {dotenv_path})", dotenv.get(env), HERE))
+                   (f"{env} (in {dotenv_path})", dotenv.get(env), dotenv_path.parent))
         for name, text, folder in sources:
             if text:
                 try:
@@ -374,7 +379,7 @@ try:
 except ImportError as exc:
     if __name__ != "__main__":
         raise
-    if sys.argv[1:2] not in (["simulate"], ["bench"]):
+    if sys.argv[1:2] not in (["simulate"], ["bench"]):      # the commands (COMMANDS) need the packages
         parse_config(sys.argv[1:])          # answers --help, or names a bad setting first
     missing([name for name in ("aiohttp", "bcrypt") if importlib.util.find_spec(name) is None] or [str(exc.name)],
             "aiohttp bcrypt", sys.argv[0])

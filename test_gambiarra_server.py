@@ -2085,6 +2085,7 @@ def test_the_clubs_env_example_beside_the_file_works(alone: Path, tmp_path: Path
     process, banner = start_server(alone, tmp_path)        # HOST and PORT come from the environment
     try:
         assert banner["database"] == str(alone.parent / "dev.db")
+        assert banner["listening on"].endswith(" of 127.0.0.1") and " 3000 " not in banner["listening on"]
         assert len(post_session(banner)["pin"]) == 8
     finally:
         errors = stop_server(process).splitlines()
