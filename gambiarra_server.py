@@ -245,7 +245,11 @@ def read_dotenv(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    for number, line in enumerate(text.splitlines(), 1):
         key, sep, value = line.strip().removeprefix("export ").partition("=")
         if key.startswith("#") or not (key or sep):
             continue

@@ -2097,12 +2097,17 @@ def test_the_clubs_env_example_beside_the_file_works(alone: Path, tmp_path: Path
 
 
 def test_dotenv_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """.env holds KEY=VALUE lines, with `export`, quotes and comments; a line that is none of these is named."""
+    """.env holds KEY=VALUE lines, with `export`, quotes and comments; a line that is none of these is named,
+    and a file that cannot be read stops the start-up."""
     dotenv = tmp_path / ".env"
     dotenv.write_text("# comment\nexport PIN_LENGTH=8\nPORT='4100'\nRATE_LIMIT_MAX = 20   # per minute\n"
                       'ADMIN_TOKEN="a # b"\n\nnonsense\n')
     assert gs.read_dotenv(dotenv) == {"PIN_LENGTH": "8", "PORT": "4100", "RATE_LIMIT_MAX": "20", "ADMIN_TOKEN": "a # b"}
     assert caplog.messages == [f"{dotenv} line 7 is not KEY=VALUE; ignored"]
+    dotenv.write_bytes(b"PORT=\xff\n")            # saved in another encoding
+    with pytest.raises(SystemExit) as stopped:
+        gs.read_dotenv(dotenv)
+    assert stopped.value.code == 2
 
 
 def test_a_port_in_use_says_so_and_suggests_another(alone: Path) -> None:
