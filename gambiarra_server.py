@@ -39,7 +39,7 @@ lists them all. The sections of this file, in order (``grep -n '^# =='``):
 
     Configuration, Errors, Helpers, Input fields, Store (sqlite), Live state,
     Messages, Hub (fan-out), The server, WebSocket, HTTP, Routes and docs, App,
-    Rehearsal (simulate and bench), Command line.
+    Rehearsal (simulate and bench), Command line, Schema.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import difflib
 import functools
 import gc
 import gzip
 import hashlib
 import hmac
 import html
+import importlib.util
 import io
 import ipaddress
 import json
@@ -79,11 +81,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import bcrypt
-from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
-                     WSServerHandshakeError, web)
+from typing import Any, NoReturn
 
 
 __version__ = "1.0.0"
@@ -98,57 +96,133 @@ HERE = Path(__file__).resolve().parent
 # Configuration
 # =============================================================================
 
-def option(default: Any, env: str, help: str) -> Any:
-    """A Config field with the environment variable (and so the --flag) that sets it."""
-    return field(default=default, metadata={"env": env, "help": help})
+def option(default: Any, env: str, help: str, *, low: float | None = None, high: float | None = None,
+           parse: Callable[[str], Any] | None = None) -> Any:
+    """A Config field with the environment variable (and so the --flag) that sets it.
+
+    A number declares the range it may take (see setting_value); `parse` replaces
+    the parsing its type implies, raising ValueError that says what is allowed.
+    """
+    return field(default=default, metadata={"env": env, "help": help, "low": low, "high": high, "parse": parse})
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def listen_addresses(text: str) -> tuple[str, ...]:
+    """HOST: with no address the server would start and listen nowhere."""
+    addresses = comma_list(text)
+    if not addresses:
+        raise ValueError("at least one address to listen on, such as 0.0.0.0 or 127.0.0.1")
+    return addresses
+
+
+def networks(text: str) -> tuple[str, ...]:
+    """HOST_ADDRESSES, checked now rather than when the app is made (a traceback)."""
+    items = comma_list(text)
+    try:
+        for item in items:
+            ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        raise ValueError("networks such as 127.0.0.0/8 or ::1, comma-separated") from None
+    return items
+
+
+def origins(text: str) -> tuple[str, ...]:
+    """CORS_ORIGINS: a browser's Origin is compared as text, so `http://host:5173/` would never match."""
+    items = comma_list(text)
+    for item in items:
+        parts = urllib.parse.urlsplit(item)
+        if item not in ("*", "null") and (parts.scheme not in ("http", "https") or not parts.netloc
+                                          or item != f"{parts.scheme}://{parts.netloc}"):
+            raise ValueError("origins such as http://192.168.0.12:5173 (no path, no trailing /), or *")
+    return items
+
+
+def database_path(url: str) -> Path:
+    """DATABASE_URL as a path: a plain path, sqlite:///path, sqlite+<driver>:///path or file:path."""
+    url = re.sub(r"^sqlite\+\w+:", "sqlite:", url)      # SQLAlchemy names a driver (aiosqlite); the file is the same
+    for prefix in ("sqlite:///", "sqlite://", "file://", "file:"):
+        if url.startswith(prefix):
+            url = url[len(prefix):]
+            break
+    else:
+        if "://" in url:
+            raise ValueError("a SQLite file: a path, sqlite:///path, sqlite+<driver>:///path or file:path")
+    return Path(url.split("?")[0]).expanduser()
+
+
+# A POST /session's pinLength has the same bounds.
+MIN_PIN_LENGTH, MAX_PIN_LENGTH = 4, 12
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything a run can change; each field has an env var and a matching --flag."""
 
-    hosts: tuple[str, ...] = option(("0.0.0.0", "::"), "HOST", "addresses to listen on, comma-separated")
-    port: int = option(3000, "PORT", "TCP port (0: any free port)")
+    hosts: tuple[str, ...] = option(("0.0.0.0", "::"), "HOST", "addresses to listen on, comma-separated",
+                                    parse=listen_addresses)
+    port: int = option(3000, "PORT", "TCP port (0: any free port)", low=0, high=65535)
     database: Path = option(HERE / "gambiarra.db", "DATABASE_URL",
-                            "SQLite file: a path, sqlite:///path or file:path")
-    cors_origins: tuple[str, ...] = option(("*",), "CORS_ORIGINS", "browser origins allowed, comma-separated")
-    pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN")
+                            "SQLite file: a path, sqlite:///path, sqlite+<driver>:///path or file:path",
+                            parse=database_path)
+    cors_origins: tuple[str, ...] = option(("*",), "CORS_ORIGINS", "browser origins allowed, comma-separated",
+                                           parse=origins)
+    pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN", low=MIN_PIN_LENGTH,
+                             high=MAX_PIN_LENGTH)
     admin_token: str = option("", "ADMIN_TOKEN", "token for host routes from other machines "
                                                   "(default: a new one, printed at start-up)")
     host_addresses: tuple[str, ...] = option(("127.0.0.0/8", "::1"), "HOST_ADDRESSES",
-                                             "networks trusted as the host without a token, comma-separated")
+                                             "networks trusted as the host without a token, comma-separated",
+                                             parse=networks)
     trust_proxy: bool = option(False, "TRUST_PROXY", "take the client address from X-Forwarded-For")
-    rate_limit_max: int = option(500, "RATE_LIMIT_MAX", "HTTP requests per address per window")
-    rate_limit_window_s: float = option(60.0, "RATE_LIMIT_WINDOW", "rate-limit window in seconds")
-    pin_attempts_max: int = option(10, "PIN_ATTEMPTS_MAX", "wrong PINs per address per window")
+    rate_limit_max: int = option(500, "RATE_LIMIT_MAX", "HTTP requests per address per window",
+                                 low=1, high=1_000_000)
+    rate_limit_window_s: float = option(60.0, "RATE_LIMIT_WINDOW", "rate-limit window in seconds",
+                                        low=0.1, high=86_400)
+    pin_attempts_max: int = option(10, "PIN_ATTEMPTS_MAX", "wrong PINs per address per window",
+                                   low=1, high=1_000_000)
     pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
-                                         "wrong PINs from all addresses together per window")
-    pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds")
+                                         "wrong PINs from all addresses together per window", low=1, high=1_000_000)
+    pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds",
+                                          low=0.1, high=86_400)
     allowed_hosts: tuple[str, ...] = option((), "ALLOWED_HOSTS", "names this server answers to besides its "
                                             "addresses, localhost and this machine's names, comma-separated; "
                                             "* for any")
     proxy_hops: int = option(1, "PROXY_HOPS", "with TRUST_PROXY: proxies in front of this server, each adding "
-                                              "one X-Forwarded-For hop")
+                                              "one X-Forwarded-For hop", low=1, high=16)
     ws_heartbeat_interval_s: float = option(30.0, "WS_HEARTBEAT_INTERVAL",
-                                            f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer")
-    ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes")
+                                            f"seconds between pings; {MISSED_PINGS} silent intervals drop a peer",
+                                            low=0.1, high=3600)
+    ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes",
+                                 low=1024, high=64 * 1024 * 1024)
     ws_connections_per_address: int = option(20, "WS_CONNECTIONS_PER_ADDRESS",
-                                             "WebSocket connections one address may hold (the host's: any number)")
+                                             "WebSocket connections one address may hold (the host's: any number)",
+                                             low=1, high=100_000)
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
-                                            "tokens kept per runner per round")
+                                            "tokens kept per runner per round", low=1, high=10_000_000)
     stop_grace_s: float = option(3.0, "STOP_GRACE", "seconds after a stop during which tokens and completes "
-                                                    "still on their way are kept; then answers are frozen")
+                                                    "still on their way are kept; then answers are frozen",
+                                 low=0, high=3600)
     max_participants: int = option(300, "MAX_PARTICIPANTS",
-                                   "participants per session (one already in it may always register again)")
-    max_round_tokens: int = option(500_000, "MAX_ROUND_TOKENS", "tokens kept per round, all runners together")
-    max_round_chars: int = option(4_000_000, "MAX_ROUND_CHARS", "characters kept per round, all runners together")
-    max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
+                                   "participants per session (one already in it may always register again)",
+                                   low=1, high=100_000)
+    max_round_tokens: int = option(500_000, "MAX_ROUND_TOKENS", "tokens kept per round, all runners together",
+                                   low=1, high=100_000_000)
+    max_round_chars: int = option(4_000_000, "MAX_ROUND_CHARS", "characters kept per round, all runners together",
+                                  low=1, high=1_000_000_000)
+    max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round",
+                                   low=1, high=100_000_000)
     peer_queue_limit: int = option(8192, "PEER_QUEUE_LIMIT",
-                                   "messages queued for one connection before it is dropped as not reading")
+                                   "messages queued for one connection before it is dropped as not reading",
+                                   low=16, high=10_000_000)
     peer_queue_bytes: int = option(8 * 1024 * 1024, "PEER_QUEUE_BYTES",
-                                   "bytes queued for one connection before it is dropped as not reading")
-    flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens")
-    bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes")
+                                   "bytes queued for one connection before it is dropped as not reading",
+                                   low=64 * 1024, high=1024 * 1024 * 1024)
+    flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens",
+                                     low=0.01, high=3600)
+    bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes", low=4, high=16)
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
                               "the club's browser client folder (client.html, agent.html, shared/), "
                               "served at /client, /agent and /client-assets/")
@@ -167,6 +241,170 @@ PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of 
 # Phones (and world screens) show no tokens, so what they get can wait this long
 # and go out together: 200 runners joining at once is 200 messages per phone.
 UNHURRIED_FLUSH_S = 0.05
+
+# Keys of the club's own .env.example that mean nothing here: named once at start-up.
+CLUB_ONLY_KEYS = ("ENVIRONMENT", "SESSION_TIMEOUT_MS", "MDNS_HOSTNAME")
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def fail(message: str) -> NoReturn:
+    """End a start-up that cannot work: one line saying why, exit status 2 (argparse's, for bad usage)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def missing(modules: list[str], pip: str, uv: str) -> NoReturn:
+    """Name the modules this Python lacks, with the pip command and the uv one that would run this anyway."""
+    fail(f"not installed for {sys.executable}: {', '.join(modules)} (pip install {pip}, or: uv run {uv})")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The KEY=VALUE lines of `path` (none if it is missing); a line that is neither is warned about."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    for number, line in enumerate(text.splitlines(), 1):
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if key.startswith("#") or not (key or sep):
+            continue
+        if not sep:
+            log.warning("%s line %d is not KEY=VALUE; ignored", path, number)
+            continue
+        value = value.strip()
+        if value[:1] in ("'", '"') and value[0] in value[1:]:
+            values[key.strip()] = value[1:value.index(value[0], 1)]
+        else:
+            values[key.strip()] = value.split(" #")[0].rstrip()      # a comment may end an unquoted value
+    return values
+
+
+def warn_unknown_keys(dotenv: dict[str, str], path: Path) -> None:
+    """One line per key of .env that is not a setting, so that a typo such as PIN_LENGHT does not pass silently."""
+    known = [f.metadata["env"] for f in fields(Config)]
+    if club := [key for key in dotenv if key in CLUB_ONLY_KEYS]:
+        log.warning("%s: %s (from the club's .env.example) not used by this server; ignored", path, ", ".join(club))
+    for key in dotenv:
+        if key not in known and key not in CLUB_ONLY_KEYS:
+            guess = "".join(f" (did you mean {name}?)" for name in difflib.get_close_matches(key, known, 1))
+            log.warning("%s: %s is not a setting%s; ignored", path, key, guess)
+
+
+def allowed(f: Any) -> str:
+    """What the number or true/false Config field `f` accepts, for --help and for refusing a value."""
+    low, high = f.metadata["low"], f.metadata["high"]
+    if isinstance(f.default, bool):
+        return "one of " + ", ".join(BOOLEANS)
+    kind = "a whole number" if isinstance(f.default, int) else "a number"
+    return kind + (f" from {low:,} to {high:,}" if low is not None and high is not None else "")
+
+
+def setting_value(f: Any, text: str) -> Any:
+    """`text` as the value of Config field `f`, or ValueError saying what is allowed.
+
+    The one check for flags, environment variables and .env lines alike.
+    """
+    default, low, high = f.default, f.metadata["low"], f.metadata["high"]
+    if f.metadata["parse"]:
+        return f.metadata["parse"](text)
+    if isinstance(default, bool):
+        if (word := text.strip().lower()) not in BOOLEANS:
+            raise ValueError(allowed(f))
+        return BOOLEANS[word]
+    if isinstance(default, (int, float)):
+        try:
+            value = type(default)(text.strip())
+        except ValueError:
+            raise ValueError(allowed(f)) from None
+        if not (low is None or value >= low) or not (high is None or value <= high):     # NaN fails both
+            raise ValueError(allowed(f))
+        return value
+    if isinstance(default, tuple):
+        return comma_list(text)
+    if isinstance(default, Path):
+        return Path(text).expanduser()
+    return text
+
+
+def flag_name(env: str) -> str:
+    return "--" + env.lower().replace("_", "-")
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """A --flag per Config field; values stay text, for setting_value to check wherever they come from."""
+    parser = argparse.ArgumentParser(
+        description="Gambiarra arena server. Every option can also be set by the environment variable named "
+                    "in its help, or in a .env file beside this script.",
+        epilog="Also: 'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help.")
+    for f in fields(Config):
+        env, doc, default = f.metadata["env"], f.metadata["help"], f.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        if isinstance(default, bool):
+            parser.add_argument(flag_name(env), dest=f.name, action="store_const", const="1", help=f"{doc} [{env}]")
+        else:
+            limits = f"; {allowed(f)}" if isinstance(default, (int, float)) else ""
+            parser.add_argument(flag_name(env), dest=f.name, metavar=env,
+                                help=f"{doc} [{env}; default: {shown or 'none'}{limits}]")
+    return parser
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Config from the flags, then the environment, then .env beside this file, then the defaults.
+
+    An empty value counts as unset. A bad value ends the start-up with one line naming the setting
+    as the host wrote it. A relative path in .env is relative to the .env's folder; elsewhere, to
+    the current folder.
+    """
+    dotenv_path = HERE / ".env"
+    dotenv = read_dotenv(dotenv_path)
+    warn_unknown_keys(dotenv, dotenv_path)
+    flags = vars(config_parser().parse_args(argv))
+    values = {}
+    for f in fields(Config):
+        env = f.metadata["env"]
+        sources = ((flag_name(env), flags[f.name], Path.cwd()), (env, os.environ.get(env), Path.cwd()),
+                   (f"{env} (in {dotenv_path})", dotenv.get(env), dotenv_path.parent))
+        for name, text, folder in sources:
+            if text:
+                try:
+                    value = setting_value(f, text)
+                except ValueError as exc:
+                    fail(f"{name}={text!r}: expected {exc}")
+                values[f.name] = folder / value if isinstance(value, Path) else value
+                break
+    return Config(**values)
+
+
+def database_problem(path: Path) -> str | None:
+    """Why SQLite cannot keep the database at `path` (and its -wal and -shm files beside it), or None."""
+    if path.is_dir():
+        return "it is a folder"
+    if not path.parent.is_dir():
+        return f"there is no folder {path.parent}"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return "the file is read-only"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"the folder is not writable (SQLite writes {path.name}-wal beside the file)"
+    return None
+
+
+# The third-party imports wait until here: the configuration above needs none of them, so
+# `--help`, a bad setting and a missing dependency each get a plain answer before anything
+# is installed (bottle breaks its order for its command line in the same way).
+try:
+    import bcrypt
+    from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
+                         WSServerHandshakeError, web)
+except ImportError as exc:
+    if __name__ != "__main__":
+        raise
+    if sys.argv[1:2] not in (["simulate"], ["bench"]):      # the commands (COMMANDS) need the packages
+        parse_config(sys.argv[1:])          # answers --help, or names a bad setting first
+    missing([name for name in ("aiohttp", "bcrypt") if importlib.util.find_spec(name) is None] or [str(exc.name)],
+            "aiohttp bcrypt", sys.argv[0])
 
 
 # =============================================================================
@@ -526,7 +764,8 @@ def open_db(path: Path) -> sqlite3.Connection:
         raise SystemExit(f"{path} was written by a newer server (schema {version}); use a newer gambiarra_server.py")
     if version < SCHEMA_VERSION:
         add_missing_columns(conn)
-    conn.executescript((HERE / "schema.sql").read_text())
+    schema = HERE / "schema.sql"
+    conn.executescript(schema.read_text() if schema.exists() else SCHEMA_SQL)
     return conn
 
 
@@ -2597,7 +2836,7 @@ ROUTES = (
           "fares."),
     Route("POST", "/session", post_session, "Start a new session with a new PIN; ends the previous one "
           "and disconnects its runners.", True,
-          (Field("pin_length", int, low=4, high=12, doc="digits in the PIN (default: PIN_LENGTH)"),)),
+          (Field("pin_length", int, low=MIN_PIN_LENGTH, high=MAX_PIN_LENGTH, doc="digits in the PIN (default: PIN_LENGTH)"),)),
     Route("GET", "/session", get_session, "The active session with its participants and rounds "
           "(the PIN only for the host)."),
     Route("GET", "/presence", get_presence, "The runners connected right now."),
@@ -4543,58 +4782,6 @@ def bench_command(argv: list[str]) -> None:
 # Command line
 # =============================================================================
 
-def read_dotenv(path: Path) -> None:
-    """Load KEY=VALUE lines from `path` into the environment, never overriding what is set."""
-    if not path.is_file():
-        return
-    for line in path.read_text().splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and not key.startswith("#"):
-            os.environ.setdefault(key.strip().removeprefix("export "), value.strip().strip("'\""))
-
-
-def database_path(url: str) -> Path:
-    """DATABASE_URL as a path: a plain path, sqlite:///path or file:path."""
-    for prefix in ("sqlite:///", "sqlite://", "file://", "file:"):
-        if url.startswith(prefix):
-            url = url[len(prefix):]
-            break
-    return Path(url.split("?")[0]).expanduser()
-
-
-def option_value(default: Any, text: str) -> Any:
-    """Parse option text into the type of the config field's default."""
-    if isinstance(default, bool):
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, tuple):
-        return tuple(item.strip() for item in text.split(",") if item.strip())
-    if isinstance(default, Path):
-        return database_path(text)
-    return type(default)(text)
-
-
-def parse_config(argv: list[str]) -> Config:
-    """Config from the command line, then the environment (and .env), then the defaults."""
-    read_dotenv(HERE / ".env")
-    parser = argparse.ArgumentParser(
-        description="Gambiarra arena server. Every option can also be set by the environment variable named "
-                    "in its help, or in a .env file beside this script.",
-        epilog="Also: 'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help.")
-    for f in fields(Config):
-        env, doc = f.metadata["env"], f.metadata["help"]
-        default = f.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        flag = "--" + env.lower().replace("_", "-")
-        env_value = os.environ.get(env)
-        value = option_value(default, env_value) if env_value is not None else default
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", default=value, help=f"{doc} [{env}]")
-        else:
-            parser.add_argument(flag, dest=f.name, type=lambda text, d=default: option_value(d, text), default=value,
-                                metavar=env, help=f"{doc} [{env}; default: {shown or 'none'}]")
-    return Config(**vars(parser.parse_args(argv)))
-
-
 def lan_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses, for the URLs participants type."""
     found = set()
@@ -4632,17 +4819,23 @@ async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close every socket, save every token and exit."""
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    listening = []
+    try:
+        await runner.setup()
+    except sqlite3.Error as exc:            # a file that is not a database, a full disk
+        fail(f"cannot use the database {config.database}: {exc}")
+    listening, refused = [], {}
     for host in config.hosts:
         try:
             await web.TCPSite(runner, host, config.port).start()
             listening.append(host)
-        except OSError as exc:
-            log.warning("cannot listen on %s port %d: %s", host, config.port, exc)
+        except OSError as exc:      # asyncio words a busy port at length; the system's words say it
+            refused[host] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     if not listening:
         await runner.cleanup()
-        raise SystemExit(f"could not listen on port {config.port}")
+        fail(f"could not listen on port {config.port} of {', '.join(refused)}: {'; '.join(set(refused.values()))}"
+             " (another port: --port N or PORT=N)")
+    for host, reason in refused.items():
+        log.warning("cannot listen on %s port %d: %s", host, config.port, reason)
     port = runner.addresses[0][1]
     # The collector's full passes then skip what start-up made (the modules, some
     # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
@@ -4666,9 +4859,13 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {"simulate": simulate_command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
+        if importlib.util.find_spec("websockets") is None:
+            missing(["websockets"], "websockets", f"--with websockets {sys.argv[0]} {argv[0]}")
         COMMANDS[argv[0]](argv[1:])
         return
     config = parse_config(argv)
+    if problem := database_problem(config.database):
+        fail(f"cannot use the database {config.database}: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         with contextlib.suppress(KeyboardInterrupt):
@@ -4676,6 +4873,129 @@ def main(argv: list[str] | None = None) -> None:
     except DatabaseBusy as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# =============================================================================
+# Schema: the text of schema.sql, for when this file runs alone
+# =============================================================================
+#
+# open_db runs schema.sql when it is beside this file, else this copy of it (a
+# test says when the two differ, and what to paste here).
+
+SCHEMA_SQL = """\
+-- The Gambiarra arena database.
+--
+-- Run by the server at every start-up, so every statement is idempotent. Tables and
+-- columns keep the club's names (camelCase columns, INTEGER epoch-millisecond times),
+-- so the club's post-meetup SQL and report scripts read this file unchanged.
+-- Columns the club's schema lacks are marked "ours".
+
+CREATE TABLE IF NOT EXISTS sessions (
+    id          TEXT PRIMARY KEY,
+    createdAt   INTEGER NOT NULL,
+    endedAt     INTEGER,
+    pin         TEXT NOT NULL DEFAULT '000000',   -- shown to the host only
+    pinHash     TEXT NOT NULL,                    -- bcrypt; what runners are checked against
+    status      TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'ended'))
+);
+
+-- A participant id is global: the row moves to the newest session it registers in.
+CREATE TABLE IF NOT EXISTS participants (
+    id          TEXT PRIMARY KEY,
+    sessionId   TEXT NOT NULL REFERENCES sessions (id),
+    nickname    TEXT NOT NULL,
+    runner      TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    connected   INTEGER NOT NULL DEFAULT 0,
+    createdAt   INTEGER NOT NULL,
+    lastSeen    INTEGER NOT NULL,
+    kicked      INTEGER NOT NULL DEFAULT 0,       -- ours: refused in sessionId until it changes
+    resumeHash  TEXT,                             -- ours: sha256 of the resume secret its runner holds
+    lastAddress TEXT                              -- ours: where its runner last registered from
+);
+
+CREATE TABLE IF NOT EXISTS rounds (
+    id            TEXT PRIMARY KEY,
+    sessionId     TEXT NOT NULL REFERENCES sessions (id),
+    "index"       INTEGER NOT NULL,               -- 1-based within the session
+    prompt        TEXT NOT NULL,
+    maxTokens     INTEGER NOT NULL DEFAULT 400,
+    temperature   REAL NOT NULL DEFAULT 0.8,
+    deadlineMs    INTEGER NOT NULL DEFAULT 90000,
+    seed          INTEGER,
+    svgMode       INTEGER NOT NULL DEFAULT 0,
+    startedAt     INTEGER,
+    endedAt       INTEGER,
+    votingStatus  TEXT NOT NULL DEFAULT 'closed' CHECK (votingStatus IN ('closed', 'open', 'revealed')),
+    revealedCount INTEGER NOT NULL DEFAULT 0,
+    createdAt     INTEGER,                        -- ours
+    UNIQUE (sessionId, "index")
+);
+
+-- One row per (round, participant) that answered: completed, or rescued at stop.
+CREATE TABLE IF NOT EXISTS metrics (
+    id                        TEXT PRIMARY KEY,
+    roundId                   TEXT NOT NULL REFERENCES rounds (id),
+    participantId             TEXT NOT NULL REFERENCES participants (id),
+    tokens                    INTEGER NOT NULL,   -- as the client reported it (received, if rescued)
+    latencyFirstTokenMs       INTEGER,            -- server clock: first token - round start
+    durationMs                INTEGER NOT NULL,   -- server clock: complete - round start
+    tpsAvg                    REAL,               -- received tokens / (complete - first token)
+    modelInfo                 TEXT,               -- JSON
+    generatedContent          TEXT,               -- the tokens in seq order
+    createdAt                 INTEGER NOT NULL,
+    generationStartedAt       INTEGER,
+    generationEndedAt         INTEGER,
+    firstTokenAt              INTEGER,
+    tokensReceived            INTEGER NOT NULL DEFAULT 0,  -- ours
+    seqGaps                   INTEGER NOT NULL DEFAULT 0,  -- ours: seqs below the highest never received
+    clientLatencyFirstTokenMs INTEGER,                     -- ours
+    clientDurationMs          INTEGER,                     -- ours
+    rescued                   INTEGER NOT NULL DEFAULT 0,  -- ours: 1 = saved at stop, no complete yet
+    UNIQUE (roundId, participantId)
+);
+
+CREATE TABLE IF NOT EXISTS votes (
+    id            TEXT PRIMARY KEY,
+    roundId       TEXT NOT NULL REFERENCES rounds (id),
+    voterHash     TEXT NOT NULL,                  -- sha256 of the voter id; the id itself is never stored
+    participantId TEXT NOT NULL REFERENCES participants (id),
+    score         INTEGER NOT NULL CHECK (score BETWEEN 0 AND 5),
+    createdAt     INTEGER NOT NULL,
+    voteOrder     INTEGER,
+    responseTime  INTEGER,
+    userAgent     TEXT,
+    UNIQUE (roundId, voterHash, participantId)
+);
+
+CREATE TABLE IF NOT EXISTS event_logs (
+    id         TEXT PRIMARY KEY,
+    sessionId  TEXT,
+    timestamp  INTEGER NOT NULL,
+    eventType  TEXT NOT NULL,
+    actorType  TEXT NOT NULL,                     -- admin | participant | voter | system
+    actorId    TEXT,
+    targetType TEXT,
+    targetId   TEXT,
+    metadata   TEXT                               -- JSON
+);
+CREATE INDEX IF NOT EXISTS event_logs_session ON event_logs (sessionId);
+CREATE INDEX IF NOT EXISTS event_logs_type ON event_logs (eventType);
+CREATE INDEX IF NOT EXISTS event_logs_timestamp ON event_logs (timestamp);
+
+-- Ours: every accepted token, written in batches about once a second. It is what a
+-- restart resumes from, and a per-token timing trace for the club's report.
+CREATE TABLE IF NOT EXISTS tokens (
+    roundId       TEXT NOT NULL,
+    participantId TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    content       TEXT NOT NULL,
+    receivedAt    INTEGER NOT NULL,
+    PRIMARY KEY (roundId, participantId, seq)
+) WITHOUT ROWID;
+
+PRAGMA user_version = 2;
+"""
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 import weakref
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -1914,15 +1915,6 @@ def test_database_url_forms(clean_env: pytest.MonkeyPatch, url: str) -> None:
     assert gs.parse_config([]).database == Path("/srv/arena.db")
 
 
-def test_dotenv_fills_only_what_is_unset(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A .env file sets variables the environment lacks, and never overrides one that is set."""
-    dotenv = tmp_path / ".env"
-    dotenv.write_text("# comment\nexport PIN_LENGTH=8\nPORT='4100'\nRATE_LIMIT_MAX = 20\n")
-    clean_env.setenv("PORT", "4200")
-    gs.read_dotenv(dotenv)
-    assert (os.environ["PIN_LENGTH"], os.environ["PORT"], os.environ["RATE_LIMIT_MAX"]) == ("8", "4200", "20")
-
-
 def test_the_banner_shows_the_admin_token_and_the_next_step() -> None:
     """Start-up prints where runners connect, the admin token and the curl to run next."""
     config = gs.Config(admin_token="tok-123")
@@ -1970,6 +1962,222 @@ async def test_a_peer_that_never_answers_pings_is_dropped(room_with: Callable, h
         assert silent.closed
     assert (await room.host.call("GET", "/presence"))["connectedCount"] == 1
     assert (await ana.recv("heartbeat"))["type"] == "heartbeat"
+
+# Start-up mistakes as the host meets them: the file copied alone into an empty
+# folder and started in a subprocess. Each mistake is one line and exit status 2.
+
+NUMERIC_FIELDS = [f for f in fields(gs.Config) if type(f.default) in (int, float)]
+# Runs a script with `websockets` unimportable, as on a machine that lacks it.
+WITHOUT_WEBSOCKETS = ("import runpy, sys; sys.modules['websockets'] = None; sys.argv = sys.argv[1:]; "
+                      "runpy.run_path(sys.argv[0], run_name='__main__')")
+SKIP_AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file or folder")
+
+
+@pytest.fixture
+def alone(tmp_path: Path) -> Path:
+    """gambiarra_server.py copied alone into an empty folder."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    return Path(shutil.copy(HERE / "gambiarra_server.py", folder))
+
+
+def host_env(**settings: str) -> dict[str, str]:
+    """This process's environment without the server's settings, then loopback on any port, then `settings`."""
+    return {**{k: v for k, v in os.environ.items() if k not in ENV_VARS}, "HOST": "127.0.0.1", "PORT": "0",
+            **settings}
+
+
+def start_up(script: Path, *args: str, python: tuple[str, ...] = (sys.executable,),
+             **settings: str) -> subprocess.CompletedProcess:
+    """Start the server from its folder as the host would, for a mistake that stops it at once."""
+    return subprocess.run([*python, str(script), *args], cwd=script.parent, env=host_env(**settings),
+                          capture_output=True, text=True, timeout=30)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The only line a start-up mistake prints (no traceback), after which it exits with status 2."""
+    assert (result.returncode, result.stdout, result.stderr.count("\n")) == (2, "", 1), result
+    assert result.stderr.startswith("error: ")
+    return result.stderr.strip()
+
+
+def start_server(script: Path, cwd: Path, **settings: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """The server started from `script` with the working folder `cwd`, and its banner as {label: text}."""
+    process = subprocess.Popen([sys.executable, str(script), "--bcrypt-rounds", "4"], cwd=cwd,
+                               env=host_env(PYTHONUNBUFFERED="1", **settings), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    banner = {}
+    for line in process.stdout:
+        label, _, text = line.strip().partition("  ")
+        banner[label] = text.strip()
+        if label == "next step":
+            break
+    return process, banner
+
+
+def stop_server(process: subprocess.Popen) -> str:
+    """SIGTERM the server; its stderr."""
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=10)[1]
+
+
+def post_session(banner: dict[str, str]) -> dict[str, Any]:
+    port = banner["listening on"].split()[1]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/session", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        return json.load(response)
+
+
+def test_the_embedded_schema_is_schema_sql(tmp_path: Path) -> None:
+    """The file carries schema.sql's text for when it runs alone; when the two differ, this writes what to paste."""
+    text = (HERE / "schema.sql").read_text()
+    assert "\\" not in text and '"""' not in text, "schema.sql must stay pastable into a plain triple-quoted string"
+    paste = tmp_path / "SCHEMA_SQL.py"
+    paste.write_text(f'SCHEMA_SQL = """\\\n{text}"""\n')
+    assert gs.SCHEMA_SQL == text, f"schema.sql changed: replace SCHEMA_SQL in gambiarra_server.py with all of {paste}"
+
+
+def test_the_file_alone_in_an_empty_folder_runs(alone: Path) -> None:
+    """Copied alone (no schema.sql beside it), the server starts, creates its database beside the file and
+    starts a session."""
+    process, banner = start_server(alone, alone.parent)
+    try:
+        assert banner["database"] == str(alone.parent / "gambiarra.db")
+        assert len(post_session(banner)["pin"]) == 6
+    finally:
+        assert "Traceback" not in stop_server(process)
+    assert db_rows(alone.parent / "gambiarra.db", "SELECT count(*) AS n FROM sessions") == [{"n": 1}]
+
+
+def test_help_and_a_missing_dependency_before_anything_is_installed(alone: Path) -> None:
+    """With no third-party package at all, --help answers, a bad setting is named, and starting says what
+    is missing and the pip command: one line, exit status 2, nothing created."""
+    bare = (sys.executable, "-I", "-S")       # -S: no site-packages, as on a fresh machine
+    shown = start_up(alone, "--help", python=bare)
+    assert shown.returncode == 0 and "--database-url DATABASE_URL" in shown.stdout
+    assert one_line_error(start_up(alone, python=bare)) == (f"error: not installed for {sys.executable}: aiohttp, "
+                                                            f"bcrypt (pip install aiohttp bcrypt, or: uv run {alone})")
+    assert "PORT='abc'" in one_line_error(start_up(alone, python=bare, PORT="abc"))
+    assert list(alone.parent.iterdir()) == [alone]
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_simulate_and_bench_without_websockets_say_so(alone: Path, command: str) -> None:
+    """simulate and bench need the websockets client: without it they say so at once, with the pip command
+    and the uv one."""
+    line = one_line_error(start_up(alone, command, python=(sys.executable, "-c", WITHOUT_WEBSOCKETS)))
+    assert line == (f"error: not installed for {sys.executable}: websockets (pip install websockets, "
+                    f"or: uv run --with websockets {alone} {command})")
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("PORT", "abc"), ("PORT", "70000"), ("PIN_LENGTH", "99"), ("PIN_LENGTH", "0"), ("BCRYPT_ROUNDS", "99"),
+    ("FLUSH_INTERVAL", "nan"), ("RATE_LIMIT_WINDOW", "-1"), ("WS_MAX_PAYLOAD", "10"), ("TRUST_PROXY", "ture"),
+    ("HOST", ","), ("HOST_ADDRESSES", "192.168.1/24"), ("DATABASE_URL", "postgresql://db/arena"),
+    ("CORS_ORIGINS", "http://localhost:5173/"),
+    ("--port", "abc"), ("--bcrypt-rounds", "3")])
+def test_a_bad_setting_is_one_line_naming_it(alone: Path, setting: str, value: str) -> None:
+    """An env var or flag out of range stops the start-up with one line holding its name as written, the
+    value and what is allowed; nothing is created."""
+    args, env = ((setting, value), {}) if setting.startswith("--") else ((), {setting: value})
+    line = one_line_error(start_up(alone, *args, **env))
+    assert f"{setting}='{value}': expected " in line
+    assert list(alone.parent.iterdir()) == [alone]
+
+
+@pytest.mark.parametrize("f", NUMERIC_FIELDS, ids=lambda f: f.name)
+def test_every_number_out_of_its_range_is_refused(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                  f: Any) -> None:
+    """Below, above or not a number: each numeric setting is refused with its range."""
+    env, low, high = f.metadata["env"], f.metadata["low"], f.metadata["high"]
+    for text in (str(low - 1), str(high + 1), "many"):
+        clean_env.setenv(env, text)
+        with pytest.raises(SystemExit) as stopped:
+            gs.parse_config([])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err == f"error: {env}={text!r}: expected a {'whole ' * (type(f.default) is int)}" \
+                                          f"number from {low:,} to {high:,}\n"
+
+
+def test_every_numeric_setting_declares_its_range() -> None:
+    """Each Config number says the range it may take, so no setting escapes the start-up check."""
+    assert [f.name for f in NUMERIC_FIELDS if f.metadata["low"] is None or f.metadata["high"] is None] == []
+
+
+@pytest.mark.parametrize("case", ["a folder", "no such folder", "sqlite URL, no such folder",
+                                  pytest.param("read-only file", marks=SKIP_AS_ROOT),
+                                  pytest.param("unwritable folder, default path", marks=SKIP_AS_ROOT)])
+def test_a_bad_database_path_is_one_line_and_leaves_nothing(alone: Path, case: str) -> None:
+    """A database path SQLite cannot use is named, absolute, with the reason; no empty file is left behind."""
+    folder = alone.parent
+    url, path, reason = {
+        "a folder": (str(folder), folder, "it is a folder"),
+        "no such folder": ("nowhere/arena.db", folder / "nowhere/arena.db", f"there is no folder {folder}/nowhere"),
+        "sqlite URL, no such folder": ("sqlite:///nowhere/arena.db", folder / "nowhere/arena.db",
+                                       f"there is no folder {folder}/nowhere"),
+        "read-only file": ("arena.db", folder / "arena.db", "the file is read-only"),
+        "unwritable folder, default path": ("", folder / "gambiarra.db", "the folder is not writable"),
+    }[case]
+    before = sorted(folder.iterdir())
+    if case == "read-only file":
+        path.touch(0o444)
+        before = sorted(folder.iterdir())
+    if case.startswith("unwritable"):
+        folder.chmod(0o555)
+    try:
+        line = one_line_error(start_up(alone, DATABASE_URL=url))
+    finally:
+        folder.chmod(0o755)
+    assert line.startswith(f"error: cannot use the database {path}: {reason}")
+    assert sorted(folder.iterdir()) == before
+
+
+def test_the_clubs_env_example_beside_the_file_works(alone: Path, tmp_path: Path) -> None:
+    """The club's .env.example dropped beside the file: its sqlite+aiosqlite URL becomes a file beside the .env,
+    its settings are honoured (an env var still wins), its keys we do not use are named once, and a typo
+    is warned about with the likely name."""
+    (alone.parent / ".env").write_text(
+        "HOST=0.0.0.0\nPORT=3000\nDATABASE_URL=sqlite+aiosqlite:///./dev.db\nCORS_ORIGINS=*\nPIN_LENGTH=8\n"
+        "ENVIRONMENT=development\nSESSION_TIMEOUT_MS=3600000\nPIN_LENGHT=5\n")
+    process, banner = start_server(alone, tmp_path)        # HOST and PORT come from the environment
+    try:
+        assert banner["database"] == str(alone.parent / "dev.db")
+        assert banner["listening on"].endswith(" of 127.0.0.1") and " 3000 " not in banner["listening on"]
+        assert len(post_session(banner)["pin"]) == 8
+    finally:
+        errors = stop_server(process).splitlines()
+    dotenv = alone.parent / ".env"
+    assert errors[:2] == [
+        f"{dotenv}: ENVIRONMENT, SESSION_TIMEOUT_MS (from the club's .env.example) not used by this server; ignored",
+        f"{dotenv}: PIN_LENGHT is not a setting (did you mean PIN_LENGTH?); ignored"]
+    assert (alone.parent / "dev.db").is_file()
+
+
+def test_dotenv_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """.env holds KEY=VALUE lines, with `export`, quotes and comments; a line that is none of these is named,
+    and a file that cannot be read stops the start-up."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# comment\nexport PIN_LENGTH=8\nPORT='4100'\nRATE_LIMIT_MAX = 20   # per minute\n"
+                      'ADMIN_TOKEN="a # b"\n\nnonsense\n')
+    assert gs.read_dotenv(dotenv) == {"PIN_LENGTH": "8", "PORT": "4100", "RATE_LIMIT_MAX": "20", "ADMIN_TOKEN": "a # b"}
+    assert caplog.messages == [f"{dotenv} line 7 is not KEY=VALUE; ignored"]
+    dotenv.write_bytes(b"PORT=\xff\n")            # saved in another encoding
+    with pytest.raises(SystemExit) as stopped:
+        gs.read_dotenv(dotenv)
+    assert stopped.value.code == 2
+
+
+def test_a_port_in_use_says_so_and_suggests_another(alone: Path) -> None:
+    """A port another program holds ends the start-up with a line that names it and suggests --port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = start_up(alone, PORT=str(port))
+    assert one_line_error(result) == (f"error: could not listen on port {port} of 127.0.0.1: Address already in use "
+                                      "(another port: --port N or PORT=N)")
+
 
 # The club's browser client, served from CLIENT_DIR
 # =============================================================================
