@@ -58,9 +58,11 @@ import io
 import ipaddress
 import json
 import logging
+import logging.handlers
 import math
 import multiprocessing
 import os
+import queue
 import random
 import re
 import secrets
@@ -91,6 +93,10 @@ __version__ = "1.0.0"
 # generous, because a runner's CPU is saturated by its model.
 MISSED_PINGS = 3
 log = logging.getLogger("gambiarra")
+# One line per HTTP request, for the JSON log alone: a terminal would scroll the evening away.
+access_log = logging.getLogger("gambiarra.access")
+access_log.propagate = False
+access_log.addHandler(logging.NullHandler())        # no JSON log: nothing, and no "last resort" echo to stderr
 HERE = Path(__file__).resolve().parent
 
 
@@ -147,11 +153,14 @@ class Config:
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
                               "the club's browser client folder (client.html, agent.html, shared/), "
                               "served at /client, /agent and /client-assets/")
+    log_json: str = option("", "LOG_JSON", "also write the log to this file as JSON lines (pino's fields: "
+                                           "time, level, msg), with a line per HTTP request")
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
 BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
+SEED_RANGE = 1_000_000      # a round's seed when the host gives none: 0 to 999,999, as the club's admin page draws
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
@@ -249,6 +258,48 @@ def loggable(value: Any) -> str:
     addresses by anyone); raw, they could forge log lines or clear the host's screen.
     """
     return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], str(value))
+
+
+class BackgroundHandler(logging.handlers.QueueHandler):
+    """Hands each record to `target` on a thread of its own.
+
+    The event loop only renders the message and queues it; the write (a system call
+    per line, a terminal that scrolls slowly, a disk that stalls) happens on the thread.
+    """
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(queue.SimpleQueue())
+        self.setFormatter(logging.Formatter("%(message)s"))     # the message only: `target` formats the line
+        self.listener: logging.handlers.QueueListener | None = logging.handlers.QueueListener(self.queue, target)
+        self.listener.start()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread and close the target (once: logging closes it at exit too)."""
+        if self.listener is not None:
+            self.listener.stop()
+            for target in self.listener.handlers:
+                target.close()
+            self.listener = None
+        super().close()
+
+
+PINO_LEVELS = {logging.DEBUG: 20, logging.INFO: 30, logging.WARNING: 40, logging.ERROR: 50, logging.CRITICAL: 60}
+RECORD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class PinoFormatter(logging.Formatter):
+    """A record as one JSON line with pino's fields, which the club's report scripts parse: `time` in
+    epoch ms, a numeric `level`, `msg`, and the record's `extra` fields (`req`, `res`, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origin = {"pid": os.getpid(), "hostname": socket.gethostname()}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"level": PINO_LEVELS.get(record.levelno, record.levelno), "time": int(record.created * 1000),
+                **self.origin, "msg": record.getMessage()}
+        line.update((key, value) for key, value in vars(record).items() if key not in RECORD_ATTRIBUTES)
+        return json.dumps(line, ensure_ascii=True, default=str)     # ASCII: a lone surrogate cannot stop the writer
 
 
 def sha256_hex(text: str) -> str:
@@ -639,6 +690,14 @@ def get_round(conn: sqlite3.Connection, round_id: str) -> dict[str, Any]:
     return row
 
 
+def voting_status(row: dict[str, Any]) -> str:
+    """A round's `votingStatus` as clients are told it. The column holds "closed" from creation until the
+    stop opens voting (the club's schema); before the stop it is "pending" (never started) or "running"."""
+    if row["startedAt"] is None:
+        return "pending"
+    return "running" if row["endedAt"] is None else row["votingStatus"]
+
+
 def update_round(conn: sqlite3.Connection, round_id: str, changes: dict[str, Any]) -> dict[str, Any]:
     assignments = ", ".join(f"{column} = :{column}" for column in changes)
     with conn:
@@ -860,7 +919,7 @@ def session_tree(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
         metrics = [{**m, "modelInfo": json.loads(m["modelInfo"]) if m["modelInfo"] else None}
                    for m in round_metrics(conn, row["id"])]
         votes = every(conn, "SELECT * FROM votes WHERE roundId = ? ORDER BY createdAt", row["id"])
-        rounds.append({**row, "metrics": metrics, "votes": votes})
+        rounds.append({**row, "votingStatus": voting_status(row), "metrics": metrics, "votes": votes})
     events = [{**e, "metadata": json.loads(e["metadata"]) if e["metadata"] else None}
               for e in session_events(conn, session_id)]
     return {**{k: v for k, v in session.items() if k not in ("pin", "pinHash")},
@@ -1115,18 +1174,23 @@ def is_time(key: str) -> bool:
     return key.endswith("At") or key in ("lastSeen", "timestamp")
 
 
+FLAG_COLUMNS = {"connected", "kicked", "svgMode", "rescued"}     # 0/1 in sqlite, true/false in JSON
+
+
 def iso_times(data: Any) -> Any:
-    """`data` with every time column, at any depth, as ISO text instead of epoch milliseconds."""
+    """`data` with every time column, at any depth, as ISO text instead of epoch milliseconds,
+    and every flag column as true or false."""
     if isinstance(data, list):
         return [iso_times(item) for item in data]
     if isinstance(data, dict):
-        return {key: iso(value) if is_time(key) and isinstance(value, int) else iso_times(value)
+        return {key: iso(value) if is_time(key) and isinstance(value, int)
+                else bool(value) if key in FLAG_COLUMNS and isinstance(value, int) else iso_times(value)
                 for key, value in data.items()}
     return data
 
 
 def round_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {**iso_times(row), "svgMode": bool(row["svgMode"])}
+    return {**iso_times(row), "votingStatus": voting_status(row)}
 
 
 def participant_json(row: dict[str, Any], connected: bool) -> dict[str, Any]:
@@ -1424,6 +1488,13 @@ class Server:
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
         self.own_addresses: set[str] | None = None      # this machine's LAN addresses, found when first needed
+        self.told = Throttle(1, 60.0)                   # for warn_once
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        """Log a warning the first time `key` comes up in a minute: a flood of refusals is one line, not a flood."""
+        if not self.told.wait_s(key):
+            log.warning(message, *args)
+        self.told.add(key)
 
     def event(self, event_type: str, actor_type: str = "system", actor_id: str | None = None,
               target_type: str | None = None, target_id: str | None = None,
@@ -1459,6 +1530,7 @@ class Server:
             return
         await self.db.run(disconnect_everyone)
         self.arena.start_session(row, await self.db.run(kicked_ids, row["id"]))
+        log.info("restarted: session %s (PIN %s) goes on; its runners may register again", row["id"], row["pin"])
         shown = await self.db.run(shown_round, row["id"])
         if shown is None:
             return
@@ -1546,7 +1618,7 @@ class Server:
         pid = peer.participant_id
         if pid is not None and self.hub.runners.get(pid) is peer:
             del self.hub.runners[pid]
-            log.info("WS_DISCONNECTED %s", loggable(pid))
+            log.info("WS_DISCONNECTED %s from %s", loggable(pid), loggable(peer.address))
             self.hub.publish_screens(msg_participant_disconnected(pid))
             self.db.submit(set_connected, pid, False)
             self.event("participant_disconnected", "participant", pid, "participant", pid)
@@ -1640,7 +1712,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
-    log.info("WS_REGISTERED %s", loggable(pid))
+    log.info("WS_REGISTERED %s (%s) from %s", loggable(pid), loggable(row["nickname"]), loggable(peer.address))
     server.hub.publish_screens(msg_participant_registered(row))
     server.event("participant_registered", "participant", pid, "participant", pid,
                  {"nickname": row["nickname"], "runner": row["runner"], "model": row["model"]})
@@ -1712,6 +1784,8 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
         spec, handler = ON_MESSAGE[kind]
         await handler(server, peer, parse_fields(message, spec))
     except ClientError as exc:
+        if kind == "register":
+            log_refusal(server, peer, message, exc)
         peer.send_json(msg_error(str(exc), exc.code))
     except sqlite3.Error as exc:
         log.error("database error on a %s message: %s", loggable(kind), loggable(exc))
@@ -1720,6 +1794,16 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
         # A bug must not leave a runner's socket open and unread in the middle of a round.
         log.exception("unexpected error on a %s message", loggable(repr(kind)))
         peer.send_json(msg_error("Internal error; the server log has the details", "INTERNAL"))
+
+
+def log_refusal(server: Server, peer: Peer, message: dict[str, Any], exc: ClientError) -> None:
+    """One line per refused register: who, from where, why. A throttled address's are one line a minute."""
+    args = (loggable(message.get("participant_id")), loggable(peer.address), exc.code, loggable(exc))
+    if isinstance(exc, TooMany):
+        server.warn_once(f"pin {peer.address}", "WS_REFUSED register %s from %s: %s (%s); logged once a minute",
+                         *args)
+    else:
+        log.warning("WS_REFUSED register %s from %s: %s (%s)", *args)
 
 
 def turned_away(server: Server, peer: Peer) -> bool:
@@ -1786,17 +1870,25 @@ def client_address(request: web.Request, config: Config) -> str:
 
 
 def require_host(server: Server, request: web.Request) -> None:
-    """Host routes answer the host's own machine, or anyone holding the admin token."""
-    if server.acts_as_host(request):
-        return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if not token and server.is_host(client_address(request, server.config)):
-        raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
-                        "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
-    if not token:
+    """Host routes answer the host's own machine, or anyone holding the admin token.
+
+    A token that is sent must be right, wherever it comes from: a screen given a wrong one is
+    caught at the rehearsal on the host's laptop, not on the evening on another machine.
+    """
+    header = request.headers.get("Authorization", "").strip()
+    if not header:
+        if server.acts_as_host(request):
+            return
+        if server.is_host(client_address(request, server.config)):
+            raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
+                            "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
         raise Unauthorized("This is a host route: call it from the host's machine or send "
                            "'Authorization: Bearer <admin token>'")
+    scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.config.admin_token.encode()):
+        address = client_address(request, server.config)
+        server.warn_once(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
+                         loggable(address), loggable(request.method), loggable(request.path))
         raise Forbidden("Wrong admin token")
 
 
@@ -1817,6 +1909,8 @@ def check_origin(request: web.Request, config: Config) -> None:
     """Refuse a browser WebSocket from a page on another origin that CORS_ORIGINS does not allow."""
     origin = request.headers.get("Origin")
     if origin and not allowed_origin(config, origin) and origin.split("://")[-1] != request.host:
+        log.warning("WS_REFUSED %s: a page on %s (not in CORS_ORIGINS)", loggable(client_address(request, config)),
+                    loggable(origin))
         raise Forbidden("Cross-origin WebSocket connection rejected")
 
 
@@ -1857,6 +1951,7 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         peer.participant_id = None
         peer.send_json(msg_error("A new session started; reconnect with the new PIN.", "SESSION_ENDED"))
         peer.close(WSCloseCode.OK, "session ended")
+    log.info("session %s created, PIN %s (%d runners of the previous one sent away)", row["id"], pin, len(sent_away))
     server.event("session_created", "admin", metadata={"disconnectedPreviousParticipants": len(sent_away)})
     hub.publish_screens(await server.snapshot())
     return json_response({"session_id": row["id"], "id": row["id"], "pin": pin, "created_at": iso(row["createdAt"]),
@@ -1893,6 +1988,7 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         peer.send_json(msg_error("The host removed you from this session", "KICKED"))
         peer.close(WSCloseCode.POLICY_VIOLATION, "kicked by the host")
         server.hub.publish_screens(msg_participant_disconnected(pid))
+    log.info("kicked %s (%s)", loggable(pid), f"was connected from {loggable(peer.address)}" if peer else "not connected")
     server.event("participant_kicked", "admin", None, "participant", pid)
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
 
@@ -1900,8 +1996,12 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
 # --- rounds --------------------------------------------------------------------
 
 async def post_rounds(server: Server, request: web.Request, p: Params) -> web.Response:
+    """Create the next round; without a seed one is drawn and kept, so the round can be run again alike."""
+    if p["seed"] is None:
+        p = {**p, "seed": random.randrange(SEED_RANGE)}
     async with server.arena.lock:
         row = await server.db.run(create_round, server.arena.require_session().id, p)
+    log.info("round %d created (%s), seed %d", row["index"], row["id"], row["seed"])
     server.event("round_created", "admin", None, "round", row["id"],
                  {"index": row["index"], "prompt": row["prompt"], "maxTokens": row["maxTokens"],
                   "temperature": row["temperature"], "deadlineMs": row["deadlineMs"], "svgMode": p["svg_mode"]})
@@ -1926,7 +2026,14 @@ async def post_rounds_start(server: Server, request: web.Request, p: Params) -> 
     server.hub.publish_screens({"type": "round_started", "round": row["index"], "session_id": session_id})
     await server.publish_round(row)
     server.event("round_started", "admin", None, "round", row["id"], {"index": row["index"]})
-    return json_response(round_json(row))
+    body = round_json(row)
+    if server.hub.runners:
+        log.info("round %d started: the challenge went to %d runners", row["index"], len(server.hub.runners))
+    else:
+        body["warning"] = ("No runner is connected: nobody got the challenge. Runners that register while the "
+                           "round runs get it then; or stop the round and start another once they are here.")
+        log.warning("round %d started with no runner connected", row["index"])
+    return json_response(body)
 
 
 async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -1946,6 +2053,7 @@ async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> w
         row = await server.db.run(update_round, row["id"], {"endedAt": now_ms(), "votingStatus": "open"})
         await server.publish_round(row)
         answers = len(await server.db.run(round_metrics, row["id"]))
+    log.info("round %d stopped with %d answers; voting opened", row["index"], answers)
     server.event("round_stopped", "admin", None, "round", row["id"], {"index": row["index"], "responses": answers})
     server.event("voting_opened", "system", None, "round", row["id"])
     return json_response(round_json(row))
@@ -1962,7 +2070,7 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
 async def encode_responses(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
     """The voting page's JSON for a round, plain and gzipped (compressed off the event loop)."""
     body = dumps({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
-                  "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]}).encode()
+                  "votingStatus": voting_status(row), "prompt": row["prompt"], "round_id": row["id"]}).encode()
     return body, await asyncio.to_thread(gzip.compress, body, 5)
 
 
@@ -1976,7 +2084,7 @@ async def get_round_responses(server: Server, request: web.Request, p: Params) -
     """
     await server.flush()                                # tokens that trailed their `complete`
     row = await server.db.run(get_round, request.match_info["round_id"])
-    key = (row["id"], row["votingStatus"], server.answers_version)
+    key = (row["id"], voting_status(row), server.answers_version)
     cached = server.responses_cache
     if cached is None or cached[0] != key or (cached[1].done() and cached[1].exception()):
         cached = server.responses_cache = (key, asyncio.ensure_future(encode_responses(server, row)))
@@ -1998,12 +2106,20 @@ async def change_round(server: Server, round_id: str | None, check: Callable[[di
         answers = len(await server.db.run(round_metrics, row["id"]))
         row = await server.db.run(update_round, row["id"], check(row, answers))
         await server.publish_round(row)
-    metadata = None
+    body, metadata = round_json(row), None
     if event_type == "position_revealed":
-        metadata = {"position": answers - row["revealedCount"] + 1, "revealedCount": row["revealedCount"],
-                    "totalParticipants": answers}
+        position = answers - row["revealedCount"] + 1
+        entry = (await server.db.run(scoreboard, row["id"]))[position - 1]
+        body["revealed"] = {"position": position, "participant_id": entry["participant_id"],
+                            "nickname": entry["nickname"], "score": entry["avg_score"], "votes": entry["votes"]}
+        metadata = {"position": position, "revealedCount": row["revealedCount"], "totalParticipants": answers,
+                    "participantId": entry["participant_id"]}
+        log.info("round %d: position %d revealed: %s (%s), average %.2f from %d votes", row["index"], position,
+                 loggable(entry["nickname"]), loggable(entry["participant_id"]), entry["avg_score"], entry["votes"])
+    else:
+        log.info("round %d: %s", row["index"], event_type.replace("_", " "))
     server.event(event_type, "admin", None, "round", row["id"], metadata)
-    return json_response(round_json(row))
+    return json_response(body)
 
 
 def closing_vote(row: dict[str, Any], answers: int) -> dict[str, Any]:
@@ -2069,7 +2185,7 @@ async def get_scoreboard(server: Server, request: web.Request, p: Params) -> web
         row = await server.db.run(scoreboard_round, server.arena.require_session().id)
     return json_response({"scoreboard": await server.db.run(scoreboard, row["id"]), "round_id": row["id"],
                           "round_index": row["index"], "svgMode": bool(row["svgMode"]),
-                          "votingStatus": row["votingStatus"], "revealedCount": row["revealedCount"]})
+                          "votingStatus": voting_status(row), "revealedCount": row["revealedCount"]})
 
 
 async def get_metrics(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2364,13 +2480,20 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status in (404, 405):
+        headers = {}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = " or ".join(sorted(exc.allowed_methods - {"HEAD"}))     # HEAD comes with GET
+            message = f"{request.path} takes {allowed}, not {request.method}"
+            headers["Allow"] = exc.headers["Allow"]
+        elif exc.status == 404:
             message = f"No route {request.method} {request.path}"
         elif exc.status == 413:
             message = f"The request body is over the limit of {MAX_BODY_BYTES} bytes"
         else:
             message = exc.reason
-        return json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
+        response = json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
+        response.headers.update(headers)
+        return response
     except sqlite3.Error as exc:
         log.error("database error on %s %s: %s", loggable(request.method), loggable(request.path), loggable(exc))
         return json_response({"error": f"The database refused the write ({exc}); check the disk and the "
@@ -2389,9 +2512,37 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
     if path not in UNTHROTTLED_PATHS and not path.startswith("/client-assets/") and not server.is_host(address):
         wait_s = server.http_throttle.wait_s(address)
         if wait_s:
+            access_log.warning("HTTP_429 %s %s", loggable(address), loggable(request.path))
+            server.warn_once(f"429 {address}", "throttled: %s is over %d HTTP requests in %g s and gets 429 until "
+                             "its window ends", loggable(address), server.config.rate_limit_max,
+                             server.config.rate_limit_window_s)
             raise TooMany(f"Too many requests from your address; try again in {math.ceil(wait_s)} s", wait_s)
         server.http_throttle.add(address)
     return await handler(request)
+
+
+@web.middleware
+async def request_log_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The JSON log's two lines per HTTP request, as pino-http writes them; a WebSocket is one request
+    (its upgrade), completed when it closes, and its frames are not requests."""
+    address = client_address(request, request.app[server_key].config)
+    access_log.info("incoming request", extra={"req": {"method": request.method, "url": loggable(request.path_qs),
+                                                       "remoteAddress": loggable(address)}})
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:                    # a redirect
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499                                    # the client went away first (nginx's code)
+        raise
+    finally:
+        access_log.info("request completed", extra={"res": {"statusCode": status},
+                                                    "responseTime": round((time.perf_counter() - started) * 1000, 3)})
 
 
 async def repeat(interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
@@ -2416,6 +2567,27 @@ async def running_server(app: web.Application) -> Any:
     server.db.close()
 
 
+async def json_log(app: web.Application) -> Any:
+    """Write the log to LOG_JSON too, from the app's start to its very end."""
+    path = Path(app[server_key].config.log_json).expanduser()
+    try:
+        target = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"LOG_JSON {path.resolve()}: cannot write there ({exc.strerror})") from None
+    target.setFormatter(PinoFormatter())
+    handler = BackgroundHandler(target)
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)                      # the file has the info lines whatever the terminal shows
+    for logger in (log, access_log):
+        logger.addHandler(handler)
+    yield
+    for logger in (log, access_log):
+        logger.removeHandler(handler)
+    log.setLevel(level)
+    handler.close()
+
+
 async def close_connections(app: web.Application) -> None:
     """Close every socket with 1001 (going away), giving each a moment for the handshake."""
     peers = list(app[server_key].hub.peers)
@@ -2431,9 +2603,12 @@ async def close_connections(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     if not config.admin_token:
         config = replace(config, admin_token=secrets.token_urlsafe(16))
-    app = web.Application(middlewares=[cors_middleware, error_middleware, rate_limit_middleware],
+    logged = [request_log_middleware] if config.log_json else []
+    app = web.Application(middlewares=[*logged, cors_middleware, error_middleware, rate_limit_middleware],
                           client_max_size=MAX_BODY_BYTES)
     app[server_key] = Server(config)
+    if config.log_json:
+        app.cleanup_ctx.append(json_log)
     app.cleanup_ctx.append(running_server)
     app.on_shutdown.append(close_connections)
     table = [web.get("/ws", ws_endpoint), web.get("/client", get_client_page), web.get("/agent", get_client_page),
@@ -3852,6 +4027,8 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
         raise SystemExit(f"could not listen on port {config.port}")
     port = runner.addresses[0][1]
+    for host in listening:
+        log.info("Server listening at http://%s:%d", f"[{host}]" if ":" in host else host, port)
     # The collector's full passes then skip what start-up made (the modules, some
     # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
     gc.collect()
@@ -3877,7 +4054,9 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[argv[0]](argv[1:])
         return
     config = parse_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[BackgroundHandler(terminal)])
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(config))
