@@ -2291,9 +2291,11 @@ ROUTES = (
         Field("max_tokens", int, default=400, low=1, high=1_000_000, doc="token budget per runner"),
         Field("temperature", float, default=0.8, low=0, high=2, doc="sampling temperature"),
         Field("deadline_ms", int, default=90_000, low=1000, high=86_400_000, doc="advisory time limit"),
-        Field("seed", int, low=0, high=2**53, doc="sampling seed sent to every runner"),
+        Field("seed", int, low=0, high=2**53, doc="sampling seed sent to every runner (default: one drawn "
+                                                          "and stored with the round)"),
         Field("svg_mode", bool, default=False, doc="answers are SVG drawings"))),
-    Route("POST", "/rounds/start", post_rounds_start, "Start a round: the challenge goes to every runner.", True,
+    Route("POST", "/rounds/start", post_rounds_start, "Start a round: the challenge goes to every runner "
+          "(a warning when none is connected).", True,
           (ROUND_ID,)),
     Route("POST", "/rounds/stop", post_rounds_stop, "Stop the running round, rescue unfinished answers and "
           "open voting.", True, (replace(ROUND_ID, required=False, doc="default: the running round"),)),
@@ -2304,7 +2306,7 @@ ROUTES = (
           (replace(ROUND_ID, required=False, doc="default: the round with voting open"),)),
     Route("POST", "/rounds/{round_id}/reveal", post_reveal, "Start the reveal (after voting closed).", True),
     Route("POST", "/rounds/{round_id}/reveal-next", post_reveal_next, "Reveal the next position, "
-          "last place first.", True),
+          "last place first; says who it was (revealed).", True),
     Route("POST", "/votes", post_votes, "Vote 0-5 for one answer; one immutable vote per voter and answer.", False, (
         ROUND_ID,
         Field("participant_id", str, True, high=MAX_TEXT, doc="whose answer"),
