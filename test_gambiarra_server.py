@@ -1101,6 +1101,8 @@ async def test_a_round_created_without_a_seed_draws_one_and_keeps_it(room: Room,
     challenge = await ana.recv("challenge")
     assert challenge["seed"] == rnd["seed"] == SEED
     assert db_rows(config.database, "SELECT seed FROM rounds") == [{"seed": rnd["seed"]}]
+    older = {**await room.host.new_round(), "seed": None}          # a round saved before seeds were drawn
+    assert "seed" not in gs.msg_challenge(rnd["sessionId"], older)
 
 
 async def test_reveal_next_says_who_was_revealed(room: Room, pin: str) -> None:
