@@ -1214,8 +1214,8 @@ def msg_error(message: str, code: str) -> dict[str, Any]:
 
 
 def msg_challenge(session_id: str, row: dict[str, Any]) -> dict[str, Any]:
-    """The challenge runners answer. Runners hand `seed` to their model as it is, and ollama refuses a
-    null: a round from a database older than drawn seeds goes without the key, as in the club's server."""
+    """The challenge runners answer. The club's runners put `seed` into ollama's options as it is, so it is
+    never null: a round saved before seeds were drawn goes without the key, as the club's server sends it."""
     seed = {} if row["seed"] is None else {"seed": row["seed"]}
     return {"type": "challenge", "session_id": session_id, "round": row["index"], "prompt": row["prompt"],
             "max_tokens": row["maxTokens"], "temperature": row["temperature"], "deadline_ms": row["deadlineMs"],
