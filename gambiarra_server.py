@@ -1878,8 +1878,8 @@ def require_host(server: Server, request: web.Request) -> None:
     A token that is sent must be right, wherever it comes from: a screen given a wrong one is
     caught at the rehearsal on the host's laptop, not on the evening on another machine.
     """
-    header = request.headers.get("Authorization", "").strip()
-    if not header:
+    authorization = request.headers.get("Authorization", "").strip()
+    if not authorization:
         if server.acts_as_host(request):
             return
         if server.is_host(client_address(request, server.config)):
@@ -1887,7 +1887,7 @@ def require_host(server: Server, request: web.Request) -> None:
                             "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
         raise Unauthorized("This is a host route: call it from the host's machine or send "
                            "'Authorization: Bearer <admin token>'")
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.config.admin_token.encode()):
         address = client_address(request, server.config)
         server.warn_once(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
