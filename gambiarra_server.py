@@ -60,9 +60,11 @@ import io
 import ipaddress
 import json
 import logging
+import logging.handlers
 import math
 import multiprocessing
 import os
+import queue
 import random
 import re
 import secrets
@@ -89,6 +91,10 @@ __version__ = "1.0.0"
 # generous, because a runner's CPU is saturated by its model.
 MISSED_PINGS = 3
 log = logging.getLogger("gambiarra")
+# One line per HTTP request, for the JSON log alone: a terminal would scroll the evening away.
+access_log = logging.getLogger("gambiarra.access")
+access_log.propagate = False
+access_log.addHandler(logging.NullHandler())        # no JSON log: nothing, and no "last resort" echo to stderr
 HERE = Path(__file__).resolve().parent
 
 
@@ -226,6 +232,8 @@ class Config:
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
                               "the club's browser client folder (client.html, agent.html, shared/), "
                               "served at /client, /agent and /client-assets/")
+    log_json: str = option("", "LOG_JSON", "also write the log to this file as JSON lines (pino's fields: "
+                                           "time, level, msg), with a line per HTTP request")
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
@@ -233,6 +241,7 @@ BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it
 MAX_PROMPT = 100_000
 MAX_ROUND = 1_000_000       # round indexes, in messages
 MAX_MS = 86_400_000         # durations a client reports: a day
+SEED_RANGE = 1_000_000      # a round's seed when the host gives none: 0 to 999,999, as the club's admin page draws
 SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
 PIN_CHECKS_WAITING = 16     # distinct PINs waiting for bcrypt (only before the server knows the PIN); more are refused
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
@@ -527,6 +536,48 @@ def loggable(value: Any) -> str:
     addresses by anyone); raw, they could forge log lines or clear the host's screen.
     """
     return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], str(value))
+
+
+class BackgroundHandler(logging.handlers.QueueHandler):
+    """Hands each record to `target` on a thread of its own.
+
+    The event loop only renders the message and queues it; the write (a system call
+    per line, a terminal that scrolls slowly, a disk that stalls) happens on the thread.
+    """
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(queue.SimpleQueue())
+        self.setFormatter(logging.Formatter("%(message)s"))     # the message only: `target` formats the line
+        self.listener: logging.handlers.QueueListener | None = logging.handlers.QueueListener(self.queue, target)
+        self.listener.start()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread and close the target (once: logging closes it at exit too)."""
+        if self.listener is not None:
+            self.listener.stop()
+            for target in self.listener.handlers:
+                target.close()
+            self.listener = None
+        super().close()
+
+
+PINO_LEVELS = {logging.DEBUG: 20, logging.INFO: 30, logging.WARNING: 40, logging.ERROR: 50, logging.CRITICAL: 60}
+RECORD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class PinoFormatter(logging.Formatter):
+    """A record as one JSON line with pino's fields, which the club's report scripts parse: `time` in
+    epoch ms, a numeric `level`, `msg`, and the record's `extra` fields (`req`, `res`, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origin = {"pid": os.getpid(), "hostname": socket.gethostname()}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"level": PINO_LEVELS.get(record.levelno, record.levelno), "time": int(record.created * 1000),
+                **self.origin, "msg": record.getMessage()}
+        line.update((key, value) for key, value in vars(record).items() if key not in RECORD_ATTRIBUTES)
+        return json.dumps(line, ensure_ascii=True, default=str)     # ASCII: a lone surrogate cannot stop the writer
 
 
 def sha256_hex(text: str) -> str:
@@ -1065,6 +1116,14 @@ def get_round(conn: sqlite3.Connection, round_id: str) -> dict[str, Any]:
     return row
 
 
+def voting_status(row: dict[str, Any]) -> str:
+    """A round's `votingStatus` as clients are told it. The column holds "closed" from creation until the
+    stop opens voting (the club's schema); before the stop it is "pending" (never started) or "running"."""
+    if row["startedAt"] is None:
+        return "pending"
+    return "running" if row["endedAt"] is None else row["votingStatus"]
+
+
 def update_round(conn: sqlite3.Connection, round_id: str, changes: dict[str, Any]) -> dict[str, Any]:
     assignments = ", ".join(f"{column} = :{column}" for column in changes)
     conn.execute(f"UPDATE rounds SET {assignments} WHERE id = :id", {**changes, "id": round_id})
@@ -1385,7 +1444,7 @@ def session_tree(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
         metrics = [{**m, "modelInfo": json.loads(m["modelInfo"]) if m["modelInfo"] else None}
                    for m in round_metrics(conn, row["id"])]
         votes = every(conn, "SELECT * FROM votes WHERE roundId = ? ORDER BY createdAt", row["id"])
-        rounds.append({**row, "metrics": metrics, "votes": votes})
+        rounds.append({**row, "votingStatus": voting_status(row), "metrics": metrics, "votes": votes})
     events = [{**e, "metadata": json.loads(e["metadata"]) if e["metadata"] else None}
               for e in session_events(conn, session_id)]
     participants = [{k: v for k, v in row.items() if k not in ("resumeHash", "lastAddress")}
@@ -1672,18 +1731,23 @@ def is_time(key: str) -> bool:
     return key.endswith("At") or key in ("lastSeen", "timestamp")
 
 
+FLAG_COLUMNS = {"connected", "kicked", "svgMode", "rescued"}     # 0/1 in sqlite, true/false in JSON
+
+
 def iso_times(data: Any) -> Any:
-    """`data` with every time column, at any depth, as ISO text instead of epoch milliseconds."""
+    """`data` with every time column, at any depth, as ISO text instead of epoch milliseconds,
+    and every flag column as true or false."""
     if isinstance(data, list):
         return [iso_times(item) for item in data]
     if isinstance(data, dict):
-        return {key: iso(value) if is_time(key) and isinstance(value, int) else iso_times(value)
+        return {key: iso(value) if is_time(key) and isinstance(value, int)
+                else bool(value) if key in FLAG_COLUMNS and isinstance(value, int) else iso_times(value)
                 for key, value in data.items()}
     return data
 
 
 def round_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {**iso_times(row), "svgMode": bool(row["svgMode"])}
+    return {**iso_times(row), "votingStatus": voting_status(row)}
 
 
 def participant_json(row: dict[str, Any], connected: bool) -> dict[str, Any]:
@@ -1707,9 +1771,12 @@ def msg_error(message: str, code: str) -> dict[str, Any]:
 
 
 def msg_challenge(session_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The challenge runners answer. The club's runners put `seed` into ollama's options as it is, so it is
+    never null: a round saved before seeds were drawn goes without the key, as the club's server sends it."""
+    seed = {} if row["seed"] is None else {"seed": row["seed"]}
     return {"type": "challenge", "session_id": session_id, "round": row["index"], "prompt": row["prompt"],
             "max_tokens": row["maxTokens"], "temperature": row["temperature"], "deadline_ms": row["deadlineMs"],
-            "seed": row["seed"]}
+            **seed}
 
 
 def msg_round_state(row: dict[str, Any]) -> dict[str, Any]:
@@ -1991,6 +2058,13 @@ class Server:
         self.own_addresses: set[str] = set()             # this machine's LAN addresses, found at start-up
         self.own_names = {"localhost"}                   # with this machine's names, found at start-up
         self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
+        self.told = Throttle(1, 60.0)                   # for warn_once
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        """Log a warning the first time `key` comes up in a minute: a flood of refusals is one line, not a flood."""
+        if not self.told.wait_s(key):
+            log.warning(message, *args)
+        self.told.add(key)
 
     def event(self, event_type: str, *, actor: tuple[str, str | None] = SYSTEM,
               target: tuple[str | None, str | None] = NO_TARGET, metadata: dict[str, Any] | None = None) -> tuple:
@@ -2039,6 +2113,7 @@ class Server:
         # One bcrypt check now spares every runner reconnecting after the restart its own.
         if await asyncio.to_thread(pin_matches, row["pin"], session.pin_hash):
             session.known_pin = row["pin"]
+        log.info("restarted: session %s (PIN %s) goes on; its runners may register again", row["id"], row["pin"])
         shown = await self.db.run(shown_round, row["id"])
         if shown is None:
             return
@@ -2153,7 +2228,7 @@ class Server:
         pid = peer.participant_id
         if pid is not None and self.hub.runners.get(pid) is peer:
             del self.hub.runners[pid]
-            log.info("WS_DISCONNECTED %s", loggable(pid))
+            log.info("WS_DISCONNECTED %s from %s", loggable(pid), loggable(peer.address))
             self.hub.publish_screens(msg_participant_disconnected(pid))
             self.db.submit(set_connected, pid, False, events=[
                 self.event("participant_disconnected", actor=("participant", pid), target=("participant", pid))])
@@ -2275,7 +2350,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
         reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
     peer.send_json(reply)
-    log.info("WS_REGISTERED %s", loggable(pid))
+    log.info("WS_REGISTERED %s (%s) from %s", loggable(pid), loggable(row["nickname"]), loggable(peer.address))
     server.hub.publish_screens(msg_participant_registered(row))
 
 
@@ -2344,6 +2419,8 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
         spec, handler = ON_MESSAGE[kind]
         await handler(server, peer, parse_fields(message, spec))
     except ClientError as exc:
+        if kind == "register":
+            log_refusal(server, peer, message, exc)
         peer.send_json(msg_error(str(exc), exc.code))
     except sqlite3.Error as exc:
         log.error("database error on a %s message: %s", loggable(kind), loggable(exc))
@@ -2352,6 +2429,16 @@ async def dispatch(server: Server, peer: Peer, text: str) -> None:
         # A bug must not leave a runner's socket open and unread in the middle of a round.
         log.exception("unexpected error on a %s message", loggable(repr(kind)))
         peer.send_json(msg_error("Internal error; the server log has the details", "INTERNAL"))
+
+
+def log_refusal(server: Server, peer: Peer, message: dict[str, Any], exc: ClientError) -> None:
+    """One line per refused register: who, from where, why. A throttled address's are one line a minute."""
+    args = (loggable(message.get("participant_id")), loggable(peer.address), exc.code, loggable(exc))
+    if isinstance(exc, TooMany):
+        server.warn_once(f"pin {peer.address}", "WS_REFUSED register %s from %s: %s (%s); logged once a minute",
+                         *args)
+    else:
+        log.warning("WS_REFUSED register %s from %s: %s (%s)", *args)
 
 
 def turned_away(server: Server, peer: Peer) -> bool:
@@ -2439,17 +2526,25 @@ def client_address(request: web.Request, config: Config) -> str:
 
 
 def require_host(server: Server, request: web.Request) -> None:
-    """Host routes answer the host's own machine, or anyone holding the admin token."""
-    if server.acts_as_host(request):
-        return
-    scheme, _, token = header(request, "Authorization").partition(" ")
-    if not token and server.is_host(client_address(request, server.config)):
-        raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
-                        "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
-    if not token:
+    """Host routes answer the host's own machine, or anyone holding the admin token.
+
+    A token that is sent must be right, wherever it comes from: a screen given a wrong one is
+    caught at the rehearsal on the host's laptop, not on the evening on another machine.
+    """
+    authorization = header(request, "Authorization").strip()
+    if not authorization:
+        if server.acts_as_host(request):
+            return
+        if server.is_host(client_address(request, server.config)):
+            raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
+                            "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
         raise Unauthorized("This is a host route: call it from the host's machine or send "
                            "'Authorization: Bearer <admin token>'")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.config.admin_token.encode()):
+        address = client_address(request, server.config)
+        server.warn_once(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
+                         loggable(address), loggable(request.method), loggable(request.path))
         raise Forbidden("Wrong admin token")
 
 
@@ -2470,6 +2565,8 @@ def check_origin(request: web.Request, config: Config) -> None:
     """Refuse a browser WebSocket from a page on another origin that CORS_ORIGINS does not allow."""
     origin = header(request, "Origin")
     if origin and not allowed_origin(config, origin) and origin.split("://")[-1] != request.host:
+        log.warning("WS_REFUSED %s: a page on %s (not in CORS_ORIGINS)", loggable(client_address(request, config)),
+                    loggable(origin))
         raise Forbidden("Cross-origin WebSocket connection rejected")
 
 
@@ -2511,6 +2608,7 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         peer.participant_id = None
         peer.send_json(msg_error("A new session started; reconnect with the new PIN.", "SESSION_ENDED"))
         peer.close(WSCloseCode.OK, "session ended")
+    log.info("session %s created, PIN %s (%d runners of the previous one sent away)", row["id"], pin, len(sent_away))
     hub.publish_screens(await server.snapshot())
     return json_response({"session_id": row["id"], "id": row["id"], "pin": pin, "created_at": iso(row["createdAt"]),
                           "status": "active", "disconnected_participants": len(sent_away)})
@@ -2547,6 +2645,7 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         peer.send_json(msg_error("The host removed you from this session", "KICKED"))
         peer.close(WSCloseCode.POLICY_VIOLATION, "kicked by the host")
         server.hub.publish_screens(msg_participant_disconnected(pid))
+    log.info("kicked %s (%s)", loggable(pid), f"was connected from {loggable(peer.address)}" if peer else "not connected")
     return json_response({"status": "ok", "participant_id": pid, "was_connected": peer is not None})
 
 
@@ -2562,6 +2661,9 @@ async def post_participants_release(server: Server, request: web.Request, p: Par
 # --- rounds --------------------------------------------------------------------
 
 async def post_rounds(server: Server, request: web.Request, p: Params) -> web.Response:
+    """Create the next round; without a seed one is drawn and kept, so the round can be run again alike."""
+    if p["seed"] is None:
+        p = {**p, "seed": random.randrange(SEED_RANGE)}
     async with server.arena.lock:
         session_id = server.arena.require_session().id
         row = await server.db.run(create_round, session_id, p, events=lambda row: [
@@ -2569,6 +2671,7 @@ async def post_rounds(server: Server, request: web.Request, p: Params) -> web.Re
                       metadata={"index": row["index"], "prompt": row["prompt"], "maxTokens": row["maxTokens"],
                                 "temperature": row["temperature"], "deadlineMs": row["deadlineMs"],
                                 "svgMode": p["svg_mode"]})])
+    log.info("round %d created (%s), seed %d", row["index"], row["id"], row["seed"])
     return json_response(round_json(row))
 
 
@@ -2590,7 +2693,14 @@ async def post_rounds_start(server: Server, request: web.Request, p: Params) -> 
     server.hub.publish_runners(msg_challenge(session_id, row))
     server.hub.publish_screens({"type": "round_started", "round": row["index"], "session_id": session_id})
     await server.publish_round(row)
-    return json_response(round_json(row))
+    body = round_json(row)
+    if server.hub.runners:
+        log.info("round %d started: the challenge went to %d runners", row["index"], len(server.hub.runners))
+    else:
+        body["warning"] = ("No runner is connected: nobody got the challenge. Runners that register while the "
+                           "round runs get it then; or stop the round and start another once they are here.")
+        log.warning("round %d started with no runner connected", row["index"])
+    return json_response(body)
 
 
 async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2614,6 +2724,7 @@ async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> w
                                                                                "responses": answers}),
             server.event("voting_opened", target=target)])
         await server.publish_round(row)
+    log.info("round %d stopped with %d answers; voting opened", row["index"], answers)
     return json_response(round_json(row))
 
 
@@ -2628,7 +2739,7 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
 async def encode_responses(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
     """The voting page's JSON for a round, plain and gzipped (compressed off the event loop)."""
     body = json_bytes({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
-                       "votingStatus": row["votingStatus"], "prompt": row["prompt"], "round_id": row["id"]})
+                       "votingStatus": voting_status(row), "prompt": row["prompt"], "round_id": row["id"]})
     return body, await asyncio.to_thread(gzip.compress, body, 5)
 
 
@@ -2642,7 +2753,7 @@ async def get_round_responses(server: Server, request: web.Request, p: Params) -
     """
     await server.flush()                                # tokens that trailed their `complete`
     row = await server.db.run(get_round, request.match_info["round_id"])
-    key = (row["id"], row["votingStatus"], server.answers_version)
+    key = (row["id"], voting_status(row), server.answers_version)
     cached = server.responses_cache
     if cached is None or cached[0] != key or (cached[1].done() and cached[1].exception()):
         cached = server.responses_cache = (key, asyncio.ensure_future(encode_responses(server, row)))
@@ -2656,29 +2767,31 @@ async def get_round_responses(server: Server, request: web.Request, p: Params) -
 # --- voting and the reveal -------------------------------------------------------
 
 Change = tuple[dict[str, Any], dict[str, Any] | None]        # the columns to change, and the event's metadata
+Check = Callable[[dict[str, Any], list[dict[str, Any]]], Change]   # vets a round against its ranking
 
 
-async def change_round(server: Server, round_id: str | None, check: Callable[[dict[str, Any], int], Change],
-                       event_type: str) -> web.Response:
-    """One step of the voting ceremony: `check` vets the round and says what to change and record."""
+async def change_round(server: Server, round_id: str | None, check: Check,
+                       event_type: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One step of the voting ceremony: `check` vets the round against its ranking and says what to change
+    and record; return the changed round and its ranking."""
     async with server.arena.lock:
         session = server.arena.require_session()
         row = await (session_round(server, round_id) if round_id else server.db.run(voting_round, session.id))
-        answers = len(await server.db.run(round_metrics, row["id"]))
-        changes, metadata = check(row, answers)
+        ranking = await server.db.run(scoreboard, row["id"])
+        changes, metadata = check(row, ranking)
         row = await server.db.run(update_round, row["id"], changes, events=[
             server.event(event_type, actor=ADMIN, target=("round", row["id"]), metadata=metadata)])
         await server.publish_round(row)
-    return json_response(round_json(row))
+    return row, ranking
 
 
-def closing_vote(row: dict[str, Any], answers: int) -> Change:
+def closing_vote(row: dict[str, Any], ranking: list[dict[str, Any]]) -> Change:
     if row["votingStatus"] != "open":
         raise Conflict("Voting is not open for this round")
     return {"votingStatus": "closed"}, None
 
 
-def starting_reveal(row: dict[str, Any], answers: int) -> Change:
+def starting_reveal(row: dict[str, Any], ranking: list[dict[str, Any]]) -> Change:
     if row["endedAt"] is None:
         raise Conflict("The round has not ended yet")
     if row["votingStatus"] == "open":
@@ -2686,30 +2799,52 @@ def starting_reveal(row: dict[str, Any], answers: int) -> Change:
     return {"votingStatus": "revealed", "revealedCount": 0}, None
 
 
-def revealing_next(row: dict[str, Any], answers: int) -> Change:
+def last_revealed(revealed_count: int, ranking: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """The position revealed last (the reveal goes from last place up) and its ranking row."""
+    position = len(ranking) - revealed_count + 1
+    return position, ranking[position - 1]
+
+
+def revealing_next(row: dict[str, Any], ranking: list[dict[str, Any]]) -> Change:
     if row["votingStatus"] != "revealed":
         raise Conflict("Start the reveal first")
-    if row["revealedCount"] >= answers:
+    if row["revealedCount"] >= len(ranking):
         raise Conflict("Every position is already revealed")
     revealed = row["revealedCount"] + 1
-    return {"revealedCount": revealed}, {"position": answers - revealed + 1, "revealedCount": revealed,
-                                         "totalParticipants": answers}
+    position, entry = last_revealed(revealed, ranking)
+    return {"revealedCount": revealed}, {"position": position, "revealedCount": revealed,
+                                         "totalParticipants": len(ranking), "participantId": entry["participant_id"]}
+
+
+async def close_voting(server: Server, round_id: str | None) -> web.Response:
+    row, _ = await change_round(server, round_id, closing_vote, "voting_closed")
+    log.info("round %d: voting closed", row["index"])
+    return json_response(round_json(row))
 
 
 async def post_close_voting(server: Server, request: web.Request, p: Params) -> web.Response:
-    return await change_round(server, request.match_info["round_id"], closing_vote, "voting_closed")
+    return await close_voting(server, request.match_info["round_id"])
 
 
 async def post_votes_close(server: Server, request: web.Request, p: Params) -> web.Response:
-    return await change_round(server, p["round_id"], closing_vote, "voting_closed")
+    return await close_voting(server, p["round_id"])
 
 
 async def post_reveal(server: Server, request: web.Request, p: Params) -> web.Response:
-    return await change_round(server, request.match_info["round_id"], starting_reveal, "reveal_started")
+    row, _ = await change_round(server, request.match_info["round_id"], starting_reveal, "reveal_started")
+    log.info("round %d: reveal started", row["index"])
+    return json_response(round_json(row))
 
 
 async def post_reveal_next(server: Server, request: web.Request, p: Params) -> web.Response:
-    return await change_round(server, request.match_info["round_id"], revealing_next, "position_revealed")
+    """Reveal the next position; the answer says who holds it."""
+    row, ranking = await change_round(server, request.match_info["round_id"], revealing_next, "position_revealed")
+    position, entry = last_revealed(row["revealedCount"], ranking)
+    log.info("round %d: position %d revealed: %s (%s), average %.2f from %d votes", row["index"], position,
+             loggable(entry["nickname"]), loggable(entry["participant_id"]), entry["avg_score"], entry["votes"])
+    return json_response({**round_json(row), "revealed": {
+        "position": position, "participant_id": entry["participant_id"], "nickname": entry["nickname"],
+        "score": entry["avg_score"], "votes": entry["votes"]}})
 
 
 def voter_hash(server: Server, request: web.Request, voter_id: str | None) -> str:
@@ -2737,7 +2872,7 @@ async def get_scoreboard(server: Server, request: web.Request, p: Params) -> web
         row = await server.db.run(scoreboard_round, server.arena.require_session().id)
     return json_response({"scoreboard": await server.db.run(scoreboard, row["id"]), "round_id": row["id"],
                           "round_index": row["index"], "svgMode": bool(row["svgMode"]),
-                          "votingStatus": row["votingStatus"], "revealedCount": row["revealedCount"]})
+                          "votingStatus": voting_status(row), "revealedCount": row["revealedCount"]})
 
 
 async def get_metrics(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2845,9 +2980,11 @@ ROUTES = (
         Field("max_tokens", int, default=400, low=1, high=1_000_000, doc="token budget per runner"),
         Field("temperature", float, default=0.8, low=0, high=2, doc="sampling temperature"),
         Field("deadline_ms", int, default=90_000, low=1000, high=86_400_000, doc="advisory time limit"),
-        Field("seed", int, low=0, high=2**53, doc="sampling seed sent to every runner"),
+        Field("seed", int, low=0, high=2**53, doc="sampling seed sent to every runner (default: one drawn "
+                                                          "and stored with the round)"),
         Field("svg_mode", bool, default=False, doc="answers are SVG drawings"))),
-    Route("POST", "/rounds/start", post_rounds_start, "Start a round: the challenge goes to every runner.", True,
+    Route("POST", "/rounds/start", post_rounds_start, "Start a round: the challenge goes to every runner "
+          "(a warning when none is connected).", True,
           (ROUND_ID,)),
     Route("POST", "/rounds/stop", post_rounds_stop, "Stop the running round, rescue unfinished answers and "
           "open voting.", True, (replace(ROUND_ID, required=False, doc="default: the running round"),)),
@@ -2858,7 +2995,7 @@ ROUTES = (
           (replace(ROUND_ID, required=False, doc="default: the round with voting open"),)),
     Route("POST", "/rounds/{round_id}/reveal", post_reveal, "Start the reveal (after voting closed).", True),
     Route("POST", "/rounds/{round_id}/reveal-next", post_reveal_next, "Reveal the next position, "
-          "last place first.", True),
+          "last place first; says who it was (revealed).", True),
     Route("POST", "/votes", post_votes, "Vote 0-5 for one answer; one immutable vote per voter and answer.", False, (
         ROUND_ID,
         Field("participant_id", str, True, high=MAX_TEXT, doc="whose answer"),
@@ -3038,13 +3175,20 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status in (404, 405):
+        headers = {}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = " or ".join(sorted(exc.allowed_methods - {"HEAD"}))     # HEAD comes with GET
+            message = f"{request.path} takes {allowed}, not {request.method}"
+            headers["Allow"] = exc.headers["Allow"]
+        elif exc.status == 404:
             message = f"No route {request.method} {request.path}"
         elif exc.status == 413:
             message = f"The request body is over the limit of {MAX_BODY_BYTES} bytes"
         else:
             message = exc.reason
-        return json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
+        response = json_response({"error": message, "code": exc.reason.upper().replace(" ", "_")}, exc.status)
+        response.headers.update(headers)
+        return response
     except sqlite3.Error as exc:
         log.error("database error on %s %s: %s", loggable(request.method), loggable(request.path), loggable(exc))
         return json_response({"error": f"The database refused the write ({exc}); check the disk and the "
@@ -3077,9 +3221,38 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
     if path not in UNTHROTTLED_PATHS and not path.startswith("/client-assets/") and not server.is_host(address):
         wait_s = server.http_throttle.wait_s(address)
         if wait_s:
+            access_log.warning("HTTP_429 %s %s", loggable(address), loggable(request.path))
+            server.warn_once(f"429 {address}", "throttled: %s is over %d HTTP requests in %g s and gets 429 until "
+                             "its window ends", loggable(address), server.config.rate_limit_max,
+                             server.config.rate_limit_window_s)
             raise TooMany(f"Too many requests from your address; try again in {math.ceil(wait_s)} s", wait_s)
         server.http_throttle.add(address)
     return await handler(request)
+
+
+@web.middleware
+async def request_log_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The JSON log's two lines per HTTP request, as pino-http writes them; a WebSocket is one request
+    (its upgrade), completed when it closes, and its frames are not requests."""
+    address = client_address(request, request.app[server_key].config)
+    access_log.info("incoming request", extra={"req": {"method": request.method, "url": loggable(request.path_qs),
+                                                       "remoteAddress": loggable(address)}})
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:                    # a redirect
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499                                    # the client went away first (nginx's code)
+        raise
+    finally:
+        access_log.info("request completed", extra={"res": {"statusCode": status},
+                                                    "responseTime": round((time.perf_counter() - started) * 1000, 3)})
+
 
 
 async def repeat(interval_s: float, action: Callable[[], Awaitable[None]], writer: str, writers: Writers) -> None:
@@ -3118,6 +3291,27 @@ async def running_server(app: web.Application) -> Any:
     server.db.close()
 
 
+async def json_log(app: web.Application) -> Any:
+    """Write the log to LOG_JSON too, from the app's start to its very end."""
+    path = Path(app[server_key].config.log_json).expanduser()
+    try:
+        target = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"LOG_JSON {path.resolve()}: cannot write there ({exc.strerror})") from None
+    target.setFormatter(PinoFormatter())
+    handler = BackgroundHandler(target)
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)                      # the file has the info lines whatever the terminal shows
+    for logger in (log, access_log):
+        logger.addHandler(handler)
+    yield
+    for logger in (log, access_log):
+        logger.removeHandler(handler)
+    log.setLevel(level)
+    handler.close()
+
+
 async def close_connections(app: web.Application) -> None:
     """Close every socket with 1001 (going away), giving each a moment for the handshake."""
     peers = list(app[server_key].hub.peers)
@@ -3133,9 +3327,13 @@ async def close_connections(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     if not config.admin_token:
         config = replace(config, admin_token=secrets.token_urlsafe(16))
-    app = web.Application(middlewares=[cors_middleware, error_middleware, host_middleware, rate_limit_middleware],
+    logged = [request_log_middleware] if config.log_json else []
+    app = web.Application(middlewares=[*logged, cors_middleware, error_middleware, host_middleware,
+                                       rate_limit_middleware],
                           client_max_size=MAX_BODY_BYTES)
     app[server_key] = Server(config)
+    if config.log_json:
+        app.cleanup_ctx.append(json_log)
     app.cleanup_ctx.append(running_server)
     app.on_shutdown.append(close_connections)
     table = [web.get("/ws", ws_endpoint), web.get("/client", get_client_page), web.get("/agent", get_client_page),
@@ -4837,6 +5035,8 @@ async def serve(config: Config) -> None:
     for host, reason in refused.items():
         log.warning("cannot listen on %s port %d: %s", host, config.port, reason)
     port = runner.addresses[0][1]
+    for host in listening:
+        log.info("Server listening at http://%s:%d", f"[{host}]" if ":" in host else host, port)
     # The collector's full passes then skip what start-up made (the modules, some
     # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
     gc.collect()
@@ -4866,7 +5066,9 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     if problem := database_problem(config.database):
         fail(f"cannot use the database {config.database}: {problem}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[BackgroundHandler(terminal)])
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(config))

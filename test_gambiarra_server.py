@@ -391,8 +391,8 @@ async def test_rounds_are_numbered_from_one_with_the_club_defaults(room: Room, p
     second = await room.host.new_round("Draw a cat", maxTokens=500, temperature=0.7, deadlineMs=120000,
                                        seed=42, svgMode=True)
     assert (first["index"], first["maxTokens"], first["temperature"], first["deadlineMs"]) == (1, 400, 0.8, 90000)
-    assert first["votingStatus"] == "closed" and first["revealedCount"] == 0 and first["startedAt"] is None
-    assert (second["index"], second["seed"], second["svgMode"]) == (2, 42, True)
+    assert first["votingStatus"] == "pending" and first["revealedCount"] == 0 and first["startedAt"] is None
+    assert (first["seed"], second["index"], second["seed"], second["svgMode"]) == (SEED, 2, 42, True)
 
 
 async def test_a_full_round_from_challenge_to_reveal(room: Room, pin: str) -> None:
@@ -461,6 +461,9 @@ WHEN = Like("ISO time", lambda v: isinstance(v, str) and re.fullmatch(r"\d{4}-\d
 SECRET = Like("resume secret", lambda v: isinstance(v, str) and len(v) >= 20)
 MS = Like("epoch ms", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 1_600_000_000_000)
 AMOUNT = Like("number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+SEED = Like("a drawn seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < gs.SEED_RANGE)
+NO_RUNNER = {"warning": "No runner is connected: nobody got the challenge. Runners that register while the round "
+                        "runs get it then; or stop the round and start another once they are here."}
 RUNNER_ROW = {"runner": "ollama", "model": "llama3.1:8b", "connected": True, "createdAt": WHEN, "lastSeen": WHEN}
 MODEL_INFO = {"name": "llama3.1:8b", "runner": "ollama"}
 
@@ -526,6 +529,7 @@ async def round_in(room: Room, pin: str, stage: str) -> dict[str, Any]:
     for name, path in steps:
         if path:
             rnd = await host.call("POST", path, {"roundId": rnd["id"]} if path == "/rounds/stop" else None)
+            rnd.pop("revealed", None)                   # reveal-next also says who it revealed
         if name == stage:
             return rnd
     raise AssertionError(stage)
@@ -555,7 +559,7 @@ async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
     """A wrong URL is a JSON 404, a wrong method a JSON 405, like every other error."""
     assert await room.host.status("GET", "/nope") == (404, {"error": "No route GET /nope", "code": "NOT_FOUND"})
     assert await room.host.status("DELETE", "/api/session") == (
-        405, {"error": "No route DELETE /api/session", "code": "METHOD_NOT_ALLOWED"})
+        405, {"error": "/api/session takes GET or POST, not DELETE", "code": "METHOD_NOT_ALLOWED"})
 
 
 async def test_health_shape(room: Room) -> None:
@@ -608,12 +612,12 @@ async def test_round_rows_are_camel_case_with_the_club_columns(room: Room, pin: 
     session_id = (await room.host.call("GET", "/session"))["id"]
     rnd = await room.host.new_round("Draw a cat", max_tokens=64, temperature=0, deadline_ms=5000, svg_mode=True)
     assert rnd == {"id": ID, "sessionId": session_id, "index": 1, "prompt": "Draw a cat", "maxTokens": 64,
-                   "temperature": 0.0, "deadlineMs": 5000, "seed": None, "svgMode": True, "startedAt": None,
-                   "endedAt": None, "votingStatus": "closed", "revealedCount": 0, "createdAt": WHEN}
+                   "temperature": 0.0, "deadlineMs": 5000, "seed": SEED, "svgMode": True, "startedAt": None,
+                   "endedAt": None, "votingStatus": "pending", "revealedCount": 0, "createdAt": WHEN}
     started = await room.host.start(rnd["id"])
-    assert started == {**rnd, "startedAt": WHEN}
+    assert started == {**rnd, "startedAt": WHEN, "votingStatus": "running", **NO_RUNNER}
     assert await room.host.call("POST", "/api/rounds/stop", {"round_id": rnd["id"]}) == {
-        **started, "endedAt": WHEN, "votingStatus": "open"}
+        **rnd, "startedAt": started["startedAt"], "endedAt": WHEN, "votingStatus": "open"}
 
 
 async def test_stop_without_a_body_stops_the_running_round(room: Room, pin: str) -> None:
@@ -646,7 +650,7 @@ async def test_responses_list_every_answer_with_round_facts(room: Room, pin: str
     await answered(room, rnd, {"ana": ana}, ["<svg>", "</svg>"])
     assert await room.host.call("GET", f"/rounds/{rnd['id']}/responses") == {
         "responses": [{"participant_id": "ana", "nickname": "Ana", "generated_content": "<svg></svg>"}],
-        "svgMode": True, "votingStatus": "closed", "prompt": "Draw", "round_id": rnd["id"]}
+        "svgMode": True, "votingStatus": "running", "prompt": "Draw", "round_id": rnd["id"]}
 
 
 async def test_voting_ceremony_routes_return_the_round(room: Room, pin: str) -> None:
@@ -656,7 +660,9 @@ async def test_voting_ceremony_routes_return_the_round(room: Room, pin: str) -> 
     assert closed == {**rnd, "votingStatus": "closed"}
     revealed = await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal")
     assert revealed == {**closed, "votingStatus": "revealed", "revealedCount": 0}
-    assert await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next") == {**revealed, "revealedCount": 1}
+    assert await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next") == {
+        **revealed, "revealedCount": 1,
+        "revealed": {"position": 1, "participant_id": "ana", "nickname": "Ana", "score": 0.0, "votes": 0}}
     assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal"))["revealedCount"] == 0   # repeatable
 
 
@@ -838,7 +844,7 @@ async def test_bad_bodies_and_queries_are_400_with_a_sentence(room: Room, pin: s
 async def test_a_body_with_both_casings_and_nulls_uses_the_defaults(room: Room, pin: str) -> None:
     """snake_case and camelCase both work; null means absent."""
     rnd = await room.host.new_round(max_tokens=10, deadlineMs=None, seed=None, svg_mode=None)
-    assert (rnd["maxTokens"], rnd["deadlineMs"], rnd["seed"], rnd["svgMode"]) == (10, 90000, None, False)
+    assert (rnd["maxTokens"], rnd["deadlineMs"], rnd["seed"], rnd["svgMode"]) == (10, 90000, SEED, False)
 
 
 # =============================================================================
@@ -954,6 +960,257 @@ async def test_metrics_totals_for_the_session(room: Room, pin: str) -> None:
     assert await room.host.call("GET", "/api/metrics") == {
         "session_id": ID, "total_rounds": 2, "completed_rounds": 1, "total_participants": 2, "total_tokens": 9,
         "total_tokens_received": 5, "total_seq_gaps": 1, "rescued_generations": 1, "total_votes": 1}
+
+
+# --- the host's log and small things ---------------------------------------------
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log read the way the club's report scripts read it: json.loads per line."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stopped_log(process: ServerProcess) -> str:
+    """Stop a server process as Ctrl-C would and return what its terminal showed."""
+    process.process.send_signal(signal.SIGINT)
+    out, err = process.process.communicate(timeout=TIMEOUT_S * 2)
+    return out + err
+
+
+async def test_the_json_log_counts_requests_registrations_and_completes(make_room: Callable,
+                                                                       tmp_path: Path) -> None:
+    """With LOG_JSON, a report script parsing each line with json.loads finds pino's fields, one
+    incoming/completed pair per HTTP request and per WebSocket (none per frame), every register and
+    complete, a replaced connection, a disconnect and each 429."""
+    path = tmp_path / "server.log"
+    room = await make_room(log_json=str(path), host_addresses=("127.0.0.1/32",), rate_limit_max=2)
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    await running_round(room, ana, bia)
+    for runner in (ana, bia):
+        await runner.stream(1, WORDS)
+        await runner.complete(1, len(WORDS))
+        await runner.sync()
+    await room.runner("ana", pin)                       # ana's laptop reconnects: the old socket is replaced
+    await bia.ws.close()
+    phone = await room.http_from("127.0.0.2")
+    statuses = [(await phone.status("GET", "/scoreboard"))[0] for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    requests = 3 + 4 + 3                                # the host's, the phone's, and three WebSockets
+    await room.close()                                  # every WebSocket request completes when it closes
+
+    def logged() -> list[dict[str, Any]]:
+        lines = json_lines(path)
+        done = [line for line in lines if line["msg"] == "request completed"]
+        gone = [line for line in lines if line["msg"].startswith("WS_DISCONNECTED")]
+        return lines if len(done) == requests and len(gone) == 2 else []
+    lines = await eventually(logged, "every request written")
+    assert all(isinstance(l["time"], int) and l["time"] == MS and l["level"] in (30, 40, 50) for l in lines)
+    incoming = [line["req"] for line in lines if line["msg"] == "incoming request"]
+    assert len(incoming) == requests
+    assert [r["url"] for r in incoming].count("/ws") == 3
+    assert {r["remoteAddress"] for r in incoming} == {"127.0.0.1", "127.0.0.2"}
+    assert {"method": "POST", "url": "/rounds/start", "remoteAddress": "127.0.0.1"} in incoming
+    completed = [line for line in lines if line["msg"] == "request completed"]
+    assert sorted(line["res"]["statusCode"] for line in completed) == [101] * 3 + [200] * 5 + [429] * 2
+    assert all(line["responseTime"] == AMOUNT for line in completed)
+
+    def count(prefix: str) -> int:
+        return sum(line["msg"].startswith(prefix) for line in lines)
+    assert (count("WS_REGISTERED"), count("WS_COMPLETE"), count("WS_DEDUP"), count("WS_DISCONNECTED"),
+            count("HTTP_429")) == (3, 2, 1, 2, 2)           # ana's old socket leaves quietly
+    assert [line["level"] for line in lines if line["msg"].startswith("HTTP_429")] == [40, 40]
+
+
+async def test_a_terminal_that_is_not_read_does_not_stop_the_server(server_process: Callable,
+                                                                    http: aiohttp.ClientSession) -> None:
+    """Log lines are written by a thread: with the terminal's pipe full and unread (a stalled terminal),
+    runners and the host are still answered. Writing on the event loop would block it at the first full pipe."""
+    process = server_process()
+    room = Room(process.start(), http)                  # nothing reads its stderr from here on
+    pin = await room.host.new_session()
+    ana = await room.runner("ana")
+    for _ in range(600):                                # some 170 KB of WS_REGISTERED lines; a pipe holds 64 KB
+        await ana.send({"type": "register", "participant_id": "ana", "nickname": "n" * gs.MAX_TEXT, "pin": pin})
+    for _ in range(600):
+        assert (await ana.recv())["type"] == "registered"
+    assert (await room.host.call("GET", "/health"))["status"] == "ok"
+    await room.close()
+
+
+async def test_the_host_reads_the_evening_in_the_terminal_and_the_json_log(server_process: Callable,
+                                                                          http: aiohttp.ClientSession,
+                                                                          tmp_path: Path) -> None:
+    """The server as the host runs it: one terminal line per step of the evening (the PIN, rounds,
+    voting, reveal, registers, refusals with their reason and address, kicks, disconnects, the
+    restart), and with --log-json the club's "Server listening at" line."""
+    process = server_process("--log-json", str(tmp_path / "first.log"))
+    room = Room(process.start(), http)
+    pin = await room.host.new_session()
+    wrong = await room.runner("eve")
+    assert (await wrong.register("0" if pin != "0" * len(pin) else "1"))["code"] == "INVALID_PIN"
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana})
+    await room.host.stop(rnd["id"])
+    for step in ("close-voting", "reveal", "reveal-next"):
+        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
+    await room.host.call("POST", "/participants/kick", {"participantId": "ana"})
+    assert (await (await room.runner("ana")).register(pin))["code"] == "KICKED"
+    await room.runner("bia", pin)
+    await room.close()
+    await eventually(lambda: any(l["msg"].startswith("WS_DISCONNECTED bia")
+                                 for l in json_lines(tmp_path / "first.log")), "bia's leave")
+    terminal = stopped_log(process)
+    session_id = rnd["sessionId"]
+    for line in (f"session {session_id} created, PIN {pin}", f"round 1 created ({rnd['id']}), seed ",
+                 "round 1 started: the challenge went to 1 runners", "WS_REGISTERED ana (Ana) from 127.0.0.1",
+                 "WS_REFUSED register eve from 127.0.0.1: INVALID_PIN (Invalid PIN.)",
+                 "WS_COMPLETE ana round 1", "round 1 stopped with 1 answers; voting opened",
+                 "round 1: voting closed", "round 1: reveal started",
+                 "round 1: position 1 revealed: Ana (ana), average 0.00 from 0 votes",
+                 "kicked ana (was connected from 127.0.0.1)",
+                 "WS_REFUSED register ana from 127.0.0.1: KICKED (The host removed you from this session)",
+                 "WS_DISCONNECTED bia from 127.0.0.1"):
+        assert line in terminal, line
+    listening = [l["msg"] for l in json_lines(tmp_path / "first.log") if l["msg"].startswith("Server listening")]
+    assert listening == [f"Server listening at {room.base}"]
+
+    again = server_process()
+    again.start()
+    assert f"restarted: session {session_id} (PIN {pin}) goes on" in stopped_log(again)
+
+
+async def test_throttled_refusals_are_one_line_a_minute(make_room: Callable,
+                                                        server_log: pytest.LogCaptureFixture) -> None:
+    """A guesser past the wrong-PIN limit, or a phone past the HTTP limit, is one terminal line a
+    minute, not one per attempt; each wrong PIN before that has its own line."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), pin_attempts_max=2, rate_limit_max=1)
+    await room.host.new_session()
+    guesser = await room.runner_at("127.0.0.3", "eve")
+    codes = [(await guesser.register("x"))["code"] for _ in range(5)]
+    assert codes == ["INVALID_PIN"] * 2 + ["PIN_THROTTLED"] * 3
+    phone = await room.http_from("127.0.0.2")
+    assert [(await phone.status("GET", "/metrics"))[0] for _ in range(4)] == [200, 429, 429, 429]
+    ours = [r.getMessage() for r in server_log.records if r.name == "gambiarra"]
+    assert [line.split(":")[1].split()[0] for line in ours if line.startswith("WS_REFUSED register eve")] == [
+        "INVALID_PIN", "INVALID_PIN", "PIN_THROTTLED"]
+    assert len([line for line in ours if line.startswith("throttled: 127.0.0.2")]) == 1
+
+
+async def test_a_round_created_without_a_seed_draws_one_and_keeps_it(room: Room, pin: str,
+                                                                      config: gs.Config) -> None:
+    """Runners pass the seed straight to ollama: it is a number, the one stored with the round."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    challenge = await ana.recv("challenge")
+    assert challenge["seed"] == rnd["seed"] == SEED
+    assert db_rows(config.database, "SELECT seed FROM rounds") == [{"seed": rnd["seed"]}]
+    older = {**await room.host.new_round(), "seed": None}          # a round saved before seeds were drawn
+    assert "seed" not in gs.msg_challenge(rnd["sessionId"], older)
+
+
+async def test_reveal_next_says_who_was_revealed(room: Room, pin: str) -> None:
+    """Each reveal-next answers the position it revealed, last place first, with the name and score."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana, "bia": bia})
+    await room.host.stop(rnd["id"])
+    for voter, (a, b) in {"p1": (5, 2), "p2": (4, 3)}.items():
+        await room.host.vote(rnd["id"], "ana", a, voter)
+        await room.host.vote(rnd["id"], "bia", b, voter)
+    for step in ("close-voting", "reveal"):
+        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
+    revealed = [(await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next"))["revealed"] for _ in "ab"]
+    assert revealed == [{"position": 2, "participant_id": "bia", "nickname": "Bia", "score": 2.5, "votes": 2},
+                        {"position": 1, "participant_id": "ana", "nickname": "Ana", "score": 4.5, "votes": 2}]
+
+
+async def test_a_round_says_pending_then_running_wherever_it_is_json(room: Room, pin: str,
+                                                                      config: gs.Config) -> None:
+    """A created round is "pending" and a started one "running" in /session, responses, round_state and
+    the export; the database keeps the club's "closed"."""
+    screen = await room.screen()
+    first, second = await room.host.new_round(), await room.host.new_round()
+    await room.host.start(first["id"])
+    assert (await screen.recv("round_state"))["round"]["votingStatus"] == "running"
+    session = await room.host.call("GET", "/session")
+    assert [r["votingStatus"] for r in session["rounds"]] == ["running", "pending"]
+    for rnd, status in ((first, "running"), (second, "pending")):
+        assert (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["votingStatus"] == status
+    exported = json.loads((await export(room, "/export-all.json"))[0])
+    assert [r["votingStatus"] for r in exported["rounds"]] == ["running", "pending"]
+    assert db_rows(config.database, "SELECT votingStatus FROM rounds") == [{"votingStatus": "closed"}] * 2
+
+
+async def test_flags_are_booleans_in_every_json(room: Room, pin: str) -> None:
+    """`connected` (and kicked, svgMode, rescued) is true/false in /presence, /session and export-all.json."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round(svgMode=True))["id"])
+    await ana.recv("challenge")
+    await ana.token(1, 0, "<svg/>")
+    await ana.sync()
+    await room.host.stop(rnd["id"])                     # ana's answer is rescued
+    assert (await room.host.call("GET", "/presence"))["participants"][0]["connected"] is True
+    assert (await room.host.call("GET", "/session"))["participants"][0]["connected"] is True
+    exported = json.loads((await export(room, "/export-all.json"))[0])
+    [participant], [exported_round] = exported["participants"], exported["rounds"]
+    assert (participant["connected"], participant["kicked"]) == (True, False)
+    assert (exported_round["svgMode"], exported_round["metrics"][0]["rescued"]) == (True, True)
+
+
+POST_ONLY = sorted({route.path for route in gs.ROUTES if route.method == "POST"}
+                   - {route.path for route in gs.ROUTES if route.method == "GET"})
+
+
+@pytest.mark.parametrize("path", POST_ONLY)
+async def test_get_on_a_post_only_route_names_the_method(room: Room, path: str) -> None:
+    """A browser or a curl without -X POST gets a 405 that says to use POST, with Allow."""
+    url = room.base + path.replace("{round_id}", "r1")
+    async with room.host.http.get(url) as response:
+        assert (response.status, response.headers["Allow"]) == (405, "POST")
+        assert await response.json() == {"error": f"{path.replace('{round_id}', 'r1')} takes POST, not GET",
+                                         "code": "METHOD_NOT_ALLOWED"}
+
+
+def readme_runner() -> str:
+    """The README's sample runner, as a participant copies it."""
+    readme = (HERE / "README.md").read_text()
+    return re.search(r"```python\n(# runner\.py.*?)```", readme, re.S).group(1)
+
+
+async def test_the_readmes_sample_runner_stops_at_a_wrong_pin(room: Room, pin: str, tmp_path: Path) -> None:
+    """The participant who types a wrong PIN sees why and gets the prompt back (it used to wait forever)."""
+    script = tmp_path / "runner.py"
+    script.write_text(readme_runner())
+    wrong = "0" * len(pin) if pin != "0" * len(pin) else "1" * len(pin)
+    process = await asyncio.create_subprocess_exec(sys.executable, str(script), room.ws_url, wrong, "ana",
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with asyncio.timeout(TIMEOUT_S * 2):
+        out, err = await process.communicate()
+    assert (process.returncode, out.decode(), err.decode()) == (
+        1, "error Invalid PIN.\n", "ana stops: Invalid PIN.\n")
+
+
+async def test_starting_a_round_with_no_runner_warns(room: Room, pin: str,
+                                                     server_log: pytest.LogCaptureFixture) -> None:
+    """The host who starts too early is told in the answer (and the terminal); with a runner, no warning."""
+    empty = await room.host.start((await room.host.new_round())["id"])
+    assert empty["warning"] == NO_RUNNER["warning"]
+    assert "round 1 started with no runner connected" in [r.getMessage() for r in server_log.records]
+    await room.host.stop(empty["id"])
+    ana = await room.runner("ana", pin)
+    assert "warning" not in await room.host.start((await room.host.new_round())["id"])
+    await ana.recv("challenge")
+
+
+async def test_a_wrong_admin_token_is_refused_even_from_the_hosts_machine(room: Room) -> None:
+    """A screen set up with a mistyped token fails at the rehearsal on the host's laptop: 403, not accepted."""
+    app_token = {"Authorization": "Bearer not-the-token"}
+    assert await room.host.status("POST", "/session", headers=app_token) == (
+        403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
+    assert await room.host.status("GET", "/export.csv", headers={"Authorization": "Basic eDp5"}) == (
+        403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
+    assert (await room.host.status("POST", "/session"))[0] == 200          # no token: the host's own curl
 
 
 # =============================================================================
@@ -1293,13 +1550,14 @@ async def test_creating_a_round_is_not_broadcast(room: Room, pin: str) -> None:
 
 
 async def test_the_challenge_always_has_all_seven_keys(room: Room, pin: str) -> None:
-    """Without a seed the challenge still carries "seed" (null); only runners get it."""
+    """Without a seed the challenge carries the seed drawn for the round (never null); only runners get it."""
     screen = await room.screen()
     await screen.recv("state_snapshot")
     ana = await room.runner("ana", pin)
     rnd = await room.host.start((await room.host.new_round("Oi", maxTokens=32, temperature=1.5))["id"])
     assert await ana.recv() == {"type": "challenge", "session_id": rnd["sessionId"], "round": 1, "prompt": "Oi",
-                                "max_tokens": 32, "temperature": 1.5, "deadline_ms": 90000, "seed": None}
+                                "max_tokens": 32, "temperature": 1.5, "deadline_ms": 90000, "seed": rnd["seed"]}
+    assert rnd["seed"] == SEED
     assert "challenge" not in [m["type"] for m in await screen.quiet()]
 
 
@@ -1719,7 +1977,7 @@ async def test_export_events_csv_quotes_every_value_and_has_the_club_event_types
         "index": 1, "prompt": 'Say hi, "politely"', "maxTokens": 400, "temperature": 0.8, "deadlineMs": 90000,
         "svgMode": False}
     assert json.loads(by_type["position_revealed"]["metadata"]) == {"position": 2, "revealedCount": 1,
-                                                                    "totalParticipants": 2}
+                                                                    "totalParticipants": 2, "participantId": "bia"}
     vote = by_type["vote_cast"]
     assert (vote["actorType"], vote["actorId"], vote["targetId"]) == ("voter", gs.sha256_hex("v2"), "ana")
     assert json.loads(vote["metadata"]) == {"participantId": "ana", "score": 4, "voteOrder": 1, "responseTime": None}
@@ -3625,7 +3883,7 @@ async def test_frames_that_break_the_protocol_close_only_their_connection(room: 
     ("GET", "/export.csv?sessionId=nope", None, 404, "Session not found"),
     ("GET", "/rounds/nope/responses", None, 404, "Round not found"),
     ("GET", "/nope", None, 404, "No route GET /nope"),
-    ("DELETE", "/session", None, 405, "No route DELETE /session"),
+    ("DELETE", "/session", None, 405, "/session takes GET or POST, not DELETE"),
 ], ids=lambda value: value if isinstance(value, int) else None)
 async def test_each_kind_of_bad_request_gets_its_4xx_as_json(room: Room, pin: str, method: str, path: str,
                                                              body: str | None, status: int, error: str) -> None:
@@ -4162,9 +4420,9 @@ async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_
     ours = [r.getMessage() for r in server_log.records if r.name == "gambiarra"]
     assert not [line for line in ours if re.search(r"[\x00-\x1f\x7f-\x9f]", line)]
     escaped = "ana\\n2026-01-01 00:00:00 INFO WS_REGISTERED host\\x1b[2J\\x1b]0;owned\\x07\\r\\x9b"
-    assert f"WS_REGISTERED {escaped}" in ours
+    assert [line for line in ours if line.startswith(f"WS_REGISTERED {escaped} (")]
     assert f"runner {escaped} reported OOPS\\x1b[31m: line one\\nERROR fake" in ours
-    assert f"WS_DISCONNECTED {escaped}" in ours
+    assert f"WS_DISCONNECTED {escaped} from 127.0.0.1" in ours
 
 
 # --- load without loss ----------------------------------------------------------------
