@@ -2825,6 +2825,7 @@ class Join:
         self.resume_secret: str | None = None
         self.registered_once = False
         self.ready_seen = False                         # the current connection got `registered`
+        self.retry = False                              # the current connection is to be dropped and redone
         self.refused: str | None = None                 # why the arena will not have us; we stop
         self.reconnects = 0
         self.back_at: float | None = None               # monotonic: the latest re-registration
@@ -2840,7 +2841,7 @@ class Join:
                 async with connect(self.url, open_timeout=10, compression=None, max_queue=None) as ws:
                     await self.converse(ws)
                 why = f"the arena closed the connection ({ws.close_code} {ws.close_reason or ''})".strip()
-                if ws.close_code == WSCloseCode.OK and self.refused is None:
+                if ws.close_code == WSCloseCode.OK and self.refused is None and not self.retry:
                     # A normal close is the arena's decision: a newer connection took this seat.
                     self.refused = f"the arena closed this seat: {ws.close_reason or 'no reason given'}"
             except socket_gone() as exc:
@@ -2860,7 +2861,7 @@ class Join:
 
     async def converse(self, ws: Any) -> None:
         """One connection: register, then read the arena's messages while a sender delivers the answer."""
-        self.ready_seen = False
+        self.ready_seen = self.retry = False
         register = {"type": "register", "participant_id": self.participant_id,
                     "nickname": self.options.nickname or self.participant_id, "pin": self.options.pin,
                     "runner": self.engine.runner, "model": self.engine.model}
@@ -2871,7 +2872,7 @@ class Join:
         try:
             async for text in ws:
                 self.on_message(json.loads(text))
-                if self.refused is not None:
+                if self.refused is not None or self.retry:
                     await ws.close()
         finally:
             sender.cancel()
@@ -2892,8 +2893,10 @@ class Join:
                     self.refused = "the PIN no longer works: the host probably started a new session; ask for " \
                                    "the new PIN"
                 self.stop_generating("refused")
-            else:
-                self.out.say(f"arena: {m.get('message')} ({code})")
+                return
+            self.out.say(f"arena: {m.get('message')} ({code})")
+            if not self.ready_seen:
+                self.retry = True       # the register was answered with an error (busy, throttled): try again
 
     def on_registered(self, m: dict[str, Any]) -> None:
         """Registered (again): remember the resume secret, and take the arena's word on what it holds."""
@@ -2931,6 +2934,13 @@ class Join:
     def start(self, challenge: dict[str, Any]) -> None:
         self.answer = Answer(challenge, time.monotonic())
         self.generating = asyncio.ensure_future(self.generate(self.answer))
+        self.generating.add_done_callback(self.generated)
+
+    def generated(self, task: asyncio.Task) -> None:
+        """Say so if a generation ended by a bug rather than by the engine, or the answer would just stop."""
+        if not task.cancelled() and task.exception() is not None:
+            self.out.say(f"internal error while answering: {task.exception()!r}")
+            log.error("generation failed", exc_info=task.exception())
 
     def stop_generating(self, why: str) -> None:
         """End the running generation now (the arena moved on, or refused us)."""
@@ -3067,6 +3077,130 @@ def join_command(argv: list[str]) -> None:
     except (EngineError, ValueError) as exc:
         raise SystemExit(f"join: {exc}") from None
     raise SystemExit(f"join: {why}")
+
+
+@dataclass
+class DrillServer:
+    """The arena as a process of its own on a fixed loopback port, so the drill can kill and restart it."""
+
+    port: int
+    database: Path
+    # The drill's runners share one address, where a room's laptops have one each: a restart
+    # has them all send the PIN at once, counted as guesses until bcrypt says it is right.
+    pin_attempts: int
+    process: subprocess.Popen | None = None
+
+    async def start(self, http: ClientSession) -> None:
+        """Start the arena; return once it answers (its banner can come later: it looks up LAN addresses)."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", str(self.port),
+             "--database-url", str(self.database), "--pin-attempts-max", str(self.pin_attempts)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(1000):
+            with contextlib.suppress(HTTPClientError):
+                async with http.get(f"http://127.0.0.1:{self.port}/health") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the arena did not start")
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+        self.process.wait(timeout=30)
+
+
+async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    """`runners` join runners (mock engine) answer a round; the arena is stopped mid-round and started again.
+
+    Measures how long after the arena is back every runner is back and streaming, and compares each
+    answer the arena stored with what its runner generated (tokens lost: the goal is 0).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        server = DrillServer(port, Path(folder) / "drill.db", runners + 10)
+        base = f"http://127.0.0.1:{port}"
+        async with ClientSession() as http:
+            await server.start(http)
+            pin = (await post_json(http, base + "/session", {}))["pin"]
+            machine = await asyncio.to_thread(machine_info)
+            seats = [Join(JoinOptions(url=base, pin=pin, nickname=f"drill {i}"), Mock(None, "", "mock", rate),
+                          machine, Terminal(enabled=False), f"drill-{i:03d}") for i in range(runners)]
+            tasks = [asyncio.ensure_future(seat.run()) for seat in seats]
+            try:
+                return await drill_round(seats, server, http, base, rate, answer_s, signum, say)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.to_thread(server.stop)
+
+
+async def post_json(http: ClientSession, url: str, body: dict[str, Any]) -> Any:
+    async with http.post(url, json=body) as response:
+        return await response.json()
+
+
+async def drill_round(seats: list[Join], server: DrillServer, http: ClientSession, base: str, rate: float,
+                      answer_s: float, signum: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """The drill's round: all streaming, the arena down and up again, every answer delivered and compared."""
+    if not await wait_until(lambda: all(seat.registered_once for seat in seats), 60):
+        raise RuntimeError("not every runner registered")
+    rnd = await post_json(http, base + "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
+                                                   "deadlineMs": 120_000})
+    await post_json(http, base + "/rounds/start", {"roundId": rnd["id"]})
+    await wait_until(lambda: all(seat.answer and len(seat.answer.tokens) >= rate for seat in seats), 60)
+    say(f"{len(seats)} runners streaming; stopping the arena ({signal.Signals(signum).name})")
+    down = time.monotonic()
+    await asyncio.to_thread(server.stop, signum)
+    await server.start(http)
+    up = time.monotonic()
+    say(f"the arena is back after {up - down:.2f} s")
+    def streaming_again(seat: Join) -> bool:
+        return seat.back_at is not None and seat.back_at > down and bool(seat.streaming_at or seat.answer.delivered)
+    if not await wait_until(lambda: all(streaming_again(seat) for seat in seats), 60):
+        raise RuntimeError("not every runner came back")
+    back = [(seat.streaming_at or seat.back_at) - up for seat in seats]
+    if not await wait_until(lambda: all(seat.answer.delivered for seat in seats), 120):
+        raise RuntimeError("not every answer was completed")
+    await post_json(http, base + "/rounds/stop", {"roundId": rnd["id"]})
+    async with http.get(base + "/export-all.json") as response:
+        tree = await response.json(content_type=None)
+    stored = {m["participantId"]: m for r in tree["rounds"] for m in r["metrics"]}
+    lost = differ = 0
+    for seat in seats:
+        row = stored.get(seat.participant_id, {})
+        lost += len(seat.answer.tokens) - row.get("tokensReceived", 0)
+        differ += row.get("generatedContent") != "".join(seat.answer.tokens)
+    return {"runners": len(seats), "signal": signal.Signals(signum).name, "restart_s": round(up - down, 2),
+            "back_and_streaming_s": {"p50": round(quantile(back, 0.5), 2), "max": round(max(back), 2)},
+            "tokens_generated": sum(len(seat.answer.tokens) for seat in seats), "tokens_lost": lost,
+            "answers_differing": differ, "reconnects": sum(seat.reconnects for seat in seats)}
+
+
+def join_drill_command(argv: list[str]) -> None:
+    """`join-drill`: many join runners lose the arena to a restart mid-round; print what it cost."""
+    parser = argparse.ArgumentParser(
+        prog="gambiarra_server.py join-drill",
+        description="Start an arena on a free loopback port and a temporary database, seat join runners with the "
+                    "mock engine, stop the arena mid-round and start it again; print how long until every runner "
+                    "was back and streaming, and how many tokens were lost (the goal: none).")
+    parser.add_argument("--runners", type=int, default=200, help="join runners (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=10.0, help="tokens/s of each runner (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=12.0,
+                        help="the longest answer; each is half to all of it (default: %(default)s)")
+    parser.add_argument("--kill", action="store_true", help="stop the arena with SIGKILL, not SIGTERM")
+    a = parser.parse_args(argv)
+    out = Terminal()
+    result = asyncio.run(join_drill(a.runners, a.rate, a.seconds, signal.SIGKILL if a.kill else signal.SIGTERM,
+                                    out.say))
+    back = result["back_and_streaming_s"]
+    out.say(f"{result['runners']} runners back and streaming {back['p50']:.2f} s (median) and {back['max']:.2f} s "
+            f"(last) after the arena was; {result['tokens_generated']} tokens generated, "
+            f"{result['tokens_lost']} lost, {result['answers_differing']} answers differing")
+    print(dumps(result))
 
 
 # =============================================================================
@@ -4500,7 +4634,7 @@ async def serve(config: Config) -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {"simulate": simulate_command, "bench": bench_command,
-                                                    "join": join_command}
+                                                    "join": join_command, "join-drill": join_drill_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3398,6 +3398,17 @@ async def test_join_leaves_when_kicked_and_says_so(room: Room, pin: str, engine:
     assert await runner.exits() == (1, "join: the host removed you from this session\n")
 
 
+async def test_the_join_drill_restarts_the_arena_and_counts_what_was_lost() -> None:
+    """join-drill: runners with the mock engine lose the arena to kill -9 mid-round; every one comes back,
+    streams again and completes, and the arena holds exactly what each generated."""
+    said: list[str] = []
+    result = await gs.join_drill(4, 20.0, 2.0, signal.SIGKILL, said.append)
+    assert result == {**result, "runners": 4, "signal": "SIGKILL", "tokens_lost": 0, "answers_differing": 0,
+                      "reconnects": 4}
+    assert result["tokens_generated"] >= 4 * 20 and result["back_and_streaming_s"]["max"] >= 0
+    assert said[0] == "4 runners streaming; stopping the arena (SIGKILL)"
+
+
 @pytest.mark.parametrize(("typed", "url"), [
     ("127.0.0.1:3000", "ws://127.0.0.1:3000/ws"),
     ("192.168.0.10", "ws://192.168.0.10:3000/ws"),
