@@ -2840,7 +2840,8 @@ class Join:
             try:
                 async with connect(self.url, open_timeout=10, compression=None, max_queue=None) as ws:
                     await self.converse(ws)
-                why = f"the arena closed the connection ({ws.close_code} {ws.close_reason or ''})".strip()
+                said = " ".join(str(part) for part in (ws.close_code, ws.close_reason) if part)
+                why = f"the arena closed the connection ({said})"
                 if ws.close_code == WSCloseCode.OK and self.refused is None and not self.retry:
                     # A normal close is the arena's decision: a newer connection took this seat.
                     self.refused = f"the arena closed this seat: {ws.close_reason or 'no reason given'}"
@@ -3037,6 +3038,8 @@ class Join:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(await ws.ping(), DELIVERY_WAIT_S)
                 answer.delivered = True
+                if answer.ending["type"] == "complete":
+                    self.out.say(f"round {answer.round}: the arena has all {len(answer.tokens)} tokens")
 
     def token_frame(self, answer: Answer, seq: int) -> str:
         return dumps({"type": "token", "round": answer.round, "participant_id": self.participant_id, "seq": seq,
