@@ -2872,7 +2872,8 @@ class Join:
         sender = asyncio.ensure_future(self.deliver_loop(ws))
         try:
             async for text in ws:
-                self.on_message(json.loads(text))
+                with contextlib.suppress(ValueError, AttributeError):   # not the arena's JSON: not for us
+                    self.on_message(json.loads(text))
                 if self.refused is not None or self.retry:
                     await ws.close()
         finally:

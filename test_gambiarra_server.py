@@ -3292,7 +3292,8 @@ async def test_join_speaks_openai_sse(room: Room, pin: str, engine: Callable, jo
         [True, False] if script.get("refuse_stream_options") else [True])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+                                    pytest.param(signal.SIGKILL, id="SIGKILL")])
 async def test_join_loses_nothing_when_the_arena_restarts_mid_answer(server_process: Callable, engine: Callable,
                                                                      join: Callable, http: aiohttp.ClientSession,
                                                                      signum: int) -> None:
@@ -3387,6 +3388,24 @@ async def test_join_explains_why_it_cannot_play(room: Room, pin: str, engine: Ca
     runner = await join("--url", room.ws_url, "--pin", pin, "--engine-url", engine_url, *flags)
     code, stderr = await runner.exits()
     assert code == 1 and stderr.startswith(message), stderr
+
+
+async def test_without_an_engine_join_looks_on_the_usual_ports(engine: Callable,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --engine and no --engine-url: the usual ports are asked, the first that answers is used and named;
+    none answering is a sentence that says what was tried and how to rehearse without a model."""
+    fake, engine_url = await engine()
+    monkeypatch.setattr(gs, "ENGINE_PROBES", (("ollama", 9, "ollama"),
+                                              ("openai", urllib.parse.urlsplit(engine_url).port, "LM Studio")))
+    said: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        found = await gs.find_engine(http, gs.JoinOptions(), said.append)
+        assert (found.kind, found.url, found.model) == ("openai", engine_url, "qwen2.5-7b-instruct")
+        assert said == [f"engine: LM Studio at {engine_url}"]
+        monkeypatch.setattr(gs, "ENGINE_PROBES", (("ollama", 9, "ollama"), ("openai", 9, "LM Studio")))
+        with pytest.raises(gs.EngineError, match=r"^no engine answers \(ollama at http://127.0.0.1:9, LM Studio at "
+                                                 r"http://127.0.0.1:9\): .* --engine mock$"):
+            await gs.find_engine(http, gs.JoinOptions(), said.append)
 
 
 async def test_join_leaves_when_kicked_and_says_so(room: Room, pin: str, engine: Callable, join: Callable) -> None:
