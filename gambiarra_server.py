@@ -2711,12 +2711,12 @@ class Mock(Engine):
     async def stream(self, challenge: dict[str, Any], counters: dict[str, Any]) -> AsyncIterator[str]:
         seed = challenge.get("seed")
         rng = random.Random(seed) if seed is not None else random.Random()
-        budget = challenge["max_tokens"]
+        budget, start = challenge["max_tokens"], rng.randrange(len(MOCK_WORDS))
         due = time.monotonic()
-        for _ in range(rng.randint(max(1, budget // 2), budget)):
+        for seq in range(rng.randint(max(1, budget // 2), budget)):
             due += rng.uniform(0.5, 1.5) / self.rate
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            yield rng.choice(MOCK_WORDS)
+            yield MOCK_WORDS[(start + seq) % len(MOCK_WORDS)]
 
 
 ENGINES: dict[str, type[Engine]] = {"ollama": Ollama, "openai": OpenAICompatible, "mock": Mock}
@@ -2837,6 +2837,7 @@ class Join:
         failures = 0
         while self.refused is None:
             self.out.say(f"connecting to {self.url} ...")
+            self.ready_seen = self.retry = False
             try:
                 async with connect(self.url, open_timeout=10, compression=None, max_queue=None) as ws:
                     await self.converse(ws)
@@ -2862,7 +2863,6 @@ class Join:
 
     async def converse(self, ws: Any) -> None:
         """One connection: register, then read the arena's messages while a sender delivers the answer."""
-        self.ready_seen = self.retry = False
         register = {"type": "register", "participant_id": self.participant_id,
                     "nickname": self.options.nickname or self.participant_id, "pin": self.options.pin,
                     "runner": self.engine.runner, "model": self.engine.model}
