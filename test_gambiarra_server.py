@@ -3320,6 +3320,31 @@ async def test_join_loses_nothing_when_the_arena_restarts_mid_answer(server_proc
     assert "back in the arena" in runner.output
 
 
+async def test_join_sends_back_the_resume_secret_it_was_given(aiohttp_server: Any, join: Callable) -> None:
+    """An arena that gives a `resume_secret` in `registered` gets it back in the next `register`, after a
+    restart (1001); the first `register` has none."""
+    registers: list[dict[str, Any]] = []
+
+    async def arena(request: aiohttp.web.Request) -> aiohttp.web.WebSocketResponse:
+        ws = aiohttp.web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            registers.append(json.loads(msg.data))
+            await ws.send_json({"type": "registered", "session_id": "s1", "participant_id": "ana",
+                                "resume_secret": f"secret-{len(registers)}"})
+            if len(registers) == 1:
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        return ws
+    app = aiohttp.web.Application()
+    app.router.add_get("/ws", arena)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    runner = await join("--url", str(server.make_url("/ws")), "--pin", "123456", "--participant-id", "ana",
+                        "--engine", "mock")
+    await eventually(lambda: len(registers) == 2)
+    assert "resume_secret" not in registers[0] and registers[1]["resume_secret"] == "secret-1"
+    await runner.says("back in the arena")
+
+
 async def test_an_engine_failing_mid_answer_is_explained_and_reported(room: Room, pin: str, engine: Callable,
                                                                       join: Callable) -> None:
     """The engine dies after three tokens: the participant reads why, the arena keeps the three tokens and
