@@ -2785,7 +2785,7 @@ class Answer:
     ending: dict[str, Any] | None = None            # the `complete` or `error`, once generation ended
     delivered: bool = False                         # the arena has read `ending` (a pong came after it)
     cut: str = ""                                   # why generation stopped early, if it did
-    stop: asyncio.Event = field(default_factory=asyncio.Event)   # set to stop generating now
+    stop: asyncio.Event = field(default_factory=asyncio.Event)   # set to drop the answer unfinished
 
     @property
     def round(self) -> int:
@@ -2966,7 +2966,7 @@ class Join:
         failure = writing.exception() if not writing.cancelled() else None
         if failure is not None and not isinstance(failure, EngineError):
             raise failure
-        if answer.cut in ("a new round", "refused", "stopped"):
+        if answer.stop.is_set():                        # dropped, not finished: the arena has moved on
             self.out.say(f"round {answer.round}: stopped after {len(answer.tokens)} tokens ({answer.cut})")
         else:
             self.end(answer, failure and str(failure))
@@ -4575,8 +4575,8 @@ def parse_config(argv: list[str]) -> Config:
     parser = argparse.ArgumentParser(
         description="Gambiarra arena server. Every option can also be set by the environment variable named "
                     "in its help, or in a .env file beside this script.",
-        epilog="Also: 'join' (a participant's runner), 'simulate' (fake runners, screens and voters) and "
-               "'bench' (measure); see their --help.")
+        epilog="Also: 'join' (a participant's runner), 'join-drill' (join runners through an arena restart), "
+               "'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help.")
     add_options(parser, Config)
     return Config(**vars(parser.parse_args(argv)))
 
