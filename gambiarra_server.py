@@ -3050,7 +3050,7 @@ class Join:
 async def join(options: JoinOptions, out: Terminal) -> str:
     """Find the engine, then take the seat and answer until the arena refuses us; return why it ended."""
     if not options.pin:
-        raise EngineError("pass --pin: the session PIN shown on the big screen")
+        raise ValueError("pass --pin: the session PIN shown on the big screen")
     url = arena_url(options.url)
     if url != options.url.strip():
         out.say(f"arena: {url} (from '{options.url}')")
@@ -3080,6 +3080,8 @@ def join_command(argv: list[str]) -> None:
         return
     except (EngineError, ValueError) as exc:
         raise SystemExit(f"join: {exc}") from None
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"join: it needs {exc.name}: pip install aiohttp websockets") from None
     raise SystemExit(f"join: {why}")
 
 
