@@ -2730,7 +2730,10 @@ async def find_engine(http: ClientSession, options: JoinOptions, say: Callable[[
         return Mock(http, "", options.model, options.mock_rate)
     if options.engine_url:
         url = engine_base_url(options.engine_url)
-        candidates = [(kind, url, kind) for kind in ([options.engine] if options.engine else ["ollama", "openai"])]
+        kinds = [options.engine] if options.engine else ["ollama", "openai"]
+        if "/v1" in options.engine_url:
+            kinds.reverse()         # a typed /v1 means the OpenAI-compatible API (ollama serves one too)
+        candidates = [(kind, url, kind) for kind in kinds]
     else:
         candidates = [(kind, f"http://127.0.0.1:{port}", label) for kind, port, label in ENGINE_PROBES
                       if options.engine in ("", kind)]
@@ -2745,7 +2748,7 @@ async def find_engine(http: ClientSession, options: JoinOptions, say: Callable[[
         raise EngineError(f"no engine answers ({tried}): start one (e.g. `ollama serve`) or pass --engine-url; "
                           "to rehearse without a model: --engine mock")
     engine, label = found[0]
-    others = "".join(f"; also found {label} at {e.url}" for e, label in found[1:])
+    others = "".join(f"; also found {label} at {e.url}" for e, label in found[1:] if e.url != engine.url)
     say(f"engine: {label} at {engine.url}{others}")
     await engine.prepare()
     return engine

@@ -3271,12 +3271,14 @@ async def test_join_answers_with_ollama_and_the_engine_metrics_are_kept(room: Ro
 ])
 async def test_join_speaks_openai_sse(room: Room, pin: str, engine: Callable, join: Callable,
                                       script: dict[str, Any], engine_tps: Any, counters: set[str]) -> None:
-    """Any OpenAI-compatible SSE stream: the answer is stored whole, `usage` is asked for (and asked again
-    without it when refused), the engine's counters reach model_info, and a null seed is not sent."""
+    """Any OpenAI-compatible SSE stream (chosen by the /v1 of its address): the answer is stored whole,
+    `usage` is asked for (and asked again without it when refused), the engine's counters reach
+    model_info, and a null seed is not sent."""
     fake, engine_url = await engine(**script)
-    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "openai",
-                        "--engine-url", engine_url + "/v1/")
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine-url",
+                        engine_url + "/v1/")
     await runner.says("waiting for a challenge")
+    assert f"engine: openai at {engine_url}\n" in runner.output     # the typed /v1 says which API to speak
     rnd = await room.host.start((await room.host.new_round("Um haiku?", maxTokens=30))["id"])
     row = await stored_answer(room, rnd["id"])
     assert (row["generated_content"], row["tokens"], row["engine_tps"]) == (
