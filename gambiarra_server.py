@@ -2851,6 +2851,10 @@ class Join:
                     self.refused = f"the arena closed this seat: {ws.close_reason or 'no reason given'}"
             except socket_gone() as exc:
                 why = f"no connection ({exc or type(exc).__name__})"
+                status = getattr(getattr(exc, "response", None), "status_code", 0)
+                if 400 <= status < 500:             # a web server, but no arena at this address
+                    self.refused = f"{self.url} answered HTTP {status}, not as the arena: check the address " \
+                                   "the host shows"
             self.ready.clear()
             if self.refused is not None:
                 break

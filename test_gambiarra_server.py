@@ -3407,14 +3407,18 @@ async def test_join_stops_at_the_deadline_and_still_completes(room: Room, pin: s
                                                      "run `ollama pull gemma3:1b` (pulled: llama3.1:8b)"),
     (["--engine-url", "127.0.0.1:9"], "join: nothing answers at http://127.0.0.1:9"),
     (["--pin", ""], "join: pass --pin"),
+    (["--url", "PLACE/nothing-here"], "join: ws://PLACE/nothing-here/ws answered HTTP 404, not as the arena"),
 ])
 async def test_join_explains_why_it_cannot_play(room: Room, pin: str, engine: Callable, join: Callable,
                                                 flags: list[str], message: str) -> None:
-    """A wrong PIN, a model that is not pulled, an engine that is not running, no PIN: a clear sentence, exit 1."""
+    """A wrong PIN, a model that is not pulled, an engine that is not running, no PIN, an address that is
+    not the arena's: a clear sentence, exit 1."""
     fake, engine_url = await engine()
+    place = urllib.parse.urlsplit(room.base).netloc
+    flags = [flag.replace("PLACE", place) for flag in flags]
     runner = await join("--url", room.ws_url, "--pin", pin, "--engine-url", engine_url, *flags)
     code, stderr = await runner.exits()
-    assert code == 1 and stderr.startswith(message), stderr
+    assert code == 1 and stderr.startswith(message.replace("PLACE", place)), stderr
 
 
 async def test_without_an_engine_join_looks_on_the_usual_ports(engine: Callable,
