@@ -3468,6 +3468,7 @@ async def test_the_join_drill_restarts_the_arena_and_counts_what_was_lost() -> N
     ("  [::1]:3000 ", "ws://[::1]:3000/ws"),
 ])
 def test_arena_addresses_are_mended(typed: str, url: str) -> None:
+    """No scheme (the real incident), http:// for the arena, a trailing /api or /, no /ws: all reach /ws."""
     assert gs.arena_url(typed) == url
 
 
@@ -3479,6 +3480,7 @@ def test_arena_addresses_are_mended(typed: str, url: str) -> None:
     ("http://gpu-box:8080/v1/chat/completions", "http://gpu-box:8080"),
 ])
 def test_engine_addresses_are_mended(typed: str, url: str) -> None:
+    """An engine address with or without http://, /v1 (as LM Studio and llama.cpp show it) or /api."""
     assert gs.engine_base_url(typed) == url
 
 
@@ -3503,6 +3505,8 @@ def test_the_participant_id_is_kept_per_nickname(tmp_path: Path, monkeypatch: py
 ])
 def test_engine_tokens_per_second_come_from_the_engines_own_counters(model_info: Any, duration_ms: Any,
                                                                      tps: float | None) -> None:
+    """ollama's eval counters, else llama.cpp's timings, else OpenAI usage over the runner's duration;
+    anything malformed (a runner's report is free JSON) is no figure rather than an error."""
     assert gs.engine_tps(model_info, duration_ms) == tps
 
 
