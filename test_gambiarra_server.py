@@ -3092,6 +3092,7 @@ def test_the_readme_documents_every_option_route_and_message() -> None:
 # and against fake engines served by aiohttp here: ollama's JSON-lines /api/chat
 # and an OpenAI-compatible SSE /v1/chat/completions, frame for frame.
 
+JOIN_TIMEOUT_S = 3 * TIMEOUT_S     # a new Python process on a busy machine: imports, engine probe, connect
 ENGINE_WORDS = ["Lhamas ", "pastam ", "no ", "silício", ", ", "🦙 ", "sonham ", "com ", "GPUs", "."]
 OLLAMA_DONE = {"total_duration": 900_000_000, "load_duration": 50_000_000, "prompt_eval_count": 12,
                "prompt_eval_duration": 40_000_000, "eval_count": 10, "eval_duration": 250_000_000}
@@ -3186,12 +3187,12 @@ class JoinProcess:
         while chunk := await self.process.stdout.read(4096):
             self.output += chunk.decode(errors="replace")
 
-    async def says(self, text: str, timeout_s: float = TIMEOUT_S) -> None:
-        await eventually(lambda: text in self.output, f"join says {text!r}", timeout_s)
+    async def says(self, text: str) -> None:
+        await eventually(lambda: text in self.output, f"join says {text!r}", JOIN_TIMEOUT_S)
 
     async def exits(self) -> tuple[int, str]:
         """Wait for join to end by itself; its exit code and what it printed on stderr."""
-        async with asyncio.timeout(TIMEOUT_S):
+        async with asyncio.timeout(JOIN_TIMEOUT_S):
             code = await self.process.wait()
             await self.reader
         return code, (await self.process.stderr.read()).decode()
