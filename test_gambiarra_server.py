@@ -3226,7 +3226,7 @@ async def stored_answer(room: Room, round_id: str, participant_id: str = "ana") 
     async def probe() -> Any:
         board = await room.host.call("GET", f"/scoreboard?roundId={round_id}")
         return next((row for row in board["scoreboard"] if row["participant_id"] == participant_id), None)
-    return await eventually(probe, "the answer is stored")
+    return await eventually(probe, "the answer is stored", JOIN_TIMEOUT_S)
 
 
 async def model_info(room: Room, participant_id: str = "ana") -> dict[str, Any]:
