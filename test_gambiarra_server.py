@@ -3206,14 +3206,14 @@ class JoinProcess:
 
 @pytest.fixture
 async def join(tmp_path: Path) -> Callable:
-    """Start `join` with some flags; it keeps its participant ids in a temporary config folder."""
+    """Start `join` with some flags (and env vars); it keeps its participant ids in a temporary config folder."""
     started: list[JoinProcess] = []
 
-    async def start(*args: str) -> JoinProcess:
+    async def start(*args: str, **env: str) -> JoinProcess:
         process = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "gambiarra_server.py"), "join", "--nickname", "Ana", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONUNBUFFERED": "1", **env})
         started.append(JoinProcess(process))
         return started[-1]
     yield start
@@ -3435,9 +3435,10 @@ async def test_without_an_engine_join_looks_on_the_usual_ports(engine: Callable,
 
 
 async def test_join_leaves_when_kicked_and_says_so(room: Room, pin: str, engine: Callable, join: Callable) -> None:
-    """A kick is final: join does not reconnect, and says what happened."""
+    """A kick is final: join does not reconnect, and says what happened. (Its settings come from env vars.)"""
     fake, engine_url = await engine()
-    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine-url", engine_url)
+    runner = await join(GAMBIARRA_URL=room.ws_url, GAMBIARRA_PIN=pin, GAMBIARRA_PARTICIPANT_ID="ana",
+                        GAMBIARRA_ENGINE_URL=engine_url)
     await runner.says("waiting for a challenge")
     await room.host.call("POST", "/participants/kick", {"participantId": "ana"})
     assert await runner.exits() == (1, "join: the host removed you from this session\n")
