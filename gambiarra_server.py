@@ -15,7 +15,7 @@ Run it::
     pip install aiohttp bcrypt
     python gambiarra_server.py            # http://0.0.0.0:3000 and [::]:3000
 
-A participant joins with a local model (``pip install aiohttp websockets``)::
+A participant joins with a local model (``pip install aiohttp bcrypt websockets``)::
 
     python gambiarra_server.py join --url HOST:3000 --pin 123456 --nickname Ana --model llama3.1:8b
 
@@ -3088,7 +3088,7 @@ def join_command(argv: list[str]) -> None:
     except (EngineError, ValueError) as exc:
         raise SystemExit(f"join: {exc}") from None
     except ModuleNotFoundError as exc:
-        raise SystemExit(f"join: it needs {exc.name}: pip install aiohttp websockets") from None
+        raise SystemExit(f"join: it needs {exc.name}: pip install aiohttp bcrypt websockets") from None
     raise SystemExit(f"join: {why}")
 
 
