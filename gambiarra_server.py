@@ -15,6 +15,10 @@ Run it::
     pip install aiohttp bcrypt
     python gambiarra_server.py            # http://0.0.0.0:3000 and [::]:3000
 
+A participant joins with a local model (``pip install aiohttp bcrypt websockets``)::
+
+    python gambiarra_server.py join --url HOST:3000 --pin 123456 --nickname Ana --model llama3.1:8b
+
 WebSocket protocol (every frame is one JSON object with a ``type``):
 
     runner -> server   register {participant_id, nickname, pin, runner, model, resume_secret?}
@@ -39,7 +43,7 @@ lists them all. The sections of this file, in order (``grep -n '^# =='``):
 
     Configuration, Errors, Helpers, Input fields, Store (sqlite), Live state,
     Messages, Hub (fan-out), The server, WebSocket, HTTP, Routes and docs, App,
-    Rehearsal (simulate and bench), Command line, Schema.
+    Runner (join, the participant's side), Rehearsal (simulate and bench), Command line, Schema.
 """
 
 from __future__ import annotations
@@ -64,10 +68,12 @@ import logging.handlers
 import math
 import multiprocessing
 import os
+import platform
 import queue
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -76,9 +82,10 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
@@ -338,44 +345,41 @@ def setting_value(f: Any, text: str) -> Any:
     return text
 
 
-def flag_name(env: str) -> str:
-    return "--" + env.lower().replace("_", "-")
+def flag_name(env: str, env_prefix: str = "") -> str:
+    return "--" + env.removeprefix(env_prefix).lower().replace("_", "-")
 
 
-def config_parser() -> argparse.ArgumentParser:
-    """A --flag per Config field; values stay text, for setting_value to check wherever they come from."""
-    parser = argparse.ArgumentParser(
-        description="Gambiarra arena server. Every option can also be set by the environment variable named "
-                    "in its help, or in a .env file beside this script.",
-        epilog="Also: 'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help.")
-    for f in fields(Config):
+def options_parser(options: type, env_prefix: str = "", **about: Any) -> argparse.ArgumentParser:
+    """A --flag per field of the dataclass `options` (named after its env var less `env_prefix`); values
+    stay text, for setting_value to check wherever they come from."""
+    parser = argparse.ArgumentParser(**about)
+    for f in fields(options):
         env, doc, default = f.metadata["env"], f.metadata["help"], f.default
         shown = ",".join(default) if isinstance(default, tuple) else default
         if isinstance(default, bool):
-            parser.add_argument(flag_name(env), dest=f.name, action="store_const", const="1", help=f"{doc} [{env}]")
+            parser.add_argument(flag_name(env, env_prefix), dest=f.name, action="store_const", const="1",
+                                help=f"{doc} [{env}]")
         else:
             limits = f"; {allowed(f)}" if isinstance(default, (int, float)) else ""
-            parser.add_argument(flag_name(env), dest=f.name, metavar=env,
+            parser.add_argument(flag_name(env, env_prefix), dest=f.name, metavar=env,
                                 help=f"{doc} [{env}; default: {shown or 'none'}{limits}]")
     return parser
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Config from the flags, then the environment, then .env beside this file, then the defaults.
+def option_values(options: type, flags: dict[str, str | None], env_prefix: str = "",
+                  dotenv: Mapping[str, str] = {}, dotenv_path: Path | None = None) -> dict[str, Any]:
+    """The values of the fields of `options` that are set: from the flags, then the environment, then .env.
 
     An empty value counts as unset. A bad value ends the start-up with one line naming the setting
-    as the host wrote it. A relative path in .env is relative to the .env's folder; elsewhere, to
+    as the user wrote it. A relative path in .env is relative to the .env's folder; elsewhere, to
     the current folder.
     """
-    dotenv_path = HERE / ".env"
-    dotenv = read_dotenv(dotenv_path)
-    warn_unknown_keys(dotenv, dotenv_path)
-    flags = vars(config_parser().parse_args(argv))
     values = {}
-    for f in fields(Config):
+    for f in fields(options):
         env = f.metadata["env"]
-        sources = ((flag_name(env), flags[f.name], Path.cwd()), (env, os.environ.get(env), Path.cwd()),
-                   (f"{env} (in {dotenv_path})", dotenv.get(env), dotenv_path.parent))
+        sources = [(flag_name(env, env_prefix), flags[f.name], Path.cwd()), (env, os.environ.get(env), Path.cwd())]
+        if dotenv_path is not None:
+            sources.append((f"{env} (in {dotenv_path})", dotenv.get(env), dotenv_path.parent))
         for name, text, folder in sources:
             if text:
                 try:
@@ -384,7 +388,20 @@ def parse_config(argv: list[str]) -> Config:
                     fail(f"{name}={text!r}: expected {exc}")
                 values[f.name] = folder / value if isinstance(value, Path) else value
                 break
-    return Config(**values)
+    return values
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Config from the flags, then the environment, then .env beside this file, then the defaults."""
+    dotenv_path = HERE / ".env"
+    dotenv = read_dotenv(dotenv_path)
+    warn_unknown_keys(dotenv, dotenv_path)
+    parser = options_parser(
+        Config, description="Gambiarra arena server. Every option can also be set by the environment variable "
+                            "named in its help, or in a .env file beside this script.",
+        epilog="Also: 'join' (a participant's runner), 'join-drill' (join runners through an arena restart), "
+               "'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help.")
+    return Config(**option_values(Config, vars(parser.parse_args(argv)), dotenv=dotenv, dotenv_path=dotenv_path))
 
 
 def database_problem(path: Path) -> str | None:
@@ -407,10 +424,11 @@ try:
     import bcrypt
     from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
                          WSServerHandshakeError, web)
+    from aiohttp import ClientError as HTTPClientError      # our own ClientError is the errors a client causes
 except ImportError as exc:
     if __name__ != "__main__":
         raise
-    if sys.argv[1:2] not in (["simulate"], ["bench"]):      # the commands (COMMANDS) need the packages
+    if sys.argv[1:2] not in (["simulate"], ["bench"], ["join"], ["join-drill"]):    # the commands need the packages
         parse_config(sys.argv[1:])          # answers --help, or names a bad setting first
     missing([name for name in ("aiohttp", "bcrypt") if importlib.util.find_spec(name) is None] or [str(exc.name)],
             "aiohttp bcrypt", sys.argv[0])
@@ -638,6 +656,31 @@ class Throttle:
         start, count = self.windows.get(key, (0.0, 0))
         if count:
             self.windows[key] = (start, count - 1)
+
+
+def positive(value: Any) -> float | None:
+    """`value` if it is a finite number above zero, else None (runners' reports are free JSON)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
+
+
+def engine_tps(model_info: Any, duration_ms: Any) -> float | None:
+    """Tokens per second by the engine's own clock, from the counters a runner put in `model_info`.
+
+    ollama's eval_count over eval_duration (ns), else llama.cpp's timings.predicted_per_second,
+    else an OpenAI usage.completion_tokens over the runner's `duration_ms`; None without any.
+    """
+    info = model_info if isinstance(model_info, dict) else {}
+    timings, usage = info.get("timings"), info.get("usage")
+    count, eval_ns = positive(info.get("eval_count")), positive(info.get("eval_duration"))
+    if count and eval_ns:
+        return round(count / (eval_ns / 1e9), 2)
+    per_s = positive(timings.get("predicted_per_second")) if isinstance(timings, dict) else None
+    if per_s:
+        return round(per_s, 2)
+    tokens = positive(usage.get("completion_tokens")) if isinstance(usage, dict) else None
+    duration_ms = positive(duration_ms)
+    return round(tokens / (duration_ms / 1000), 2) if tokens and duration_ms else None
 
 
 # =============================================================================
@@ -1377,19 +1420,30 @@ def voter_votes(conn: sqlite3.Connection, round_id: str, voter_hash: str) -> lis
                        "ORDER BY createdAt", round_id, voter_hash)
 
 
+def stored_engine_tps(model_info: str | None, client_duration_ms: float | None) -> float | None:
+    """engine_tps of a metrics row, whose modelInfo is JSON text."""
+    return engine_tps(json.loads(model_info) if model_info else None, client_duration_ms)
+
+
 def scoreboard(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any]]:
-    """One row per answer, best average first, then most votes (the order the reveal uses)."""
-    return every(conn, """
+    """One row per answer, best average first, then most votes (the order the reveal uses), with the
+    engine's own tokens/s beside the server's."""
+    rows = every(conn, """
         SELECT m.participantId AS participant_id, p.nickname, m.tokens,
                m.latencyFirstTokenMs AS latency_first_token_ms, m.durationMs AS duration_ms,
                COALESCE(m.tpsAvg, 0.0) AS tps_avg, COUNT(v.id) AS votes,
                COALESCE(AVG(v.score), 0.0) AS avg_score, COALESCE(SUM(v.score), 0) AS total_score,
-               m.generatedContent AS generated_content, p.model, p.runner
+               m.generatedContent AS generated_content, p.model, p.runner,
+               m.modelInfo AS model_info, m.clientDurationMs AS client_duration_ms
         FROM metrics m JOIN participants p ON p.id = m.participantId
         LEFT JOIN votes v ON v.roundId = m.roundId AND v.participantId = m.participantId
         WHERE m.roundId = ?
         GROUP BY m.id
         ORDER BY avg_score DESC, votes DESC, m.createdAt""", round_id)
+    for row in rows:
+        model_info, duration_ms = row.pop("model_info"), row.pop("client_duration_ms")
+        row["engine_tps"] = stored_engine_tps(model_info, duration_ms)
+    return rows
 
 
 def scoreboard_round(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
@@ -1427,13 +1481,14 @@ def session_events(conn: sqlite3.Connection, session_id: str) -> list[dict[str, 
 
 
 def session_answers(conn: sqlite3.Connection, session_id: str) -> list[dict[str, Any]]:
-    """Every answer of a session with its round, participant and votes: the CSV export's rows."""
-    return every(conn, """
+    """Every answer of a session with its round, participant, votes and engine tokens/s: the CSV's rows."""
+    rows = every(conn, """
         SELECT m.*, r."index" AS roundIndex, r.startedAt AS roundStartedAt, r.endedAt AS roundEndedAt,
                p.nickname, p.model, p.runner, COUNT(v.id) AS votes, COALESCE(AVG(v.score), 0.0) AS avgScore
         FROM metrics m JOIN rounds r ON r.id = m.roundId JOIN participants p ON p.id = m.participantId
         LEFT JOIN votes v ON v.roundId = m.roundId AND v.participantId = m.participantId
         WHERE r.sessionId = ? GROUP BY m.id ORDER BY r."index", m.createdAt""", session_id)
+    return [{**row, "engineTps": stored_engine_tps(row["modelInfo"], row["clientDurationMs"])} for row in rows]
 
 
 def session_tree(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
@@ -2889,7 +2944,7 @@ ANSWER_COLUMNS = (
     ("votes", "votes"), ("avg_score", "avgScore"), ("generated_content", "generatedContent"),
     ("model", "model"), ("runner", "runner"), ("tokens_received", "tokensReceived"), ("seq_gaps", "seqGaps"),
     ("client_latency_first_token_ms", "clientLatencyFirstTokenMs"), ("client_duration_ms", "clientDurationMs"),
-    ("rescued", "rescued"),
+    ("rescued", "rescued"), ("engine_tps", "engineTps"),
 )
 EVENT_COLUMNS = ("id", "timestamp", "eventType", "actorType", "actorId", "targetType", "targetId", "metadata")
 
@@ -3343,6 +3398,864 @@ def make_app(config: Config) -> web.Application:
     table += [web.route(method, prefix + path, handler) for method, path, handler in api for prefix in ("", "/api")]
     app.add_routes(table)
     return app
+
+
+# =============================================================================
+# Runner: join, the participant's side
+# =============================================================================
+#
+# `join` answers the arena's challenges with a local model: ollama, any
+# OpenAI-compatible server (LM Studio, llama.cpp, vLLM, LocalAI), or a mock for
+# rehearsals. Generating and delivering are kept apart: the engine writes each
+# token into the answer's buffer, and one sender per connection sends from that
+# buffer in seq order, the `complete` only after the last token. A dropped
+# connection therefore only delays tokens: the model goes on writing, and after
+# the reconnect `registered.resume` says what the arena lacks, which goes first.
+# Like simulate and bench, it imports `websockets` only when it runs.
+
+JOIN_REFUSALS = {   # the arena's refusals that no reconnect can mend, said as what to do about them
+    "INVALID_PIN": "wrong PIN: check the digits on the big screen and run join again with --pin",
+    "KICKED": "the host removed you from this session",
+    "SESSION_ENDED": "the host started a new session: ask for the new PIN and run join again with it",
+    "NO_SESSION": "the arena has no session open: ask the host to start one, then run join again",
+    "ID_IN_USE": "this participant id is connected from another machine: run join again with another "
+                 "--participant-id",
+}
+ENGINE_PROBES = (   # where local engines listen by default, tried in this order
+    ("ollama", 11434, "ollama"), ("openai", 1234, "LM Studio"), ("openai", 8080, "llama.cpp or LocalAI"),
+    ("openai", 8000, "vLLM"), ("openai", 1337, "Jan"), ("openai", 5001, "KoboldCpp"),
+)
+ENGINE_URL_SUFFIXES = ("/api/chat", "/api/generate", "/api/tags", "/api", "/v1/chat/completions",
+                       "/v1/completions", "/v1/models", "/v1")
+OLLAMA_COUNTERS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+                   "eval_duration")
+MOCK_WORDS = ("Era ", "uma ", "vez ", "uma ", "lhama ", "que ", "rodava ", "modelos ", "num ", "laptop ", "velho",
+              ", ", "e ", "cada ", "token ", "chegava ", "inteiro", ". ", "🦙 ", "\n")
+PROBE_TIMEOUT_S = 2.0
+RECONNECT_BASE_S = 0.2      # reconnect waits double from here up to the cap, each drawn from [half, whole]:
+RECONNECT_CAP_S = 2.0       # a room of runners comes back spread out, and soon after the arena does
+DELIVERY_WAIT_S = 30.0      # how long a `complete` waits for the pong that proves the arena read it
+
+
+@dataclass
+class JoinOptions:
+    """What `join` is told; each field has an env var and a matching --flag."""
+
+    url: str = option("ws://127.0.0.1:3000/ws", "GAMBIARRA_URL",
+                      "the arena, as the host shows it: ws://HOST:3000/ws (HOST:PORT or http://... work too)")
+    pin: str = option("", "GAMBIARRA_PIN", "the session PIN shown on the big screen")
+    nickname: str = option("", "GAMBIARRA_NICKNAME", "your name on the big screen (default: your login name)")
+    model: str = option("", "GAMBIARRA_MODEL", "the model to run (default: the engine's first)")
+    engine: str = option("", "GAMBIARRA_ENGINE", "ollama, openai or mock (default: look on the usual local ports)")
+    engine_url: str = option("", "GAMBIARRA_ENGINE_URL", "the engine's address, e.g. http://127.0.0.1:11434 or "
+                                                         "http://127.0.0.1:1234/v1 (default: its usual port)")
+    participant_id: str = option("", "GAMBIARRA_PARTICIPANT_ID",
+                                 "your seat in the arena (default: one kept in your config folder)")
+    mock_rate: float = option(20.0, "GAMBIARRA_MOCK_RATE", "tokens per second of --engine mock", low=0.1,
+                              high=10_000)
+    quiet: bool = option(False, "GAMBIARRA_QUIET", "do not print the answer as it streams")
+
+
+class EngineError(Exception):
+    """The local model cannot answer; the message says why, in the participant's terms."""
+
+
+class EngineRefused(EngineError):
+    """The engine answered a generation request with an HTTP error (before any token)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def arena_url(text: str) -> str:
+    """The arena's WebSocket address from what a participant typed.
+
+    A bare HOST or HOST:PORT gets ws:// (and port 3000), http(s) becomes ws(s), and a
+    path ending in /api or lacking /ws ends in /ws.
+    """
+    text = text.strip()
+    bare = "://" not in text
+    parts = urllib.parse.urlsplit("ws://" + text if bare else text)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise ValueError(f"'{text}' is not an arena address; expected ws://HOST:3000/ws")
+    netloc = parts.netloc + (":3000" if bare and parts.port is None else "")
+    path = parts.path.rstrip("/").removesuffix("/ws").removesuffix("/api") + "/ws"
+    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, ""))
+
+
+def engine_base_url(text: str) -> str:
+    """An engine's base address from what a participant typed: http:// added, API paths taken off."""
+    text = text.strip().rstrip("/")
+    if "://" not in text:
+        text = "http://" + text
+    for suffix in ENGINE_URL_SUFFIXES:
+        if text.endswith(suffix):
+            text = text[:-len(suffix)]
+            break
+    return text.rstrip("/")
+
+
+def config_folder() -> Path:
+    """This user's folder for gambiarra's settings, where each platform keeps such things."""
+    if sys.platform == "win32" and os.environ.get("APPDATA"):
+        return Path(os.environ["APPDATA"]) / "gambiarra"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "gambiarra"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "gambiarra"
+
+
+def stable_participant_id(nickname: str) -> str:
+    """This machine's participant id for `nickname`, made once and kept, so a restart takes the same seat."""
+    path = config_folder() / "participant-ids.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if isinstance(known.get(nickname), str):
+        return known[nickname]
+    ascii_name = unicodedata.normalize("NFKD", nickname).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name).strip("-")[:24] or "runner"
+    known[nickname] = f"{slug}-{secrets.token_hex(3)}"
+    with contextlib.suppress(OSError):          # a read-only home still runs, with a seat for this run only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1, ensure_ascii=False))
+    return known[nickname]
+
+
+def cpu_name() -> str:
+    """The processor's marketing name where it is cheap to read, else its architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    if sys.platform == "darwin":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=2).stdout.strip() or platform.machine()
+    return platform.processor() or platform.machine()
+
+
+def gpu_name(cpu: str) -> str | None:
+    """The GPU's name where one command says it (nvidia-smi; an Apple chip's own GPU), else None."""
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            found = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=3).stdout.strip().splitlines()
+            if found:
+                return ", ".join(found)
+    if sys.platform == "darwin" and cpu.startswith("Apple"):
+        return f"{cpu} GPU"
+    return None
+
+
+def machine_info() -> dict[str, str]:
+    """The machine behind an answer, for model_info: OS, CPU, GPU when known, and the device that ran it."""
+    cpu = cpu_name()
+    gpu = gpu_name(cpu)
+    info = {"os": f"{platform.system()} {platform.release()}".strip(), "cpu": cpu, "device": gpu or cpu}
+    if gpu:
+        info["gpu"] = gpu
+    return info
+
+
+def error_text(body: str) -> str:
+    """The sentence inside an engine's error reply ({"error": "..."}, {"error": {"message": ...}}), or the body."""
+    with contextlib.suppress(ValueError):
+        data = json.loads(body)
+        if isinstance(data, dict):
+            inner = data.get("error", data.get("message", data.get("detail")))
+            inner = inner.get("message", inner) if isinstance(inner, dict) else inner
+            if inner:
+                return str(inner)
+    return body.strip()[:300] or "no details"
+
+
+async def response_lines(response: Any) -> AsyncIterator[bytes]:
+    """The lines of a streamed HTTP body, however long (a final JSON line can be large)."""
+    pending = b""
+    async for chunk in response.content.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
+class Engine:
+    """A local model behind HTTP. Subclasses speak one API; `stream` yields the answer's pieces."""
+
+    kind = ""
+    listing = ("", "")      # the path that lists the models, and the key of the list in its JSON
+
+    def __init__(self, http: ClientSession, url: str, model: str) -> None:
+        self.http = http
+        self.url = url
+        self.model = model
+        self.runner = self.kind         # what the arena shows: ollama, lmstudio, llamacpp, ...
+
+    async def listed(self) -> list[dict[str, Any]]:
+        """The engine's model listing; EngineError says when nothing (or something else) answers."""
+        path, key = self.listing
+        try:
+            async with self.http.get(self.url + path, timeout=ClientTimeout(total=PROBE_TIMEOUT_S)) as response:
+                data = await response.json(content_type=None) if response.status == 200 else None
+        except (HTTPClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise EngineError(f"nothing answers at {self.url} ({exc or type(exc).__name__}): is the engine "
+                              "running?") from None
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise EngineError(f"{self.url} answers, but not as {self.kind} does ({path})")
+        return [item for item in data[key] if isinstance(item, dict)]
+
+    async def post_lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """POST a generation request and yield its streamed lines; failures become EngineError."""
+        try:
+            async with self.http.post(self.url + path, json=body) as response:
+                if response.status >= 400:
+                    raise EngineRefused(f"the engine refused the request (HTTP {response.status}): "
+                                        f"{error_text(await response.text())}", response.status)
+                async for line in response_lines(response):
+                    yield line
+        except (HTTPClientError, asyncio.TimeoutError) as exc:
+            raise EngineError(f"the engine at {self.url} stopped answering ({exc or type(exc).__name__})") from None
+
+    async def prepare(self) -> None:
+        """Check that the engine answers and has the model (choosing one if none was given)."""
+        raise NotImplementedError
+
+    def stream(self, challenge: dict[str, Any], counters: dict[str, Any]) -> AsyncIterator[str]:
+        """The answer's text pieces; the engine's own counters go into `counters` at the end."""
+        raise NotImplementedError
+
+
+class Ollama(Engine):
+    """ollama's streaming /api/chat (JSON lines); the model must be pulled."""
+
+    kind = "ollama"
+    listing = ("/api/tags", "models")
+
+    async def prepare(self) -> None:
+        names = [m.get("name") or m.get("model", "") for m in await self.listed()]
+        if not names:
+            raise EngineError("ollama has no models yet: pull one, e.g. `ollama pull llama3.2:1b`")
+        if not self.model:
+            self.model = names[0]
+        elif self.model not in names and f"{self.model}:latest" not in names:
+            raise EngineError(f"model '{self.model}' is not pulled in ollama: run `ollama pull {self.model}` "
+                              f"(pulled: {', '.join(names)})")
+
+    async def stream(self, challenge: dict[str, Any], counters: dict[str, Any]) -> AsyncIterator[str]:
+        options = {"num_predict": challenge["max_tokens"], "temperature": challenge["temperature"]}
+        if challenge.get("seed") is not None:
+            options["seed"] = challenge["seed"]
+        body = {"model": self.model, "messages": [{"role": "user", "content": challenge["prompt"]}],
+                "stream": True, "options": options}
+        try:
+            async for line in self.post_lines("/api/chat", body):
+                if not line.strip():
+                    continue
+                chunk = json.loads(line)
+                if chunk.get("error"):
+                    raise EngineError(f"ollama: {chunk['error']}")
+                yield (chunk.get("message") or {}).get("content") or ""
+                if chunk.get("done"):
+                    counters.update({key: chunk[key] for key in OLLAMA_COUNTERS if key in chunk})
+                    return
+        except EngineRefused as exc:
+            if exc.status == 404:
+                raise EngineError(f"model '{self.model}' is not pulled in ollama: run `ollama pull {self.model}`") \
+                    from None
+            raise
+        except ValueError:
+            raise EngineError("ollama sent a line that is not JSON") from None
+        raise EngineError("ollama stopped mid-answer (the stream ended before done)")
+
+
+class OpenAICompatible(Engine):
+    """Any OpenAI-compatible /v1/chat/completions SSE stream: LM Studio, llama.cpp, vLLM, LocalAI."""
+
+    kind = "openai"
+    listing = ("/v1/models", "data")
+
+    def __init__(self, http: ClientSession, url: str, model: str) -> None:
+        super().__init__(http, url, model)
+        self.include_usage = True       # until the server refuses stream_options
+
+    async def prepare(self) -> None:
+        models = await self.listed()
+        owners = {m.get("owned_by") for m in models}
+        port = urllib.parse.urlsplit(self.url).port
+        self.runner = ("llamacpp" if "llamacpp" in owners else "vllm" if "vllm" in owners
+                       else "lmstudio" if port == 1234 else "openai")
+        ids = [str(m.get("id")) for m in models]
+        if not self.model:
+            if not ids:
+                raise EngineError(f"{self.url} lists no models: load one in the engine, or pass --model")
+            self.model = ids[0]
+        elif ids and self.model not in ids:
+            log.warning("model '%s' is not in the engine's list (%s); asking for it anyway", self.model,
+                        ", ".join(ids))
+
+    async def stream(self, challenge: dict[str, Any], counters: dict[str, Any]) -> AsyncIterator[str]:
+        body = {"model": self.model, "messages": [{"role": "user", "content": challenge["prompt"]}],
+                "stream": True, "max_tokens": challenge["max_tokens"], "temperature": challenge["temperature"]}
+        if challenge.get("seed") is not None:
+            body["seed"] = challenge["seed"]
+        try:
+            async for piece in self.events({**body, "stream_options": {"include_usage": True}} if self.include_usage
+                                           else body, counters):
+                yield piece
+        except EngineRefused as exc:
+            if not self.include_usage or exc.status not in (400, 422):
+                raise
+            self.include_usage = False  # an older server that knows no stream_options: ask again without
+            async for piece in self.events(body, counters):
+                yield piece
+
+    async def events(self, body: dict[str, Any], counters: dict[str, Any]) -> AsyncIterator[str]:
+        """The pieces of one SSE stream; `usage` and llama.cpp's `timings` go into `counters`."""
+        finished = False
+        async for line in self.post_lines("/v1/chat/completions", body):
+            data = line.decode(errors="replace").strip()
+            if not data.startswith("data:"):
+                continue                # blank lines, comments and event names
+            data = data[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise EngineError("the engine sent an event that is not JSON") from None
+            if chunk.get("error"):
+                raise EngineError(f"the engine failed: {error_text(data)}")
+            counters.update({key: chunk[key] for key in ("usage", "timings") if chunk.get(key)})
+            for choice in chunk.get("choices") or []:
+                finished = finished or bool(choice.get("finish_reason"))
+                yield (choice.get("delta") or {}).get("content") or ""
+        if not finished:
+            raise EngineError("the engine stopped mid-answer (the stream ended before its last event)")
+
+
+class Mock(Engine):
+    """Words at --mock-rate tokens per second, for rehearsing without a model (the same seed, the same text)."""
+
+    kind = "mock"
+
+    def __init__(self, http: ClientSession | None, url: str, model: str, rate: float = 20.0) -> None:
+        super().__init__(http, url, model or "mock")
+        self.rate = rate
+
+    async def prepare(self) -> None:
+        return
+
+    async def stream(self, challenge: dict[str, Any], counters: dict[str, Any]) -> AsyncIterator[str]:
+        seed = challenge.get("seed")
+        rng = random.Random(seed) if seed is not None else random.Random()
+        budget, start = challenge["max_tokens"], rng.randrange(len(MOCK_WORDS))
+        due = time.monotonic()
+        for seq in range(rng.randint(max(1, budget // 2), budget)):
+            due += rng.uniform(0.5, 1.5) / self.rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            yield MOCK_WORDS[(start + seq) % len(MOCK_WORDS)]
+
+
+ENGINES: dict[str, type[Engine]] = {"ollama": Ollama, "openai": OpenAICompatible, "mock": Mock}
+
+
+async def find_engine(http: ClientSession, options: JoinOptions, say: Callable[[str], None]) -> Engine:
+    """The engine to use: the one named, else the first that answers on the usual ports; ready to generate."""
+    if options.engine and options.engine not in ENGINES:
+        raise EngineError(f"unknown --engine '{options.engine}': use one of {', '.join(ENGINES)}")
+    if options.engine == "mock":
+        return Mock(http, "", options.model, options.mock_rate)
+    if options.engine_url:
+        url = engine_base_url(options.engine_url)
+        kinds = [options.engine] if options.engine else ["ollama", "openai"]
+        if "/v1" in options.engine_url:
+            kinds.reverse()         # a typed /v1 means the OpenAI-compatible API (ollama serves one too)
+        candidates = [(kind, url, kind) for kind in kinds]
+    else:
+        candidates = [(kind, f"http://127.0.0.1:{port}", label) for kind, port, label in ENGINE_PROBES
+                      if options.engine in ("", kind)]
+    engines = [ENGINES[kind](http, url, options.model) for kind, url, _ in candidates]
+    answers = await asyncio.gather(*(engine.listed() for engine in engines), return_exceptions=True)
+    found = [(engine, label) for engine, (_, _, label), answer in zip(engines, candidates, answers)
+             if not isinstance(answer, BaseException)]
+    if not found:
+        if options.engine_url:
+            raise answers[-1]
+        tried = ", ".join(f"{label} at {url}" for _, url, label in candidates)
+        raise EngineError(f"no engine answers ({tried}): start one (e.g. `ollama serve`) or pass --engine-url; "
+                          "to rehearse without a model: --engine mock")
+    engine, label = found[0]
+    others = "".join(f"; also found {label} at {e.url}" for e, label in found[1:] if e.url != engine.url)
+    say(f"engine: {label} at {engine.url}{others}")
+    await engine.prepare()
+    return engine
+
+
+class Terminal:
+    """What the participant reads: one timed line per event, and the answer as it streams."""
+
+    def __init__(self, echo: bool = True, enabled: bool = True) -> None:
+        self.echo = echo and enabled
+        self.enabled = enabled
+        self.mid_line = False
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(("\n" if self.mid_line else "") + time.strftime("[%H:%M:%S] ") + text, flush=True)
+            self.mid_line = False
+
+    def stream(self, piece: str) -> None:
+        if self.echo:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            self.mid_line = not piece.endswith("\n")
+
+
+@dataclass
+class Answer:
+    """One round's answer: every token the engine wrote, and how far the current connection has sent it."""
+
+    challenge: dict[str, Any]
+    began: float                                    # monotonic, when the challenge arrived
+    tokens: list[str] = field(default_factory=list)
+    counters: dict[str, Any] = field(default_factory=dict)   # the engine's own figures
+    first_at: float | None = None
+    next_seq: int = 0                               # the first token not yet sent on this connection
+    resend: list[int] = field(default_factory=list)  # seqs the arena reported missing, sent first
+    ending: dict[str, Any] | None = None            # the `complete` or `error`, once generation ended
+    delivered: bool = False                         # the arena has read `ending` (a pong came after it)
+    cut: str = ""                                   # why generation stopped early, if it did
+    stop: asyncio.Event = field(default_factory=asyncio.Event)   # set to drop the answer unfinished
+
+    @property
+    def round(self) -> int:
+        return self.challenge["round"]
+
+    def resume_from(self, resume: dict[str, Any] | None) -> int:
+        """Take the arena's view after a reconnect; return how many tokens are to be sent again."""
+        if resume is not None and resume["round"] == self.round:
+            self.resend = [seq for seq in resume["missing"] if seq < len(self.tokens)]
+            self.next_seq = min(resume["next_seq"], len(self.tokens))
+        elif not self.delivered:
+            # No word on this round (it ended): offer every token; the arena ignores the seqs it holds.
+            self.resend, self.next_seq = [], 0
+        owed = len(self.resend) + len(self.tokens) - self.next_seq
+        if owed:
+            self.delivered = False
+        return owed
+
+
+class Join:
+    """The participant's runner: one seat in the arena, kept across drops, answering with one engine."""
+
+    def __init__(self, options: JoinOptions, engine: Engine, machine: dict[str, str], out: Terminal,
+                 participant_id: str) -> None:
+        self.options = options
+        self.engine = engine
+        self.machine = machine
+        self.out = out
+        self.participant_id = participant_id
+        self.url = arena_url(options.url)
+        self.rng = random.Random()
+        self.answer: Answer | None = None
+        self.generating: asyncio.Task | None = None
+        self.queued: dict[str, Any] | None = None       # a challenge waiting for the running one to stop
+        self.wake = asyncio.Event()                     # something new to send
+        self.ready = asyncio.Event()                    # registered on the current connection
+        self.resume_secret: str | None = None
+        self.registered_once = False
+        self.ready_seen = False                         # the current connection got `registered`
+        self.retry = False                              # the current connection is to be dropped and redone
+        self.refused: str | None = None                 # why the arena will not have us; we stop
+        self.reconnects = 0
+        self.back_at: float | None = None               # monotonic: the latest re-registration
+        self.streaming_at: float | None = None          # monotonic: the first token sent after it
+
+    async def run(self) -> str:
+        """Stay in the arena until refused, reconnecting after every drop; return why it ended."""
+        from websockets.asyncio.client import connect
+        failures = 0
+        while self.refused is None:
+            self.out.say(f"connecting to {self.url} ...")
+            self.ready_seen = self.retry = False
+            try:
+                async with connect(self.url, open_timeout=10, compression=None, max_queue=None) as ws:
+                    await self.converse(ws)
+                said = " ".join(str(part) for part in (ws.close_code, ws.close_reason) if part)
+                why = f"the arena closed the connection ({said})"
+                if ws.close_code == WSCloseCode.OK and self.refused is None and not self.retry:
+                    # A normal close is the arena's decision: a newer connection took this seat.
+                    self.refused = f"the arena closed this seat: {ws.close_reason or 'no reason given'}"
+            except socket_gone() as exc:
+                why = f"no connection ({exc or type(exc).__name__})"
+                status = getattr(getattr(exc, "response", None), "status_code", 0)
+                if 400 <= status < 500:             # a web server, but no arena at this address
+                    self.refused = f"{self.url} answered HTTP {status}, not as the arena: check the address " \
+                                   "the host shows"
+            self.ready.clear()
+            if self.refused is not None:
+                break
+            failures = 0 if self.ready_seen else failures + 1
+            delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** failures)
+            delay = self.rng.uniform(delay / 2, delay)
+            kept = f"; {len(self.answer.tokens)} tokens of round {self.answer.round} kept here" \
+                if self.answer is not None and not self.answer.delivered else ""
+            self.out.say(f"{why}{kept}; reconnecting in {delay:.1f} s")
+            await asyncio.sleep(delay)
+        self.stop_generating("stopped")
+        return self.refused
+
+    async def converse(self, ws: Any) -> None:
+        """One connection: register, then read the arena's messages while a sender delivers the answer."""
+        register = {"type": "register", "participant_id": self.participant_id,
+                    "nickname": self.options.nickname or self.participant_id, "pin": self.options.pin,
+                    "runner": self.engine.runner, "model": self.engine.model}
+        if self.resume_secret:
+            register["resume_secret"] = self.resume_secret
+        await ws.send(dumps(register))
+        sender = asyncio.ensure_future(self.deliver_loop(ws))
+        try:
+            async for text in ws:
+                with contextlib.suppress(ValueError, AttributeError):   # not the arena's JSON: not for us
+                    self.on_message(json.loads(text))
+                if self.refused is not None or self.retry:
+                    await ws.close()
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *socket_gone()):
+                await sender
+
+    def on_message(self, m: dict[str, Any]) -> None:
+        kind = m.get("type")
+        if kind == "registered":
+            self.on_registered(m)
+        elif kind == "challenge":
+            self.on_challenge(m)
+        elif kind == "error":
+            code = m.get("code", "")
+            if code in JOIN_REFUSALS:
+                self.refused = JOIN_REFUSALS[code]
+                if code == "INVALID_PIN" and self.registered_once:
+                    self.refused = "the PIN no longer works: the host probably started a new session; ask for " \
+                                   "the new PIN"
+                self.stop_generating("refused")
+                return
+            self.out.say(f"arena: {m.get('message')} ({code})")
+            if not self.ready_seen:
+                self.retry = True       # the register was answered with an error (busy, throttled): try again
+
+    def on_registered(self, m: dict[str, Any]) -> None:
+        """Registered (again): remember the resume secret, and take the arena's word on what it holds."""
+        self.resume_secret = m.get("resume_secret") or self.resume_secret
+        resume, answer = m.get("resume"), self.answer
+        if not self.registered_once:
+            self.out.say(f"in the arena as '{self.options.nickname or self.participant_id}' "
+                         f"(id {self.participant_id}, {self.engine.runner} {self.engine.model}): waiting for a "
+                         "challenge")
+        else:
+            self.reconnects += 1
+            self.back_at, self.streaming_at = time.monotonic(), None
+            owed = answer.resume_from(resume) if answer is not None else 0
+            self.out.say(f"back in the arena; {owed} tokens to send again" if owed else "back in the arena")
+        if resume is not None and (answer is None or answer.round != resume["round"]):
+            self.out.say(f"round {resume['round']} is running, but its challenge came before you joined: you "
+                         "answer from the next round")
+        self.registered_once = self.ready_seen = True
+        self.ready.set()
+        self.wake.set()
+
+    def on_challenge(self, m: dict[str, Any]) -> None:
+        """A new round: answer it; one generation at a time, the newest challenge waiting for the old to stop."""
+        if self.answer is not None and self.answer.round == m["round"]:
+            self.out.say(f"round {m['round']} again: already answering it, so this copy is ignored")
+        elif self.generating is not None and not self.generating.done():
+            self.out.say(f"round {m['round']} arrived while round {self.answer.round} was still generating: "
+                         f"the host has moved on, so round {self.answer.round} stops here and round {m['round']} "
+                         "starts next")
+            self.queued = m
+            self.stop_generating("a new round")
+        else:
+            self.start(m)
+
+    def start(self, challenge: dict[str, Any]) -> None:
+        self.answer = Answer(challenge, time.monotonic())
+        self.generating = asyncio.ensure_future(self.generate(self.answer))
+        self.generating.add_done_callback(self.generated)
+
+    def generated(self, task: asyncio.Task) -> None:
+        """Say so if a generation ended by a bug rather than by the engine, or the answer would just stop."""
+        if not task.cancelled() and task.exception() is not None:
+            self.out.say(f"internal error while answering: {task.exception()!r}")
+            log.error("generation failed", exc_info=task.exception())
+
+    def stop_generating(self, why: str) -> None:
+        """End the running generation now (the arena moved on, or refused us)."""
+        if self.generating is not None and not self.generating.done() and self.answer is not None:
+            self.answer.cut = self.answer.cut or why
+            self.answer.stop.set()
+
+    async def generate(self, answer: Answer) -> None:
+        """Write the engine's answer into the buffer until it ends, the budget or the deadline; then close it."""
+        c = answer.challenge
+        self.out.say(f"round {answer.round} · max {c['max_tokens']} tokens · {c['deadline_ms'] / 1000:g} s\n"
+                     f"prompt: {c['prompt']}")
+        writing, stop = asyncio.ensure_future(self.write(answer)), asyncio.ensure_future(answer.stop.wait())
+        done, _ = await asyncio.wait({writing, stop}, timeout=c["deadline_ms"] / 1000,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if writing not in done:
+            answer.cut = answer.cut or "the deadline"
+            writing.cancel()
+            await asyncio.wait({writing})
+        failure = writing.exception() if not writing.cancelled() else None
+        if failure is not None and not isinstance(failure, EngineError):
+            raise failure
+        if answer.stop.is_set():                        # dropped, not finished: the arena has moved on
+            self.out.say(f"round {answer.round}: stopped after {len(answer.tokens)} tokens ({answer.cut})")
+        else:
+            self.end(answer, failure and str(failure))
+        if self.queued is not None:
+            challenge, self.queued = self.queued, None
+            self.start(challenge)
+
+    async def write(self, answer: Answer) -> None:
+        """The engine's pieces into the answer, up to the budget; an empty chunk (a stream's last) is no token."""
+        async with contextlib.aclosing(self.engine.stream(answer.challenge, answer.counters)) as pieces:
+            async for piece in pieces:
+                if piece:
+                    self.take(answer, piece)
+                if len(answer.tokens) >= answer.challenge["max_tokens"]:
+                    return
+
+    def take(self, answer: Answer, piece: str) -> None:
+        """One more token into the buffer, shown and handed to the sender."""
+        if answer.first_at is None:
+            answer.first_at = time.monotonic()
+        answer.tokens.append(piece)
+        self.out.stream(piece)
+        self.wake.set()
+
+    def end(self, answer: Answer, failure: str | None) -> None:
+        """Close the answer with the `error` or `complete` the arena gets after its last token."""
+        frame = {"round": answer.round, "participant_id": self.participant_id}
+        elapsed_s = time.monotonic() - answer.began
+        if failure is not None:
+            self.out.say(f"round {answer.round}: the engine failed after {len(answer.tokens)} tokens: {failure}; "
+                         "the arena is told")
+            answer.ending = {"type": "error", **frame, "code": "GENERATION_FAILED", "message": failure}
+        else:
+            model_info = {"name": self.engine.model, "runner": self.engine.runner, **self.machine,
+                          **answer.counters}
+            answer.ending = {"type": "complete", **frame, "tokens": len(answer.tokens),
+                             "duration_ms": round(elapsed_s * 1000), "model_info": model_info}
+            if answer.first_at is not None:
+                answer.ending["latency_ms_first_token"] = round((answer.first_at - answer.began) * 1000)
+            figures = f"{len(answer.tokens)} tokens in {elapsed_s:.1f} s, " \
+                      f"{len(answer.tokens) / max(elapsed_s, 1e-3):.1f} tokens/s"
+            own = engine_tps(model_info, answer.ending["duration_ms"])
+            cut = f" (stopped at {answer.cut})" if answer.cut else ""
+            self.out.say(f"round {answer.round}: {figures}{f', engine {own:.1f} tokens/s' if own else ''}{cut}")
+        self.wake.set()
+
+    async def deliver_loop(self, ws: Any) -> None:
+        """Send what the arena lacks, in seq order, for as long as this connection lives."""
+        await self.ready.wait()
+        while True:
+            self.wake.clear()
+            if self.answer is not None:
+                await self.deliver(ws, self.answer)
+            await self.wake.wait()
+
+    async def deliver(self, ws: Any, answer: Answer) -> None:
+        """The missing tokens first, then the unsent ones, then the ending, proven read by a pong."""
+        while answer is self.answer and answer.resend:
+            seq = answer.resend[0]
+            await ws.send(self.token_frame(answer, seq))
+            answer.resend.pop(0)
+        while answer is self.answer and answer.next_seq < len(answer.tokens):
+            await ws.send(self.token_frame(answer, answer.next_seq))
+            answer.next_seq += 1
+            if self.streaming_at is None:
+                self.streaming_at = time.monotonic()
+        if answer is self.answer and answer.ending is not None and not answer.delivered:
+            await ws.send(dumps(answer.ending))
+            # The arena answers a ping after the frames before it, so the pong proves it read the ending.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(await ws.ping(), DELIVERY_WAIT_S)
+                answer.delivered = True
+                if answer.ending["type"] == "complete":
+                    self.out.say(f"round {answer.round}: the arena has all {len(answer.tokens)} tokens")
+
+    def token_frame(self, answer: Answer, seq: int) -> str:
+        return dumps({"type": "token", "round": answer.round, "participant_id": self.participant_id, "seq": seq,
+                      "content": answer.tokens[seq]})
+
+
+async def join(options: JoinOptions, out: Terminal) -> str:
+    """Find the engine, then take the seat and answer until the arena refuses us; return why it ended."""
+    if not options.pin:
+        raise ValueError("pass --pin: the session PIN shown on the big screen")
+    url = arena_url(options.url)
+    if url != options.url.strip():
+        out.say(f"arena: {url} (from '{options.url}')")
+    nickname = options.nickname or os.environ.get("USER") or os.environ.get("USERNAME") or "runner"
+    options = replace(options, nickname=nickname)
+    participant_id = options.participant_id or stable_participant_id(nickname)
+    async with ClientSession(timeout=ClientTimeout(total=None, sock_connect=5)) as http:
+        engine = await find_engine(http, options, out.say)
+        machine = await asyncio.to_thread(machine_info)
+        return await Join(options, engine, machine, out, participant_id).run()
+
+
+def join_command(argv: list[str]) -> None:
+    """`join`: the participant's runner."""
+    parser = options_parser(
+        JoinOptions, "GAMBIARRA_", prog="gambiarra_server.py join",
+        description="Take part in the arena with a local model: answer each challenge and stream the tokens, "
+                    "keeping them through dropped connections and server restarts. Every option can also be "
+                    "set by the environment variable named in its help.")
+    options = JoinOptions(**option_values(JoinOptions, vars(parser.parse_args(argv)), "GAMBIARRA_"))
+    out = Terminal(echo=not options.quiet)
+    try:
+        why = asyncio.run(join(options, out))
+    except KeyboardInterrupt:
+        out.say("stopped (Ctrl-C)")
+        return
+    except (EngineError, ValueError) as exc:
+        raise SystemExit(f"join: {exc}") from None
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"join: it needs {exc.name}: pip install aiohttp bcrypt websockets") from None
+    raise SystemExit(f"join: {why}")
+
+
+@dataclass
+class DrillServer:
+    """The arena as a process of its own on a fixed loopback port, so the drill can kill and restart it."""
+
+    port: int
+    database: Path
+    # The drill's runners share one address, where a room's laptops have one each: a restart
+    # has them all send the PIN at once, counted as guesses until bcrypt says it is right.
+    pin_attempts: int
+    process: subprocess.Popen | None = None
+
+    async def start(self, http: ClientSession) -> None:
+        """Start the arena; return once it answers (its banner can come later: it looks up LAN addresses)."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", str(self.port),
+             "--database-url", str(self.database), "--pin-attempts-max", str(self.pin_attempts)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(1000):
+            with contextlib.suppress(HTTPClientError):
+                async with http.get(f"http://127.0.0.1:{self.port}/health") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the arena did not start")
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+        self.process.wait(timeout=30)
+
+
+async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    """`runners` join runners (mock engine) answer a round; the arena is stopped mid-round and started again.
+
+    Measures how long after the arena is back every runner is back and streaming, and compares each
+    answer the arena stored with what its runner generated (tokens lost: the goal is 0).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        server = DrillServer(port, Path(folder) / "drill.db", runners + 10)
+        base = f"http://127.0.0.1:{port}"
+        async with ClientSession() as http:
+            await server.start(http)
+            pin = (await post_json(http, base + "/session", {}))["pin"]
+            machine = await asyncio.to_thread(machine_info)
+            seats = [Join(JoinOptions(url=base, pin=pin, nickname=f"drill {i}"), Mock(None, "", "mock", rate),
+                          machine, Terminal(enabled=False), f"drill-{i:03d}") for i in range(runners)]
+            tasks = [asyncio.ensure_future(seat.run()) for seat in seats]
+            try:
+                return await drill_round(seats, server, http, base, rate, answer_s, signum, say)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.to_thread(server.stop)
+
+
+async def post_json(http: ClientSession, url: str, body: dict[str, Any]) -> Any:
+    async with http.post(url, json=body) as response:
+        return await response.json()
+
+
+async def drill_round(seats: list[Join], server: DrillServer, http: ClientSession, base: str, rate: float,
+                      answer_s: float, signum: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """The drill's round: all streaming, the arena down and up again, every answer delivered and compared."""
+    if not await wait_until(lambda: all(seat.registered_once for seat in seats), 60):
+        raise RuntimeError("not every runner registered")
+    rnd = await post_json(http, base + "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
+                                                   "deadlineMs": 120_000})
+    await post_json(http, base + "/rounds/start", {"roundId": rnd["id"]})
+    await wait_until(lambda: all(seat.answer and len(seat.answer.tokens) >= rate for seat in seats), 60)
+    say(f"{len(seats)} runners streaming; stopping the arena ({signal.Signals(signum).name})")
+    down = time.monotonic()
+    await asyncio.to_thread(server.stop, signum)
+    await server.start(http)
+    up = time.monotonic()
+    say(f"the arena is back after {up - down:.2f} s")
+    def streaming_again(seat: Join) -> bool:
+        return seat.back_at is not None and seat.back_at > down and bool(seat.streaming_at or seat.answer.delivered)
+    if not await wait_until(lambda: all(streaming_again(seat) for seat in seats), 60):
+        raise RuntimeError("not every runner came back")
+    back = [(seat.streaming_at or seat.back_at) - up for seat in seats]
+    if not await wait_until(lambda: all(seat.answer.delivered for seat in seats), 120):
+        raise RuntimeError("not every answer was completed")
+    await post_json(http, base + "/rounds/stop", {"roundId": rnd["id"]})
+    async with http.get(base + "/export-all.json") as response:
+        tree = await response.json(content_type=None)
+    stored = {m["participantId"]: m for r in tree["rounds"] for m in r["metrics"]}
+    lost = differ = 0
+    for seat in seats:
+        row = stored.get(seat.participant_id, {})
+        lost += len(seat.answer.tokens) - row.get("tokensReceived", 0)
+        differ += row.get("generatedContent") != "".join(seat.answer.tokens)
+    return {"runners": len(seats), "signal": signal.Signals(signum).name, "restart_s": round(up - down, 2),
+            "back_and_streaming_s": {"p50": round(quantile(back, 0.5), 2), "max": round(max(back), 2)},
+            "tokens_generated": sum(len(seat.answer.tokens) for seat in seats), "tokens_lost": lost,
+            "answers_differing": differ, "reconnects": sum(seat.reconnects for seat in seats)}
+
+
+def join_drill_command(argv: list[str]) -> None:
+    """`join-drill`: many join runners lose the arena to a restart mid-round; print what it cost."""
+    parser = argparse.ArgumentParser(
+        prog="gambiarra_server.py join-drill",
+        description="Start an arena on a free loopback port and a temporary database, seat join runners with the "
+                    "mock engine, stop the arena mid-round and start it again; print how long until every runner "
+                    "was back and streaming, and how many tokens were lost (the goal: none).")
+    parser.add_argument("--runners", type=int, default=200, help="join runners (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=10.0, help="tokens/s of each runner (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=12.0,
+                        help="the longest answer; each is half to all of it (default: %(default)s)")
+    parser.add_argument("--kill", action="store_true", help="stop the arena with SIGKILL, not SIGTERM")
+    a = parser.parse_args(argv)
+    out = Terminal()
+    result = asyncio.run(join_drill(a.runners, a.rate, a.seconds, signal.SIGKILL if a.kill else signal.SIGTERM,
+                                    out.say))
+    back = result["back_and_streaming_s"]
+    out.say(f"{result['runners']} runners back and streaming {back['p50']:.2f} s (median) and {back['max']:.2f} s "
+            f"(last) after the arena was; {result['tokens_generated']} tokens generated, "
+            f"{result['tokens_lost']} lost, {result['answers_differing']} answers differing")
+    print(dumps(result))
 
 
 # =============================================================================
@@ -4980,6 +5893,7 @@ def bench_command(argv: list[str]) -> None:
 # Command line
 # =============================================================================
 
+
 def lan_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses, for the URLs participants type."""
     found = set()
@@ -5053,7 +5967,8 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"simulate": simulate_command, "bench": bench_command}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"simulate": simulate_command, "bench": bench_command,
+                                                    "join": join_command, "join-drill": join_drill_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -900,7 +900,7 @@ async def test_scoreboard_ranks_by_average_then_vote_count(room: Room, pin: str)
             await room.host.vote(rnd["id"], name, score, voter)
     board = await room.host.call("GET", "/api/scoreboard")
     row = {"tokens": 2, "latency_first_token_ms": AMOUNT, "duration_ms": AMOUNT,
-           "tps_avg": AMOUNT, "generated_content": "ab", "model": "llama3.1:8b", "runner": "ollama"}
+           "tps_avg": AMOUNT, "generated_content": "ab", "model": "llama3.1:8b", "runner": "ollama", "engine_tps": None}
     assert board == {"round_id": rnd["id"], "round_index": 1, "svgMode": False, "votingStatus": "open",
                      "revealedCount": 0, "scoreboard": [
                          {**row, "participant_id": "caio", "nickname": "Caio", "votes": 1, "avg_score": 5.0,
@@ -1899,7 +1899,7 @@ FIXED_2 = Like("d.dd", lambda v: isinstance(v, str) and re.fullmatch(r"\d+\.\d\d
 EXPORT_HEADER = ["round", "round_started_at", "round_ended_at", "participant_id", "nickname", "tokens",
                  "latency_first_token_ms", "duration_ms", "tps_avg", "votes", "avg_score", "generated_content",
                  "model", "runner", "tokens_received", "seq_gaps", "client_latency_first_token_ms",
-                 "client_duration_ms", "rescued"]
+                 "client_duration_ms", "rescued", "engine_tps"]
 CLUB_EVENT_TYPES = {"session_created", "round_created", "round_started", "round_stopped", "voting_opened",
                     "voting_closed", "reveal_started", "position_revealed", "participant_registered",
                     "participant_disconnected", "first_token_received", "generation_completed", "vote_cast"}
@@ -1949,7 +1949,7 @@ async def test_export_csv_rows_and_quoting(room: Room, pin: str) -> None:
     assert '"Ana, ""a lhama""\nda silva"' in text and '"Olá, ""mundo""\r\nfim\r"' in text
     common = {"round": "1", "round_started_at": WHEN, "round_ended_at": WHEN, "latency_first_token_ms": DIGITS,
               "duration_ms": DIGITS, "tps_avg": FIXED_2, "model": "llama3.1:8b", "runner": "ollama",
-              "seq_gaps": "0"}
+              "seq_gaps": "0", "engine_tps": ""}
     assert csv_rows(text) == [
         {**common, "participant_id": "ana", "nickname": 'Ana, "a lhama"\nda silva', "tokens": "4", "votes": "2",
          "avg_score": "4.50", "generated_content": 'Olá, "mundo"\r\nfim\r', "tokens_received": "4",
@@ -4500,6 +4500,427 @@ def test_the_readme_documents_every_option_route_and_message() -> None:
         assert f"`{kind}`" in readme, kind
     test_command = next(line for line in readme.splitlines() if "-m pytest" in line)
     assert test_command in (HERE / ".ci" / "run").read_text()
+
+
+# =============================================================================
+# Runner: join
+# =============================================================================
+#
+# `join` runs as a subprocess, as a participant runs it, against the real server
+# and against fake engines served by aiohttp here: ollama's JSON-lines /api/chat
+# and an OpenAI-compatible SSE /v1/chat/completions, frame for frame.
+
+JOIN_TIMEOUT_S = 3 * TIMEOUT_S     # a new Python process on a busy machine: imports, engine probe, connect
+ENGINE_WORDS = ["Lhamas ", "pastam ", "no ", "silício", ", ", "🦙 ", "sonham ", "com ", "GPUs", "."]
+OLLAMA_DONE = {"total_duration": 900_000_000, "load_duration": 50_000_000, "prompt_eval_count": 12,
+               "prompt_eval_duration": 40_000_000, "eval_count": 10, "eval_duration": 250_000_000}
+
+
+class FakeEngine:
+    """A local engine's HTTP API with a scripted answer; it records what it was asked."""
+
+    def __init__(self, words: list[str] = ENGINE_WORDS, pace_s: float = 0.0, fail_after: int | None = None,
+                 usage: bool = True, timings: bool = False, refuse_stream_options: bool = False) -> None:
+        self.words, self.pace_s, self.fail_after = words, pace_s, fail_after
+        self.usage, self.timings, self.refuse_stream_options = usage, timings, refuse_stream_options
+        self.requests: list[dict[str, Any]] = []
+        self.app = aiohttp.web.Application()
+        self.app.router.add_get("/api/tags", self.tags)
+        self.app.router.add_post("/api/chat", self.ollama_chat)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/v1/chat/completions", self.openai_chat)
+
+    async def tags(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"models": [{"name": "llama3.1:8b", "model": "llama3.1:8b", "size": 1}]})
+
+    async def models(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"object": "list", "data": [
+            {"id": "qwen2.5-7b-instruct", "object": "model", "owned_by": "llamacpp" if self.timings else "me"}]})
+
+    async def stream(self, request: aiohttp.web.Request, frames: list[bytes], content_type: str) -> Any:
+        """Write `frames` one by one at the engine's pace; cut the connection at `fail_after`."""
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": content_type})
+        try:
+            await response.prepare(request)
+            for i, frame in enumerate(frames):
+                if i == self.fail_after:
+                    request.transport.abort()           # the engine process dies mid-answer
+                    return response
+                await response.write(frame)
+                await asyncio.sleep(self.pace_s)
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass                                        # join hung up: a new round, or the deadline
+        return response
+
+    async def ollama_chat(self, request: aiohttp.web.Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        lines = [{"model": model, "message": {"role": "assistant", "content": w}, "done": False} for w in self.words]
+        lines.append({"model": model, "message": {"role": "assistant", "content": ""}, "done": True,
+                      "done_reason": "stop", **OLLAMA_DONE})
+        return await self.stream(request, [json.dumps(line).encode() + b"\n" for line in lines],
+                                 "application/x-ndjson")
+
+    async def openai_chat(self, request: aiohttp.web.Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        if "stream_options" in body and self.refuse_stream_options:
+            return aiohttp.web.json_response({"error": {"message": "Unrecognized request argument supplied: "
+                                                                   "stream_options"}}, status=400)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {"id": "c1", "object": "chat.completion.chunk", "model": body["model"],
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        events = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": w}) for w in self.words]
+        events.append(chunk({}, "stop", **({"timings": {"predicted_n": 10, "predicted_per_second": 41.5}}
+                                           if self.timings else {})))
+        if body.get("stream_options", {}).get("include_usage") and self.usage:
+            events.append({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                           "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22}})
+        frames = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+        return await self.stream(request, frames, "text/event-stream")
+
+
+@pytest.fixture
+async def engine(aiohttp_server: Any) -> Callable:
+    """Start a fake engine; gives the engine and its base URL."""
+    async def start(**script: Any) -> tuple[FakeEngine, str]:
+        fake = FakeEngine(**script)
+        server = await aiohttp_server(fake.app, host="127.0.0.1")
+        return fake, str(server.make_url("")).rstrip("/")
+    return start
+
+
+class JoinProcess:
+    """`gambiarra_server.py join` as a participant runs it; its terminal output is collected as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.output = ""
+        self.reader = asyncio.ensure_future(self.read())
+
+    async def read(self) -> None:
+        while chunk := await self.process.stdout.read(4096):
+            self.output += chunk.decode(errors="replace")
+
+    async def says(self, text: str) -> None:
+        await eventually(lambda: text in self.output, f"join says {text!r}", JOIN_TIMEOUT_S)
+
+    async def exits(self) -> tuple[int, str]:
+        """Wait for join to end by itself; its exit code and what it printed on stderr."""
+        async with asyncio.timeout(JOIN_TIMEOUT_S):
+            code = await self.process.wait()
+            await self.reader
+        return code, (await self.process.stderr.read()).decode()
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+        await self.reader
+
+
+@pytest.fixture
+async def join(tmp_path: Path) -> Callable:
+    """Start `join` with some flags (and env vars); it keeps its participant ids in a temporary config folder."""
+    started: list[JoinProcess] = []
+
+    async def start(*args: str, **env: str) -> JoinProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "gambiarra_server.py"), "join", "--nickname", "Ana", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONUNBUFFERED": "1", **env})
+        started.append(JoinProcess(process))
+        return started[-1]
+    yield start
+    for process in started:
+        await process.stop()
+
+
+async def stored_answer(room: Room, round_id: str, participant_id: str = "ana") -> dict[str, Any]:
+    """The scoreboard row of an answer, once its `complete` has arrived."""
+    async def probe() -> Any:
+        board = await room.host.call("GET", f"/scoreboard?roundId={round_id}")
+        return next((row for row in board["scoreboard"] if row["participant_id"] == participant_id), None)
+    return await eventually(probe, "the answer is stored", JOIN_TIMEOUT_S)
+
+
+async def model_info(room: Room, participant_id: str = "ana") -> dict[str, Any]:
+    tree = json.loads((await export(room, "/export-all.json"))[0])
+    return next(m["modelInfo"] for r in tree["rounds"] for m in r["metrics"] if m["participantId"] == participant_id)
+
+
+async def test_join_answers_with_ollama_and_the_engine_metrics_are_kept(room: Room, pin: str, engine: Callable,
+                                                                      join: Callable) -> None:
+    """Sloppy addresses (no scheme, a trailing /api) are mended; the challenge reaches ollama as sent; the
+    stored answer is exactly what ollama streamed (its empty last chunk is no token), with ollama's counters
+    in model_info and its own tokens/s beside the server's on the scoreboard and in the CSV."""
+    fake, engine_url = await engine()
+    runner = await join("--url", room.base.removeprefix("http://"), "--pin", pin, "--participant-id", "ana",
+                        "--engine", "ollama", "--engine-url", engine_url.removeprefix("http://") + "/api",
+                        "--model", "llama3.1:8b")
+    await runner.says("waiting for a challenge")
+    rnd = await room.host.start((await room.host.new_round("Um haiku?", maxTokens=50, temperature=0.3,
+                                                           seed=42))["id"])
+    row = await stored_answer(room, rnd["id"])
+    assert (row["generated_content"], row["tokens"]) == ("".join(ENGINE_WORDS), len(ENGINE_WORDS))
+    assert row["engine_tps"] == 40.0                            # 10 tokens in 250 ms, by ollama's clock
+    assert fake.requests == [{"model": "llama3.1:8b", "messages": [{"role": "user", "content": "Um haiku?"}],
+                              "stream": True, "options": {"num_predict": 50, "temperature": 0.3, "seed": 42}}]
+    info = await model_info(room)
+    assert {key: info[key] for key in OLLAMA_DONE} == OLLAMA_DONE
+    assert (info["name"], info["runner"]) == ("llama3.1:8b", "ollama") and info["os"] and info["cpu"]
+    [csv_row] = csv_rows((await export(room, "/export.csv"))[0])
+    assert (csv_row["tokens_received"], csv_row["seq_gaps"], csv_row["engine_tps"]) == ("10", "0", "40.0")
+    await runner.says("10 tokens in")
+    assert "engine 40.0 tokens/s" in runner.output and "".join(ENGINE_WORDS) in runner.output
+
+
+@pytest.mark.parametrize(("script", "engine_tps", "counters"), [
+    ({"timings": True}, 41.5, {"timings", "usage"}),                    # llama.cpp's server
+    ({}, Like("tokens / duration_ms", lambda v: v > 0), {"usage"}),     # LM Studio, vLLM: usage on request
+    ({"refuse_stream_options": True}, None, set()),                     # an older server refuses stream_options
+])
+async def test_join_speaks_openai_sse(room: Room, pin: str, engine: Callable, join: Callable,
+                                      script: dict[str, Any], engine_tps: Any, counters: set[str]) -> None:
+    """Any OpenAI-compatible SSE stream (chosen by the /v1 of its address): the answer is stored whole,
+    `usage` is asked for (and asked again without it when refused), the engine's counters reach
+    model_info, and the round's seed (drawn by the server when the host gave none) is passed on."""
+    fake, engine_url = await engine(**script)
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine-url",
+                        engine_url + "/v1/")
+    await runner.says("waiting for a challenge")
+    assert f"engine: openai at {engine_url}\n" in runner.output     # the typed /v1 says which API to speak
+    rnd = await room.host.start((await room.host.new_round("Um haiku?", maxTokens=30))["id"])
+    row = await stored_answer(room, rnd["id"])
+    assert (row["generated_content"], row["tokens"], row["engine_tps"]) == (
+        "".join(ENGINE_WORDS), len(ENGINE_WORDS), engine_tps)
+    info = await model_info(room)
+    assert {"usage", "timings"} & set(info) == counters
+    assert info["name"] == "qwen2.5-7b-instruct"                # no --model: the engine's first
+    asked = fake.requests[-1]
+    assert {key: asked.get(key) for key in ("max_tokens", "temperature", "seed", "stream")} == {
+        "max_tokens": 30, "temperature": 0.8, "seed": rnd["seed"], "stream": True}
+    assert [("stream_options" in r) for r in fake.requests] == (
+        [True, False] if script.get("refuse_stream_options") else [True])
+
+
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+                                    pytest.param(signal.SIGKILL, id="SIGKILL")])
+async def test_join_loses_nothing_when_the_arena_restarts_mid_answer(server_process: Callable, engine: Callable,
+                                                                     join: Callable, http: aiohttp.ClientSession,
+                                                                     signum: int) -> None:
+    """The arena stops mid-answer (SIGTERM: close 1001; SIGKILL: tokens of the last second unsaved) and
+    comes back on the same port and database: join keeps generating meanwhile, reconnects, resends exactly
+    what the arena lacks, and completes; the stored answer is the engine's, whole and without gaps."""
+    words = [f"w{i} " for i in range(60)]
+    fake, engine_url = await engine(words=words, pace_s=0.03)
+    first = server_process()
+    room = Room(first.start(), http)
+    port = urllib.parse.urlsplit(room.base).port
+    pin = await room.host.new_session()
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
+                        "--engine-url", engine_url)
+    await runner.says("waiting for a challenge")
+    rnd = await room.host.start((await room.host.new_round(maxTokens=100))["id"])
+    await get_when(room, "/rounds/current", lambda r: len(r["liveTokens"].get("ana", [])) >= 10)
+    assert await asyncio.to_thread(first.stop, signum) == (0 if signum == signal.SIGTERM else -signum)
+    room = Room(server_process("--port", str(port)).start(), http)
+    row = await stored_answer(room, rnd["id"])
+    assert (row["generated_content"], row["tokens"]) == ("".join(words), len(words))
+    [csv_row] = csv_rows((await export(room, "/export.csv"))[0])
+    assert (csv_row["tokens_received"], csv_row["seq_gaps"], csv_row["rescued"]) == (str(len(words)), "0", "0")
+    assert "back in the arena" in runner.output
+
+
+async def test_join_sends_back_the_resume_secret_it_was_given(aiohttp_server: Any, join: Callable) -> None:
+    """An arena that gives a `resume_secret` in `registered` gets it back in the next `register`, after a
+    restart (1001); the first `register` has none."""
+    registers: list[dict[str, Any]] = []
+
+    async def arena(request: aiohttp.web.Request) -> aiohttp.web.WebSocketResponse:
+        ws = aiohttp.web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            registers.append(json.loads(msg.data))
+            await ws.send_json({"type": "registered", "session_id": "s1", "participant_id": "ana",
+                                "resume_secret": f"secret-{len(registers)}"})
+            if len(registers) == 1:
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        return ws
+    app = aiohttp.web.Application()
+    app.router.add_get("/ws", arena)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    runner = await join("--url", str(server.make_url("/ws")), "--pin", "123456", "--participant-id", "ana",
+                        "--engine", "mock")
+    await eventually(lambda: len(registers) == 2)
+    assert "resume_secret" not in registers[0] and registers[1]["resume_secret"] == "secret-1"
+    await runner.says("back in the arena")
+
+
+async def test_an_engine_failing_mid_answer_is_explained_and_reported(room: Room, pin: str, engine: Callable,
+                                                                      join: Callable) -> None:
+    """The engine dies after three tokens: the participant reads why, the arena keeps the three tokens and
+    gets an `error` (GENERATION_FAILED), and join stays in the game for the next round."""
+    fake, engine_url = await engine(fail_after=3)
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine-url", engine_url)
+    await runner.says("waiting for a challenge")
+    assert "engine: ollama at" in runner.output                 # found by asking, with no --engine
+    await room.host.start((await room.host.new_round())["id"])
+    await runner.says("the engine failed after 3 tokens")
+    assert "the arena is told" in runner.output
+
+    async def reported() -> Any:
+        events = json.loads((await export(room, "/export-all.json"))[0])["events"]
+        return [e["metadata"] for e in events if e["eventType"] == "generation_failed"]
+    [failure] = await eventually(reported)
+    assert (failure["round"], failure["code"]) == (1, "GENERATION_FAILED") and "stopped" in failure["message"]
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": ENGINE_WORDS[:3]}
+    assert runner.process.returncode is None
+
+
+async def test_a_new_challenge_while_generating_stops_the_old_answer_first(room: Room, pin: str, engine: Callable,
+                                                                           join: Callable) -> None:
+    """The host stops round 1 and starts round 2 while join is still generating round 1: round 1 stops
+    there (the participant is told) before round 2 starts, and round 2 is answered whole."""
+    fake, engine_url = await engine(words=[f"w{i} " for i in range(200)], pace_s=0.02)
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
+                        "--engine-url", engine_url)
+    await runner.says("waiting for a challenge")
+    first = await room.host.start((await room.host.new_round(maxTokens=400))["id"])
+    await get_when(room, "/rounds/current", lambda r: len(r["liveTokens"].get("ana", [])) >= 5)
+    await room.host.stop(first["id"])
+    fake.words = ENGINE_WORDS
+    second = await room.host.start((await room.host.new_round(maxTokens=400))["id"])
+    row = await stored_answer(room, second["id"])
+    assert row["generated_content"] == "".join(ENGINE_WORDS)
+    assert "round 2 arrived while round 1 was still generating" in runner.output
+    assert runner.output.index("round 1: stopped after") < runner.output.index("round 2 · max 400 tokens")
+
+
+async def test_join_stops_at_the_deadline_and_still_completes(room: Room, pin: str, engine: Callable,
+                                                              join: Callable) -> None:
+    """An engine slower than the round's deadline: join stops there and sends `complete` with what it has."""
+    fake, engine_url = await engine(words=[f"w{i} " for i in range(500)], pace_s=0.01)
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
+                        "--engine-url", engine_url)
+    await runner.says("waiting for a challenge")
+    rnd = await room.host.start((await room.host.new_round(maxTokens=1000, deadlineMs=1000))["id"])
+    row = await stored_answer(room, rnd["id"])
+    assert 0 < row["tokens"] < 500 and row["generated_content"] == "".join(f"w{i} " for i in range(row["tokens"]))
+    await runner.says("(stopped at the deadline)")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--pin", "000000"], "join: wrong PIN: check the digits on the big screen"),
+    (["--engine", "ollama", "--model", "gemma3:1b"], "join: model 'gemma3:1b' is not pulled in ollama: "
+                                                     "run `ollama pull gemma3:1b` (pulled: llama3.1:8b)"),
+    (["--engine-url", "127.0.0.1:9"], "join: nothing answers at http://127.0.0.1:9"),
+    (["--pin", ""], "join: pass --pin"),
+    (["--url", "PLACE/nothing-here"], "join: ws://PLACE/nothing-here/ws answered HTTP 404, not as the arena"),
+])
+async def test_join_explains_why_it_cannot_play(room: Room, pin: str, engine: Callable, join: Callable,
+                                                flags: list[str], message: str) -> None:
+    """A wrong PIN, a model that is not pulled, an engine that is not running, no PIN, an address that is
+    not the arena's: a clear sentence, exit 1."""
+    fake, engine_url = await engine()
+    place = urllib.parse.urlsplit(room.base).netloc
+    flags = [flag.replace("PLACE", place) for flag in flags]
+    runner = await join("--url", room.ws_url, "--pin", pin, "--engine-url", engine_url, *flags)
+    code, stderr = await runner.exits()
+    assert code == 1 and stderr.startswith(message.replace("PLACE", place)), stderr
+
+
+async def test_without_an_engine_join_looks_on_the_usual_ports(engine: Callable,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --engine and no --engine-url: the usual ports are asked, the first that answers is used and named;
+    none answering is a sentence that says what was tried and how to rehearse without a model."""
+    fake, engine_url = await engine()
+    monkeypatch.setattr(gs, "ENGINE_PROBES", (("ollama", 9, "ollama"),
+                                              ("openai", urllib.parse.urlsplit(engine_url).port, "LM Studio")))
+    said: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        found = await gs.find_engine(http, gs.JoinOptions(), said.append)
+        assert (found.kind, found.url, found.model) == ("openai", engine_url, "qwen2.5-7b-instruct")
+        assert said == [f"engine: LM Studio at {engine_url}"]
+        monkeypatch.setattr(gs, "ENGINE_PROBES", (("ollama", 9, "ollama"), ("openai", 9, "LM Studio")))
+        with pytest.raises(gs.EngineError, match=r"^no engine answers \(ollama at http://127.0.0.1:9, LM Studio at "
+                                                 r"http://127.0.0.1:9\): .* --engine mock$"):
+            await gs.find_engine(http, gs.JoinOptions(), said.append)
+
+
+async def test_join_leaves_when_kicked_and_says_so(room: Room, pin: str, engine: Callable, join: Callable) -> None:
+    """A kick is final: join does not reconnect, and says what happened. (Its settings come from env vars.)"""
+    fake, engine_url = await engine()
+    runner = await join(GAMBIARRA_URL=room.ws_url, GAMBIARRA_PIN=pin, GAMBIARRA_PARTICIPANT_ID="ana",
+                        GAMBIARRA_ENGINE_URL=engine_url)
+    await runner.says("waiting for a challenge")
+    await room.host.call("POST", "/participants/kick", {"participantId": "ana"})
+    assert await runner.exits() == (1, "join: the host removed you from this session\n")
+
+
+async def test_the_join_drill_restarts_the_arena_and_counts_what_was_lost() -> None:
+    """join-drill: runners with the mock engine lose the arena to kill -9 mid-round; every one comes back,
+    streams again and completes, and the arena holds exactly what each generated."""
+    said: list[str] = []
+    result = await gs.join_drill(4, 20.0, 2.0, signal.SIGKILL, said.append)
+    assert result == {**result, "runners": 4, "signal": "SIGKILL", "tokens_lost": 0, "answers_differing": 0,
+                      "reconnects": 4}
+    assert result["tokens_generated"] >= 4 * 20 and result["back_and_streaming_s"]["max"] >= 0
+    assert said[0] == "4 runners streaming; stopping the arena (SIGKILL)"
+
+
+@pytest.mark.parametrize(("typed", "url"), [
+    ("127.0.0.1:3000", "ws://127.0.0.1:3000/ws"),
+    ("192.168.0.10", "ws://192.168.0.10:3000/ws"),
+    ("http://arena.local:3000/api", "ws://arena.local:3000/ws"),
+    ("https://arena.example/", "wss://arena.example/ws"),
+    ("ws://127.0.0.1:3000/ws/", "ws://127.0.0.1:3000/ws"),
+    ("  [::1]:3000 ", "ws://[::1]:3000/ws"),
+])
+def test_arena_addresses_are_mended(typed: str, url: str) -> None:
+    """No scheme (the real incident), http:// for the arena, a trailing /api or /, no /ws: all reach /ws."""
+    assert gs.arena_url(typed) == url
+
+
+@pytest.mark.parametrize(("typed", "url"), [
+    ("127.0.0.1:1234", "http://127.0.0.1:1234"),
+    ("http://127.0.0.1:1234/v1", "http://127.0.0.1:1234"),
+    ("http://127.0.0.1:1234/v1/", "http://127.0.0.1:1234"),
+    ("localhost:11434/api", "http://localhost:11434"),
+    ("http://gpu-box:8080/v1/chat/completions", "http://gpu-box:8080"),
+])
+def test_engine_addresses_are_mended(typed: str, url: str) -> None:
+    """An engine address with or without http://, /v1 (as LM Studio and llama.cpp show it) or /api."""
+    assert gs.engine_base_url(typed) == url
+
+
+def test_the_participant_id_is_kept_per_nickname(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart takes the same seat; another nickname on the same machine gets its own."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "platform", "linux")
+    ana = gs.stable_participant_id("Ana Júlia")
+    assert re.fullmatch(r"ana-julia-[0-9a-f]{6}", ana)
+    assert gs.stable_participant_id("Ana Júlia") == ana
+    assert gs.stable_participant_id("李雷").startswith("runner-") and gs.stable_participant_id("Bia") != ana
+    assert json.loads((tmp_path / "gambiarra" / "participant-ids.json").read_text())["Ana Júlia"] == ana
+
+
+@pytest.mark.parametrize(("model_info", "duration_ms", "tps"), [
+    ({"eval_count": 10, "eval_duration": 250_000_000}, 900, 40.0),
+    ({"timings": {"predicted_per_second": 41.456}}, 900, 41.46),
+    ({"usage": {"completion_tokens": 90}}, 3000, 30.0),
+    ({"usage": {"completion_tokens": 90}}, None, None),
+    ({"eval_count": "10", "eval_duration": 0, "timings": [], "usage": "x"}, 1000, None),
+    (None, 1000, None),
+])
+def test_engine_tokens_per_second_come_from_the_engines_own_counters(model_info: Any, duration_ms: Any,
+                                                                     tps: float | None) -> None:
+    """ollama's eval counters, else llama.cpp's timings, else OpenAI usage over the runner's duration;
+    anything malformed (a runner's report is free JSON) is no figure rather than an error."""
+    assert gs.engine_tps(model_info, duration_ms) == tps
 
 
 # =============================================================================
