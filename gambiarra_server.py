@@ -79,7 +79,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bcrypt
 from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
@@ -129,6 +129,17 @@ class Config:
     ws_max_payload: int = option(1024 * 1024, "WS_MAX_PAYLOAD", "largest WebSocket message in bytes")
     ws_connections_per_address: int = option(20, "WS_CONNECTIONS_PER_ADDRESS",
                                              "WebSocket connections one address may hold (the host's: any number)")
+    connections_per_address: int = option(50, "CONNECTIONS_PER_ADDRESS",
+                                          "TCP connections, HTTP and WebSocket together, one address may hold "
+                                          "(the host's: any number)")
+    header_timeout_s: float = option(10.0, "HEADER_TIMEOUT",
+                                     "seconds a connection has to send a request's headers, from its opening or "
+                                     "its last response (so also how long an idle one stays open)")
+    body_timeout_s: float = option(30.0, "BODY_TIMEOUT", "seconds a request has to send its body")
+    ws_message_rate: float = option(1000.0, "WS_MESSAGE_RATE",
+                                    "messages per second a WebSocket connection may send, in bursts of as many "
+                                    "again; beyond it the server reads the connection more slowly "
+                                    "(the host's: any number)")
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round")
     max_answer_chars: int = option(1_000_000, "MAX_ANSWER_CHARS", "characters kept per runner per round")
@@ -153,6 +164,9 @@ PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of 
 # Phones (and world screens) show no tokens, so what they get can wait this long
 # and go out together: 200 runners joining at once is 200 messages per phone.
 UNHURRIED_FLUSH_S = 0.05
+SNAPSHOT_INTERVAL_S = 2.0   # an address (not the host's) gets at most one state_snapshot this often
+RATE_NOTICE_S = 10.0        # how often a connection over WS_MESSAGE_RATE is told so
+RARE_LOG_S = 5.0            # a kind of line a client can cause is logged at most this often
 
 
 # =============================================================================
@@ -185,6 +199,10 @@ class NotFound(ClientError):
 
 class Conflict(ClientError):
     status, code = 409, "CONFLICT"
+
+
+class TooSlow(ClientError):
+    status, code = 408, "REQUEST_TIMEOUT"
 
 
 class TooMany(ClientError):
@@ -280,6 +298,40 @@ class Throttle:
         start, count = self.windows.get(key, (0.0, 0))
         if count:
             self.windows[key] = (start, count - 1)
+
+
+class Pace:
+    """A token bucket: `rate` events per second on average, in bursts of up to `rate`."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.level = rate
+        self.at = time.monotonic()
+
+    def wait_s(self) -> float:
+        """Take one event; how long its taker should wait before acting on it (0: not at all)."""
+        now = time.monotonic()
+        self.level = min(self.rate, self.level + (now - self.at) * self.rate) - 1
+        self.at = now
+        return -self.level / self.rate if self.level < 0 else 0.0
+
+
+class RareLog:
+    """Warnings a client can cause as often as it likes: each kind at most once per RARE_LOG_S."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.left_out: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -math.inf) < RARE_LOG_S:
+            self.left_out[kind] = self.left_out.get(kind, 0) + 1
+            return
+        self.last[kind] = now
+        left_out = self.left_out.pop(kind, 0)
+        log.warning(message + (f" (and {left_out} more like it since the last such line)" if left_out else ""),
+                    *args)
 
 
 # =============================================================================
@@ -1111,6 +1163,7 @@ class Peer:
         self.closing = False
         self.dropped = False
         self.last_heard = time.monotonic()
+        self.told_to_slow_down = -math.inf              # when it was last told it is over WS_MESSAGE_RATE
         self.outbox: list[bytes] = []                   # frames for the end of this turn
         self.outbox_bytes = 0
         self.queue: asyncio.Queue[bytes | Control] = asyncio.Queue(queue_limit)
@@ -1120,6 +1173,8 @@ class Peer:
 
     def send(self, item: str | bytes | Control) -> None:
         """Send text, a frame made by text_frame (to share one among many peers), or a control."""
+        if self.dropped:
+            return
         if isinstance(item, str):
             item = text_frame(item.encode())
         if isinstance(item, bytes) and self.queue.empty() and self.keeping_up():
@@ -1168,6 +1223,11 @@ class Peer:
             return                      # publishers keep finding the queue full until the handler leaves
         self.dropped = True
         log.warning("WS_DROPPED %s (%s)", self.participant_id or self.view or self.address, why)
+        # What it had not read goes with it: writing on into the aborted socket made
+        # asyncio log a warning per write, on the loop that serves everyone else.
+        self.writer.cancel()
+        self.outbox, self.outbox_bytes = [], 0
+        self.queue, self.queued_bytes = asyncio.Queue(1), 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -1180,10 +1240,11 @@ class Peer:
                 self.flush()                            # what was gathered before this item goes first
                 if isinstance(item, bytes):
                     self.queued_bytes -= len(item)
-                    while self.transport.get_write_buffer_size() >= PEER_BACKLOG_BYTES:
-                        if self.transport.is_closing():
-                            return
+                    while (not self.transport.is_closing()
+                           and self.transport.get_write_buffer_size() >= PEER_BACKLOG_BYTES):
                         await asyncio.sleep(PEER_BACKLOG_POLL_S)
+                    if self.transport.is_closing():
+                        return                          # it hung up: nothing more goes out
                     self.transport.write(item)
                 elif item.kind == "ping":
                     await self.ws.ping()
@@ -1295,12 +1356,15 @@ class Server:
     answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
     # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
     responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
+    connections: dict[str, int] = field(default_factory=dict)      # open TCP connections by address
+    rare_log: RareLog = field(default_factory=RareLog)
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
         # Every address together: however many addresses a guesser has, 10**6 PINs take days.
         self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
+        self.snapshot_throttle = Throttle(1, SNAPSHOT_INTERVAL_S)
         host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
@@ -1530,6 +1594,12 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
     peer.view = m["view"]
     server.hub.add_screen(peer)
     peer.send_json({"type": "registered_telao", "view": peer.view})
+    # A snapshot holds every live token: a screen needs one when it (re)connects, and an
+    # address asking for more waits its turn (its reading waits with it).
+    if not server.is_host(peer.address):
+        while wait_s := server.snapshot_throttle.wait_s(peer.address):
+            await asyncio.sleep(wait_s)
+        server.snapshot_throttle.add(peer.address)
     snapshot = await server.snapshot()
     if snapshot is not None:
         peer.send_json(snapshot)
@@ -1613,6 +1683,16 @@ def turned_away(server: Server, peer: Peer) -> bool:
     return True
 
 
+async def slow_down(peer: Peer, wait_s: float, rate: float) -> None:
+    """Read a connection over WS_MESSAGE_RATE later: its own sends wait for it, and none is lost."""
+    now = time.monotonic()
+    if now - peer.told_to_slow_down >= RATE_NOTICE_S:
+        peer.told_to_slow_down = now
+        peer.send_json(msg_error(f"More than {rate:g} messages per second: the server reads this connection more "
+                                 "slowly for now; nothing is lost", "RATE_LIMITED"))
+    await asyncio.sleep(wait_s)
+
+
 async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     """One connection: read frames in order until it closes, then forget it."""
     server = request.app[server_key]
@@ -1622,12 +1702,15 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_bytes)
     server.hub.peers.add(peer)
+    pace = None if server.is_host(peer.address) else Pace(config.ws_message_rate)
     try:
         if turned_away(server, peer):
-            await peer.writer                           # the error, then the close (bounded by `timeout`)
+            await asyncio.wait([peer.writer])           # the error, then the close (bounded by `timeout`)
             return ws
         async for msg in ws:
             peer.last_heard = time.monotonic()
+            if pace is not None and (wait_s := pace.wait_s()):
+                await slow_down(peer, wait_s, config.ws_message_rate)
             if msg.type is WSMsgType.TEXT:
                 await dispatch(server, peer, msg.data)
             elif msg.type is WSMsgType.PING:
@@ -2081,6 +2164,16 @@ ROUTES = (
 )
 
 
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The request's body, which must arrive within BODY_TIMEOUT and whole."""
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise TooSlow(f"The request body did not arrive within {timeout_s:g} s") from None
+    except (ConnectionError, web.RequestPayloadError) as exc:
+        raise ClientError(f"The request body was cut short ({type(exc).__name__})", "BODY_INCOMPLETE") from None
+
+
 def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The aiohttp handler for a route: host check, then body and query validation."""
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -2089,7 +2182,8 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
             require_host(server, request)
         params: Params = {}
         if route.body:
-            params.update(parse_fields(parse_json_object(await request.read(), "The request body"), route.body))
+            body = await read_body(request, server.config.body_timeout_s)
+            params.update(parse_fields(parse_json_object(body, "The request body"), route.body))
         if route.query:
             params.update(parse_fields(request.query, route.query, from_text=True))
         return await route.handler(server, request, params)
@@ -2311,6 +2405,106 @@ def make_app(config: Config) -> web.Application:
     table += [web.route(method, prefix + path, handler) for method, path, handler in api for prefix in ("", "/api")]
     app.add_routes(table)
     return app
+
+
+def refuse(transport: asyncio.Transport, limit: int) -> None:
+    """Answer a connection over CONNECTIONS_PER_ADDRESS without reading it, and close it."""
+    body = dumps({"error": f"Too many connections from your address (at most {limit}); close one and try again",
+                  "code": "TOO_MANY_CONNECTIONS"}).encode()
+    transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    transport.close()
+
+
+class Connection(web.RequestHandler):
+    """aiohttp's HTTP connection (a WebSocket's too), counted against its address from accept to close.
+
+    aiohttp's keep-alive timer starts when a connection opens and again after each
+    response, and when it fires it closes a connection still waiting for a request's
+    headers, however slowly they trickle in: with HEADER_TIMEOUT it is the header
+    timeout aiohttp has no option for. Bodies have BODY_TIMEOUT (read_body).
+    """
+
+    def __init__(self, manager: web.Server, server: Server) -> None:
+        super().__init__(manager, loop=asyncio.get_running_loop(), access_log=None,
+                         keepalive_timeout=server.config.header_timeout_s)
+        self.server = server
+        self.address: str | None = None                 # set once admitted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else ""
+        server, limit = self.server, self.server.config.connections_per_address
+        held = server.connections.get(address, 0)
+        if held >= limit and not server.is_host(address):
+            server.rare_log.warning("refused", "CONNECTION_REFUSED %s: more than %d connections", address, limit)
+            refuse(cast(asyncio.Transport, transport), limit)
+            return
+        server.connections[address] = held + 1
+        self.address = address
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.address is None:
+            return                                      # refused: aiohttp never knew of it
+        held = self.server.connections.pop(self.address) - 1
+        if held:
+            self.server.connections[self.address] = held
+        super().connection_lost(exc)
+
+    def log_exception(self, message: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        """Garbage on the port or a client gone mid-request: a short line now and then, not a traceback."""
+        what = f"{type(exc_info).__name__}: {exc_info}" if isinstance(exc_info, BaseException) else message % args
+        self.server.rare_log.warning("broken", "HTTP_BROKEN %s: %r", self.address, what.strip()[:120])
+
+
+class Site(web.BaseSite):
+    """A TCP listener whose connections are `Connection`s (aiohttp's TCPSite makes plain ones)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, server: Server) -> None:
+        super().__init__(runner)
+        self.host, self.port, self.server = host, port, server
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        manager = self._runner.server
+        self._server = await asyncio.get_running_loop().create_server(lambda: Connection(manager, self.server),
+                                                                      self.host, self.port)
+
+
+def quiet_socket_errors(rare_log: RareLog) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """A loop exception handler: asyncio's reports of broken sockets, out of descriptors included,
+    become a short line now and then; anything else is reported as asyncio would."""
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError):
+            rare_log.warning("socket", "SOCKET_ERROR %s: %s", context.get("message"), exc)
+        else:
+            loop.default_exception_handler(context)
+    return handle
+
+
+async def start(app: web.Application, hosts: Iterable[str], port: int) -> tuple[web.AppRunner, list[str]]:
+    """Run `app` on `port` of each of `hosts` it can listen on; the runner, and those hosts.
+
+    serve() and the tests start the app here, so both get the same connections.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    server = app[server_key]
+    asyncio.get_running_loop().set_exception_handler(quiet_socket_errors(server.rare_log))
+    listening = []
+    for host in hosts:
+        try:
+            await Site(runner, host, port, server).start()
+            listening.append(host)
+        except OSError as exc:
+            log.warning("cannot listen on %s port %d: %s", host, port, exc)
+    return runner, listening
 
 
 # =============================================================================
@@ -3628,6 +3822,9 @@ def bench_command(argv: list[str]) -> None:
 # Command line
 # =============================================================================
 
+MACOS_OPEN_MAX = 10240
+
+
 def read_dotenv(path: Path) -> None:
     """Load KEY=VALUE lines from `path` into the environment, never overriding what is set."""
     if not path.is_file():
@@ -3691,10 +3888,32 @@ def lan_addresses() -> list[str]:
     return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified)
 
 
-def banner(config: Config, listening: list[str], port: int) -> str:
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open files (each connection is one) to the hard limit; the limit now.
+
+    None where there is no such limit (Windows, or unlimited).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):       # macOS: the hard limit says unlimited, but OPEN_MAX is the most
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, MACOS_OPEN_MAX), hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def banner(config: Config, listening: list[str], port: int, descriptors: int | None) -> str:
     lan = lan_addresses()
+    limit = "no limit" if descriptors is None else f"{descriptors} open files"
     lines = [f"Gambiarra arena server {__version__}", f"  database      {config.database}",
-             f"  listening on  port {port} of {', '.join(listening)}"]
+             f"  listening on  port {port} of {', '.join(listening)}",
+             f"  connections   {limit}; {config.connections_per_address} per address (the host's: any number)"]
     lines += [f"  runners:      ws://{address}:{port}/ws      screens and phones: http://{address}:{port}/api"
               for address in lan] or ["  (no LAN address found: runners on this machine use ws://127.0.0.1:"
                                       f"{port}/ws)"]
@@ -3706,16 +3925,9 @@ def banner(config: Config, listening: list[str], port: int) -> str:
 
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close every socket, save every token and exit."""
+    descriptors = raise_descriptor_limit()
     app = make_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    listening = []
-    for host in config.hosts:
-        try:
-            await web.TCPSite(runner, host, config.port).start()
-            listening.append(host)
-        except OSError as exc:
-            log.warning("cannot listen on %s port %d: %s", host, config.port, exc)
+    runner, listening = await start(app, config.hosts, config.port)
     if not listening:
         await runner.cleanup()
         raise SystemExit(f"could not listen on port {config.port}")
@@ -3724,7 +3936,7 @@ async def serve(config: Config) -> None:
     # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
     gc.collect()
     gc.freeze()
-    print(banner(app[server_key].config, listening, port), flush=True)
+    print(banner(app[server_key].config, listening, port, descriptors), flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):      # Windows: Ctrl-C raises instead
