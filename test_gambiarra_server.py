@@ -2681,6 +2681,25 @@ class Slowloris:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def test_the_descriptor_limit_is_raised_to_the_hard_limit_at_start_up(server_process: Any) -> None:
+    """Every connection is a descriptor: the server raises the soft limit (often 1024; 256 on macOS) to the
+    hard one, and its banner says what it is."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip("needs a finite hard limit above 512")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))      # the server process inherits it
+    try:
+        server = server_process("--connections-per-address", "30")
+        server.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert server.process.stdout.readline().strip() == (
+        f"connections   {hard} open files; 30 per address (the host's: any number)")
+    limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+    assert re.search(rf"^Max open files +{hard} +{hard} ", limits, re.M)
+
+
 async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
     """Past CONNECTIONS_PER_ADDRESS an address is refused at once, and what it holds is closed HEADER_TIMEOUT
