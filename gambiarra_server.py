@@ -167,6 +167,7 @@ UNHURRIED_FLUSH_S = 0.05
 SNAPSHOT_INTERVAL_S = 2.0   # an address (not the host's) gets at most one state_snapshot this often
 RATE_NOTICE_S = 10.0        # how often a connection over WS_MESSAGE_RATE is told so
 RARE_LOG_S = 5.0            # a kind of line a client can cause is logged at most this often
+DESCRIPTOR_RESERVE = 64     # open files no stranger's connection may take: the database's, the host's
 
 
 # =============================================================================
@@ -332,6 +333,35 @@ class RareLog:
         left_out = self.left_out.pop(kind, 0)
         log.warning(message + (f" (and {left_out} more like it since the last such line)" if left_out else ""),
                     *args)
+
+
+class Admission:
+    """Open TCP connections, by address and in all, against CONNECTIONS_PER_ADDRESS and the
+    connections the open-files limit leaves room for (`most`; the host's are never refused)."""
+
+    def __init__(self, per_address: int) -> None:
+        self.per_address = per_address
+        self.most = math.inf
+        self.by_address: dict[str, int] = {}
+        self.total = 0
+
+    def refusal(self, address: str) -> str | None:
+        """Why one more connection from `address` may not stay; None if it may."""
+        if self.by_address.get(address, 0) >= self.per_address:
+            return f"Too many connections from your address (at most {self.per_address}); close one and try again"
+        if self.total >= self.most:
+            return "The server holds all the connections it can; try again in a moment"
+        return None
+
+    def add(self, address: str) -> None:
+        self.by_address[address] = self.by_address.get(address, 0) + 1
+        self.total += 1
+
+    def remove(self, address: str) -> None:
+        held = self.by_address.pop(address) - 1
+        if held:
+            self.by_address[address] = held
+        self.total -= 1
 
 
 # =============================================================================
@@ -1356,7 +1386,6 @@ class Server:
     answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
     # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
     responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
-    connections: dict[str, int] = field(default_factory=dict)      # open TCP connections by address
     rare_log: RareLog = field(default_factory=RareLog)
 
     def __post_init__(self) -> None:
@@ -1365,6 +1394,7 @@ class Server:
         self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
         self.snapshot_throttle = Throttle(1, SNAPSHOT_INTERVAL_S)
+        self.admission = Admission(self.config.connections_per_address)
         host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
@@ -2407,10 +2437,9 @@ def make_app(config: Config) -> web.Application:
     return app
 
 
-def refuse(transport: asyncio.Transport, limit: int) -> None:
-    """Answer a connection over CONNECTIONS_PER_ADDRESS without reading it, and close it."""
-    body = dumps({"error": f"Too many connections from your address (at most {limit}); close one and try again",
-                  "code": "TOO_MANY_CONNECTIONS"}).encode()
+def refuse(transport: asyncio.Transport, why: str) -> None:
+    """Answer a connection that may not stay without reading it, and close it."""
+    body = dumps({"error": why, "code": "TOO_MANY_CONNECTIONS"}).encode()
     transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     transport.close()
@@ -2434,22 +2463,20 @@ class Connection(web.RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else ""
-        server, limit = self.server, self.server.config.connections_per_address
-        held = server.connections.get(address, 0)
-        if held >= limit and not server.is_host(address):
-            server.rare_log.warning("refused", "CONNECTION_REFUSED %s: more than %d connections", address, limit)
-            refuse(cast(asyncio.Transport, transport), limit)
+        server = self.server
+        refusal = None if server.is_host(address) else server.admission.refusal(address)
+        if refusal:
+            server.rare_log.warning("refused", "CONNECTION_REFUSED %s: %s", address, refusal)
+            refuse(cast(asyncio.Transport, transport), refusal)
             return
-        server.connections[address] = held + 1
+        server.admission.add(address)
         self.address = address
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.address is None:
             return                                      # refused: aiohttp never knew of it
-        held = self.server.connections.pop(self.address) - 1
-        if held:
-            self.server.connections[self.address] = held
+        self.server.admission.remove(self.address)
         super().connection_lost(exc)
 
     def log_exception(self, message: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
@@ -2488,14 +2515,19 @@ def quiet_socket_errors(rare_log: RareLog) -> Callable[[asyncio.AbstractEventLoo
     return handle
 
 
-async def start(app: web.Application, hosts: Iterable[str], port: int) -> tuple[web.AppRunner, list[str]]:
+async def start(app: web.Application, hosts: Iterable[str], port: int,
+                open_files: int | None) -> tuple[web.AppRunner, list[str]]:
     """Run `app` on `port` of each of `hosts` it can listen on; the runner, and those hosts.
 
-    serve() and the tests start the app here, so both get the same connections.
+    serve() and the tests start the app here, so both get the same connections. Of
+    `open_files` (None: no limit), DESCRIPTOR_RESERVE stay for the database, the
+    listeners and the host's connections.
     """
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     server = app[server_key]
+    if open_files is not None:
+        server.admission.most = open_files - DESCRIPTOR_RESERVE
     asyncio.get_running_loop().set_exception_handler(quiet_socket_errors(server.rare_log))
     listening = []
     for host in hosts:
@@ -3927,7 +3959,7 @@ async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close every socket, save every token and exit."""
     descriptors = raise_descriptor_limit()
     app = make_app(config)
-    runner, listening = await start(app, config.hosts, config.port)
+    runner, listening = await start(app, config.hosts, config.port, descriptors)
     if not listening:
         await runner.cleanup()
         raise SystemExit(f"could not listen on port {config.port}")

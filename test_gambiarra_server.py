@@ -215,7 +215,7 @@ async def serve_app():
     runners: list[Any] = []
 
     async def start(app: Any) -> str:
-        runner, _ = await gs.start(app, ("127.0.0.1",), 0)
+        runner, _ = await gs.start(app, ("127.0.0.1",), 0, None)
         runners.append(runner)
         return f"http://127.0.0.1:{runner.addresses[0][1]}"
     yield start
@@ -248,9 +248,10 @@ def db_rows(path: Path, sql: str, *args: Any) -> list[dict[str, Any]]:
 class ServerProcess:
     """The server as a separate process, for kill -9 and SIGTERM."""
 
-    def __init__(self, database: Path, *args: str) -> None:
+    def __init__(self, database: Path, *args: str, open_files: int | None = None) -> None:
         self.database = database
         self.args = args
+        self.open_files = open_files            # a lower limit (soft and hard) on the server's open files
         self.process: subprocess.Popen | None = None
         self.base = ""
 
@@ -258,13 +259,18 @@ class ServerProcess:
         command = [sys.executable, str(HERE / "gambiarra_server.py"), "--host", "127.0.0.1", "--port", "0",
                    "--database-url", str(self.database), "--bcrypt-rounds", "4", *self.args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=self.limit_files)
         for line in self.process.stdout:
             if "listening on" in line:
                 port = int(line.split("port ")[1].split()[0])
                 self.base = f"http://127.0.0.1:{port}"
                 return self.base
         raise AssertionError(f"server did not start: {self.process.stderr.read()}")
+
+    def limit_files(self) -> None:
+        if self.open_files is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         self.process.send_signal(signum)
@@ -278,8 +284,8 @@ class ServerProcess:
 def server_process(tmp_path: Path):
     processes: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
-        process = ServerProcess(tmp_path / "arena.db", *args)
+    def start(*args: str, **options: Any) -> ServerProcess:
+        process = ServerProcess(tmp_path / "arena.db", *args, **options)
         processes.append(process)
         return process
     yield start
@@ -2700,6 +2706,55 @@ def test_the_descriptor_limit_is_raised_to_the_hard_limit_at_start_up(server_pro
     assert re.search(rf"^Max open files +{hard} +{hard} ", limits, re.M)
 
 
+async def test_strangers_on_many_addresses_cannot_use_up_the_open_files(
+        server_process: Any, http: aiohttp.ClientSession) -> None:
+    """With 192 open files, four addresses trickling 50 connections each are refused once the server holds all
+    it can spare for strangers; the host is served, a connected runner streams on, and the log stays short."""
+    server = server_process("--host-addresses", "127.0.0.1/32", "--header-timeout", "60", open_files=192)
+    room = Room(server.start(), http)
+    assert server.process.stdout.readline().startswith("  connections   192 open files;")
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = Runner(await connect(room.ws_url, local_addr=("127.0.0.9", 0)), "ana")
+    room.connections.append(ana.ws)
+    assert (await ana.register(pin))["type"] == "registered"
+    attacks = [Slowloris(room.base, f"127.0.0.{n}", 50) for n in (2, 3, 4, 5)]
+    try:
+        await eventually(lambda: sum(attack.refused for attack in attacks) > 100, "strangers refused")
+        async with asyncio.timeout(TIMEOUT_S):
+            assert (await room.host.call("GET", "/health"))["status"] == "ok"
+        await running_round(room, ana)
+        words = [f"w{n} " for n in range(200)]
+        await ana.stream(1, words)
+        assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
+    finally:
+        for attack in attacks:
+            await attack.stop()
+    await room.close()
+    server.process.send_signal(signal.SIGTERM)
+    log = server.process.stderr.read().splitlines()
+    assert server.stop() == 0
+    assert len(log) < 20 and not [line for line in log if "Traceback" in line or " ERROR " in line], log
+    assert [line for line in log if "CONNECTION_REFUSED" in line and "all the connections it can" in line]
+
+
+def test_asyncio_socket_errors_make_a_line_every_few_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    """Out of descriptors, asyncio reports every failed accept: one short line per RARE_LOG_S, no traceback;
+    anything else still reaches asyncio's own handler."""
+    loop = asyncio.new_event_loop()
+    try:
+        handle = gs.quiet_socket_errors(gs.RareLog())
+        for _ in range(1000):
+            handle(loop, {"message": "socket.accept() out of system resource",
+                          "exception": OSError(24, "Too many open files")})
+        handle(loop, {"message": "something else", "exception": ValueError("a bug")})
+    finally:
+        loop.close()
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records][:1] == [(
+        "WARNING", "SOCKET_ERROR socket.accept() out of system resource: [Errno 24] Too many open files", None)]
+    assert [r.getMessage() for r in caplog.records][1:] == ["something else"]
+
+
 async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
     """Past CONNECTIONS_PER_ADDRESS an address is refused at once, and what it holds is closed HEADER_TIMEOUT
@@ -2711,7 +2766,7 @@ async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
     attack = Slowloris(room.base, STRANGER, 30)
     held: list[int] = []
     try:
-        await eventually(lambda: held.append(room.server.connections.get(STRANGER, 0)) or attack.refused > 20,
+        await eventually(lambda: held.append(room.server.admission.by_address.get(STRANGER, 0)) or attack.refused > 20,
                          "the laptop refused over and over")
         async with asyncio.timeout(TIMEOUT_S):
             assert (await room.host.call("GET", "/health"))["status"] == "ok"
@@ -2721,12 +2776,12 @@ async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
         words = [f"w{n} " for n in range(200)]
         await ana.stream(1, words)
         assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
-        await eventually(lambda: held.append(room.server.connections.get(STRANGER, 0)) or attack.timed_out >= 8,
+        await eventually(lambda: held.append(room.server.admission.by_address.get(STRANGER, 0)) or attack.timed_out >= 8,
                          "the trickling connections closed by the header timeout")
     finally:
         await attack.stop()
     assert max(held) <= 8
-    await eventually(lambda: STRANGER not in room.server.connections, "every connection of the laptop forgotten")
+    await eventually(lambda: STRANGER not in room.server.admission.by_address, "every connection of the laptop forgotten")
     refusals = [r for r in server_log.records if r.getMessage().startswith("CONNECTION_REFUSED")]
     assert 1 <= len(refusals) <= 3 < attack.refused                     # a line every RARE_LOG_S at most
     assert errors_logged(server_log) == [] and not any(r.exc_info for r in server_log.records)
@@ -2737,12 +2792,7 @@ async def test_a_slow_body_times_out_and_broken_clients_log_no_tracebacks(
     """A body slower than BODY_TIMEOUT gets 408; clients hanging up mid-body and garbage on the port get
     one short line now and then, never a traceback; honest votes go on."""
     room = await make_room(body_timeout_s=0.5)
-    pin = await room.host.new_session()
-    ana = await room.runner("ana", pin)
-    rnd = await running_round(room, ana)
-    await ana.stream(1, WORDS)
-    await ana.complete(1, len(WORDS))
-    await room.host.stop(rnd["id"])
+    rnd = await round_in(room, await room.host.new_session(), "open")
     port = urllib.parse.urlsplit(room.base).port
     head = b"POST /votes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
 
@@ -2767,7 +2817,7 @@ async def test_a_slow_body_times_out_and_broken_clients_log_no_tracebacks(
         await send_raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\x00\x1b[2J garbage\r\n\r\n", hang_up=False)
         await send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40)), hang_up=False)
         await room.host.vote(rnd["id"], "ana", n % 6, f"phone-{n}")
-    await eventually(lambda: room.server.connections.get("127.0.0.1", 0) <= 3, "the broken clients forgotten")
+    await eventually(lambda: room.server.admission.by_address.get("127.0.0.1", 0) <= 3, "the broken clients forgotten")
     assert (await room.host.call("GET", "/scoreboard"))["scoreboard"][0]["votes"] == 20
     assert errors_logged(server_log) == [] and not any(r.exc_info for r in server_log.records)
     broken = [r.getMessage() for r in server_log.records if r.getMessage().startswith("HTTP_BROKEN")]
