@@ -1257,7 +1257,7 @@ class Peer:
         # asyncio log a warning per write, on the loop that serves everyone else.
         self.writer.cancel()
         self.outbox, self.outbox_bytes = [], 0
-        self.queue, self.queued_bytes = asyncio.Queue(1), 0
+        self.queue, self.queued_bytes = asyncio.Queue(), 0
         if self.transport is not None:
             self.transport.abort()
 
