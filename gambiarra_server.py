@@ -2201,7 +2201,8 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
     except asyncio.TimeoutError:
         raise TooSlow(f"The request body did not arrive within {timeout_s:g} s") from None
     except (ConnectionError, web.RequestPayloadError) as exc:
-        raise ClientError(f"The request body was cut short ({type(exc).__name__})", "BODY_INCOMPLETE") from None
+        raise ClientError(f"The request body was cut short or malformed ({type(exc).__name__})",
+                          "BODY_INCOMPLETE") from None
 
 
 def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
