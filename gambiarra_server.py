@@ -90,7 +90,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 
 __version__ = "1.0.0"
@@ -213,6 +213,19 @@ class Config:
     ws_connections_per_address: int = option(20, "WS_CONNECTIONS_PER_ADDRESS",
                                              "WebSocket connections one address may hold (the host's: any number)",
                                              low=1, high=100_000)
+    connections_per_address: int = option(50, "CONNECTIONS_PER_ADDRESS",
+                                          "TCP connections, HTTP and WebSocket together, one address may hold "
+                                          "(the host's: any number)", low=1, high=100_000)
+    header_timeout_s: float = option(10.0, "HEADER_TIMEOUT",
+                                     "seconds a connection has to send a request's headers, from its opening or "
+                                     "its last response (so also how long an idle one stays open)",
+                                     low=1, high=3600)
+    body_timeout_s: float = option(30.0, "BODY_TIMEOUT", "seconds a request has to send its body",
+                                   low=1, high=3600)
+    ws_message_rate: float = option(1000.0, "WS_MESSAGE_RATE",
+                                    "messages per second a WebSocket connection may send, in bursts of as many "
+                                    "again; beyond it the server reads the connection more slowly "
+                                    "(the host's: any number)", low=1, high=1_000_000)
     max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round", low=1, high=10_000_000)
     stop_grace_s: float = option(3.0, "STOP_GRACE", "seconds after a stop during which tokens and completes "
@@ -257,6 +270,10 @@ PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of 
 # Phones (and world screens) show no tokens, so what they get can wait this long
 # and go out together: 200 runners joining at once is 200 messages per phone.
 UNHURRIED_FLUSH_S = 0.05
+SNAPSHOT_INTERVAL_S = 2.0   # an address (not the host's) gets at most one state_snapshot this often
+RATE_NOTICE_S = 10.0        # how often a connection over WS_MESSAGE_RATE is told so
+RARE_LOG_S = 5.0            # a kind of line a client can cause is logged at most this often
+DESCRIPTOR_RESERVE = 64     # open files no stranger's connection may take: the database's, the host's
 
 # Keys of the club's own .env.example that mean nothing here: named once at start-up.
 CLUB_ONLY_KEYS = ("ENVIRONMENT", "SESSION_TIMEOUT_MS", "MDNS_HOSTNAME")
@@ -464,6 +481,10 @@ class NotFound(ClientError):
 
 class Conflict(ClientError):
     status, code = 409, "CONFLICT"
+
+
+class TooSlow(ClientError):
+    status, code = 408, "REQUEST_TIMEOUT"
 
 
 class TooMany(ClientError):
@@ -681,6 +702,69 @@ def engine_tps(model_info: Any, duration_ms: Any) -> float | None:
     tokens = positive(usage.get("completion_tokens")) if isinstance(usage, dict) else None
     duration_ms = positive(duration_ms)
     return round(tokens / (duration_ms / 1000), 2) if tokens and duration_ms else None
+
+
+class Pace:
+    """A token bucket: `rate` events per second on average, in bursts of up to `rate`."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.level = rate
+        self.at = time.monotonic()
+
+    def wait_s(self) -> float:
+        """Take one event; how long its taker should wait before acting on it (0: not at all)."""
+        now = time.monotonic()
+        self.level = min(self.rate, self.level + (now - self.at) * self.rate) - 1
+        self.at = now
+        return -self.level / self.rate if self.level < 0 else 0.0
+
+
+class RareLog:
+    """Warnings a client can cause as often as it likes: each kind at most once per RARE_LOG_S."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.left_out: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -math.inf) < RARE_LOG_S:
+            self.left_out[kind] = self.left_out.get(kind, 0) + 1
+            return
+        self.last[kind] = now
+        left_out = self.left_out.pop(kind, 0)
+        log.warning(message + (f" (and {left_out} more like it since the last such line)" if left_out else ""),
+                    *args)
+
+
+class Admission:
+    """Open TCP connections, by address and in all, against CONNECTIONS_PER_ADDRESS and the
+    connections the open-files limit leaves room for (`most`; the host's are never refused)."""
+
+    def __init__(self, per_address: int) -> None:
+        self.per_address = per_address
+        self.most = math.inf
+        self.by_address: dict[str, int] = {}
+        self.total = 0
+
+    def refusal(self, address: str) -> str | None:
+        """Why one more connection from `address` may not stay; None if it may."""
+        if self.by_address.get(address, 0) >= self.per_address:
+            return f"Too many connections from your address (at most {self.per_address}); close one and try again"
+        if self.total >= self.most:
+            return "The server holds all the connections it can; try again in a moment"
+        return None
+
+    def add(self, address: str) -> None:
+        self.by_address[address] = self.by_address.get(address, 0) + 1
+        self.total += 1
+
+    def remove(self, address: str) -> None:
+        held = self.by_address.pop(address) - 1
+        if held:
+            self.by_address[address] = held
+        self.total -= 1
 
 
 # =============================================================================
@@ -1909,6 +1993,7 @@ class Peer:
         self.closing = False
         self.dropped = False
         self.last_heard = time.monotonic()
+        self.told_to_slow_down = -math.inf              # when it was last told it is over WS_MESSAGE_RATE
         self.outbox: list[bytes] = []                   # frames for the end of this turn
         self.outbox_bytes = 0
         self.queue: asyncio.Queue[bytes | Control] = asyncio.Queue(queue_limit)
@@ -1918,6 +2003,8 @@ class Peer:
 
     def send(self, item: bytes | Control) -> None:
         """Send a frame made by text_frame (to share one among many peers), or a control."""
+        if self.dropped:
+            return
         if isinstance(item, bytes) and self.queue.empty() and self.keeping_up():
             if not self.outbox and self.view in SCREEN_VIEWS_WITHOUT_TOKENS:
                 asyncio.get_running_loop().call_later(UNHURRIED_FLUSH_S, self.flush)
@@ -1964,6 +2051,11 @@ class Peer:
             return                      # publishers keep finding the queue full until the handler leaves
         self.dropped = True
         log.warning("WS_DROPPED %s (%s)", loggable(self.participant_id or self.view or self.address), why)
+        # What it had not read goes with it: writing on into the aborted socket made
+        # asyncio log a warning per write, on the loop that serves everyone else.
+        self.writer.cancel()
+        self.outbox, self.outbox_bytes = [], 0
+        self.queue, self.queued_bytes = asyncio.Queue(), 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -1976,10 +2068,11 @@ class Peer:
                 self.flush()                            # what was gathered before this item goes first
                 if isinstance(item, bytes):
                     self.queued_bytes -= len(item)
-                    while self.transport.get_write_buffer_size() >= PEER_BACKLOG_BYTES:
-                        if self.transport.is_closing():
-                            return
+                    while (not self.transport.is_closing()
+                           and self.transport.get_write_buffer_size() >= PEER_BACKLOG_BYTES):
                         await asyncio.sleep(PEER_BACKLOG_POLL_S)
+                    if self.transport.is_closing():
+                        return                          # it hung up: nothing more goes out
                     self.transport.write(item)
                 elif item.kind == "ping":
                     await self.ws.ping()
@@ -2101,12 +2194,15 @@ class Server:
     answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
     # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
     responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
+    rare_log: RareLog = field(default_factory=RareLog)
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
         # Every address together: however many addresses a guesser has, 10**6 PINs take days.
         self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
         self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
+        self.snapshot_throttle = Throttle(1, SNAPSHOT_INTERVAL_S)
+        self.admission = Admission(self.config.connections_per_address)
         host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
@@ -2413,6 +2509,12 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
     peer.view = m["view"]
     server.hub.add_screen(peer)
     peer.send_json({"type": "registered_telao", "view": peer.view})
+    # A snapshot holds every live token: a screen needs one when it (re)connects, and an
+    # address asking for more waits its turn (its reading waits with it).
+    if not server.is_host(peer.address):
+        while wait_s := server.snapshot_throttle.wait_s(peer.address):
+            await asyncio.sleep(wait_s)
+        server.snapshot_throttle.add(peer.address)
     snapshot = await server.snapshot()
     if snapshot is not None:
         peer.send_json(snapshot)
@@ -2511,6 +2613,16 @@ def turned_away(server: Server, peer: Peer) -> bool:
     return True
 
 
+async def slow_down(peer: Peer, wait_s: float, rate: float) -> None:
+    """Read a connection over WS_MESSAGE_RATE later: its own sends wait for it, and none is lost."""
+    now = time.monotonic()
+    if now - peer.told_to_slow_down >= RATE_NOTICE_S:
+        peer.told_to_slow_down = now
+        peer.send_json(msg_error(f"More than {rate:g} messages per second: the server reads this connection more "
+                                 "slowly for now; nothing is lost", "RATE_LIMITED"))
+    await asyncio.sleep(wait_s)
+
+
 async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     """One connection: read frames in order until it closes, then forget it."""
     server = request.app[server_key]
@@ -2520,12 +2632,15 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_bytes)
     server.hub.peers.add(peer)
+    pace = None if server.is_host(peer.address) else Pace(config.ws_message_rate)
     try:
         if turned_away(server, peer):
-            await peer.writer                           # the error, then the close (bounded by `timeout`)
+            await asyncio.wait([peer.writer])           # the error, then the close (bounded by `timeout`)
             return ws
         async for msg in ws:
             peer.last_heard = time.monotonic()
+            if pace is not None and (wait_s := pace.wait_s()):
+                await slow_down(peer, wait_s, config.ws_message_rate)
             if msg.type is WSMsgType.TEXT:
                 await dispatch(server, peer, msg.data)
             elif msg.type is WSMsgType.PING:
@@ -3077,6 +3192,17 @@ ROUTES = (
 )
 
 
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The request's body, which must arrive within BODY_TIMEOUT and whole."""
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise TooSlow(f"The request body did not arrive within {timeout_s:g} s") from None
+    except (ConnectionError, web.RequestPayloadError) as exc:
+        raise ClientError(f"The request body was cut short or malformed ({type(exc).__name__})",
+                          "BODY_INCOMPLETE") from None
+
+
 def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The aiohttp handler for a route: host check, then body and query validation."""
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -3085,7 +3211,8 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
             require_host(server, request)
         params: Params = {}
         if route.body:
-            params.update(parse_fields(parse_json_object(await request.read(), "The request body"), route.body))
+            body = await read_body(request, server.config.body_timeout_s)
+            params.update(parse_fields(parse_json_object(body, "The request body"), route.body))
         if route.query:
             params.update(parse_fields(request.query, route.query, from_text=True))
         return await route.handler(server, request, params)
@@ -3398,6 +3525,109 @@ def make_app(config: Config) -> web.Application:
     table += [web.route(method, prefix + path, handler) for method, path, handler in api for prefix in ("", "/api")]
     app.add_routes(table)
     return app
+
+
+def refuse(transport: asyncio.Transport, why: str) -> None:
+    """Answer a connection that may not stay without reading it, and close it."""
+    body = dumps({"error": why, "code": "TOO_MANY_CONNECTIONS"}).encode()
+    transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    transport.close()
+
+
+class Connection(web.RequestHandler):
+    """aiohttp's HTTP connection (a WebSocket's too), counted against its address from accept to close.
+
+    aiohttp's keep-alive timer starts when a connection opens and again after each
+    response, and when it fires it closes a connection still waiting for a request's
+    headers, however slowly they trickle in: with HEADER_TIMEOUT it is the header
+    timeout aiohttp has no option for. Bodies have BODY_TIMEOUT (read_body).
+    """
+
+    def __init__(self, manager: web.Server, server: Server) -> None:
+        super().__init__(manager, loop=asyncio.get_running_loop(), access_log=None,
+                         keepalive_timeout=server.config.header_timeout_s)
+        self.server = server
+        self.address: str | None = None                 # set once admitted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else ""
+        server = self.server
+        refusal = None if server.is_host(address) else server.admission.refusal(address)
+        if refusal:
+            server.rare_log.warning("refused", "CONNECTION_REFUSED %s: %s", address, refusal)
+            refuse(cast(asyncio.Transport, transport), refusal)
+            return
+        server.admission.add(address)
+        self.address = address
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.address is None:
+            return                                      # refused: aiohttp never knew of it
+        self.server.admission.remove(self.address)
+        super().connection_lost(exc)
+
+    def log_exception(self, message: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        """Garbage on the port or a client gone mid-request: a short line now and then, not a traceback."""
+        what = f"{type(exc_info).__name__}: {exc_info}" if isinstance(exc_info, BaseException) else message % args
+        self.server.rare_log.warning("broken", "HTTP_BROKEN %s: %r", self.address, what.strip()[:120])
+
+
+class Site(web.BaseSite):
+    """A TCP listener whose connections are `Connection`s (aiohttp's TCPSite makes plain ones)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, server: Server) -> None:
+        super().__init__(runner)
+        self.host, self.port, self.server = host, port, server
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        manager = self._runner.server
+        self._server = await asyncio.get_running_loop().create_server(lambda: Connection(manager, self.server),
+                                                                      self.host, self.port)
+
+
+def quiet_socket_errors(rare_log: RareLog) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """A loop exception handler: asyncio's reports of broken sockets, out of descriptors included,
+    become a short line now and then; anything else is reported as asyncio would."""
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError):
+            rare_log.warning("socket", "SOCKET_ERROR %s: %s", context.get("message"), exc)
+        else:
+            loop.default_exception_handler(context)
+    return handle
+
+
+async def start(app: web.Application, hosts: Iterable[str], port: int,
+                open_files: int | None) -> tuple[web.AppRunner, list[str], dict[str, str]]:
+    """Run `app` on `port` of each of `hosts` it can listen on; the runner, those hosts, and why
+    each of the others refused.
+
+    serve() and the tests start the app here, so both get the same connections. Of
+    `open_files` (None: no limit), DESCRIPTOR_RESERVE stay for the database, the
+    listeners and the host's connections.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    server = app[server_key]
+    if open_files is not None:
+        server.admission.most = open_files - DESCRIPTOR_RESERVE
+    asyncio.get_running_loop().set_exception_handler(quiet_socket_errors(server.rare_log))
+    listening, refused = [], {}
+    for host in hosts:
+        try:
+            await Site(runner, host, port, server).start()
+            listening.append(host)
+        except OSError as exc:      # asyncio words a busy port at length; the system's words say it
+            refused[host] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+    return runner, listening, refused
 
 
 # =============================================================================
@@ -5893,6 +6123,8 @@ def bench_command(argv: list[str]) -> None:
 # Command line
 # =============================================================================
 
+MACOS_OPEN_MAX = 10240
+
 
 def lan_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses, for the URLs participants type."""
@@ -5914,10 +6146,32 @@ def machine_names() -> set[str]:
     return {name.rstrip(".") for name in names | short | {f"{name}.local" for name in short} if name}
 
 
-def banner(config: Config, listening: list[str], port: int) -> str:
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open files (each connection is one) to the hard limit; the limit now.
+
+    None where there is no such limit (Windows, or unlimited).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):       # macOS: the hard limit says unlimited, but OPEN_MAX is the most
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, MACOS_OPEN_MAX), hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def banner(config: Config, listening: list[str], port: int, descriptors: int | None) -> str:
     lan = lan_addresses()
+    limit = "no limit" if descriptors is None else f"{descriptors} open files"
     lines = [f"Gambiarra arena server {__version__}", f"  database      {config.database}",
-             f"  listening on  port {port} of {', '.join(listening)}"]
+             f"  listening on  port {port} of {', '.join(listening)}",
+             f"  connections   {limit}; {config.connections_per_address} per address (the host's: any number)"]
     lines += [f"  runners:      ws://{address}:{port}/ws      screens and phones: http://{address}:{port}/api"
               for address in lan] or ["  (no LAN address found: runners on this machine use ws://127.0.0.1:"
                                       f"{port}/ws)"]
@@ -5929,19 +6183,12 @@ def banner(config: Config, listening: list[str], port: int) -> str:
 
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close every socket, save every token and exit."""
+    descriptors = raise_descriptor_limit()
     app = make_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     try:
-        await runner.setup()
+        runner, listening, refused = await start(app, config.hosts, config.port, descriptors)
     except sqlite3.Error as exc:            # a file that is not a database, a full disk
         fail(f"cannot use the database {config.database}: {exc}")
-    listening, refused = [], {}
-    for host in config.hosts:
-        try:
-            await web.TCPSite(runner, host, config.port).start()
-            listening.append(host)
-        except OSError as exc:      # asyncio words a busy port at length; the system's words say it
-            refused[host] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     if not listening:
         await runner.cleanup()
         fail(f"could not listen on port {config.port} of {', '.join(refused)}: {'; '.join(set(refused.values()))}"
@@ -5955,7 +6202,7 @@ async def serve(config: Config) -> None:
     # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
     gc.collect()
     gc.freeze()
-    print(banner(app[server_key].config, listening, port), flush=True)
+    print(banner(app[server_key].config, listening, port, descriptors), flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):      # Windows: Ctrl-C raises instead

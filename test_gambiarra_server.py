@@ -215,9 +215,22 @@ async def http() -> aiohttp.ClientSession:
 
 
 @pytest.fixture
-async def room(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession) -> Room:
-    server = await aiohttp_server(served(gs.make_app(config)), host="127.0.0.1")
-    room = Room(str(server.make_url("")).rstrip("/"), http)
+async def serve_app():
+    """Start an app on a free loopback port as serve() does (gs.start); gives its base URL."""
+    runners: list[Any] = []
+
+    async def start(app: Any) -> str:
+        runner, _, _ = await gs.start(served(app), ("127.0.0.1",), 0, None)
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def room(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession) -> Room:
+    room = Room(await serve_app(gs.make_app(config)), http)
     yield room
     await room.close()
 
@@ -290,9 +303,10 @@ def read_rows(path: Path, sql: str, args: tuple) -> list[dict[str, Any]]:
 class ServerProcess:
     """The server as a separate process, for kill -9 and SIGTERM."""
 
-    def __init__(self, database: Path, *args: str) -> None:
+    def __init__(self, database: Path, *args: str, open_files: int | None = None) -> None:
         self.database = database
         self.args = args
+        self.open_files = open_files            # a lower limit (soft and hard) on the server's open files
         self.process: subprocess.Popen | None = None
         self.base = ""
 
@@ -300,13 +314,18 @@ class ServerProcess:
         command = [sys.executable, str(HERE / "gambiarra_server.py"), "--host", "127.0.0.1", "--port", "0",
                    "--database-url", str(self.database), "--bcrypt-rounds", "4", *self.args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=self.limit_files)
         for line in self.process.stdout:
             if "listening on" in line:
                 port = int(line.split("port ")[1].split()[0])
                 self.base = f"http://127.0.0.1:{port}"
                 return self.base
         raise AssertionError(f"server did not start: {self.process.stderr.read()}")
+
+    def limit_files(self) -> None:
+        if self.open_files is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         self.process.send_signal(signum)
@@ -320,8 +339,8 @@ class ServerProcess:
 def server_process(tmp_path: Path):
     processes: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
-        process = ServerProcess(tmp_path / "arena.db", *args)
+    def start(*args: str, **options: Any) -> ServerProcess:
+        process = ServerProcess(tmp_path / "arena.db", *args, **options)
         processes.append(process)
         return process
     yield start
@@ -492,14 +511,13 @@ async def get_when(room: Room, path: str, check: Callable[[Any], bool]) -> Any:
 
 
 @pytest.fixture
-async def room_with(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession):
+async def room_with(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession):
     """Start a server with some config fields changed; gives its Room and its Server."""
     rooms: list[Room] = []
 
     async def start(**changes: Any) -> tuple[Room, gs.Server]:
-        app = served(gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes})))
-        server = await aiohttp_server(app, host="127.0.0.1")
-        rooms.append(Room(str(server.make_url("")).rstrip("/"), http))
+        app = gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes}))
+        rooms.append(Room(await serve_app(app), http))
         return rooms[-1], app[gs.server_key]
     yield start
     for room in rooms:
@@ -2176,9 +2194,10 @@ def test_database_url_forms(clean_env: pytest.MonkeyPatch, url: str) -> None:
 def test_the_banner_shows_the_admin_token_and_the_next_step() -> None:
     """Start-up prints where runners connect, the admin token and the curl to run next."""
     config = gs.Config(admin_token="tok-123")
-    text = gs.banner(config, ["0.0.0.0", "::"], 3000)
+    text = gs.banner(config, ["0.0.0.0", "::"], 3000, 1024)
     assert "admin token   tok-123" in text and "curl -X POST http://127.0.0.1:3000/session" in text
     assert "listening on  port 3000 of 0.0.0.0, ::" in text
+    assert "connections   1024 open files; 50 per address (the host's: any number)" in text
     for address in gs.lan_addresses():
         assert f"ws://{address}:3000/ws" in text
 
@@ -2514,14 +2533,13 @@ class LiveRoom(Room):
 
 
 @pytest.fixture
-async def make_room(aiohttp_server: Any, config: gs.Config, http: aiohttp.ClientSession):
+async def make_room(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession):
     """Start a server with some config fields changed; returns a LiveRoom."""
     rooms: list[LiveRoom] = []
 
     async def make(**changes: Any) -> LiveRoom:
-        app = served(gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes})))
-        server = await aiohttp_server(app, host="127.0.0.1")
-        room = LiveRoom(str(server.make_url("")).rstrip("/"), http, app[gs.server_key])
+        app = gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes}))
+        room = LiveRoom(await serve_app(app), http, app[gs.server_key])
         rooms.append(room)
         return room
     yield make
@@ -3811,6 +3829,251 @@ async def test_closed_connections_leave_nothing_behind(make_room: Any) -> None:
     hub = room.server.hub
     assert (hub.peers, hub.runners, hub.screens) == (set(), {}, set())
     assert [ref() for ref in refs] == [None] * 12
+
+
+# --- attack: connections and the event loop ---------------------------------------------
+
+class Slowloris:
+    """A laptop holding `slots` connections from one address, each sending a request's headers a line
+    every tenth of a second, forever; it reopens every connection the server ends and sorts how each ended."""
+
+    def __init__(self, base: str, address: str, slots: int) -> None:
+        self.port = urllib.parse.urlsplit(base).port
+        self.address = address
+        self.refused = 0                # answered 503 TOO_MANY_CONNECTIONS at once
+        self.timed_out = 0              # closed with no answer while still trickling
+        self.tasks = [asyncio.create_task(self.hold()) for _ in range(slots)]
+
+    async def hold(self) -> None:
+        while True:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(self.address, 0))
+            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            answer = b""
+            try:
+                while not answer:
+                    try:
+                        answer = await asyncio.wait_for(reader.read(1024), 0.1) or b"closed"
+                    except TimeoutError:
+                        writer.write(b"X-Slow: 1\r\n")
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+            if answer.startswith(b"HTTP/1.1 503") and b"TOO_MANY_CONNECTIONS" in answer:
+                self.refused += 1
+                await asyncio.sleep(0.05)
+            elif answer == b"closed":
+                self.timed_out += 1
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit_at_start_up(server_process: Any) -> None:
+    """Every connection is a descriptor: the server raises the soft limit (often 1024; 256 on macOS) to the
+    hard one, and its banner says what it is."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip("needs a finite hard limit above 512")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))      # the server process inherits it
+    try:
+        server = server_process("--connections-per-address", "30")
+        server.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert server.process.stdout.readline().strip() == (
+        f"connections   {hard} open files; 30 per address (the host's: any number)")
+    limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+    assert re.search(rf"^Max open files +{hard} +{hard} ", limits, re.M)
+
+
+async def test_strangers_on_many_addresses_cannot_use_up_the_open_files(
+        server_process: Any, http: aiohttp.ClientSession) -> None:
+    """With 192 open files, four addresses trickling 50 connections each are refused once the server holds all
+    it can spare for strangers; the host is served, a connected runner streams on, and the log stays short."""
+    server = server_process("--host-addresses", "127.0.0.1/32", "--header-timeout", "60", open_files=192)
+    room = Room(server.start(), http)
+    assert server.process.stdout.readline().startswith("  connections   192 open files;")
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = Runner(await connect(room.ws_url, local_addr=("127.0.0.9", 0)), "ana")
+    room.connections.append(ana.ws)
+    assert (await ana.register(pin))["type"] == "registered"
+    attacks = [Slowloris(room.base, f"127.0.0.{n}", 50) for n in (2, 3, 4, 5)]
+    try:
+        await eventually(lambda: sum(attack.refused for attack in attacks) > 100, "strangers refused")
+        async with asyncio.timeout(TIMEOUT_S):
+            assert (await room.host.call("GET", "/health"))["status"] == "ok"
+        await running_round(room, ana)
+        words = [f"w{n} " for n in range(200)]
+        await ana.stream(1, words)
+        assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
+    finally:
+        for attack in attacks:
+            await attack.stop()
+    await room.close()
+    server.process.send_signal(signal.SIGTERM)
+    log = server.process.stderr.read().splitlines()
+    assert server.stop() == 0
+    assert len(log) < 20 and not [line for line in log if "Traceback" in line or " ERROR " in line], log
+    assert [line for line in log if "CONNECTION_REFUSED" in line and "all the connections it can" in line]
+
+
+def test_asyncio_socket_errors_make_a_line_every_few_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    """Out of descriptors, asyncio reports every failed accept: one short line per RARE_LOG_S, no traceback;
+    anything else still reaches asyncio's own handler."""
+    loop = asyncio.new_event_loop()
+    try:
+        handle = gs.quiet_socket_errors(gs.RareLog())
+        for _ in range(1000):
+            handle(loop, {"message": "socket.accept() out of system resource",
+                          "exception": OSError(24, "Too many open files")})
+        handle(loop, {"message": "something else", "exception": ValueError("a bug")})
+    finally:
+        loop.close()
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records][:1] == [(
+        "WARNING", "SOCKET_ERROR socket.accept() out of system resource: [Errno 24] Too many open files", None)]
+    assert [r.getMessage() for r in caplog.records][1:] == ["something else"]
+
+
+async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """Past CONNECTIONS_PER_ADDRESS an address is refused at once, and what it holds is closed HEADER_TIMEOUT
+    after it opened however slowly it trickles; the host, a phone and a runner elsewhere are served meanwhile."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), connections_per_address=8, header_timeout_s=1.0)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = await room.runner_at("127.0.0.3", "ana", pin)
+    attack = Slowloris(room.base, STRANGER, 30)
+    held: list[int] = []
+    try:
+        await eventually(lambda: held.append(room.server.admission.by_address.get(STRANGER, 0)) or attack.refused > 20,
+                         "the laptop refused over and over")
+        async with asyncio.timeout(TIMEOUT_S):
+            assert (await room.host.call("GET", "/health"))["status"] == "ok"
+            phone = await room.http_from("127.0.0.4")
+            assert (await phone.call("GET", "/rounds/current", expect=404))["code"] == "NOT_FOUND"
+        await running_round(room, ana)
+        words = [f"w{n} " for n in range(200)]
+        await ana.stream(1, words)
+        assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
+        await eventually(lambda: held.append(room.server.admission.by_address.get(STRANGER, 0)) or attack.timed_out >= 8,
+                         "the trickling connections closed by the header timeout")
+    finally:
+        await attack.stop()
+    assert max(held) <= 8
+    await eventually(lambda: STRANGER not in room.server.admission.by_address, "every connection of the laptop forgotten")
+    refusals = [r for r in server_log.records if r.getMessage().startswith("CONNECTION_REFUSED")]
+    assert 1 <= len(refusals) <= 3 < attack.refused                     # a line every RARE_LOG_S at most
+    assert errors_logged(server_log) == [] and not any(r.exc_info for r in server_log.records)
+
+
+async def test_a_slow_body_times_out_and_broken_clients_log_no_tracebacks(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """A body slower than BODY_TIMEOUT gets 408; clients hanging up mid-body and garbage on the port get
+    one short line now and then, never a traceback; honest votes go on."""
+    room = await make_room(body_timeout_s=0.5)
+    rnd = await round_in(room, await room.host.new_session(), "open")
+    port = urllib.parse.urlsplit(room.base).port
+    head = b"POST /votes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+
+    async def send_raw(data: bytes, hang_up: bool) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        if hang_up:
+            await writer.drain()
+            writer.close()
+            return b""
+        async with asyncio.timeout(TIMEOUT_S):
+            answer = await reader.read(4096)
+        writer.close()
+        return answer
+
+    slow = await send_raw(head, hang_up=False)
+    assert slow.startswith(b"HTTP/1.1 408") and json.loads(slow.split(b"\r\n\r\n", 1)[1]) == {
+        "error": "The request body did not arrive within 0.5 s", "code": "REQUEST_TIMEOUT"}
+    for n in range(20):
+        await send_raw(head, hang_up=True)
+        await send_raw(b"NOT HTTP AT ALL\r\n\r\n", hang_up=False)
+        await send_raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\x00\x1b[2J garbage\r\n\r\n", hang_up=False)
+        await send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40)), hang_up=False)
+        await room.host.vote(rnd["id"], "ana", n % 6, f"phone-{n}")
+    await eventually(lambda: room.server.admission.by_address.get("127.0.0.1", 0) <= 3, "the broken clients forgotten")
+    assert (await room.host.call("GET", "/scoreboard"))["scoreboard"][0]["votes"] == 20
+    assert errors_logged(server_log) == [] and not any(r.exc_info for r in server_log.records)
+    broken = [r.getMessage() for r in server_log.records if r.getMessage().startswith("HTTP_BROKEN")]
+    assert 1 <= len(broken) <= 3 and all(line.isprintable() and len(line) < 300 for line in broken)
+
+
+async def test_stalled_screens_are_cut_off_and_their_writers_stop_at_once(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """Screens that never read are cut off during a fast round: each one's writer is done and its queue
+    dropped, nothing more is written into its socket (asyncio would warn 'socket.send() raised exception'),
+    and a reading screen gets every token."""
+    room = await make_room(max_answer_chars=10**7, max_round_chars=10**7, peer_queue_bytes=256 * 1024)
+    pin = await room.host.new_session()
+    reading = await room.screen()
+    frozen = [await room.connect_from("127.0.0.3", max_queue=1) for _ in range(6)]
+    for ws in frozen:
+        await ws.send(json.dumps({"type": "telao_register"}))
+    stalled = await eventually(lambda: (lambda found: len(found) == 6 and found)(
+        [p for p in room.server.hub.screens if p.address == "127.0.0.3"]), "the stalled screens registered")
+    for peer in stalled:
+        peer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    ana = await room.runner("ana", pin)
+    await running_round(room, ana)
+    words = [f"{n:05d}" + "y" * 2000 for n in range(2000)]
+
+    async def read_all() -> list[dict[str, Any]]:
+        return [await reading.recv("token_update") for _ in words]
+    reader = asyncio.create_task(read_all())
+    await ana.stream(1, words)
+    assert tokens_of(await reader, "ana") == list(enumerate(words))
+    await eventually(lambda: all(p.writer.done() for p in stalled), "every stalled writer stopped")
+    assert all(p.dropped and p.queue.empty() and not p.outbox for p in stalled)
+    await eventually(lambda: not room.server.hub.peers & set(stalled), "the stalled screens forgotten")
+    messages = [r.getMessage() for r in server_log.records]
+    assert len([m for m in messages if m.startswith("WS_DROPPED arena (not reading")]) == 6
+    assert not [m for m in messages if "socket.send() raised exception" in m]
+    assert [await closed_code(ws) for ws in frozen] == [1006] * 6          # cut off: no closing handshake
+
+
+async def test_a_message_flood_is_read_slowly_and_snapshots_come_no_faster_than_a_screen_needs(
+        make_room: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past WS_MESSAGE_RATE a socket is told RATE_LIMITED and read more slowly, losing nothing; a stranger
+    looping telao_register gets a state_snapshot once per SNAPSHOT_INTERVAL_S at most; honest peers carry on."""
+    monkeypatch.setattr(gs, "SNAPSHOT_INTERVAL_S", 0.5)
+    room = await make_room(host_addresses=("127.0.0.1/32",), ws_message_rate=100)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = await room.runner_at("127.0.0.3", "ana", pin)
+    await running_round(room, ana)
+    await ana.stream(1, WORDS)
+    assert len([await screen.recv("token_update") for _ in WORDS]) == len(WORDS)
+    snooper, flooder = Peer(await room.connect_from(STRANGER)), Peer(await room.connect_from("127.0.0.4"))
+    started = time.monotonic()
+    for _ in range(300):
+        await snooper.send({"type": "telao_register"})
+        await flooder.send({"type": "nonsense"})
+    words = [f"w{n} " for n in range(60)]
+    await ana.stream(1, words, start=len(WORDS))
+    await ana.complete(1, len(WORDS) + len(words))
+    seen = [await screen.recv("token_update") for _ in words]
+    assert tokens_of(seen, "ana") == list(enumerate(words, len(WORDS)))
+    await screen.recv("completion")
+    replies: list[dict[str, Any]] = []
+    while len([r for r in replies if r["code"] == "INVALID_INPUT"]) < 300:     # every one answered: none lost
+        replies.append(await flooder.recv("error"))
+    notices = [r for r in replies if r["code"] == "RATE_LIMITED"]
+    assert notices and "nothing is lost" in notices[0]["message"]
+    snapshots = [m for m in await snooper.quiet(0.3) if m["type"] == "state_snapshot"]
+    assert 1 <= len(snapshots) <= 1 + (time.monotonic() - started) / 0.5
+    assert snapshots[0]["liveTokens"]["ana"][:len(WORDS)] == WORDS
+    snooper.ws.transport.abort()            # hundreds of its messages still wait their turn: don't wait for them
+    assert [m for m in await ana.quiet(0.05) if m["type"] == "error"] == []
 
 
 # --- hostile and malformed input -----------------------------------------------------
