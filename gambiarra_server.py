@@ -82,8 +82,8 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
-                     WSServerHandshakeError, web)
+from aiohttp import (ClientConnectionError, ClientConnectorError, ClientSession, ClientTimeout, ConnectionTimeoutError,
+                     TCPConnector, WSCloseCode, WSMsgType, WSServerHandshakeError, web)
 
 
 __version__ = "1.0.0"
@@ -2631,6 +2631,24 @@ def socket_gone() -> tuple[type[BaseException], ...]:
     return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
 
 
+class NoServer(RuntimeError):
+    """Nothing answers at the server's address: say where, and how to start one there."""
+
+    def __init__(self, url: str) -> None:
+        port = urllib.parse.urlsplit(url).port
+        flag = f" --port {port}" if port and port != Config.port else ""
+        super().__init__(f"no server at {url.rstrip('/')} (start it with: python3 {Path(__file__).name}{flag})")
+
+
+@contextlib.contextmanager
+def reaching(url: str) -> Any:
+    """Turn a connection refused, an unknown host or a connect timeout into NoServer."""
+    try:
+        yield
+    except (ClientConnectorError, ConnectionTimeoutError):
+        raise NoServer(url) from None
+
+
 @dataclass
 class SimOptions:
     """What a simulation plays; `bench` gives each worker process a slice of it."""
@@ -2951,6 +2969,8 @@ class Screen:
         elif kind in ("round_state", "state_snapshot") and m["round"]:
             self.sim.round_ids[m["round"]["index"]] = m["round"]["id"]
             if m["round"]["votingStatus"] == "open" and self.sim.may_vote(m["round"]["id"]):
+                if kind == "round_state":               # as it happens, not a snapshot's past
+                    self.sim.progress.voting_opened(m["round"]["index"])
                 for voter in self.voters:
                     voter.start(m["round"])
         elif kind == "registered_telao":
@@ -3120,6 +3140,9 @@ class Simulation:
         return self.ballots is None or round_id in self.ballots
 
     def note(self, text: str) -> None:
+        """A remark for the summary; once the bots have joined, also a line as it happens."""
+        if text not in self.notes and self.progress.joined:
+            self.progress.event(text)
         self.notes[text] = None
 
     def take_tally(self) -> Tally:
@@ -3130,9 +3153,10 @@ class Simulation:
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         """One HTTP call as the host (or a phone); a refusal raises RuntimeError with the server's words."""
         headers = {"Authorization": f"Bearer {self.options.admin_token}"} if self.options.admin_token else {}
-        async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
-                                     headers=headers) as response:
-            data = await response.json(content_type=None)
+        with reaching(self.options.url):
+            async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
+                                         headers=headers) as response:
+                data = await response.json(content_type=None)
             if response.status >= 400:
                 raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
             return data
@@ -3144,10 +3168,11 @@ class Simulation:
         that is each phone's own work, not the server's.
         """
         started = time.monotonic()
-        async with self.http.get(self.options.url.rstrip("/") + f"/api/rounds/{round_id}/responses",
-                                 headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
-            raw = await response.read()
-            packed = response.headers.get("Content-Encoding") == "gzip"
+        with reaching(self.options.url):
+            async with self.http.get(self.options.url.rstrip("/") + f"/api/rounds/{round_id}/responses",
+                                     headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
+                raw = await response.read()
+                packed = response.headers.get("Content-Encoding") == "gzip"
         if response.status != 200:
             raise RuntimeError(f"GET /api/rounds/{round_id}/responses: {response.status}")
         if raw != self.answers_read[0]:
@@ -3191,6 +3216,16 @@ class Simulation:
         """Every arena screen here has seen `tokens` tokens since the tally was last taken."""
         return all(self.tally.seen.get(s.number, 0) >= tokens for s in self.screens if s.view == "arena")
 
+    def check_bots(self) -> None:
+        """Stop when every bot is out of the game: the server is gone, or it refused them all."""
+        out = [bot.refused for bot in self.bots]
+        if not out or not all(out):
+            return
+        if set(out) == {"UNREACHABLE"}:
+            raise NoServer(self.options.url)
+        raise RuntimeError("every bot was refused: " + ", ".join(f"{code} x{out.count(code)}"
+                                                                 for code in sorted(set(out))))
+
     def current_round(self) -> int | None:
         """The latest round a bot was challenged with."""
         return max((bot.answering for bot in self.bots if bot.answering is not None), default=None)
@@ -3203,12 +3238,19 @@ class Simulation:
 
 
 class Progress:
-    """One live line per round: answers, tokens, screens, drops and votes since its first challenge."""
+    """One live line per round: answers, tokens, screens, drops and votes since its first challenge.
+
+    On a terminal the line is redrawn in place; piped, it is printed when the round
+    ends. Either way each event that matters (the bots joined, a round started, all
+    answered, voting opened, a refusal) gets a line of its own as it happens.
+    """
 
     def __init__(self, sim: Simulation, enabled: bool) -> None:
         self.sim = sim
         self.enabled = enabled
         self.live = sys.stdout.isatty()
+        self.joined = False
+        self.told: set[tuple[int, str]] = set()     # (round, event) already printed
         self.round: int | None = None
         self.ended: set[int] = set()
         self.mark = Tally()
@@ -3223,6 +3265,35 @@ class Progress:
         t = self.sim.tally
         self.mark = Tally(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
         self.round, self.began, self.streamed, self.tokens = round_index, time.monotonic(), time.monotonic(), 0
+        self.event(f"round {round_index}: challenge received, {len(self.sim.bots)} bots answering")
+
+    def event(self, text: str) -> None:
+        """A line of its own, above the live line on a terminal."""
+        if self.enabled:
+            print(("\r\x1b[K" if self.live else "") + text, flush=True)
+
+    def once(self, round_index: int, what: str, text: str) -> None:
+        """An event of a round, printed the first time only."""
+        if (round_index, what) not in self.told:
+            self.told.add((round_index, what))
+            self.event(text)
+
+    def bots_joined(self) -> None:
+        """How many bots registered, and why the others were refused."""
+        bots = self.sim.bots
+        out = [bot.refused for bot in bots if bot.refused]
+        refused = ", ".join(f"{code} x{out.count(code)}" for code in sorted(set(out)))
+        self.event(f"{sum(bot.registered_at is not None for bot in bots)}/{len(bots)} bots registered"
+                   + (f"; refused: {refused}" if refused else ""))
+        self.joined = True
+
+    def wait_for_host(self) -> None:
+        self.event("waiting for the host to start a round (admin page or curl; --drive plays the host)")
+
+    def voting_opened(self, round_index: int) -> None:
+        voters = len(self.sim.voters)
+        self.once(round_index, "voting", f"round {round_index}: voting open" + (f", {voters} voters voting"
+                                                                                  if voters else ""))
 
     def observe(self) -> None:
         """Note when tokens last flowed: the line's rate is over the streaming, not the voting after it."""
@@ -3257,28 +3328,44 @@ class Progress:
             self.round = None
 
     async def run(self) -> None:
-        """Refresh the line every half second."""
+        """Refresh the line every half second; say when every bot has answered."""
         while True:
             self.observe()
+            if self.round is not None and self.sim.answered(self.round):
+                waiting = "" if self.sim.options.drive else "; waiting for the host to stop the round"
+                self.once(self.round, "answered", f"round {self.round}: all {len(self.sim.bots)} bots answered"
+                                                  + waiting)
             self.show()
             await asyncio.sleep(0.5)
 
 
+async def join(sim: Simulation) -> None:
+    """Wait for the bots to register (30 s at most), say how many did, and stop if none is left to play."""
+    await wait_until(sim.joined, 30)
+    sim.progress.bots_joined()
+    sim.check_bots()
+
+
 async def follow_rounds(sim: Simulation) -> None:
     """Answer the rounds the host runs; with --rounds, stop once that many are answered and voted."""
+    await join(sim)
+    sim.progress.wait_for_host()
     finished: set[int] = set()
     while not sim.options.rounds or len(finished) < sim.options.rounds:
         await asyncio.sleep(WAIT_STEP_S)
+        sim.check_bots()
         current = sim.current_round()
         if current is not None and current not in finished and sim.finished(current):
             finished.add(current)
             sim.progress.end()
+            if len(finished) != sim.options.rounds:
+                sim.progress.wait_for_host()
 
 
 async def drive_rounds(sim: Simulation) -> None:
     """Play the host too: each round from challenge to closed voting, --rounds times (3 by default)."""
     options = sim.options
-    await wait_until(sim.joined, 30)
+    await join(sim)
     for n in range(options.rounds or 3):
         row = await sim.call("POST", "/rounds", {"prompt": PROMPTS[n % len(PROMPTS)], "maxTokens": options.max_tokens,
                                                  "deadlineMs": options.deadline_ms})
@@ -3296,6 +3383,7 @@ async def simulate(options: SimOptions) -> Tally:
     sim = Simulation(options)
     began = time.monotonic()
     async with sim.running():
+        await sim.call("GET", "/health")            # no server: say so now, not once the bots give up
         sim.pin = await sim.find_pin()
         await sim.start_screens()
         sim.start_bots()
