@@ -3521,7 +3521,7 @@ class BenchServer:
                 self.base = f"http://127.0.0.1:{int(line.split('port ')[1].split()[0])}"
                 return self
         self.__exit__()
-        raise RuntimeError("the server did not start:\n" + (self.folder / "server.log").read_text()[-2000:])
+        raise RuntimeError(f"the server did not start:\n{self.log_tail()}")
 
     def __exit__(self, *exc_info: Any) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
@@ -3533,6 +3533,10 @@ class BenchServer:
             self.process.wait()
         self.process.stdout.close()
         self.log.close()
+
+    def log_tail(self) -> str:
+        """The end of the server's log (its stderr), to show why it stopped."""
+        return (self.folder / "server.log").read_text()[-2000:]
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.process.pid) or 0.0
@@ -3840,8 +3844,9 @@ class Workers:
         for _, conn in self.pipes:
             with contextlib.suppress(OSError):
                 conn.send(("stop", (), 0))
+        deadline = time.monotonic() + 10        # for all: a worker busy with an order reads "stop" only after it
         for process in self.processes:
-            process.join(10)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
 
@@ -4014,70 +4019,120 @@ class Bench:
                 times_ms.append(None)
             await asyncio.sleep(HEALTH_PROBE_S)
 
-    async def soak(self, minutes: float) -> dict[str, Any]:
-        """Meetup rounds back to back for `minutes`, sampling the server's memory after each."""
-        began, rounds, faults, worst_p99, exact = time.monotonic(), 0, 0, 0.0, True
-        samples = [[0.0, self.server.rss_mb()]]
+    async def soak(self, minutes: float, figures: dict[str, Any]) -> None:
+        """Meetup rounds back to back for `minutes`, sampling the server's memory after each; the figures
+        (`figures["soak"]`) and a progress line are brought up to date after every round."""
+        began = time.monotonic()
+        k = figures["soak"] = {"minutes": minutes, "rounds": 0, "rss_mb": [[0.0, self.server.rss_mb()]],
+                               "lost_or_reordered": 0, "worst_latency_p99_ms": 0.0, "tallies_exact": True}
         while time.monotonic() - began < minutes * 60:
             stream, row = await self.stream(self.preset.rate, 10**6, round(self.preset.stream_s * 1000))
             votes = await self.votes(row)
-            rounds += 1
-            faults += sum(stream["lost"]) + sum(stream["reordered"])
-            worst_p99 = max(worst_p99, stream["latency_ms"]["p99"] or 0.0)
-            exact = exact and votes["tallies_exact"]
-            samples.append([round((time.monotonic() - began) / 60, 2), self.server.rss_mb()])
-        return {"minutes": minutes, "rounds": rounds, "rss_mb": samples, "lost_or_reordered": faults,
-                "worst_latency_p99_ms": worst_p99, "tallies_exact": exact}
+            k["rounds"] += 1
+            k["lost_or_reordered"] += sum(stream["lost"]) + sum(stream["reordered"])
+            k["worst_latency_p99_ms"] = max(k["worst_latency_p99_ms"], stream["latency_ms"]["p99"] or 0.0)
+            k["tallies_exact"] = k["tallies_exact"] and votes["tallies_exact"]
+            k["rss_mb"].append([round((time.monotonic() - began) / 60, 2), self.server.rss_mb()])
+            say(f"    soak round {k['rounds']} at {k['rss_mb'][-1][0]:g} min: RSS {k['rss_mb'][-1][1] or 0:.1f} MB, "
+                f"lost or reordered {k['lost_or_reordered']}, tallies {'exact' if k['tallies_exact'] else 'WRONG'}")
 
 
-async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0.0,
-                affinity: bool = True, attack: bool = True) -> dict[str, Any]:
-    """Start a server on loopback, measure it under `preset`, stop it; return the figures."""
+def say(text: str) -> None:
+    """One of bench's progress lines, on stderr: stdout holds the table and the JSON line alone."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0.0, affinity: bool = True,
+                attack: bool = True, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start a server on loopback, measure it under `preset`, stop it; return the figures.
+
+    `figures` fills up as the phases end, so a run stopped midway keeps what it
+    measured; meanwhile its "running" key names the phase under way.
+    """
     cpus = split_cpus(affinity)
-    figures: dict[str, Any] = {"preset": vars(preset).copy(), "machine": {
+    figures = {} if figures is None else figures
+    figures.update({"running": "start-up", "preset": vars(preset).copy(), "machine": {
         "cpus": os.cpu_count(), "server_cpus": sorted(cpus[0]) if cpus else None,
         "load_generator_cpus": sorted(cpus[1]) if cpus else None, "python": sys.version.split()[0],
-        "load_before": [round(x, 2) for x in os.getloadavg()]}}
-    with tempfile.TemporaryDirectory(prefix="gambiarra-bench-") as folder, \
-            BenchServer(Path(folder), cpus[0] if cpus else None) as server:
-        host = Simulation(SimOptions(url=server.base, bots=0, screens=0, progress=False))
-        async with host.running():
-            figures["rss_mb"] = {"before": server.rss_mb()}
-            pin = (await host.call("POST", "/session"))["pin"]
-            slices = worker_slices(preset, server.base, pin, attack)
-            figures["machine"]["load_generator_processes"] = len(slices)
-            workers = Workers(slices, cpus[1] if cpus else None)
-            run = Bench(preset, server, workers, host)
-            watch = asyncio.ensure_future(run.watch_memory())
-            try:
-                await workers.ready()
-                await run_phases(run, figures, saturation, soak_minutes, attack)
-            finally:
-                watch.cancel()
-                workers.close()
-            figures["rss_mb"].update(after=server.rss_mb(), max=round(run.rss_max_mb, 1))
-    figures["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        "load_before": [round(x, 2) for x in os.getloadavg()]}})
+    say("starting a server on a temporary database and a free loopback port")
+    try:
+        with tempfile.TemporaryDirectory(prefix="gambiarra-bench-") as folder, \
+                BenchServer(Path(folder), cpus[0] if cpus else None) as server:
+            host = Simulation(SimOptions(url=server.base, bots=0, screens=0, progress=False))
+            async with host.running():
+                figures["rss_mb"] = {"before": server.rss_mb()}
+                pin = (await host.call("POST", "/session"))["pin"]
+                slices = worker_slices(preset, server.base, pin, attack)
+                figures["machine"]["load_generator_processes"] = len(slices)
+                say(f"server at {server.base} on CPU {figures['machine']['server_cpus'] or 'any'}; starting "
+                    f"{len(slices)} load-generator processes on CPU {figures['machine']['load_generator_cpus'] or 'any'}")
+                workers = Workers(slices, cpus[1] if cpus else None)
+                run = Bench(preset, server, workers, host)
+                watch = asyncio.ensure_future(run.watch_memory())
+                try:
+                    await workers.ready()
+                    await run_phases(run, figures, saturation, soak_minutes, attack)
+                except NoServer:
+                    raise RuntimeError(f"its server stopped answering; its log ends:\n{server.log_tail()}") from None
+                finally:
+                    watch.cancel()
+                    workers.close()
+                figures["rss_mb"].update(after=server.rss_mb(), max=round(run.rss_max_mb, 1))
+    finally:
+        figures["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return figures
+
+
+class PhaseLog:
+    """bench's progress: a line as each phase starts, and its figures as it ends."""
+
+    def __init__(self, figures: dict[str, Any], phases: int) -> None:
+        self.figures = figures
+        self.phases = phases
+        self.number = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str, plan: str, key: str | None = None) -> Any:
+        """Say what the phase does; when it ends, how long it took and, if `key` names its figures, their rows."""
+        self.number += 1
+        step, began = f"[{self.number}/{self.phases}] {name}", time.monotonic()
+        self.figures["running"] = name
+        say(f"{step}: {plan}")
+        yield
+        del self.figures["running"]
+        say(f"{step}: done in {time.monotonic() - began:.0f} s")
+        for figure, text, *_ in phase_rows(self.figures, key) if key else []:
+            say(f"    {figure}: {text}")
 
 
 async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak_minutes: float,
                      attack: bool) -> None:
     """The preset's evening (join, a streamed round, its votes), then the flat-out round, the round under
     attack, and the soak."""
-    preset = run.preset
-    figures["join"] = await run.join()
-    figures["stream"], row = await run.stream(preset.rate, 10**6, round(preset.stream_s * 1000))
-    figures["votes"] = await run.votes(row)
-    figures["rss_mb"]["preset_max"] = round(run.rss_max_mb, 1)
+    p = run.preset
+    log = PhaseLog(figures, 3 + saturation + attack + bool(soak_minutes))
+    with log.phase("join burst", f"{p.runners} runners connect and register at once", "join"):
+        figures["join"] = await run.join()
+    with log.phase("streamed round", f"{p.runners} runners x {p.rate:g} tok/s for {p.stream_s:g} s, "
+                                     f"{p.screens} arena screens watching", "stream"):
+        figures["stream"], row = await run.stream(p.rate, 10**6, round(p.stream_s * 1000))
+    with log.phase("votes", f"{p.voters} voters on {p.phones} phones, {p.vote_rate:g} votes/s offered", "votes"):
+        figures["votes"] = await run.votes(row)
+        figures["rss_mb"]["preset_max"] = round(run.rss_max_mb, 1)
     if saturation:
-        figures["saturation"], row = await run.stream(0, preset.saturation_tokens, 600_000)
-        await run.finish(row)
-        figures["rss_mb"]["saturation_max"] = round(run.rss_max_mb, 1)
+        with log.phase("flat out", f"each runner sends {p.saturation_tokens:,} tokens as fast as it can",
+                       "saturation"):
+            figures["saturation"], row = await run.stream(0, p.saturation_tokens, 600_000)
+            await run.finish(row)
+            figures["rss_mb"]["saturation_max"] = round(run.rss_max_mb, 1)
     if attack:
-        figures["attack"] = await run.under_attack()
-        figures["rss_mb"]["attack_max"] = round(run.rss_max_mb, 1)
+        with log.phase("under attack", f"strangers attack while the runners stream for {p.stream_s:g} s", "attack"):
+            figures["attack"] = await run.under_attack()
+            figures["rss_mb"]["attack_max"] = round(run.rss_max_mb, 1)
     if soak_minutes:
-        figures["soak"] = await run.soak(soak_minutes)
+        with log.phase("soak", f"rounds back to back for {soak_minutes:g} min, a line after each"):
+            await run.soak(soak_minutes, figures)
 
 
 def verdict(ok: bool | None) -> str:
@@ -4091,44 +4146,59 @@ def cpu_note(phase: dict[str, Any]) -> str:
             f"load {phase['load_cpu_share']:.0%}")
 
 
-def report_rows(f: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str]]:
-    """(figure, measured, target, met?, CPU during it) for each row of bench's table."""
-    j, s, v, rss = f["join"], f["stream"], f["votes"], f["rss_mb"]
-    rows = [
-        ("join burst", f"{j['registered']}/{j['runners']}, each within {j['max_s']:.3f} s of connecting (p50 "
-                       f"{j['p50_s']:.3f} s); the last {j['wall_s']} s after the first", "each < 0.5 s",
-         j["registered"] == j["runners"] and j["max_s"] < 0.5, cpu_note(j)),
-        ("challenge fan-out", f"p50 {s['fanout_ms']['p50']} ms, p99 {s['fanout_ms']['p99']} ms", "", None, ""),
-        ("token -> screen", f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, max "
-                            f"{s['latency_ms']['max']} ms at {s['tokens_per_s']:,} tok/s", "p99 < 20 ms",
-         s["latency_ms"]["p99"] is not None and s["latency_ms"]["p99"] < 20, cpu_note(s)),
-        ("lost / reordered", f"{s['lost']} / {s['reordered']}; phones got {s['phone_token_updates']} tokens",
-         "0 / 0", not any(s["lost"] + s["reordered"]), ""),
-        ("votes", f"{v['votes']:,} at {v['per_s']:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
-                  f"{v['latency_ms']['p50']} ms, p99 {v['latency_ms']['p99']} ms, tallies "
-                  f"{'exact' if v['tallies_exact'] else 'WRONG'}", ">= 2,000/s, p99 < 100 ms",
-         (v["per_s"] or 0) >= 2000 and (v["latency_ms"]["p99"] or 1e9) < 100 and v["tallies_exact"], cpu_note(v)),
-        ("server RSS", f"{rss['before']:.1f} MB idle, max {rss['preset_max']} MB", "< 100 MB",
-         rss["preset_max"] < 100, ""),
-    ]
-    if "saturation" in f:
-        t = f["saturation"]
-        rows.append(("flat out", f"{t['tokens_per_s']:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
-                                 f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
-                     ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
-                     cpu_note(t)))
-    if "attack" in f:
-        rows += attack_rows(f["attack"], rss["attack_max"])
-    rows.append(("server CPU", f"{s['cpu_s_per_1000_tokens']} s per 1,000 tokens streaming" +
-                 (f", {f['saturation']['cpu_s_per_1000_tokens']} s flat out" if "saturation" in f else ""), "", None, ""))
+Row = tuple[str, str, str, bool | None, str]       # figure, measured, target, met?, CPU during it
+PHASES = ("join", "stream", "votes", "saturation", "attack")   # bench's figures, in the table's order
+
+
+def report_rows(f: dict[str, Any]) -> list[Row]:
+    """Each row of bench's table, for the phases measured (all, unless the run was interrupted)."""
+    rows = [row for phase in PHASES if phase in f for row in phase_rows(f, phase)]
+    if "stream" in f:
+        rows.append(("server CPU", f"{f['stream']['cpu_s_per_1000_tokens']} s per 1,000 tokens streaming" +
+                     (f", {f['saturation']['cpu_s_per_1000_tokens']} s flat out" if "saturation" in f else ""),
+                     "", None, ""))
     return rows
+
+
+def phase_rows(f: dict[str, Any], phase: str) -> list[Row]:
+    """The rows of one phase's figures."""
+    rss = f["rss_mb"]
+    if phase == "join":
+        j = f["join"]
+        return [("join burst", f"{j['registered']}/{j['runners']}, each within {j['max_s'] or 0:.3f} s of connecting "
+                               f"(p50 {j['p50_s'] or 0:.3f} s); the last {j['wall_s']} s after the first",
+                 "each < 0.5 s", j["registered"] == j["runners"] and j["max_s"] < 0.5, cpu_note(j))]
+    if phase == "stream":
+        s = f["stream"]
+        return [("challenge fan-out", f"p50 {s['fanout_ms']['p50']} ms, p99 {s['fanout_ms']['p99']} ms", "", None, ""),
+                ("token -> screen", f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, max "
+                                    f"{s['latency_ms']['max']} ms at {s['tokens_per_s'] or 0:,} tok/s", "p99 < 20 ms",
+                 s["latency_ms"]["p99"] is not None and s["latency_ms"]["p99"] < 20, cpu_note(s)),
+                ("lost / reordered", f"{s['lost']} / {s['reordered']}; phones got {s['phone_token_updates']} tokens",
+                 "0 / 0", not any(s["lost"] + s["reordered"]), "")]
+    if phase == "votes":
+        v = f["votes"]
+        return [("votes", f"{v['votes']:,} at {v['per_s'] or 0:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
+                          f"{v['latency_ms']['p50']} ms, p99 {v['latency_ms']['p99']} ms, tallies "
+                          f"{'exact' if v['tallies_exact'] else 'WRONG'}", ">= 2,000/s, p99 < 100 ms",
+                 (v["per_s"] or 0) >= 2000 and (v["latency_ms"]["p99"] or 1e9) < 100 and v["tallies_exact"],
+                 cpu_note(v)),
+                ("server RSS", f"{rss['before']:.1f} MB idle, max {rss['preset_max']} MB", "< 100 MB",
+                 rss["preset_max"] < 100, "")]
+    if phase == "saturation":
+        t = f["saturation"]
+        return [("flat out", f"{t['tokens_per_s'] or 0:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
+                             f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
+                 ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
+                 cpu_note(t))]
+    return attack_rows(f["attack"], rss["attack_max"])
 
 
 ATTACK_KINDS = {"stalled": "stalled screens", "idle": "idle connections", "loop": "telao_register loop",
                 "guess": "wrong PINs"}
 
 
-def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[tuple[str, str, str, bool | None, str]]:
+def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[Row]:
     """The round under attack: the honest screens' latency and losses, /health's time, each attacker's haul."""
     latency, health, late = a["latency_ms"], a["health_ms"], a["late_runner"]
     rows = [("under attack", f"token -> screen p50 {latency['p50']} ms, p99 {latency['p99']} ms, max "
@@ -4158,18 +4228,23 @@ def attack_outcome(counts: dict[str, int], kind: str) -> str:
 
 
 def bench_report(f: dict[str, Any]) -> str:
-    """The figures as a table, with the CPU each was measured under and, for ten-x, the targets met."""
+    """The figures as a table, with the CPU each was measured under and, for ten-x, the targets and whether
+    each was met. A run stopped midway shows the phases it finished."""
     p, m = f["preset"], f["machine"]
-    rows = report_rows(f)
-    if {k: v for k, v in p.items() if k != "name"} != vars(BENCH_PRESETS["ten-x"]):
-        rows = [(name, text, target, None, cpu) for name, text, target, _, cpu in rows]   # the targets are ten-x's
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    judged = {k: v for k, v in p.items() if k != "name"} == vars(BENCH_PRESETS["ten-x"])
+    rows = [(name, text, target, verdict(ok), cpu) if judged else (name, text, cpu)    # the targets are ten-x's
+            for name, text, target, ok, cpu in report_rows(f)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
     lines = [f"bench: {p['runners']} runners x {p['rate']:g} tok/s, {p['screens']} arena screens, {p['phones']} voting "
              f"phones, {p['voters']} voters",
-             f"server on CPU {m['server_cpus']}, {m['load_generator_processes']} load-generator processes on CPU "
-             f"{m['load_generator_cpus']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after", ""]
-    lines += [f"{name:{widths[0]}}  {text:{widths[1]}}  {target:{widths[2]}}  {verdict(ok):6}  {cpu}".rstrip()
-              for name, text, target, ok, cpu in rows]
+             f"server on CPU {m['server_cpus']}, {m.get('load_generator_processes', 0)} load-generator processes on "
+             f"CPU {m['load_generator_cpus']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after"]
+    if "stopped_during" in f:
+        lines.append(f"STOPPED during {f['stopped_during']}: the figures of the phases before it")
+    if not judged:
+        lines.append("(no targets: they are judged for the unmodified ten-x preset only)")
+    lines += [""] + ["  ".join([*(f"{cell:{width}}" for cell, width in zip(row, widths)), row[-1]]).rstrip()
+                     for row in rows]
     if "soak" in f:
         k = f["soak"]
         lines += ["", f"soak: {k['rounds']} rounds in {k['minutes']:g} min; lost or reordered {k['lost_or_reordered']}; "
@@ -4244,14 +4319,25 @@ def bench_command(argv: list[str]) -> None:
         parser.error("--stream-s must be at least 1: a round's deadline is at least a second")
     if max(preset.wrong_pin_addresses, preset.register_loops, -(-preset.stalled_screens // STALLED_PER_ADDRESS)) > 254:
         parser.error(f"the attackers have 254 addresses of each kind ({STALLED_PER_ADDRESS} stalled screens on each)")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # TERM stops a run as Ctrl-C does
+    # TERM stops a run as Ctrl-C does: asyncio cancels it at its next await, never midway through
+    # starting a process (a KeyboardInterrupt raised there leaves a half-spawned worker behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    figures: dict[str, Any] = {}
+    failure = None
     try:
-        figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity, not a.no_attack))
+        asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity, not a.no_attack, figures))
     except KeyboardInterrupt:
-        raise SystemExit("bench: interrupted; its server and load generators are stopped") from None
-    figures["preset"]["name"] = a.preset
-    print(bench_report(figures))
-    print(dumps(figures), flush=True)
+        failure = "interrupted; its server and load generators are stopped"
+    except RuntimeError as exc:
+        failure = str(exc)
+    if "preset" in figures:                     # what was measured, even when stopped midway
+        if failure:
+            figures["stopped_during"] = figures.pop("running", "the clean-up after the last phase")
+        figures["preset"]["name"] = a.preset
+        print(bench_report(figures))
+        print(dumps(figures), flush=True)
+    if failure:
+        raise SystemExit(f"bench: {failure}")
 
 
 # =============================================================================
