@@ -2831,6 +2831,7 @@ class Bot:
             return                              # the connection never came back: the answer is lost
         self.answered.add(round_index)
         self.sim.tally.completes += 1
+        self.sim.progress.answered(round_index)
 
     async def stream(self, challenge: dict[str, Any], began: float) -> tuple[int, float | None]:
         """Generate the tokens at this bot's pace, sending those the connection lets through."""
@@ -3327,14 +3328,16 @@ class Progress:
             self.ended.add(self.round)
             self.round = None
 
+    def answered(self, round_index: int) -> None:
+        """A bot has answered: say so once every bot has."""
+        if self.sim.answered(round_index):
+            waiting = "" if self.sim.options.drive else "; waiting for the host to stop the round"
+            self.once(round_index, "answered", f"round {round_index}: all {len(self.sim.bots)} bots answered{waiting}")
+
     async def run(self) -> None:
-        """Refresh the line every half second; say when every bot has answered."""
+        """Refresh the line every half second."""
         while True:
             self.observe()
-            if self.round is not None and self.sim.answered(self.round):
-                waiting = "" if self.sim.options.drive else "; waiting for the host to stop the round"
-                self.once(self.round, "answered", f"round {self.round}: all {len(self.sim.bots)} bots answered"
-                                                  + waiting)
             self.show()
             await asyncio.sleep(0.5)
 
