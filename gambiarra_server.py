@@ -2625,6 +2625,11 @@ def bump(counter: dict[Any, int], key: Any) -> None:
     counter[key] = counter.get(key, 0) + 1
 
 
+def counts_text(counter: dict[str, int]) -> str:
+    """Counts for the host to read: "INVALID_PIN x3, KICKED x1"."""
+    return ", ".join(f"{key} x{n}" for key, n in sorted(counter.items()))
+
+
 def socket_gone() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a `websockets` connection failed or ended."""
     from websockets.exceptions import InvalidHandshake, WebSocketException
@@ -3142,7 +3147,7 @@ class Simulation:
 
     def note(self, text: str) -> None:
         """A remark for the summary; once the bots have joined, also a line as it happens."""
-        if text not in self.notes and self.progress.joined:
+        if text not in self.notes and self.progress.joined_said:
             self.progress.event(text)
         self.notes[text] = None
 
@@ -3217,15 +3222,22 @@ class Simulation:
         """Every arena screen here has seen `tokens` tokens since the tally was last taken."""
         return all(self.tally.seen.get(s.number, 0) >= tokens for s in self.screens if s.view == "arena")
 
+    def refusals(self) -> dict[str, int]:
+        """Why bots are out of the game (a refusal's code, or UNREACHABLE), each with how many."""
+        out: dict[str, int] = {}
+        for bot in self.bots:
+            if bot.refused:
+                bump(out, bot.refused)
+        return out
+
     def check_bots(self) -> None:
         """Stop when every bot is out of the game: the server is gone, or it refused them all."""
-        out = [bot.refused for bot in self.bots]
-        if not out or not all(out):
+        out = self.refusals()
+        if not self.bots or sum(out.values()) < len(self.bots):
             return
-        if set(out) == {"UNREACHABLE"}:
+        if list(out) == ["UNREACHABLE"]:
             raise NoServer(self.options.url)
-        raise RuntimeError("every bot was refused: " + ", ".join(f"{code} x{out.count(code)}"
-                                                                 for code in sorted(set(out))))
+        raise RuntimeError(f"every bot was refused: {counts_text(out)}")
 
     def current_round(self) -> int | None:
         """The latest round a bot was challenged with."""
@@ -3250,7 +3262,7 @@ class Progress:
         self.sim = sim
         self.enabled = enabled
         self.live = sys.stdout.isatty()
-        self.joined = False
+        self.joined_said = False
         self.told: set[tuple[int, str]] = set()     # (round, event) already printed
         self.round: int | None = None
         self.ended: set[int] = set()
@@ -3281,12 +3293,10 @@ class Progress:
 
     def bots_joined(self) -> None:
         """How many bots registered, and why the others were refused."""
-        bots = self.sim.bots
-        out = [bot.refused for bot in bots if bot.refused]
-        refused = ", ".join(f"{code} x{out.count(code)}" for code in sorted(set(out)))
+        bots, refused = self.sim.bots, counts_text(self.sim.refusals())
         self.event(f"{sum(bot.registered_at is not None for bot in bots)}/{len(bots)} bots registered"
                    + (f"; refused: {refused}" if refused else ""))
-        self.joined = True
+        self.joined_said = True
 
     def wait_for_host(self) -> None:
         self.event("waiting for the host to start a round (admin page or curl; --drive plays the host)")
@@ -3427,7 +3437,7 @@ def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
                      else "") + f" tokens; {sum(t.out_of_order.values())} arrived out of order (resent after a drop)")
     if sim.voters:
         lines.append(f"  votes    {t.votes:,} accepted ({figure_ms(t.vote_ms)}), {t.votes_refused} refused")
-    lines.append("  errors   " + (", ".join(f"{code} x{n}" for code, n in sorted(t.errors.items())) or "none"))
+    lines.append("  errors   " + (counts_text(t.errors) or "none"))
     lines += [f"  note     {text}" for text in list(sim.notes)[:5]]
     return "\n".join(lines)
 

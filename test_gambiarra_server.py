@@ -3829,6 +3829,13 @@ def test_simulate_without_a_server_says_so_in_one_line_and_how_to_start_one(pin_
                            f"(start it with: python3 gambiarra_server.py --port {port})\n")
 
 
+async def test_simulate_stops_with_the_reason_when_every_bot_is_refused(room: Room, pin: str) -> None:
+    """A wrong --pin: the rehearsal ends with why, instead of waiting for rounds no bot can answer."""
+    wrong = "1" * len(pin) if pin != "1" * len(pin) else "2" * len(pin)
+    with pytest.raises(RuntimeError, match=r"^every bot was refused: INVALID_PIN x3$"):
+        await asyncio.wait_for(gs.simulate(sim_options(room, wrong, bots=3, rounds=1)), 30)
+
+
 async def next_line(stream: asyncio.StreamReader, wanted: str) -> list[str]:
     """Lines from a subprocess until one holding `wanted` (inclusive)."""
     lines: list[str] = []
