@@ -4178,20 +4178,20 @@ def phase_rows(f: dict[str, Any], phase: str) -> list[Row]:
     rss = f["rss_mb"]
     if phase == "join":
         j = f["join"]
-        return [("join burst", f"{j['registered']}/{j['runners']}, each within {j['max_s'] or 0:.3f} s of connecting "
-                               f"(p50 {j['p50_s'] or 0:.3f} s); the last {j['wall_s']} s after the first",
+        return [("join burst", f"{j['registered']}/{j['runners']}, each within {j['max_s']:.3f} s of connecting "
+                               f"(p50 {j['p50_s']:.3f} s); the last {j['wall_s']} s after the first",
                  "each < 0.5 s", j["registered"] == j["runners"] and j["max_s"] < 0.5, cpu_note(j))]
     if phase == "stream":
         s = f["stream"]
         return [("challenge fan-out", f"p50 {s['fanout_ms']['p50']} ms, p99 {s['fanout_ms']['p99']} ms", "", None, ""),
                 ("token -> screen", f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, max "
-                                    f"{s['latency_ms']['max']} ms at {s['tokens_per_s'] or 0:,} tok/s", "p99 < 20 ms",
+                                    f"{s['latency_ms']['max']} ms at {s['tokens_per_s']:,} tok/s", "p99 < 20 ms",
                  s["latency_ms"]["p99"] is not None and s["latency_ms"]["p99"] < 20, cpu_note(s)),
                 ("lost / reordered", f"{s['lost']} / {s['reordered']}; phones got {s['phone_token_updates']} tokens",
                  "0 / 0", not any(s["lost"] + s["reordered"]), "")]
     if phase == "votes":
         v = f["votes"]
-        return [("votes", f"{v['votes']:,} at {v['per_s'] or 0:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
+        return [("votes", f"{v['votes']:,} at {v['per_s']:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
                           f"{v['latency_ms']['p50']} ms, p99 {v['latency_ms']['p99']} ms, tallies "
                           f"{'exact' if v['tallies_exact'] else 'WRONG'}", ">= 2,000/s, p99 < 100 ms",
                  (v["per_s"] or 0) >= 2000 and (v["latency_ms"]["p99"] or 1e9) < 100 and v["tallies_exact"],
@@ -4200,7 +4200,7 @@ def phase_rows(f: dict[str, Any], phase: str) -> list[Row]:
                  rss["preset_max"] < 100, "")]
     if phase == "saturation":
         t = f["saturation"]
-        return [("flat out", f"{t['tokens_per_s'] or 0:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
+        return [("flat out", f"{t['tokens_per_s']:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
                              f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
                  ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
                  cpu_note(t))]
