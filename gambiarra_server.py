@@ -3352,7 +3352,7 @@ class Progress:
             await asyncio.sleep(0.5)
 
 
-async def join(sim: Simulation) -> None:
+async def wait_for_bots(sim: Simulation) -> None:
     """Wait for the bots to register (30 s at most), say how many did, and stop if none is left to play."""
     await wait_until(sim.joined, 30)
     sim.progress.bots_joined()
@@ -3361,7 +3361,7 @@ async def join(sim: Simulation) -> None:
 
 async def follow_rounds(sim: Simulation) -> None:
     """Answer the rounds the host runs; with --rounds, stop once that many are answered and voted."""
-    await join(sim)
+    await wait_for_bots(sim)
     sim.progress.wait_for_host()
     finished: set[int] = set()
     while not sim.options.rounds or len(finished) < sim.options.rounds:
@@ -3378,7 +3378,7 @@ async def follow_rounds(sim: Simulation) -> None:
 async def drive_rounds(sim: Simulation) -> None:
     """Play the host too: each round from challenge to closed voting, --rounds times (3 by default)."""
     options = sim.options
-    await join(sim)
+    await wait_for_bots(sim)
     for n in range(options.rounds or 3):
         row = await sim.call("POST", "/rounds", {"prompt": PROMPTS[n % len(PROMPTS)], "maxTokens": options.max_tokens,
                                                  "deadlineMs": options.deadline_ms})
@@ -4046,11 +4046,11 @@ class Bench:
             k["worst_latency_p99_ms"] = max(k["worst_latency_p99_ms"], stream["latency_ms"]["p99"] or 0.0)
             k["tallies_exact"] = k["tallies_exact"] and votes["tallies_exact"]
             k["rss_mb"].append([round((time.monotonic() - began) / 60, 2), self.server.rss_mb()])
-            say(f"    soak round {k['rounds']} at {k['rss_mb'][-1][0]:g} min: RSS {k['rss_mb'][-1][1] or 0:.1f} MB, "
+            bench_says(f"    soak round {k['rounds']} at {k['rss_mb'][-1][0]:g} min: RSS {k['rss_mb'][-1][1] or 0:.1f} MB, "
                 f"lost or reordered {k['lost_or_reordered']}, tallies {'exact' if k['tallies_exact'] else 'WRONG'}")
 
 
-def say(text: str) -> None:
+def bench_says(text: str) -> None:
     """One of bench's progress lines, on stderr: stdout holds the table and the JSON line alone."""
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
@@ -4068,7 +4068,7 @@ async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0
         "cpus": os.cpu_count(), "server_cpus": sorted(cpus[0]) if cpus else None,
         "load_generator_cpus": sorted(cpus[1]) if cpus else None, "python": sys.version.split()[0],
         "load_before": [round(x, 2) for x in os.getloadavg()]}})
-    say("starting a server on a temporary database and a free loopback port")
+    bench_says("starting a server on a temporary database and a free loopback port")
     try:
         with tempfile.TemporaryDirectory(prefix="gambiarra-bench-") as folder, \
                 BenchServer(Path(folder), cpus[0] if cpus else None) as server:
@@ -4078,7 +4078,7 @@ async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0
                 pin = (await host.call("POST", "/session"))["pin"]
                 slices = worker_slices(preset, server.base, pin, attack)
                 figures["machine"]["load_generator_processes"] = len(slices)
-                say(f"server at {server.base} on CPU {figures['machine']['server_cpus'] or 'any'}; starting "
+                bench_says(f"server at {server.base} on CPU {figures['machine']['server_cpus'] or 'any'}; starting "
                     f"{len(slices)} load-generator processes on CPU {figures['machine']['load_generator_cpus'] or 'any'}")
                 workers = Workers(slices, cpus[1] if cpus else None)
                 run = Bench(preset, server, workers, host)
@@ -4111,12 +4111,12 @@ class PhaseLog:
         self.number += 1
         step, began = f"[{self.number}/{self.phases}] {name}", time.monotonic()
         self.figures["running"] = name
-        say(f"{step}: {plan}")
+        bench_says(f"{step}: {plan}")
         yield
         del self.figures["running"]
-        say(f"{step}: done in {time.monotonic() - began:.0f} s")
+        bench_says(f"{step}: done in {time.monotonic() - began:.0f} s")
         for figure, text, *_ in phase_rows(self.figures, key) if key else []:
-            say(f"    {figure}: {text}")
+            bench_says(f"    {figure}: {text}")
 
 
 async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak_minutes: float,
