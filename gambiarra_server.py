@@ -439,8 +439,8 @@ def database_problem(path: Path) -> str | None:
 # is installed (bottle breaks its order for its command line in the same way).
 try:
     import bcrypt
-    from aiohttp import (ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, WSMsgType,
-                         WSServerHandshakeError, web)
+    from aiohttp import (ClientConnectionError, ClientConnectorError, ClientSession, ClientTimeout,
+                         ConnectionTimeoutError, TCPConnector, WSCloseCode, WSMsgType, WSServerHandshakeError, web)
     from aiohttp import ClientError as HTTPClientError      # our own ClientError is the errors a client causes
 except ImportError as exc:
     if __name__ != "__main__":
@@ -4578,10 +4578,33 @@ def bump(counter: dict[Any, int], key: Any) -> None:
     counter[key] = counter.get(key, 0) + 1
 
 
+def counts_text(counter: dict[str, int]) -> str:
+    """Counts for the host to read: "INVALID_PIN x3, KICKED x1"."""
+    return ", ".join(f"{key} x{n}" for key, n in sorted(counter.items()))
+
+
 def socket_gone() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a `websockets` connection failed or ended."""
     from websockets.exceptions import InvalidHandshake, WebSocketException
     return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
+
+
+class NoServer(RuntimeError):
+    """Nothing answers at the server's address: say where, and how to start one there."""
+
+    def __init__(self, url: str) -> None:
+        port = urllib.parse.urlsplit(url).port
+        flag = f" --port {port}" if port and port != Config.port else ""
+        super().__init__(f"no server at {url.rstrip('/')} (start it with: python3 {Path(__file__).name}{flag})")
+
+
+@contextlib.contextmanager
+def reaching(url: str) -> Any:
+    """Turn a connection refused, an unknown host or a connect timeout into NoServer."""
+    try:
+        yield
+    except (ClientConnectorError, ConnectionTimeoutError):
+        raise NoServer(url) from None
 
 
 @dataclass
@@ -4766,6 +4789,7 @@ class Bot:
             return                              # the connection never came back: the answer is lost
         self.answered.add(round_index)
         self.sim.tally.completes += 1
+        self.sim.progress.answered(round_index)
 
     async def stream(self, challenge: dict[str, Any], began: float) -> tuple[int, float | None]:
         """Generate the tokens at this bot's pace, sending those the connection lets through."""
@@ -4904,6 +4928,8 @@ class Screen:
         elif kind in ("round_state", "state_snapshot") and m["round"]:
             self.sim.round_ids[m["round"]["index"]] = m["round"]["id"]
             if m["round"]["votingStatus"] == "open" and self.sim.may_vote(m["round"]["id"]):
+                if kind == "round_state":               # as it happens, not a snapshot's past
+                    self.sim.progress.voting_opened(m["round"]["index"])
                 for voter in self.voters:
                     voter.start(m["round"])
         elif kind == "registered_telao":
@@ -5073,6 +5099,9 @@ class Simulation:
         return self.ballots is None or round_id in self.ballots
 
     def note(self, text: str) -> None:
+        """A remark for the summary; once the bots have joined, also a line as it happens."""
+        if text not in self.notes and self.progress.joined_said:
+            self.progress.event(text)
         self.notes[text] = None
 
     def take_tally(self) -> Tally:
@@ -5083,9 +5112,10 @@ class Simulation:
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         """One HTTP call as the host (or a phone); a refusal raises RuntimeError with the server's words."""
         headers = {"Authorization": f"Bearer {self.options.admin_token}"} if self.options.admin_token else {}
-        async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
-                                     headers=headers) as response:
-            data = await response.json(content_type=None)
+        with reaching(self.options.url):
+            async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
+                                         headers=headers) as response:
+                data = await response.json(content_type=None)
             if response.status >= 400:
                 raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
             return data
@@ -5097,10 +5127,11 @@ class Simulation:
         that is each phone's own work, not the server's.
         """
         started = time.monotonic()
-        async with self.http.get(self.options.url.rstrip("/") + f"/api/rounds/{round_id}/responses",
-                                 headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
-            raw = await response.read()
-            packed = response.headers.get("Content-Encoding") == "gzip"
+        with reaching(self.options.url):
+            async with self.http.get(self.options.url.rstrip("/") + f"/api/rounds/{round_id}/responses",
+                                     headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
+                raw = await response.read()
+                packed = response.headers.get("Content-Encoding") == "gzip"
         if response.status != 200:
             raise RuntimeError(f"GET /api/rounds/{round_id}/responses: {response.status}")
         if raw != self.answers_read[0]:
@@ -5144,6 +5175,23 @@ class Simulation:
         """Every arena screen here has seen `tokens` tokens since the tally was last taken."""
         return all(self.tally.seen.get(s.number, 0) >= tokens for s in self.screens if s.view == "arena")
 
+    def refusals(self) -> dict[str, int]:
+        """Why bots are out of the game (a refusal's code, or UNREACHABLE), each with how many."""
+        out: dict[str, int] = {}
+        for bot in self.bots:
+            if bot.refused:
+                bump(out, bot.refused)
+        return out
+
+    def check_bots(self) -> None:
+        """Stop when every bot is out of the game: the server is gone, or it refused them all."""
+        out = self.refusals()
+        if not self.bots or sum(out.values()) < len(self.bots):
+            return
+        if list(out) == ["UNREACHABLE"]:
+            raise NoServer(self.options.url)
+        raise RuntimeError(f"every bot was refused: {counts_text(out)}")
+
     def current_round(self) -> int | None:
         """The latest round a bot was challenged with."""
         return max((bot.answering for bot in self.bots if bot.answering is not None), default=None)
@@ -5156,12 +5204,19 @@ class Simulation:
 
 
 class Progress:
-    """One live line per round: answers, tokens, screens, drops and votes since its first challenge."""
+    """One live line per round: answers, tokens, screens, drops and votes since its first challenge.
+
+    On a terminal the line is redrawn in place; piped, it is printed when the round
+    ends. Either way each event that matters (the bots joined, a round started, all
+    answered, voting opened, a refusal) gets a line of its own as it happens.
+    """
 
     def __init__(self, sim: Simulation, enabled: bool) -> None:
         self.sim = sim
         self.enabled = enabled
         self.live = sys.stdout.isatty()
+        self.joined_said = False
+        self.told: set[tuple[int, str]] = set()     # (round, event) already printed
         self.round: int | None = None
         self.ended: set[int] = set()
         self.mark = Tally()
@@ -5176,6 +5231,33 @@ class Progress:
         t = self.sim.tally
         self.mark = Tally(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
         self.round, self.began, self.streamed, self.tokens = round_index, time.monotonic(), time.monotonic(), 0
+        self.event(f"round {round_index}: challenge received, {len(self.sim.bots)} bots answering")
+
+    def event(self, text: str) -> None:
+        """A line of its own, above the live line on a terminal."""
+        if self.enabled:
+            print(("\r\x1b[K" if self.live else "") + text, flush=True)
+
+    def once(self, round_index: int, what: str, text: str) -> None:
+        """An event of a round, printed the first time only."""
+        if (round_index, what) not in self.told:
+            self.told.add((round_index, what))
+            self.event(text)
+
+    def bots_joined(self) -> None:
+        """How many bots registered, and why the others were refused."""
+        bots, refused = self.sim.bots, counts_text(self.sim.refusals())
+        self.event(f"{sum(bot.registered_at is not None for bot in bots)}/{len(bots)} bots registered"
+                   + (f"; refused: {refused}" if refused else ""))
+        self.joined_said = True
+
+    def wait_for_host(self) -> None:
+        self.event("waiting for the host to start a round (admin page or curl; --drive plays the host)")
+
+    def voting_opened(self, round_index: int) -> None:
+        voters = len(self.sim.voters)
+        self.once(round_index, "voting", f"round {round_index}: voting open" + (f", {voters} voters voting"
+                                                                                  if voters else ""))
 
     def observe(self) -> None:
         """Note when tokens last flowed: the line's rate is over the streaming, not the voting after it."""
@@ -5209,6 +5291,12 @@ class Progress:
             self.ended.add(self.round)
             self.round = None
 
+    def answered(self, round_index: int) -> None:
+        """A bot has answered: say so once every bot has."""
+        if self.sim.answered(round_index):
+            waiting = "" if self.sim.options.drive else "; waiting for the host to stop the round"
+            self.once(round_index, "answered", f"round {round_index}: all {len(self.sim.bots)} bots answered{waiting}")
+
     async def run(self) -> None:
         """Refresh the line every half second."""
         while True:
@@ -5217,21 +5305,33 @@ class Progress:
             await asyncio.sleep(0.5)
 
 
+async def wait_for_bots(sim: Simulation) -> None:
+    """Wait for the bots to register (30 s at most), say how many did, and stop if none is left to play."""
+    await wait_until(sim.joined, 30)
+    sim.progress.bots_joined()
+    sim.check_bots()
+
+
 async def follow_rounds(sim: Simulation) -> None:
     """Answer the rounds the host runs; with --rounds, stop once that many are answered and voted."""
+    await wait_for_bots(sim)
+    sim.progress.wait_for_host()
     finished: set[int] = set()
     while not sim.options.rounds or len(finished) < sim.options.rounds:
         await asyncio.sleep(WAIT_STEP_S)
+        sim.check_bots()
         current = sim.current_round()
         if current is not None and current not in finished and sim.finished(current):
             finished.add(current)
             sim.progress.end()
+            if len(finished) != sim.options.rounds:
+                sim.progress.wait_for_host()
 
 
 async def drive_rounds(sim: Simulation) -> None:
     """Play the host too: each round from challenge to closed voting, --rounds times (3 by default)."""
     options = sim.options
-    await wait_until(sim.joined, 30)
+    await wait_for_bots(sim)
     for n in range(options.rounds or 3):
         row = await sim.call("POST", "/rounds", {"prompt": PROMPTS[n % len(PROMPTS)], "maxTokens": options.max_tokens,
                                                  "deadlineMs": options.deadline_ms})
@@ -5249,6 +5349,7 @@ async def simulate(options: SimOptions) -> Tally:
     sim = Simulation(options)
     began = time.monotonic()
     async with sim.running():
+        await sim.call("GET", "/health")            # no server: say so now, not once the bots give up
         sim.pin = await sim.find_pin()
         await sim.start_screens()
         sim.start_bots()
@@ -5289,7 +5390,7 @@ def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
                      else "") + f" tokens; {sum(t.out_of_order.values())} arrived out of order (resent after a drop)")
     if sim.voters:
         lines.append(f"  votes    {t.votes:,} accepted ({figure_ms(t.vote_ms)}), {t.votes_refused} refused")
-    lines.append("  errors   " + (", ".join(f"{code} x{n}" for code, n in sorted(t.errors.items())) or "none"))
+    lines.append("  errors   " + (counts_text(t.errors) or "none"))
     lines += [f"  note     {text}" for text in list(sim.notes)[:5]]
     return "\n".join(lines)
 
@@ -5386,7 +5487,7 @@ class BenchServer:
                 self.base = f"http://127.0.0.1:{int(line.split('port ')[1].split()[0])}"
                 return self
         self.__exit__()
-        raise RuntimeError("the server did not start:\n" + (self.folder / "server.log").read_text()[-2000:])
+        raise RuntimeError(f"the server did not start:\n{self.log_tail()}")
 
     def __exit__(self, *exc_info: Any) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
@@ -5398,6 +5499,10 @@ class BenchServer:
             self.process.wait()
         self.process.stdout.close()
         self.log.close()
+
+    def log_tail(self) -> str:
+        """The end of the server's log (its stderr), to show why it stopped."""
+        return (self.folder / "server.log").read_text()[-2000:]
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.process.pid) or 0.0
@@ -5705,8 +5810,9 @@ class Workers:
         for _, conn in self.pipes:
             with contextlib.suppress(OSError):
                 conn.send(("stop", (), 0))
+        deadline = time.monotonic() + 10        # for all: a worker busy with an order reads "stop" only after it
         for process in self.processes:
-            process.join(10)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
 
@@ -5879,70 +5985,120 @@ class Bench:
                 times_ms.append(None)
             await asyncio.sleep(HEALTH_PROBE_S)
 
-    async def soak(self, minutes: float) -> dict[str, Any]:
-        """Meetup rounds back to back for `minutes`, sampling the server's memory after each."""
-        began, rounds, faults, worst_p99, exact = time.monotonic(), 0, 0, 0.0, True
-        samples = [[0.0, self.server.rss_mb()]]
+    async def soak(self, minutes: float, figures: dict[str, Any]) -> None:
+        """Meetup rounds back to back for `minutes`, sampling the server's memory after each; the figures
+        (`figures["soak"]`) and a progress line are brought up to date after every round."""
+        began = time.monotonic()
+        k = figures["soak"] = {"minutes": minutes, "rounds": 0, "rss_mb": [[0.0, self.server.rss_mb()]],
+                               "lost_or_reordered": 0, "worst_latency_p99_ms": 0.0, "tallies_exact": True}
         while time.monotonic() - began < minutes * 60:
             stream, row = await self.stream(self.preset.rate, 10**6, round(self.preset.stream_s * 1000))
             votes = await self.votes(row)
-            rounds += 1
-            faults += sum(stream["lost"]) + sum(stream["reordered"])
-            worst_p99 = max(worst_p99, stream["latency_ms"]["p99"] or 0.0)
-            exact = exact and votes["tallies_exact"]
-            samples.append([round((time.monotonic() - began) / 60, 2), self.server.rss_mb()])
-        return {"minutes": minutes, "rounds": rounds, "rss_mb": samples, "lost_or_reordered": faults,
-                "worst_latency_p99_ms": worst_p99, "tallies_exact": exact}
+            k["rounds"] += 1
+            k["lost_or_reordered"] += sum(stream["lost"]) + sum(stream["reordered"])
+            k["worst_latency_p99_ms"] = max(k["worst_latency_p99_ms"], stream["latency_ms"]["p99"] or 0.0)
+            k["tallies_exact"] = k["tallies_exact"] and votes["tallies_exact"]
+            k["rss_mb"].append([round((time.monotonic() - began) / 60, 2), self.server.rss_mb()])
+            bench_says(f"    soak round {k['rounds']} at {k['rss_mb'][-1][0]:g} min: RSS {k['rss_mb'][-1][1] or 0:.1f} MB, "
+                f"lost or reordered {k['lost_or_reordered']}, tallies {'exact' if k['tallies_exact'] else 'WRONG'}")
 
 
-async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0.0,
-                affinity: bool = True, attack: bool = True) -> dict[str, Any]:
-    """Start a server on loopback, measure it under `preset`, stop it; return the figures."""
+def bench_says(text: str) -> None:
+    """One of bench's progress lines, on stderr: stdout holds the table and the JSON line alone."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+async def bench(preset: Preset, saturation: bool = True, soak_minutes: float = 0.0, affinity: bool = True,
+                attack: bool = True, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start a server on loopback, measure it under `preset`, stop it; return the figures.
+
+    `figures` fills up as the phases end, so a run stopped midway keeps what it
+    measured; meanwhile its "running" key names the phase under way.
+    """
     cpus = split_cpus(affinity)
-    figures: dict[str, Any] = {"preset": vars(preset).copy(), "machine": {
+    figures = {} if figures is None else figures
+    figures.update({"running": "start-up", "preset": vars(preset).copy(), "machine": {
         "cpus": os.cpu_count(), "server_cpus": sorted(cpus[0]) if cpus else None,
         "load_generator_cpus": sorted(cpus[1]) if cpus else None, "python": sys.version.split()[0],
-        "load_before": [round(x, 2) for x in os.getloadavg()]}}
-    with tempfile.TemporaryDirectory(prefix="gambiarra-bench-") as folder, \
-            BenchServer(Path(folder), cpus[0] if cpus else None) as server:
-        host = Simulation(SimOptions(url=server.base, bots=0, screens=0, progress=False))
-        async with host.running():
-            figures["rss_mb"] = {"before": server.rss_mb()}
-            pin = (await host.call("POST", "/session"))["pin"]
-            slices = worker_slices(preset, server.base, pin, attack)
-            figures["machine"]["load_generator_processes"] = len(slices)
-            workers = Workers(slices, cpus[1] if cpus else None)
-            run = Bench(preset, server, workers, host)
-            watch = asyncio.ensure_future(run.watch_memory())
-            try:
-                await workers.ready()
-                await run_phases(run, figures, saturation, soak_minutes, attack)
-            finally:
-                watch.cancel()
-                workers.close()
-            figures["rss_mb"].update(after=server.rss_mb(), max=round(run.rss_max_mb, 1))
-    figures["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        "load_before": [round(x, 2) for x in os.getloadavg()]}})
+    bench_says("starting a server on a temporary database and a free loopback port")
+    try:
+        with tempfile.TemporaryDirectory(prefix="gambiarra-bench-") as folder, \
+                BenchServer(Path(folder), cpus[0] if cpus else None) as server:
+            host = Simulation(SimOptions(url=server.base, bots=0, screens=0, progress=False))
+            async with host.running():
+                figures["rss_mb"] = {"before": server.rss_mb()}
+                pin = (await host.call("POST", "/session"))["pin"]
+                slices = worker_slices(preset, server.base, pin, attack)
+                figures["machine"]["load_generator_processes"] = len(slices)
+                bench_says(f"server at {server.base} on CPU {figures['machine']['server_cpus'] or 'any'}; starting "
+                    f"{len(slices)} load-generator processes on CPU {figures['machine']['load_generator_cpus'] or 'any'}")
+                workers = Workers(slices, cpus[1] if cpus else None)
+                run = Bench(preset, server, workers, host)
+                watch = asyncio.ensure_future(run.watch_memory())
+                try:
+                    await workers.ready()
+                    await run_phases(run, figures, saturation, soak_minutes, attack)
+                except NoServer:
+                    raise RuntimeError(f"its server stopped answering; its log ends:\n{server.log_tail()}") from None
+                finally:
+                    watch.cancel()
+                    workers.close()
+                figures["rss_mb"].update(after=server.rss_mb(), max=round(run.rss_max_mb, 1))
+    finally:
+        figures["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return figures
+
+
+class PhaseLog:
+    """bench's progress: a line as each phase starts, and its figures as it ends."""
+
+    def __init__(self, figures: dict[str, Any], phases: int) -> None:
+        self.figures = figures
+        self.phases = phases
+        self.number = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str, plan: str, key: str | None = None) -> Any:
+        """Say what the phase does; when it ends, how long it took and, if `key` names its figures, their rows."""
+        self.number += 1
+        step, began = f"[{self.number}/{self.phases}] {name}", time.monotonic()
+        self.figures["running"] = name
+        bench_says(f"{step}: {plan}")
+        yield
+        del self.figures["running"]
+        bench_says(f"{step}: done in {time.monotonic() - began:.0f} s")
+        for figure, text, *_ in phase_rows(self.figures, key) if key else []:
+            bench_says(f"    {figure}: {text}")
 
 
 async def run_phases(run: Bench, figures: dict[str, Any], saturation: bool, soak_minutes: float,
                      attack: bool) -> None:
     """The preset's evening (join, a streamed round, its votes), then the flat-out round, the round under
     attack, and the soak."""
-    preset = run.preset
-    figures["join"] = await run.join()
-    figures["stream"], row = await run.stream(preset.rate, 10**6, round(preset.stream_s * 1000))
-    figures["votes"] = await run.votes(row)
-    figures["rss_mb"]["preset_max"] = round(run.rss_max_mb, 1)
+    p = run.preset
+    log = PhaseLog(figures, 3 + saturation + attack + bool(soak_minutes))
+    with log.phase("join burst", f"{p.runners} runners connect and register at once", "join"):
+        figures["join"] = await run.join()
+    with log.phase("streamed round", f"{p.runners} runners x {p.rate:g} tok/s for {p.stream_s:g} s, "
+                                     f"{p.screens} arena screens watching", "stream"):
+        figures["stream"], row = await run.stream(p.rate, 10**6, round(p.stream_s * 1000))
+    with log.phase("votes", f"{p.voters} voters on {p.phones} phones, {p.vote_rate:g} votes/s offered", "votes"):
+        figures["votes"] = await run.votes(row)
+        figures["rss_mb"]["preset_max"] = round(run.rss_max_mb, 1)
     if saturation:
-        figures["saturation"], row = await run.stream(0, preset.saturation_tokens, 600_000)
-        await run.finish(row)
-        figures["rss_mb"]["saturation_max"] = round(run.rss_max_mb, 1)
+        with log.phase("flat out", f"each runner sends {p.saturation_tokens:,} tokens as fast as it can",
+                       "saturation"):
+            figures["saturation"], row = await run.stream(0, p.saturation_tokens, 600_000)
+            await run.finish(row)
+            figures["rss_mb"]["saturation_max"] = round(run.rss_max_mb, 1)
     if attack:
-        figures["attack"] = await run.under_attack()
-        figures["rss_mb"]["attack_max"] = round(run.rss_max_mb, 1)
+        with log.phase("under attack", f"strangers attack while the runners stream for {p.stream_s:g} s", "attack"):
+            figures["attack"] = await run.under_attack()
+            figures["rss_mb"]["attack_max"] = round(run.rss_max_mb, 1)
     if soak_minutes:
-        figures["soak"] = await run.soak(soak_minutes)
+        with log.phase("soak", f"rounds back to back for {soak_minutes:g} min, a line after each"):
+            await run.soak(soak_minutes, figures)
 
 
 def verdict(ok: bool | None) -> str:
@@ -5956,44 +6112,59 @@ def cpu_note(phase: dict[str, Any]) -> str:
             f"load {phase['load_cpu_share']:.0%}")
 
 
-def report_rows(f: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str]]:
-    """(figure, measured, target, met?, CPU during it) for each row of bench's table."""
-    j, s, v, rss = f["join"], f["stream"], f["votes"], f["rss_mb"]
-    rows = [
-        ("join burst", f"{j['registered']}/{j['runners']}, each within {j['max_s']:.3f} s of connecting (p50 "
-                       f"{j['p50_s']:.3f} s); the last {j['wall_s']} s after the first", "each < 0.5 s",
-         j["registered"] == j["runners"] and j["max_s"] < 0.5, cpu_note(j)),
-        ("challenge fan-out", f"p50 {s['fanout_ms']['p50']} ms, p99 {s['fanout_ms']['p99']} ms", "", None, ""),
-        ("token -> screen", f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, max "
-                            f"{s['latency_ms']['max']} ms at {s['tokens_per_s']:,} tok/s", "p99 < 20 ms",
-         s["latency_ms"]["p99"] is not None and s["latency_ms"]["p99"] < 20, cpu_note(s)),
-        ("lost / reordered", f"{s['lost']} / {s['reordered']}; phones got {s['phone_token_updates']} tokens",
-         "0 / 0", not any(s["lost"] + s["reordered"]), ""),
-        ("votes", f"{v['votes']:,} at {v['per_s']:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
-                  f"{v['latency_ms']['p50']} ms, p99 {v['latency_ms']['p99']} ms, tallies "
-                  f"{'exact' if v['tallies_exact'] else 'WRONG'}", ">= 2,000/s, p99 < 100 ms",
-         (v["per_s"] or 0) >= 2000 and (v["latency_ms"]["p99"] or 1e9) < 100 and v["tallies_exact"], cpu_note(v)),
-        ("server RSS", f"{rss['before']:.1f} MB idle, max {rss['preset_max']} MB", "< 100 MB",
-         rss["preset_max"] < 100, ""),
-    ]
-    if "saturation" in f:
-        t = f["saturation"]
-        rows.append(("flat out", f"{t['tokens_per_s']:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
-                                 f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
-                     ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
-                     cpu_note(t)))
-    if "attack" in f:
-        rows += attack_rows(f["attack"], rss["attack_max"])
-    rows.append(("server CPU", f"{s['cpu_s_per_1000_tokens']} s per 1,000 tokens streaming" +
-                 (f", {f['saturation']['cpu_s_per_1000_tokens']} s flat out" if "saturation" in f else ""), "", None, ""))
+Row = tuple[str, str, str, bool | None, str]       # figure, measured, target, met?, CPU during it
+PHASES = ("join", "stream", "votes", "saturation", "attack")   # bench's figures, in the table's order
+
+
+def report_rows(f: dict[str, Any]) -> list[Row]:
+    """Each row of bench's table, for the phases measured (all, unless the run was interrupted)."""
+    rows = [row for phase in PHASES if phase in f for row in phase_rows(f, phase)]
+    if "stream" in f:
+        rows.append(("server CPU", f"{f['stream']['cpu_s_per_1000_tokens']} s per 1,000 tokens streaming" +
+                     (f", {f['saturation']['cpu_s_per_1000_tokens']} s flat out" if "saturation" in f else ""),
+                     "", None, ""))
     return rows
+
+
+def phase_rows(f: dict[str, Any], phase: str) -> list[Row]:
+    """The rows of one phase's figures."""
+    rss = f["rss_mb"]
+    if phase == "join":
+        j = f["join"]
+        return [("join burst", f"{j['registered']}/{j['runners']}, each within {j['max_s']:.3f} s of connecting "
+                               f"(p50 {j['p50_s']:.3f} s); the last {j['wall_s']} s after the first",
+                 "each < 0.5 s", j["registered"] == j["runners"] and j["max_s"] < 0.5, cpu_note(j))]
+    if phase == "stream":
+        s = f["stream"]
+        return [("challenge fan-out", f"p50 {s['fanout_ms']['p50']} ms, p99 {s['fanout_ms']['p99']} ms", "", None, ""),
+                ("token -> screen", f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, max "
+                                    f"{s['latency_ms']['max']} ms at {s['tokens_per_s']:,} tok/s", "p99 < 20 ms",
+                 s["latency_ms"]["p99"] is not None and s["latency_ms"]["p99"] < 20, cpu_note(s)),
+                ("lost / reordered", f"{s['lost']} / {s['reordered']}; phones got {s['phone_token_updates']} tokens",
+                 "0 / 0", not any(s["lost"] + s["reordered"]), "")]
+    if phase == "votes":
+        v = f["votes"]
+        return [("votes", f"{v['votes']:,} at {v['per_s']:,}/s (offered {v['offered_per_s']:,.0f}), p50 "
+                          f"{v['latency_ms']['p50']} ms, p99 {v['latency_ms']['p99']} ms, tallies "
+                          f"{'exact' if v['tallies_exact'] else 'WRONG'}", ">= 2,000/s, p99 < 100 ms",
+                 (v["per_s"] or 0) >= 2000 and (v["latency_ms"]["p99"] or 1e9) < 100 and v["tallies_exact"],
+                 cpu_note(v)),
+                ("server RSS", f"{rss['before']:.1f} MB idle, max {rss['preset_max']} MB", "< 100 MB",
+                 rss["preset_max"] < 100, "")]
+    if phase == "saturation":
+        t = f["saturation"]
+        return [("flat out", f"{t['tokens_per_s']:,} tok/s to {len(t['lost'])} screens, lost {t['lost']}, "
+                             f"reordered {t['reordered']}; RSS max {rss['saturation_max']} MB",
+                 ">= 20,000 tok/s, 0 lost", (t["tokens_per_s"] or 0) >= 20_000 and not any(t["lost"] + t["reordered"]),
+                 cpu_note(t))]
+    return attack_rows(f["attack"], rss["attack_max"])
 
 
 ATTACK_KINDS = {"stalled": "stalled screens", "idle": "idle connections", "loop": "telao_register loop",
                 "guess": "wrong PINs"}
 
 
-def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[tuple[str, str, str, bool | None, str]]:
+def attack_rows(a: dict[str, Any], rss_max_mb: float) -> list[Row]:
     """The round under attack: the honest screens' latency and losses, /health's time, each attacker's haul."""
     latency, health, late = a["latency_ms"], a["health_ms"], a["late_runner"]
     rows = [("under attack", f"token -> screen p50 {latency['p50']} ms, p99 {latency['p99']} ms, max "
@@ -6023,18 +6194,23 @@ def attack_outcome(counts: dict[str, int], kind: str) -> str:
 
 
 def bench_report(f: dict[str, Any]) -> str:
-    """The figures as a table, with the CPU each was measured under and, for ten-x, the targets met."""
+    """The figures as a table, with the CPU each was measured under and, for ten-x, the targets and whether
+    each was met. A run stopped midway shows the phases it finished."""
     p, m = f["preset"], f["machine"]
-    rows = report_rows(f)
-    if {k: v for k, v in p.items() if k != "name"} != vars(BENCH_PRESETS["ten-x"]):
-        rows = [(name, text, target, None, cpu) for name, text, target, _, cpu in rows]   # the targets are ten-x's
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    judged = {k: v for k, v in p.items() if k != "name"} == vars(BENCH_PRESETS["ten-x"])
+    rows = [(name, text, target, verdict(ok), cpu) if judged else (name, text, cpu)    # the targets are ten-x's
+            for name, text, target, ok, cpu in report_rows(f)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
     lines = [f"bench: {p['runners']} runners x {p['rate']:g} tok/s, {p['screens']} arena screens, {p['phones']} voting "
              f"phones, {p['voters']} voters",
-             f"server on CPU {m['server_cpus']}, {m['load_generator_processes']} load-generator processes on CPU "
-             f"{m['load_generator_cpus']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after", ""]
-    lines += [f"{name:{widths[0]}}  {text:{widths[1]}}  {target:{widths[2]}}  {verdict(ok):6}  {cpu}".rstrip()
-              for name, text, target, ok, cpu in rows]
+             f"server on CPU {m['server_cpus']}, {m.get('load_generator_processes', 0)} load-generator processes on "
+             f"CPU {m['load_generator_cpus']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after"]
+    if "stopped_during" in f:
+        lines.append(f"STOPPED during {f['stopped_during']}: the figures of the phases before it")
+    if not judged:
+        lines.append("(no targets: they are judged for the unmodified ten-x preset only)")
+    lines += [""] + ["  ".join([*(f"{cell:{width}}" for cell, width in zip(row, widths)), row[-1]]).rstrip()
+                     for row in rows]
     if "soak" in f:
         k = f["soak"]
         lines += ["", f"soak: {k['rounds']} rounds in {k['minutes']:g} min; lost or reordered {k['lost_or_reordered']}; "
@@ -6109,14 +6285,25 @@ def bench_command(argv: list[str]) -> None:
         parser.error("--stream-s must be at least 1: a round's deadline is at least a second")
     if max(preset.wrong_pin_addresses, preset.register_loops, -(-preset.stalled_screens // STALLED_PER_ADDRESS)) > 254:
         parser.error(f"the attackers have 254 addresses of each kind ({STALLED_PER_ADDRESS} stalled screens on each)")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # TERM stops a run as Ctrl-C does
+    # TERM stops a run as Ctrl-C does: asyncio cancels it at its next await, never midway through
+    # starting a process (a KeyboardInterrupt raised there leaves a half-spawned worker behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    figures: dict[str, Any] = {}
+    failure = None
     try:
-        figures = asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity, not a.no_attack))
+        asyncio.run(bench(preset, not a.no_saturation, a.soak, not a.no_affinity, not a.no_attack, figures))
     except KeyboardInterrupt:
-        raise SystemExit("bench: interrupted; its server and load generators are stopped") from None
-    figures["preset"]["name"] = a.preset
-    print(bench_report(figures))
-    print(dumps(figures), flush=True)
+        failure = "interrupted; its server and load generators are stopped"
+    except RuntimeError as exc:
+        failure = str(exc)
+    if "preset" in figures:                     # what was measured, even when stopped midway
+        if failure:
+            figures["stopped_during"] = figures.pop("running", "the clean-up after the last phase")
+        figures["preset"]["name"] = a.preset
+        print(bench_report(figures))
+        print(dumps(figures), flush=True)
+    if failure:
+        raise SystemExit(f"bench: {failure}")
 
 
 # =============================================================================

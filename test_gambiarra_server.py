@@ -5332,7 +5332,10 @@ def test_bench_measures_a_tiny_room_end_to_end() -> None:
         assert figures[phase]["lost"] == [0, 0] and figures[phase]["reordered"] == [0, 0]
         assert figures[phase]["phone_token_updates"] == 0
     assert figures["votes"]["votes"] == 4 and figures["votes"]["tallies_exact"]          # 2 voters x 2 answers
-    assert "bench: 4 runners" in gs.bench_report(figures)
+    report = gs.bench_report(figures)
+    assert "bench: 4 runners" in report and "each < 0.5 s" not in report     # targets are ten-x's alone
+    as_ten_x = gs.bench_report({**figures, "preset": {**vars(gs.BENCH_PRESETS["ten-x"]), "name": "ten-x"}})
+    assert "each < 0.5 s" in as_ten_x and "(no targets" not in as_ten_x
 
 
 def test_bench_streams_a_round_under_attack_and_reports_what_the_attackers_got() -> None:
@@ -5380,8 +5383,9 @@ def test_bench_stopped_with_sigterm_stops_its_server_and_load() -> None:
         assert len(started) >= 3
     finally:
         bench.send_signal(signal.SIGTERM)
-        _, err = bench.communicate(timeout=60)
+        out, err = bench.communicate(timeout=60)
     assert "interrupted" in err and "Traceback" not in err
+    assert json.loads(out.splitlines()[-1])["stopped_during"] in ("start-up", "join burst")   # and what it measured
     deadline = time.monotonic() + 10          # bench is gone; its children may take a moment to follow
     while any(alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -5394,3 +5398,110 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- rehearsal: what the host reads while it runs --------------------------------
+
+REHEARSAL = [sys.executable, str(HERE / "gambiarra_server.py")]
+TINY_MEETUP = ["bench", "--preset", "meetup", "--runners", "2", "--screens", "1", "--phones", "1", "--voters", "1",
+               "--stream-s", "1", "--vote-rate", "100", "--saturation-tokens", "20", "--no-affinity"]
+
+
+@pytest.mark.parametrize("pin_given", [False, True])
+def test_simulate_without_a_server_says_so_in_one_line_and_how_to_start_one(pin_given: bool) -> None:
+    """No server at --url (with --pin too, which used to wait for bots to give up): one line, no traceback."""
+    with socket.socket() as taken:                  # bound, never listening: a port where nothing answers
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        done = subprocess.run([*REHEARSAL, "simulate", "--url", f"http://127.0.0.1:{port}",
+                               *(["--pin", "123456"] if pin_given else [])],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == (f"simulate: no server at http://127.0.0.1:{port} "
+                           f"(start it with: python3 gambiarra_server.py --port {port})\n")
+
+
+async def test_simulate_stops_with_the_reason_when_every_bot_is_refused(room: Room, pin: str) -> None:
+    """A wrong --pin: the rehearsal ends with why, instead of waiting for rounds no bot can answer."""
+    wrong = "1" * len(pin) if pin != "1" * len(pin) else "2" * len(pin)
+    with pytest.raises(RuntimeError, match=r"^every bot was refused: INVALID_PIN x3$"):
+        await asyncio.wait_for(gs.simulate(sim_options(room, wrong, bots=3, rounds=1)), 30)
+
+
+async def next_line(stream: asyncio.StreamReader, wanted: str) -> list[str]:
+    """Lines from a subprocess until one holding `wanted` (inclusive)."""
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while not lines or wanted not in lines[-1]:
+            line = await stream.readline()
+            assert line, f"ended before {wanted!r}: {lines}"
+            lines.append(line.decode().rstrip("\n"))
+    return lines
+
+
+async def test_a_piped_simulate_prints_a_line_per_event_and_says_it_waits_for_the_host(room: Room, pin: str) -> None:
+    """Without --drive and with stdout a pipe: who registered, that it waits for the host, then each step
+    of the host's round as it happens, the round's line, and the summary."""
+    simulate = await asyncio.create_subprocess_exec(
+        *REHEARSAL, "simulate", "--url", room.base, "--pin", pin, "--bots", "3", "--rate", "200", "--voters", "2",
+        "--vote-pace", "0.01", "--rounds", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert await next_line(simulate.stdout, "waiting for the host") == [
+            "3/3 bots registered",
+            "waiting for the host to start a round (admin page or curl; --drive plays the host)"]
+        rnd = await room.host.new_round("Um haiku, por favor", maxTokens=10)
+        await room.host.start(rnd["id"])
+        assert await next_line(simulate.stdout, "all 3 bots answered") == [
+            "round 1: challenge received, 3 bots answering",
+            "round 1: all 3 bots answered; waiting for the host to stop the round"]
+        await room.host.stop(rnd["id"])
+        assert await next_line(simulate.stdout, "voting open") == ["round 1: voting open, 2 voters voting"]
+        out, err = await asyncio.wait_for(simulate.communicate(), 30)
+    finally:
+        if simulate.returncode is None:
+            simulate.kill()
+            await simulate.wait()
+    assert simulate.returncode == 0 and err == b""
+    rest = out.decode().splitlines()
+    assert re.fullmatch(r"round 1: 3/3 answered · \d+ tokens \(\d+/s\) · screens 100% · 0 drops \(0 resumed\) · "
+                        r"6 votes", rest[0]), rest[0]
+    assert rest[1].startswith("simulate: 1 round in ") and "\r" not in out.decode()
+
+
+def test_bench_prints_each_phase_as_it_runs_and_what_it_measured_when_interrupted() -> None:
+    """A line as each phase starts and its figures as it ends (on stderr); a Ctrl-C during the soak prints the
+    table and JSON of every finished phase and of the soak rounds so far. A meetup table has no targets."""
+    bench = subprocess.Popen([*REHEARSAL, *TINY_MEETUP, "--no-attack", "--soak", "5"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    progress = []
+    try:
+        for line in bench.stderr:
+            progress.append(line.rstrip("\n"))
+            if "soak round 1 " in line:
+                break
+    finally:
+        bench.send_signal(signal.SIGINT)            # the bench alone: its server and workers stop through it
+        out, err = bench.communicate(timeout=60)
+    steps = [line for line in progress if line.startswith("bench: [")]
+    assert steps == ["bench: [1/5] join burst: 2 runners connect and register at once",
+                     steps[1],
+                     "bench: [2/5] streamed round: 2 runners x 30 tok/s for 1 s, 1 arena screens watching",
+                     steps[3],
+                     "bench: [3/5] votes: 1 voters on 1 phones, 100 votes/s offered",
+                     steps[5],
+                     "bench: [4/5] flat out: each runner sends 20 tokens as fast as it can",
+                     steps[7],
+                     "bench: [5/5] soak: rounds back to back for 5 min, a line after each"]
+    assert all(re.fullmatch(r"bench: \[\d/5\] [a-z ]+: done in \d+ s", steps[n]) for n in (1, 3, 5, 7))
+    assert "bench:     lost / reordered: [0] / [0]; phones got 0 tokens" in progress
+    assert err.splitlines()[-1] == "bench: interrupted; its server and load generators are stopped"
+    assert bench.returncode == 1 and "Traceback" not in err
+    table, figures = out.splitlines()[:-1], json.loads(out.splitlines()[-1])
+    assert "STOPPED during soak: the figures of the phases before it" in table
+    assert "(no targets: they are judged for the unmodified ten-x preset only)" in table
+    assert not any("each < 0.5 s" in row or row.rstrip().endswith(" ok") for row in table)
+    assert [row.split("  ")[0] for row in table if row.startswith(("join", "votes", "flat out"))] == [
+        "join burst", "votes", "flat out"]
+    assert figures["stopped_during"] == "soak" and figures["preset"]["name"] == "meetup"
+    assert figures["join"]["registered"] == 2 and figures["votes"]["tallies_exact"]
+    assert figures["soak"]["rounds"] >= 1 and figures["soak"]["lost_or_reordered"] == 0
