@@ -721,18 +721,20 @@ class Pace:
 
 
 class RareLog:
-    """Warnings a client can cause as often as it likes: each kind at most once per RARE_LOG_S."""
+    """Warnings a client can cause as often as it likes: each kind (or address) at most once per `every_s`,
+    the next line counting those left out."""
 
-    def __init__(self) -> None:
-        self.last: dict[str, float] = {}
+    def __init__(self, every_s: float) -> None:
+        self.lines = Throttle(1, every_s)
         self.left_out: dict[str, int] = {}
 
     def warning(self, kind: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(kind, -math.inf) < RARE_LOG_S:
+        if self.lines.wait_s(kind):
+            if len(self.left_out) > 10_000:             # keys that never came back: their counts go
+                self.left_out.clear()
             self.left_out[kind] = self.left_out.get(kind, 0) + 1
             return
-        self.last[kind] = now
+        self.lines.add(kind)
         left_out = self.left_out.pop(kind, 0)
         log.warning(message + (f" (and {left_out} more like it since the last such line)" if left_out else ""),
                     *args)
@@ -2194,7 +2196,9 @@ class Server:
     answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
     # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
     responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
-    rare_log: RareLog = field(default_factory=RareLog)
+    rare_log: RareLog = field(default_factory=lambda: RareLog(RARE_LOG_S))
+    # Refusals a host wants to see, but not once per request: one line per address a minute.
+    refusal_log: RareLog = field(default_factory=lambda: RareLog(60.0))
 
     def __post_init__(self) -> None:
         self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
@@ -2209,13 +2213,6 @@ class Server:
         self.own_addresses: set[str] = set()             # this machine's LAN addresses, found at start-up
         self.own_names = {"localhost"}                   # with this machine's names, found at start-up
         self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
-        self.told = Throttle(1, 60.0)                   # for warn_once
-
-    def warn_once(self, key: str, message: str, *args: Any) -> None:
-        """Log a warning the first time `key` comes up in a minute: a flood of refusals is one line, not a flood."""
-        if not self.told.wait_s(key):
-            log.warning(message, *args)
-        self.told.add(key)
 
     def event(self, event_type: str, *, actor: tuple[str, str | None] = SYSTEM,
               target: tuple[str | None, str | None] = NO_TARGET, metadata: dict[str, Any] | None = None) -> tuple:
@@ -2592,8 +2589,8 @@ def log_refusal(server: Server, peer: Peer, message: dict[str, Any], exc: Client
     """One line per refused register: who, from where, why. A throttled address's are one line a minute."""
     args = (loggable(message.get("participant_id")), loggable(peer.address), exc.code, loggable(exc))
     if isinstance(exc, TooMany):
-        server.warn_once(f"pin {peer.address}", "WS_REFUSED register %s from %s: %s (%s); logged once a minute",
-                         *args)
+        server.refusal_log.warning(f"pin {peer.address}", "WS_REFUSED register %s from %s: %s (%s); logged once a "
+                                   "minute", *args)
     else:
         log.warning("WS_REFUSED register %s from %s: %s (%s)", *args)
 
@@ -2713,8 +2710,8 @@ def require_host(server: Server, request: web.Request) -> None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.config.admin_token.encode()):
         address = client_address(request, server.config)
-        server.warn_once(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
-                         loggable(address), loggable(request.method), loggable(request.path))
+        server.refusal_log.warning(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
+                                   loggable(address), loggable(request.method), loggable(request.path))
         raise Forbidden("Wrong admin token")
 
 
@@ -3404,9 +3401,9 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
         wait_s = server.http_throttle.wait_s(address)
         if wait_s:
             access_log.warning("HTTP_429 %s %s", loggable(address), loggable(request.path))
-            server.warn_once(f"429 {address}", "throttled: %s is over %d HTTP requests in %g s and gets 429 until "
-                             "its window ends", loggable(address), server.config.rate_limit_max,
-                             server.config.rate_limit_window_s)
+            server.refusal_log.warning(f"429 {address}", "throttled: %s is over %d HTTP requests in %g s and gets 429 "
+                                       "until its window ends", loggable(address), server.config.rate_limit_max,
+                                       server.config.rate_limit_window_s)
             raise TooMany(f"Too many requests from your address; try again in {math.ceil(wait_s)} s", wait_s)
         server.http_throttle.add(address)
     return await handler(request)

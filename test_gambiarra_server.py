@@ -3927,7 +3927,7 @@ def test_asyncio_socket_errors_make_a_line_every_few_seconds(caplog: pytest.LogC
     anything else still reaches asyncio's own handler."""
     loop = asyncio.new_event_loop()
     try:
-        handle = gs.quiet_socket_errors(gs.RareLog())
+        handle = gs.quiet_socket_errors(gs.RareLog(gs.RARE_LOG_S))
         for _ in range(1000):
             handle(loop, {"message": "socket.accept() out of system resource",
                           "exception": OSError(24, "Too many open files")})
