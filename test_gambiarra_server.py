@@ -3587,6 +3587,184 @@ async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vo
 
 
 # =============================================================================
+# Pages: in a real browser
+# =============================================================================
+#
+# Headless Chromium (Debian's package, driven by the playwright package) opens each
+# page from the real server, while simulated runners and phones do their part; the
+# tests read what a person would see. Any console error or failed load fails a test.
+# Without Chromium or playwright these tests are skipped, saying which is missing.
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+async def browser() -> Any:
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("browser tests need the playwright package (pip install playwright)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("browser tests need Chromium (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def tab(browser: Any) -> Callable:
+    """Open a page in a fresh browser context (a phone of its own); at the end, fail on any error it logged."""
+    errors: list[str] = []
+    contexts = []
+
+    async def open_tab(url: str, width: int = 1600, height: int = 900) -> Any:
+        context = await browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(context)
+        context.set_default_timeout(TIMEOUT_S * 1000)
+        page = await context.new_page()
+        page.on("console", lambda message: message.type == "error" and errors.append(f"{url}: {message.text}"))
+        page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+        page.on("requestfailed", lambda request: errors.append(f"{request.url}: {request.failure}"))
+        await page.goto(url)
+        return page
+    yield open_tab
+    for context in contexts:
+        await context.close()
+    assert errors == []
+
+
+def expect(target: Any) -> Any:
+    from playwright.async_api import expect as playwright_expect
+    return playwright_expect(target)
+
+
+async def qr_text(page: Any, selector: str) -> str | None:
+    """What a phone's camera would read from the QR code drawn on the canvas `selector`."""
+    zxingcpp = pytest.importorskip("zxingcpp", reason="reading the QR code needs zxing-cpp (pip install zxing-cpp)")
+    side, pixels = await page.eval_on_selector(selector, """canvas => {
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        return [canvas.width, Array.from({length: data.length / 4}, (_, i) => data[i * 4])];
+    }""")
+    found = zxingcpp.read_barcodes(memoryview(bytes(pixels)).cast("B", (side, side)))
+    return found[0].text if found else None
+
+
+async def test_pages_are_html_for_browsers_while_their_routes_stay_json(room: Room, pin: str) -> None:
+    """A browser gets each page, uncached and self-contained; curl and fetch() still get the API's JSON."""
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    for page in gs.PAGES:
+        for path in (page.path, f"/ui/{page.name}"):
+            async with room.host.http.get(room.base + path, headers=html) as response:
+                body = await response.text()
+                assert response.status == 200 and response.content_type == "text/html", path
+                assert response.headers["Cache-Control"] == "no-store"
+                assert "script-src 'nonce-" in response.headers["Content-Security-Policy"]
+                assert not re.search(r"""(src|href)=["']?(https?:)?//""", body), path     # nothing fetched elsewhere
+    assert (await room.host.status("GET", "/scoreboard"))[0] == 404          # no round yet: the API's answer
+    async with room.host.http.get(room.base + "/api/scoreboard", headers=html) as response:
+        assert response.content_type == "application/json"
+
+
+async def test_the_big_screen_shows_how_to_join_with_a_qr_code(room: Room, pin: str, tab: Callable,
+                                                                tmp_path: Path) -> None:
+    """Before a round: the runners' URL, the voting URL as text and as a QR code, and who is connected."""
+    await room.runner("ana", pin)
+    page = await tab(room.base + "/")
+    await expect(page.locator("#people")).to_contain_text("Ana")
+    vote_url = await page.text_content("#vote-url")
+    port = room.base.rsplit(":", 1)[1]
+    assert re.fullmatch(rf"http://[\d.]+:{port}/voting", vote_url)
+    lan = gs.lan_addresses()
+    assert vote_url.split("//")[1].split(":")[0] in (lan or ["127.0.0.1"])   # a phone can't reach 127.0.0.1
+    assert await page.text_content("#ws-url") == vote_url.replace("http", "ws").replace("/voting", "/ws")
+    assert await qr_text(page, "#qr") == vote_url
+    await page.screenshot(path=tmp_path / "arena-join.png")
+
+
+async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin: str, tab: Callable,
+                                                                 tmp_path: Path) -> None:
+    """During a round: one card per runner fills with the streamed text, counts its tokens, then says
+    done with TTFT and tokens/s, or dropped for a runner that went away."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    page = await tab(room.base + "/")
+    await expect(page.locator("#people li")).to_have_count(2)
+    rnd = await room.host.new_round("Write a haiku about llamas", max_tokens=50)
+    await room.host.start(rnd["id"])
+    cards = page.locator(".card")
+    await expect(cards).to_have_count(2)
+    await expect(page.locator("#prompt")).to_have_text("Write a haiku about llamas")
+    await expect(page.locator("#round-status")).to_have_text("live")
+    await answered(room, rnd, {"ana": ana})
+    await bia.recv("challenge")
+    await bia.stream(rnd["index"], WORDS[:2])
+    await bia.sync()
+    ana_card, bia_card = cards.filter(has_text="Ana"), cards.filter(has_text="Bia")
+    await expect(ana_card.locator("pre")).to_have_text("".join(WORDS))
+    await expect(ana_card.locator(".count")).to_have_text("tokens5 / 50")
+    await expect(ana_card.locator(".state")).to_have_text("done")
+    await expect(ana_card.locator(".stats")).to_contain_text("TTFT")
+    await expect(bia_card.locator("pre")).to_have_text("".join(WORDS[:2]))
+    await expect(bia_card.locator(".state")).to_have_text("generating")
+    await expect(page.locator("#n-done")).to_have_text("1")
+    await page.screenshot(path=tmp_path / "arena-streaming.png")
+    await bia.ws.close()
+    await expect(bia_card.locator(".state")).to_have_text("dropped")
+
+
+async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable) -> None:
+    """An SVG round shows each drawing, also cut off mid-way, as an image: its script and handlers never run."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    page = await tab(room.base + "/")
+    rnd = await room.host.new_round("Draw a llama", svg_mode=True)
+    await room.host.start(rnd["id"])
+    evil = ['Here: <svg viewBox="0 0 10 10"><script>document.title="pwned"</script>',
+            '<rect width="10" height="10" fill="red" onload="document.title=\'pwned\'"/>', '</svg>']
+    await answered(room, rnd, {"ana": ana}, evil)
+    await answered(room, rnd, {"bia": bia}, ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10">',
+                                             '<g><circle r="4" cx="5" cy="5" fill="blue"/>', '<rect x="1'])
+    images = page.locator(".card img.svg-answer")
+    await expect(images).to_have_count(2)
+    for i in range(2):
+        assert await images.nth(i).evaluate("img => img.decode().then(() => img.naturalWidth > 0)")
+    assert await page.title() == "Gambiarra arena"
+
+
+async def test_a_tap_on_the_phone_votes_and_the_vote_stays_cast(room: Room, pin: str, tab: Callable,
+                                                                tmp_path: Path) -> None:
+    """On a 360-px phone, voting open: every answer with buttons 0 to 5; a tap changes the scoreboard,
+    and after a reload the vote still shows as cast. The page and its first data weigh under 100 KB."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.new_round()
+    await room.host.start(rnd["id"])
+    await answered(room, rnd, {"ana": ana, "bia": bia})
+    page = await tab(room.base + "/voting", 360, 740)
+    await expect(page.locator("#message")).to_contain_text("The round is on")
+    loaded: list[Any] = []
+    page.on("response", lambda response: loaded.append(response))
+    await room.host.stop(rnd["id"])
+    answer = page.locator(".answer").filter(has_text="Ana")
+    await expect(page.locator(".answer")).to_have_count(2)
+    assert await answer.locator("button").all_text_contents() == ["0", "1", "2", "3", "4", "5"]
+    await expect(answer.locator("pre")).to_have_text("".join(WORDS))
+    await answer.get_by_role("button", name="4", exact=True).click()
+    await expect(answer.locator(".cast-note")).to_have_text("Your vote: 4")
+    board = await get_when(room, "/scoreboard", lambda b: any(e["votes"] for e in b["scoreboard"]))
+    assert [(e["nickname"], e["votes"], e["avg_score"]) for e in board["scoreboard"]] == [("Ana", 1, 4.0), ("Bia", 0, 0.0)]
+    await page.screenshot(path=tmp_path / "voting.png", full_page=True)
+    async with room.host.http.get(room.base + "/voting", headers={"Accept": "text/html"}) as response:
+        weight = len(await response.read())
+    data = sum([len(await response.body()) for response in loaded if response.request.resource_type == "fetch"])
+    assert weight + data < 100_000, (weight, data)
+    await page.reload()
+    await expect(answer.locator(".cast-note")).to_have_text("Your vote: 4")
+    await expect(answer.get_by_role("button", name="4", exact=True)).to_be_disabled()
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 360       # nothing wider than the phone
+
+
+# =============================================================================
 # The README is the front door: it names every option, route and message
 # =============================================================================
 
