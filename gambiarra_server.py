@@ -2268,7 +2268,10 @@ def wants_html(request: web.Request) -> bool:
 async def join_base(server: Server, request: web.Request) -> str:
     """The base URL phones and runners type: this machine's LAN address when the page was opened
     as localhost (the projector is often plugged into the host's laptop), else the one it was opened at."""
-    if not server.is_host(request.url.host or "") and request.url.host != "localhost":
+    name = request.url.host or ""
+    with contextlib.suppress(ValueError):
+        name = "localhost" if ipaddress.ip_address(name).is_loopback else name
+    if name != "localhost":
         return f"http://{request.host}"
     if server.own_addresses is None:
         server.own_addresses = set(await asyncio.to_thread(lan_addresses))
@@ -5130,7 +5133,8 @@ textarea{width:100%}
 #token-form{margin-bottom:1rem}
 ''',
     "admin.js": r'''// The host panel: every button is one API call, and every refusal is shown in the API's words.
-let session = null;
+// The socket sends a snapshot only once a session exists; until then there is nothing to read.
+let session = null, sessionExists = false;
 
 function problem(error) {
   $("problem").hidden = !error;
@@ -5166,6 +5170,7 @@ function draw() {
 }
 
 async function load() {
+  if (!sessionExists) return draw();
   try {
     session = await api("GET", "/session");
   } catch (error) {
@@ -5175,7 +5180,10 @@ async function load() {
   draw();
 }
 
-$("new-session").onclick = () => act(() => api("POST", "/session"));
+$("new-session").onclick = () => act(async () => {
+  await api("POST", "/session");
+  sessionExists = true;
+});
 $("round-form").onsubmit = (event) => {
   event.preventDefault();
   const seed = $("seed").value;
@@ -5209,9 +5217,9 @@ for (const button of document.querySelectorAll("[data-export]")) {
 }
 
 // Whatever happens (a session, a runner, a round) the panel reads the session again, once per burst.
-// The socket says nothing when there is no session yet: then there is nothing to read.
 let pending = null;
 watch("admin", (m) => {
+  if (m.type === "state_snapshot") sessionExists = true;
   if (m.type !== "registered_telao") pending = pending || setTimeout(() => { pending = null; load(); }, 300);
 }, load);
 draw();
