@@ -4738,9 +4738,10 @@ const QR = (() => {
 .vote-now canvas{width:7em;image-rendering:pixelated}
 .progress{margin-bottom:1rem}.legend{display:flex;gap:1.5em;margin-bottom:.4em}
 .bar{display:flex;height:.7em;background:#0a0d1a;border-radius:.35em;overflow:hidden}
-.bar i{display:block;height:100%;transition:width .3s}.bar-done{background:var(--done)}.bar-generating{background:var(--live)}
+.bar i{display:block;height:100%}.bar-done{background:var(--done)}.bar-generating{background:var(--live)}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(20em,1fr));gap:1rem}
-.card{display:flex;flex-direction:column;gap:.5em;border-top:3px solid var(--dim);height:22em}
+/* Each card lays itself out alone: 60 of them change every frame. */
+.card{display:flex;flex-direction:column;gap:.5em;border-top:3px solid var(--dim);height:22em;contain:strict}
 .card.is-generating{border-top-color:var(--live)}.card.is-done{border-top-color:var(--done)}
 .card.is-dropped,.card.is-stopped{border-top-color:var(--warn)}
 .card header{display:flex;gap:.6em;align-items:center}
@@ -4802,7 +4803,9 @@ function makeCard(c) {
     h("div", {class: "stats"}));
   c.node = node;
   c.text = text;
-  c.svgShownAt = 0;
+  [c.stateNode, c.countNode, c.barNode, c.textBox, c.statsNode] =
+    [".state", ".count b", ".bar i", ".text", ".stats"].map((selector) => node.querySelector(selector));
+  c.svgShownAt = -Infinity;
   $("cards").append(node);
 }
 
@@ -4813,24 +4816,35 @@ function drawCard(c) {
   if (c.node.dataset.state !== name) {
     c.node.dataset.state = name;
     c.node.className = "panel card is-" + name;
-    c.node.querySelector(".state").textContent = name;
+    c.stateNode.textContent = name;
   }
   if (c.pending.length) {
     c.text.appendData(c.pending.join(""));
     c.pending.length = 0;
   }
-  c.node.querySelector(".count b").textContent = c.tokens;
-  c.node.querySelector(".bar i").style.width = Math.min(100, (100 * c.tokens) / state.round.maxTokens) + "%";
-  if (c.ttft !== null) {
-    c.node.querySelector(".stats").replaceChildren("TTFT ", h("b", {}, Math.round(c.ttft) + " ms"),
+  if (c.shownTokens !== c.tokens) {
+    c.shownTokens = c.tokens;
+    c.countNode.textContent = c.tokens;
+    c.barNode.style.width = Math.min(100, (100 * c.tokens) / state.round.maxTokens) + "%";
+  }
+  if (c.ttft !== null && !c.statsNode.firstChild) {
+    c.statsNode.replaceChildren("TTFT ", h("b", {}, Math.round(c.ttft) + " ms"),
       " · ", h("b", {}, (c.tps || 0).toFixed(1)), " tokens/s");
   }
-  if (state.round.svgMode && (c.done || performance.now() - c.svgShownAt > 500)) {
-    // An image per drawing costs a decode: a streaming drawing is redrawn twice a second at most.
-    c.svgShownAt = performance.now();
-    const source = svgSource(c.text.data);
-    if (source) c.node.querySelector(".text").replaceChildren(h("img", {class: "svg-answer", src: source, alt: "drawing"}));
+  if (state.round.svgMode) drawSvg(c);
+}
+
+// An image per drawing costs a decode: a streaming drawing is redrawn twice a second at most,
+// and once more after its last token.
+function drawSvg(c) {
+  const wait = c.svgShownAt + 500 - performance.now();
+  if (wait > 0 && !c.done) {
+    c.svgTimer = c.svgTimer || setTimeout(() => { c.svgTimer = null; touch(c.id); }, wait);
+    return;
   }
+  c.svgShownAt = performance.now();
+  const source = svgSource(c.text.data);
+  if (source) c.textBox.replaceChildren(h("img", {class: "svg-answer", src: source, alt: "drawing"}));
 }
 
 function drawProgress() {

@@ -3838,6 +3838,77 @@ async def test_the_scoreboard_reveals_last_place_first_then_the_winner(room: Roo
     await page.screenshot(path=tmp_path / "scoreboard.png")
 
 
+
+async def test_the_phone_page_survives_the_server_restarting(server_process: Callable, http: aiohttp.ClientSession,
+                                                            tab: Callable) -> None:
+    """The server stops and comes back on the same port: the phone says it is reconnecting, then shows
+    the answers again by itself, and a tap still votes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    first = server_process("--port", port)
+    room = Room(first.start(), http)
+    pin = await room.host.new_session()
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana})
+    await room.host.stop(rnd["id"])
+    page = await tab(room.base + "/voting", 360, 740)
+    await expect(page.locator(".answer")).to_have_count(1)
+    # While the server is away the browser reports the refused connections: expected here.
+    tab.expected += ["ERR_CONNECTION_REFUSED", "WebSocket connection to .* failed"]
+    await asyncio.to_thread(first.stop)
+    await room.close()
+    await expect(page.locator("#offline")).to_be_visible()
+    server_process("--port", port).start()
+    await expect(page.locator("#offline")).to_be_hidden(timeout=20_000)
+    await expect(page.locator(".answer")).to_have_count(1)
+    await page.get_by_role("button", name="5", exact=True).click()
+    await expect(page.locator(".cast-note")).to_have_text("Your vote: 5")
+    board = await room.host.call("GET", "/scoreboard")
+    assert [(e["nickname"], e["votes"]) for e in board["scoreboard"]] == [("Ana", 1)]
+
+
+
+async def test_bench_the_big_screen_with_60_cards_at_100_tokens_a_second(room: Room, pin: str, tab: Callable,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """A benchmark, printed and not asserted (machines are noisy): frames per second and main-thread busy
+    time of / while 60 runners stream 100 tokens/s each for 3 s, and the weight of /voting. What is
+    asserted is what the room sees: every card ends with its whole text."""
+    runners = [await room.runner(f"runner-{n:02}", pin) for n in range(60)]
+    page = await tab(room.base + "/")
+    rnd = await room.host.start((await room.host.new_round(max_tokens=1000))["id"])
+    await expect(page.locator(".card")).to_have_count(60)
+    for runner in runners:
+        await runner.recv("challenge")
+    cdp = await page.context.new_cdp_session(page)
+    await cdp.send("Performance.enable")
+    before = {m["name"]: m["value"] for m in (await cdp.send("Performance.getMetrics"))["metrics"]}
+    await page.evaluate("window.frames_seen = 0; (function count() { frames_seen++; requestAnimationFrame(count); })()")
+    ticks, per_tick, tick_s = 60, 5, 0.05           # 5 tokens per runner every 50 ms: 100 tokens/s each
+    started = time.monotonic()
+    for tick in range(ticks):
+        for runner in runners:
+            await runner.stream(rnd["index"], ["tok "] * per_tick, tick * per_tick)
+        await asyncio.sleep(max(0.0, started + (tick + 1) * tick_s - time.monotonic()))
+    for runner in runners:
+        await runner.sync()
+    texts = page.locator(".card pre")
+    await expect(texts.nth(59)).to_have_text("tok " * ticks * per_tick, timeout=20_000)
+    elapsed = time.monotonic() - started
+    after = {m["name"]: m["value"] for m in (await cdp.send("Performance.getMetrics"))["metrics"]}
+    frames = await page.evaluate("frames_seen")
+    assert await texts.all_text_contents() == ["tok " * ticks * per_tick] * 60
+    async with room.host.http.get(room.base + "/voting", headers={"Accept": "text/html"}) as response:
+        weight = len(await response.read())
+    with capsys.disabled():
+        print(f"\n  / with 60 cards at 100 tokens/s for {elapsed:.1f} s: {frames / elapsed:.0f} frames/s, main thread "
+              f"busy {100 * (after['TaskDuration'] - before['TaskDuration']) / elapsed:.0f}% (script "
+              f"{after['ScriptDuration'] - before['ScriptDuration']:.2f} s, layout "
+              f"{after['LayoutDuration'] - before['LayoutDuration']:.2f} s, style "
+              f"{after['RecalcStyleDuration'] - before['RecalcStyleDuration']:.2f} s); /voting weighs {weight} bytes")
+
+
 # =============================================================================
 # The README is the front door: it names every option, route and message
 # =============================================================================
