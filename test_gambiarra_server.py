@@ -3621,9 +3621,12 @@ async def tab(browser: Any) -> Callable:
     errors: list[str] = []
     contexts = []
 
-    async def open_tab(url: str, width: int = 1600, height: int = 900) -> Any:
+    async def open_tab(url: str, width: int = 1600, height: int = 900, before: str = "") -> Any:
+        """`before`: JavaScript that runs before the page's own, such as a phone's stored voter id."""
         context = await browser.new_context(viewport={"width": width, "height": height})
         contexts.append(context)
+        if before:
+            await context.add_init_script(before)
         context.set_default_timeout(TIMEOUT_S * 1000)
         page = await context.new_page()
         page.on("console", lambda message: message.type == "error" and errors.append(f"{url}: {message.text}"))
@@ -3837,6 +3840,35 @@ async def test_the_scoreboard_reveals_last_place_first_then_the_winner(room: Roo
     await expect(page.locator("#winner pre")).to_have_text("".join(WORDS))
     await page.screenshot(path=tmp_path / "scoreboard.png")
 
+
+
+async def test_each_phone_orders_the_answers_its_own_way_and_late_answers_join(room: Room, pin: str,
+                                                                              tab: Callable) -> None:
+    """No answer always comes first: phones list the answers in orders of their own, each the same after
+    a reload; an answer that completes after the stop appears on the open page."""
+    runners = {name: await room.runner(name, pin) for name in ("ana", "bia", "caio", "dani", "edu")}
+    rnd = await room.host.new_round()
+    await room.host.start(rnd["id"])
+    late = runners.pop("edu")
+    await answered(room, rnd, runners)
+    await late.recv("challenge")
+    page = await tab(room.base + "/voting", 360, 740, "localStorage.setItem('voterId', 'phone-0')")
+    await room.host.stop(rnd["id"])
+    await expect(page.locator(".answer")).to_have_count(4)
+    first = await page.locator(".answer h2").all_text_contents()
+    await late.stream(rnd["index"], WORDS)          # within STOP_GRACE: kept
+    await late.complete(rnd["index"], len(WORDS))
+    await expect(page.locator(".answer")).to_have_count(5)
+    assert [name for name in await page.locator(".answer h2").all_text_contents() if name != "Edu"] == first
+    orders = []
+    for phone in range(4):
+        page = await tab(room.base + "/voting", 360, 740, f"localStorage.setItem('voterId', 'phone-{phone}')")
+        await expect(page.locator(".answer")).to_have_count(5)
+        orders.append(await page.locator(".answer h2").all_text_contents())
+    assert len({order[0] for order in orders}) > 1, orders
+    await page.reload()
+    await expect(page.locator(".answer")).to_have_count(5)
+    assert await page.locator(".answer h2").all_text_contents() == orders[-1]
 
 
 async def test_the_phone_page_survives_the_server_restarting(server_process: Callable, http: aiohttp.ClientSession,
