@@ -4785,7 +4785,7 @@ function card(id) {
 function cardState(c) {
   if (c.done) return "done";
   const p = state.people.get(c.id);
-  if (p && !p.connected) return "dropped";
+  if (!p || !p.connected) return "dropped";
   if (!running()) return c.tokens ? "stopped" : "waiting";
   return c.tokens ? "generating" : "waiting";
 }
@@ -4914,6 +4914,22 @@ function newRound(r) {
   state.round = r;
 }
 
+// A screen that (re)connects mid-round or after it gets the text streamed so far in the snapshot;
+// the answers already complete (every saved one, once the round is over) and the names of runners
+// no longer connected come from the scoreboard and the session.
+async function catchUp(r) {
+  const [session, board] = await Promise.all([api("GET", "/session"),
+    api("GET", "/scoreboard?round_id=" + encodeURIComponent(r.id))]);
+  if (!state.round || state.round.id !== r.id) return;
+  for (const p of session.participants) if (!state.people.has(p.id)) person(p);
+  for (const e of board.scoreboard) {
+    const c = card(e.participant_id);
+    if (!c.tokens && !c.pending.length) c.pending.push(e.generated_content);
+    Object.assign(c, {done: true, tokens: e.tokens, ttft: e.latency_first_token_ms, tps: e.tps_avg});
+  }
+  drawRound();
+}
+
 const ON = {
   state_snapshot(m) {
     state.session = m.session;
@@ -4926,6 +4942,7 @@ const ON = {
       c.tokens = tokens.length;
     }
     drawRound();
+    if (m.round && m.round.startedAt) catchUp(m.round);
   },
   participant_registered(m) { person(m.participant); drawRound(); },
   participant_disconnected(m) {

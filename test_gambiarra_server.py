@@ -3717,6 +3717,12 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await page.screenshot(path=tmp_path / "arena-streaming.png")
     await bia.ws.close()
     await expect(bia_card.locator(".state")).to_have_text("dropped")
+    await page.reload()                             # the projector's tab reloaded mid-round loses nothing
+    await expect(ana_card.locator("pre")).to_have_text("".join(WORDS))
+    await expect(ana_card.locator(".state")).to_have_text("done")
+    await expect(ana_card.locator(".stats")).to_contain_text("TTFT")
+    await expect(bia_card.locator("pre")).to_have_text("".join(WORDS[:2]))
+    await expect(bia_card.locator(".state")).to_have_text("dropped")
 
 
 async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable) -> None:
@@ -3796,6 +3802,11 @@ async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable) ->
     await expect(page.locator("#problem")).to_have_text("Every position is already revealed")
     board = await room.host.call("GET", "/scoreboard")
     assert (board["votingStatus"], board["revealedCount"]) == ("revealed", 1)
+    async with page.expect_download() as download:
+        await page.get_by_role("button", name="answers.csv").click()
+    file = await download.value
+    assert re.fullmatch(r"session-[0-9a-f-]+\.csv", file.suggested_filename)
+    assert "".join(WORDS) in Path(await file.path()).read_text()
 
 
 async def test_from_another_device_the_host_panel_asks_once_for_the_admin_token(room_with: Callable,
