@@ -150,6 +150,8 @@ class Config:
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
                               "the club's browser client folder (client.html, agent.html, shared/), "
                               "served at /client, /agent and /client-assets/")
+    static_dir: str = option("", "STATIC_DIR", "a built web app (such as the club's telao) served at / to "
+                                               "browsers; the built-in pages then live at /ui/ only")
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
@@ -2310,14 +2312,33 @@ def html_or(page: Callable[[web.Request], Awaitable[web.StreamResponse]],
     return handle
 
 
-def with_pages(api: list[tuple[str, str, Callable]]) -> list[tuple[str, str, Callable]]:
-    """The routes served at the root: `api`, then each page at its path (sharing it with a route there,
-    by content negotiation) and at /ui/<name>."""
+async def get_static(request: web.Request) -> web.StreamResponse:
+    """A file of STATIC_DIR; for a browser, its index.html at any other path (the app routes by itself)."""
+    root = Path(request.app[server_key].config.static_dir).resolve()
+    path = (root / request.match_info.get("path", "")).resolve()
+    if path.is_relative_to(root) and path.is_file():
+        return web.FileResponse(path)
+    if wants_html(request):
+        return web.FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
+    raise NotFound(f"No route GET {request.path}")
+
+
+def with_pages(api: list[tuple[str, str, Callable]], config: Config) -> list[tuple[str, str, Callable]]:
+    """The routes served at the root: `api`, then the pages. A path that a page and a route share
+    answers the page to browsers and JSON to everyone else.
+
+    Each page is at /ui/<name>, and also at its own path, unless STATIC_DIR is served there:
+    then every path at the root gives browsers the static app.
+    """
     pages = {page.path: page_endpoint(page) for page in PAGES}
+    fallback = []
+    if config.static_dir:
+        pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
+        fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
     root = [(method, path, html_or(pages.pop(path), handler) if method == "GET" and path in pages else handler)
             for method, path, handler in api]
     root += [("GET", path, handler) for path, handler in pages.items()]
-    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES]
+    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES] + fallback
 
 
 # =============================================================================
@@ -2620,8 +2641,8 @@ def make_app(config: Config) -> web.Application:
              web.get(r"/client-assets/{name:[\w.-]+\.(?:js|css)}", get_client_asset)]
     api = [("GET", "/openapi.json", get_openapi), ("GET", "/docs", get_docs), ("GET", "/redoc", get_redoc)]
     api += [(route.method, route.path, endpoint(route)) for route in ROUTES]
-    table += [web.route(method, path, handler) for method, path, handler in with_pages(api)]
     table += [web.route(method, "/api" + path, handler) for method, path, handler in api]
+    table += [web.route(method, path, handler) for method, path, handler in with_pages(api, config)]
     app.add_routes(table)
     return app
 

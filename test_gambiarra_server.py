@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import pytest
+import yarl
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -3671,6 +3672,37 @@ async def test_pages_are_html_for_browsers_while_their_routes_stay_json(room: Ro
     assert (await room.host.status("GET", "/scoreboard"))[0] == 404          # no round yet: the API's answer
     async with room.host.http.get(room.base + "/api/scoreboard", headers=html) as response:
         assert response.content_type == "application/json"
+
+
+async def test_static_dir_serves_a_built_app_to_browsers_and_the_api_to_everyone_else(room_with: Callable,
+                                                                                       tmp_path: Path) -> None:
+    """With STATIC_DIR (the club's built telão) browsers get its files, and its index.html at any other path;
+    the API answers at the root to clients that don't ask for HTML and under /api; our pages move to /ui/."""
+    app = tmp_path / "telao"
+    (app / "assets").mkdir(parents=True)
+    (app / "index.html").write_text("<!doctype html><title>club telao</title>")
+    (app / "assets" / "app.js").write_text("console.log('club')")
+    (tmp_path / "secret.txt").write_text("not for the audience")
+    room, _ = await room_with(static_dir=str(app))
+    pin = await room.host.new_session()
+    html = {"Accept": "text/html"}
+
+    async def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+        async with room.host.http.get(room.base + path, headers=headers or {}) as response:
+            return response.status, response.content_type, await response.text()
+    for path in ("/", "/voting", "/admin", "/scoreboard", "/session", "/rounds/x/responses", "/some/route"):
+        assert await get(path, html) == (200, "text/html", "<!doctype html><title>club telao</title>"), path
+    assert await get("/assets/app.js") == (200, "application/javascript", "console.log('club')")
+    assert (await room.host.call("GET", "/session"))["pin"] == pin             # the club's scripts, at the root
+    assert (await room.host.call("GET", "/api/session"))["pin"] == pin
+    rnd = await room.host.new_round()
+    assert (await room.host.start(rnd["id"]))["startedAt"]
+    status, kind, body = await get("/ui/voting", html)
+    assert (status, kind) == (200, "text/html") and "voterId" in body
+    assert (await get("/nothing-here"))[:2] == (404, "application/json")
+    for escape in ("/../secret.txt", "/%2e%2e/secret.txt", "/assets/%2e%2e/%2e%2e/secret.txt"):
+        async with room.host.http.get(yarl.URL(room.base + escape, encoded=True), headers=html) as response:
+            assert "not for the audience" not in await response.text(), escape
 
 
 async def test_the_big_screen_shows_how_to_join_with_a_qr_code(room: Room, pin: str, tab: Callable,
