@@ -2290,7 +2290,10 @@ def page_html(page: Page, boot: dict[str, Any], nonce: str) -> str:
     return PAGE_PART.sub(lambda match: parts[match[1]], ASSETS["page.html"])
 
 
-def page_endpoint(page: Page) -> Callable[[web.Request], Awaitable[web.Response]]:
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def page_endpoint(page: Page) -> RequestHandler:
     async def handle(request: web.Request) -> web.Response:
         server = request.app[server_key]
         nonce = secrets.token_urlsafe(12)
@@ -2304,8 +2307,7 @@ def page_endpoint(page: Page) -> Callable[[web.Request], Awaitable[web.Response]
     return handle
 
 
-def html_or(page: Callable[[web.Request], Awaitable[web.StreamResponse]],
-            api: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def html_or(page: RequestHandler, api: RequestHandler) -> RequestHandler:
     """One path for a page and a route: the page for a browser, the route's JSON for everyone else."""
     async def handle(request: web.Request) -> web.StreamResponse:
         return await (page if wants_html(request) else api)(request)
@@ -2323,7 +2325,7 @@ async def get_static(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"No route GET {request.path}")
 
 
-def with_pages(api: list[tuple[str, str, Callable]], config: Config) -> list[tuple[str, str, Callable]]:
+def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> list[tuple[str, str, RequestHandler]]:
     """The routes served at the root: `api`, then the pages. A path that a page and a route share
     answers the page to browsers and JSON to everyone else.
 
@@ -2331,7 +2333,7 @@ def with_pages(api: list[tuple[str, str, Callable]], config: Config) -> list[tup
     then every path at the root gives browsers the static app.
     """
     pages = {page.path: page_endpoint(page) for page in PAGES}
-    fallback = []
+    fallback: list[tuple[str, str, RequestHandler]] = []
     if config.static_dir:
         pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
         fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
@@ -4433,7 +4435,8 @@ ASSETS = {
 </body></html>
 ''',
     "base.css": r''':root{--bg:#0d1020;--panel:#161a30;--line:#2b3152;--text:#e9ecf8;--dim:#8d94b4;--accent:#ff8a3d;--done:#3ddc84;
---live:#ff4f8b;--info:#38d3ea;--warn:#ffd166;color-scheme:dark;font:16px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;
+--live:#ff4f8b;--info:#38d3ea;--warn:#ffd166;color-scheme:dark;
+font:16px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;
 color:var(--text);background:var(--bg)}
 *{box-sizing:border-box}
 body{margin:0;min-height:100vh;padding:1rem}
@@ -4442,7 +4445,8 @@ h1,h2,h3,p{margin:0}
 button{font:inherit;color:var(--text);background:var(--panel);border:1px solid var(--line);border-radius:.5rem;
 padding:.5em 1em;cursor:pointer}
 button:disabled{opacity:.45;cursor:default}
-input,select,textarea{font:inherit;color:var(--text);background:#0a0d1a;border:1px solid var(--line);border-radius:.4rem;padding:.4em}
+input,select,textarea{font:inherit;color:var(--text);background:#0a0d1a;border:1px solid var(--line);
+border-radius:.4rem;padding:.4em}
 .panel{background:var(--panel);border:1px solid var(--line);border-radius:.8rem;padding:1rem}
 .dim{color:var(--dim)}
 .mono,pre,code{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace}
@@ -4603,7 +4607,9 @@ const QR = (() => {
     for (const [n, k] of groups) for (let b = 0; b < n; b++, at += k) blocks.push(data.slice(at, at + k));
     const ecs = blocks.map((block) => errorCorrection(block, ecLength));
     const out = [];
-    for (let i = 0; i < Math.max(...blocks.map((b) => b.length)); i++) blocks.forEach((b) => i < b.length && out.push(b[i]));
+    for (let i = 0; i < Math.max(...blocks.map((b) => b.length)); i++) {
+      blocks.forEach((b) => i < b.length && out.push(b[i]));
+    }
     for (let i = 0; i < ecLength; i++) ecs.forEach((e) => out.push(e[i]));
     return out;
   }
@@ -4634,7 +4640,9 @@ const QR = (() => {
     const last = align[align.length - 1];
     for (const cy of align) for (const cx of align) {
       if ((cx === 6 && (cy === 6 || cy === last)) || (cx === last && cy === 6)) continue;   // under the finders
-      for (let dy = -2; dy <= 2; dy++) for (let dx = -2; dx <= 2; dx++) set(cx + dx, cy + dy, Math.max(Math.abs(dx), Math.abs(dy)) !== 1);
+      for (let dy = -2; dy <= 2; dy++) {
+        for (let dx = -2; dx <= 2; dx++) set(cx + dx, cy + dy, Math.max(Math.abs(dx), Math.abs(dy)) !== 1);
+      }
     }
     const format = bch(mask, 0x537, 10) ^ 0x5412;   // level M is 00
     const bit = (value, i) => ((value >>> i) & 1) === 1;
@@ -4646,7 +4654,11 @@ const QR = (() => {
     set(8, size - 8, true);
     if (version >= 7) {
       const info = bch(version, 0x1f25, 12);
-      for (let i = 0; i < 18; i++) { set(size - 11 + (i % 3), Math.floor(i / 3), bit(info, i)); set(Math.floor(i / 3), size - 11 + (i % 3), bit(info, i)); }
+      for (let i = 0; i < 18; i++) {
+        const a = size - 11 + (i % 3), b = Math.floor(i / 3);
+        set(a, b, bit(info, i));
+        set(b, a, bit(info, i));
+      }
     }
     let i = 0;
     for (let right = size - 1; right >= 1; right -= 2) {             // two columns at a time, zigzagging
@@ -4685,7 +4697,8 @@ const QR = (() => {
   function encode(text) {
     const bytes = Array.from(new TextEncoder().encode(text));
     let version = 1;
-    while (version <= 10 && BLOCKS[version].slice(1).reduce((s, [n, k]) => s + n * k, 0) < bytes.length + (version < 10 ? 2 : 3)) version++;
+    const fits = (v) => BLOCKS[v].slice(1).reduce((s, [n, k]) => s + n * k, 0) >= bytes.length + (v < 10 ? 2 : 3);
+    while (version <= 10 && !fits(version)) version++;
     if (version > 10) throw new Error("Too long for a QR code here: " + text);
     const data = codewords(bytes, version);
     let best = null, bestScore = Infinity;
@@ -4730,10 +4743,12 @@ const QR = (() => {
       <p id="prompt" class="prompt"></p></div>
     <div class="fact"><b id="max-tokens"></b><small>max tokens</small></div>
     <div class="fact"><b id="countdown"></b><small>left</small></div>
-    <div class="fact vote-now" id="vote-now" hidden><canvas id="qr-small" aria-label="QR code of the voting page"></canvas><small>vote</small></div>
+    <div class="fact vote-now" id="vote-now" hidden>
+      <canvas id="qr-small" aria-label="QR code of the voting page"></canvas><small>vote</small></div>
   </div>
   <div class="panel progress">
-    <div class="legend"><span><b class="done" id="n-done">0</b> done</span> <span><b class="live" id="n-generating">0</b> generating</span>
+    <div class="legend"><span><b class="done" id="n-done">0</b> done</span>
+      <span><b class="live" id="n-generating">0</b> generating</span>
       <span><b class="dim" id="n-waiting">0</b> waiting</span></div>
     <div class="bar"><i class="bar-done" id="bar-done"></i><i class="bar-generating" id="bar-generating"></i></div>
   </div>
@@ -4754,7 +4769,8 @@ const QR = (() => {
 .round{display:flex;gap:1rem;align-items:center;margin-bottom:1rem;border-top:3px solid var(--accent)}
 .round-text{flex:1;min-width:0}
 .prompt{font-size:1.6em;margin-top:.3em;overflow-wrap:anywhere;max-height:4.2em;overflow:hidden}
-.fact{display:flex;flex-direction:column;align-items:center;border:1px solid var(--line);border-radius:.6rem;padding:.4em .8em;min-width:6em}
+.fact{display:flex;flex-direction:column;align-items:center;border:1px solid var(--line);border-radius:.6rem;
+padding:.4em .8em;min-width:6em}
 .fact b{font-size:1.8em;color:var(--info)}.fact small{color:var(--dim);text-transform:uppercase;font-size:.75em}
 .vote-now canvas{width:7em;image-rendering:pixelated}
 .progress{margin-bottom:1rem}.legend{display:flex;gap:1.5em;margin-bottom:.4em}
@@ -4771,7 +4787,8 @@ background:linear-gradient(135deg,var(--accent),var(--live));color:#111}
 .who-is{flex:1;min-width:0}.who-is h3{font-size:1.2em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .who-is small{color:var(--dim);display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .state{font-size:.75em}
-.card.is-waiting .state{color:var(--dim)}.card.is-generating .state{color:var(--live)}.card.is-done .state{color:var(--done)}
+.card.is-waiting .state{color:var(--dim)}.card.is-generating .state{color:var(--live)}
+.card.is-done .state{color:var(--done)}
 .card.is-dropped .state,.card.is-stopped .state{color:var(--warn)}
 .count{display:flex;justify-content:space-between;font-size:.85em;color:var(--dim)}.count b{color:var(--info)}
 .card .bar{height:.4em}.card .bar i{background:var(--info)}
@@ -4997,7 +5014,8 @@ async function poll() {
   const session = await api("GET", "/session");
   const current = await api("GET", "/rounds/current").catch(() => null);
   const shown = current || session.rounds.filter((r) => r.startedAt).pop() || null;
-  ON.state_snapshot({session, participants: session.participants, round: shown, liveTokens: current && current.liveTokens});
+  const liveTokens = current && current.liveTokens;
+  ON.state_snapshot({session, participants: session.participants, round: shown, liveTokens});
 }
 
 watch("arena", (m) => ON[m.type] && ON[m.type](m), poll);
@@ -5067,7 +5085,7 @@ function answerCard(answer) {
   const buttons = [0, 1, 2, 3, 4, 5].map((score) => h("button", {
     class: cast === score ? "chosen" : "", onclick: () => vote(answer, score)}, String(score)));
   if (cast !== undefined || round.votingStatus !== "open") buttons.forEach((b) => { b.disabled = true; });
-  return h("article", {class: "panel answer" + (cast !== undefined ? " cast" : ""), "data-participant": answer.participant_id},
+  return h("article", {class: "panel answer" + (cast !== undefined ? " cast" : "")},
     h("h2", {}, answer.nickname), answerView(answer.generated_content, round.svgMode),
     h("div", {class: "scores"}, ...buttons),
     cast !== undefined && h("p", {class: "cast-note"}, "Your vote: " + cast));
@@ -5078,7 +5096,7 @@ function draw() {
   $("round-line").textContent = r ? "Round " + r.index : "";
   $("prompt").textContent = r && r.startedAt ? r.prompt : "";
   if (!r || !r.startedAt) say("Waiting for the next round to start.");
-  else if (!r.endedAt) say("The round is on: the answers are streaming on the big screen. Voting opens when the host stops it.");
+  else if (!r.endedAt) say("The round is on: answers stream on the big screen. Voting opens when the host stops it.");
   else if (r.votingStatus === "closed") say("Voting is closed. The results are coming on the big screen.");
   else if (r.votingStatus === "revealed") say("The results are on the big screen.");
   else if (open && !answers.length) say("No answers to vote on yet.");
@@ -5132,7 +5150,8 @@ async function poll() {
 watch("voting", (m) => ON[m.type] && ON[m.type](m), poll);
 draw();
 ''',
-    "admin.html": r'''<header class="top"><h1 class="brand">HOST PANEL</h1><a href="/" target="_blank">big screen</a> · <a href="/scoreboard" target="_blank">scoreboard</a> · <a href="/voting" target="_blank">voting</a></header>
+    "admin.html": r'''<header class="top"><h1 class="brand">HOST PANEL</h1><a href="/" target="_blank">big screen</a> ·
+  <a href="/scoreboard" target="_blank">scoreboard</a> · <a href="/voting" target="_blank">voting</a></header>
 <p id="problem" class="error panel" hidden></p>
 <form id="token-form" class="panel" hidden><label>Admin token (printed by the server at start-up)
   <input id="token" autocomplete="off" required></label> <button>Use</button></form>
@@ -5169,7 +5188,8 @@ draw();
     <ol id="rounds" class="rounds"></ol>
     <h2>Exports</h2>
     <div class="actions"><button data-export="/export.csv">answers.csv</button>
-      <button data-export="/export-events.csv">events.csv</button> <button data-export="/export-all.json">everything.json</button></div>
+      <button data-export="/export-events.csv">events.csv</button>
+      <button data-export="/export-all.json">everything.json</button></div>
   </section>
 </div>
 ''',
@@ -5192,7 +5212,8 @@ function problem(error) {
   $("problem").hidden = !error;
   $("problem").textContent = error ? error.message : "";
   // From another device host routes need the admin token: ask for it once, keep it for this tab.
-  if (error && (error.status === 401 || (error.status === 403 && error.code === "FORBIDDEN"))) $("token-form").hidden = false;
+  const refused = error && (error.status === 401 || (error.status === 403 && error.code === "FORBIDDEN"));
+  if (refused) $("token-form").hidden = false;
 }
 
 async function act(step) {
@@ -5207,18 +5228,25 @@ async function act(step) {
 
 const latest = () => (session ? session.rounds[session.rounds.length - 1] || null : null);
 
+function stage(round) {
+  if (!round.startedAt) return "created";
+  if (!round.endedAt) return "running";
+  const shown = round.votingStatus === "revealed" ? " (" + round.revealedCount + " shown)" : "";
+  return "voting " + round.votingStatus + shown;
+}
+
 function draw() {
   const r = latest();
   $("pin").textContent = (session && session.pin) || (session ? "hidden" : "none");
-  $("session-line").textContent = session ? "started " + new Date(session.createdAt).toLocaleTimeString() : "No session yet.";
+  $("session-line").textContent =
+    session ? "started " + new Date(session.createdAt).toLocaleTimeString() : "No session yet.";
   const connected = session ? session.participants.filter((p) => p.connected) : [];
   $("people-title").textContent = connected.length + " connected";
   $("people").replaceChildren(...connected.map((p) => h("li", {}, p.nickname + " · " + p.model,
     h("button", {onclick: () => act(() => api("POST", "/participants/kick", {participantId: p.id}))}, "kick"))));
-  $("rounds").replaceChildren(...(session ? session.rounds : []).map((round) => h("li", {},
-    round.prompt.slice(0, 60) + " · " + (round.endedAt ? "voting " + round.votingStatus : round.startedAt ? "running" : "created"))));
-  $("round-line").textContent = r ? "Round " + r.index + ": " + (r.endedAt ? "voting " + r.votingStatus +
-    (r.votingStatus === "revealed" ? " (" + r.revealedCount + " shown)" : "") : r.startedAt ? "running" : "created") : "";
+  $("rounds").replaceChildren(...(session ? session.rounds : []).map((round) =>
+    h("li", {}, round.prompt.slice(0, 60) + " · " + stage(round))));
+  $("round-line").textContent = r ? "Round " + r.index + ": " + stage(r) : "";
 }
 
 async function load() {
@@ -5291,19 +5319,21 @@ draw();
 .ranking li{display:grid;grid-template-columns:3em 1fr 12em 5em 6em 6em;gap:1em;align-items:center;
 background:var(--panel);border:1px solid var(--line);border-radius:.6rem;padding:.5em 1em}
 .ranking .place{font-size:1.6em;font-weight:700;color:var(--accent)}.ranking .name{font-size:1.3em}
-.ranking .avg{height:.6em;background:#0a0d1a;border-radius:.3em;overflow:hidden}.ranking .avg i{display:block;height:100%;background:var(--done)}
+.ranking .avg{height:.6em;background:#0a0d1a;border-radius:.3em;overflow:hidden}
+.ranking .avg i{display:block;height:100%;background:var(--done)}
 .ranking small{color:var(--dim);display:block}
 ''',
     "scoreboard.js": r'''// The ceremony: votes coming in, then the ranking revealed last place first, then the winner.
 let board = null, timer = null;
 
 function row(entry, place) {
-  return h("li", {"data-participant": entry.participant_id}, h("span", {class: "place"}, "#" + place),
+  return h("li", {}, h("span", {class: "place"}, "#" + place),
     h("span", {class: "name"}, entry.nickname, h("small", {}, entry.model || "")),
     h("span", {class: "avg"}, h("i", {style: "width:" + (entry.avg_score / 5) * 100 + "%"})),
     h("span", {}, entry.avg_score.toFixed(2), h("small", {}, entry.votes + " votes")),
     h("span", {}, entry.tps_avg.toFixed(1), h("small", {}, "tokens/s")),
-    h("span", {}, entry.latency_first_token_ms === null ? "–" : entry.latency_first_token_ms + " ms", h("small", {}, "TTFT")));
+    h("span", {}, entry.latency_first_token_ms === null ? "–" : entry.latency_first_token_ms + " ms",
+      h("small", {}, "TTFT")));
 }
 
 function draw() {
@@ -5324,7 +5354,7 @@ function draw() {
     if (all) {
       const w = entries[0];
       $("winner").replaceChildren(h("p", {class: "dim"}, "The winner"), h("h2", {}, w.nickname),
-        h("p", {class: "dim"}, (w.model || "") + " · " + w.avg_score.toFixed(2) + " average from " + w.votes + " votes"),
+        h("p", {class: "dim"}, (w.model || "") + " · " + w.avg_score.toFixed(2) + " average, " + w.votes + " votes"),
         answerView(w.generated_content, b.svgMode));
       $("winner").hidden = false;
     }
