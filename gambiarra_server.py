@@ -2297,7 +2297,9 @@ def page_endpoint(page: Page) -> RequestHandler:
     async def handle(request: web.Request) -> web.Response:
         server = request.app[server_key]
         nonce = secrets.token_urlsafe(12)
-        boot = {"page": page.name, "join": await join_base(server, request)}
+        # Where each page is: its own path, or /ui/<name> when STATIC_DIR holds the root.
+        paths = {p.name: f"/ui/{p.name}" if server.config.static_dir else p.path for p in PAGES}
+        boot = {"page": page.name, "join": await join_base(server, request), "paths": paths}
         # Only our own scripts run, and the page can reach nothing but this server.
         policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src data:; "
                   "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -4797,7 +4799,7 @@ border-radius:.5rem;padding:.5em .7em;font-size:.9em}
 .stats{font-size:.85em;color:var(--dim);min-height:1.4em}.stats b{color:var(--text)}
 ''',
     "arena.js": r'''// The big screen: how to join before a round, then one card per runner, fed by the socket.
-const voteUrl = BOOT.join + "/voting";
+const voteUrl = BOOT.join + BOOT.paths.voting;
 const state = {session: null, round: null, people: new Map(), cards: new Map()};
 $("ws-url").textContent = BOOT.join.replace(/^http/, "ws") + "/ws";
 $("vote-url").textContent = voteUrl;
@@ -5150,8 +5152,8 @@ async function poll() {
 watch("voting", (m) => ON[m.type] && ON[m.type](m), poll);
 draw();
 ''',
-    "admin.html": r'''<header class="top"><h1 class="brand">HOST PANEL</h1><a href="/" target="_blank">big screen</a> ·
-  <a href="/scoreboard" target="_blank">scoreboard</a> · <a href="/voting" target="_blank">voting</a></header>
+    "admin.html": r'''<header class="top"><h1 class="brand">HOST PANEL</h1><a data-page="arena" target="_blank">big screen</a> ·
+  <a data-page="scoreboard" target="_blank">scoreboard</a> · <a data-page="voting" target="_blank">voting</a></header>
 <p id="problem" class="error panel" hidden></p>
 <form id="token-form" class="panel" hidden><label>Admin token (printed by the server at start-up)
   <input id="token" autocomplete="off" required></label> <button>Use</button></form>
@@ -5207,6 +5209,7 @@ textarea{width:100%}
     "admin.js": r'''// The host panel: every button is one API call, and every refusal is shown in the API's words.
 // The socket sends a snapshot only once a session exists; until then there is nothing to read.
 let session = null, sessionExists = false;
+for (const link of document.querySelectorAll("[data-page]")) link.href = BOOT.paths[link.dataset.page];
 
 function problem(error) {
   $("problem").hidden = !error;

@@ -3699,6 +3699,7 @@ async def test_static_dir_serves_a_built_app_to_browsers_and_the_api_to_everyone
     assert (await room.host.start(rnd["id"]))["startedAt"]
     status, kind, body = await get("/ui/voting", html)
     assert (status, kind) == (200, "text/html") and "voterId" in body
+    assert '"voting":"/ui/voting"' in (await get("/ui/arena", html))[2]       # the QR code's path, too
     assert (await get("/nothing-here"))[:2] == (404, "application/json")
     for escape in ("/../secret.txt", "/%2e%2e/secret.txt", "/assets/%2e%2e/%2e%2e/secret.txt"):
         async with room.host.http.get(yarl.URL(room.base + escape, encoded=True), headers=html) as response:
@@ -3757,7 +3758,8 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await expect(bia_card.locator(".state")).to_have_text("dropped")
 
 
-async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable) -> None:
+async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable,
+                                                                  tmp_path: Path) -> None:
     """An SVG round shows each drawing, also cut off mid-way, as an image: its script and handlers never run."""
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
     page = await tab(room.base + "/")
@@ -3770,6 +3772,7 @@ async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pi
                                              '<g><circle r="4" cx="5" cy="5" fill="blue"/>', '<rect x="1'])
     images = page.locator(".card img.svg-answer")
     await expect(images).to_have_count(2)
+    await page.screenshot(path=tmp_path / "arena-svg.png")
     for i in range(2):
         assert await images.nth(i).evaluate("img => img.decode().then(() => img.naturalWidth > 0)")
     assert await page.title() == "Gambiarra arena"
@@ -3808,7 +3811,7 @@ async def test_a_tap_on_the_phone_votes_and_the_vote_stays_cast(room: Room, pin:
 
 
 
-async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable) -> None:
+async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable, tmp_path: Path) -> None:
     """From the host's laptop, without a token: a new session shows its PIN, a runner joins with it, and
     the panel's buttons start, stop, close, reveal; a refusal is shown in the API's words."""
     page = await tab(room.base + "/admin")
@@ -3832,6 +3835,7 @@ async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable) ->
     tab.expected.append("status of 409")
     await page.get_by_role("button", name="Reveal next").click()
     await expect(page.locator("#problem")).to_have_text("Every position is already revealed")
+    await page.screenshot(path=tmp_path / "admin.png")
     board = await room.host.call("GET", "/scoreboard")
     assert (board["votingStatus"], board["revealedCount"]) == ("revealed", 1)
     async with page.expect_download() as download:
