@@ -8,7 +8,8 @@ The host runs this file on a laptop. Participants' runners (ollama, llama.cpp,
 LM Studio) connect to ``ws://HOST:3000/ws`` with the session PIN, receive each
 round's challenge and stream their tokens back; the big screen (telão) and the
 audience's phones watch the same socket; phones vote over HTTP; the host drives
-everything with curl or the club's admin page and exports the evening at the end.
+everything from the /admin page (or curl, or the club's admin page) and exports
+the evening at the end.
 
 Run it::
 

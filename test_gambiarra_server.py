@@ -3756,6 +3756,10 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await expect(ana_card.locator(".stats")).to_contain_text("TTFT")
     await expect(bia_card.locator("pre")).to_have_text("".join(WORDS[:2]))
     await expect(bia_card.locator(".state")).to_have_text("dropped")
+    await room.host.stop(rnd["id"])                 # voting opens: the header says so, with the QR code
+    await expect(page.locator("#round-status")).to_have_text("voting open")
+    await expect(page.locator("#vote-now")).to_be_visible()
+    assert await qr_text(page, "#qr-small") == await page.text_content("#vote-url")
 
 
 async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable,
