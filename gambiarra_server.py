@@ -4817,7 +4817,7 @@ function person(p) {
 function card(id) {
   let c = state.cards.get(id);
   if (!c) {
-    c = {id, tokens: 0, pending: [], done: false, ttft: null, tps: null, node: null};
+    c = {id, tokens: 0, pending: [], full: "", done: false, ttft: null, tps: null, node: null};
     state.cards.set(id, c);
   }
   return c;
@@ -4860,8 +4860,13 @@ function drawCard(c) {
     c.stateNode.textContent = name;
   }
   if (c.pending.length) {
-    c.text.appendData(c.pending.join(""));
+    const chunk = c.pending.join("");
     c.pending.length = 0;
+    c.full += chunk;
+    // Only an answer's end is in view: the page holds its last few thousand characters,
+    // so a long answer costs no more to lay out than a short one.
+    if (c.text.length + chunk.length > 4000) c.text.data = c.full.slice(-2000);
+    else c.text.appendData(chunk);
   }
   if (c.shownTokens !== c.tokens) {
     c.shownTokens = c.tokens;
@@ -4884,7 +4889,7 @@ function drawSvg(c) {
     return;
   }
   c.svgShownAt = performance.now();
-  const source = svgSource(c.text.data);
+  const source = svgSource(c.full);
   if (source) c.textBox.replaceChildren(h("img", {class: "svg-answer", src: source, alt: "drawing"}));
 }
 
