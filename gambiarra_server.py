@@ -4922,6 +4922,8 @@ function touch(id) {
 
 const STATUS = {open: ["voting open", "done"], closed: ["voting closed", "warn"], revealed: ["results", "info"]};
 
+// The header, the join panel and who is connected: redrawn once per frame however many runners
+// join in it (a room's worth connect together when the host says go).
 function drawRound() {
   const r = state.round, started = Boolean(r && r.startedAt);
   $("join").hidden = started;
@@ -4973,7 +4975,7 @@ async function catchUp(r) {
     if (!c.tokens && !c.pending.length) c.pending.push(e.generated_content);
     Object.assign(c, {done: true, tokens: e.tokens, ttft: e.latency_first_token_ms, tps: e.tps_avg});
   }
-  drawRound();
+  onFrame(drawRound);
 }
 
 const ON = {
@@ -4987,20 +4989,20 @@ const ON = {
       c.pending.push(tokens.join(""));
       c.tokens = tokens.length;
     }
-    drawRound();
+    onFrame(drawRound);
     if (m.round && m.round.startedAt) catchUp(m.round);
   },
-  participant_registered(m) { person(m.participant); drawRound(); },
+  participant_registered(m) { person(m.participant); onFrame(drawRound); },
   participant_disconnected(m) {
     const p = state.people.get(m.participant_id);
     if (p) p.connected = false;
-    drawRound();
+    onFrame(drawRound);
   },
   round_started(m) { newRound(null); },
   round_state(m) {
     if (!state.round || state.round.id !== m.round.id) newRound(m.round);
     state.round = m.round;
-    drawRound();
+    onFrame(drawRound);
   },
   token_update(m) {
     if (!state.round || m.round !== state.round.index) return;
@@ -5076,27 +5078,29 @@ function problem(error) {
   $("problem").textContent = error ? error.message : "";
 }
 
-async function vote(answer, score) {
+async function vote(answer, score, node) {
   try {
     await api("POST", "/votes", {roundId: round.id, participantId: answer.participant_id, score, voterId});
     mine.set(answer.participant_id, score);
     problem(null);
   } catch (error) {
-    if (error.status === 409 && error.message.startsWith("Already voted")) await refresh();
-    else problem(error);
+    if (error.status === 409 && error.message.startsWith("Already voted")) return refresh();
+    problem(error);
   }
-  draw();
+  node.replaceWith(answerCard(answer));           // the rest of the list stays as it is, scrolled as it was
+  $("progress").textContent = mine.size + " of " + answers.length + " voted";
 }
 
 function answerCard(answer) {
   const cast = mine.get(answer.participant_id);
   const buttons = [0, 1, 2, 3, 4, 5].map((score) => h("button", {
-    class: cast === score ? "chosen" : "", onclick: () => vote(answer, score)}, String(score)));
+    class: cast === score ? "chosen" : "", onclick: () => vote(answer, score, node)}, String(score)));
   if (cast !== undefined || round.votingStatus !== "open") buttons.forEach((b) => { b.disabled = true; });
-  return h("article", {class: "panel answer" + (cast !== undefined ? " cast" : "")},
+  const node = h("article", {class: "panel answer" + (cast !== undefined ? " cast" : "")},
     h("h2", {}, answer.nickname), answerView(answer.generated_content, round.svgMode),
     h("div", {class: "scores"}, ...buttons),
     cast !== undefined && h("p", {class: "cast-note"}, "Your vote: " + cast));
+  return node;
 }
 
 function draw() {
