@@ -3710,10 +3710,15 @@ async def test_static_dir_serves_a_built_app_to_browsers_and_the_api_to_everyone
 
 async def test_the_big_screen_shows_how_to_join_with_a_qr_code(room: Room, pin: str, tab: Callable,
                                                                 tmp_path: Path) -> None:
-    """Before a round: the runners' URL, the voting URL as text and as a QR code, and who is connected."""
+    """Before a round: the runners' URL, the voting URL as text and as a QR code, and who is connected
+    (a nickname that looks like HTML is shown as the text it is)."""
     await room.runner("ana", pin)
     page = await tab(room.base + "/")
     await expect(page.locator("#people")).to_contain_text("Ana")
+    mallory = Runner(await room.connect(), "mallory")
+    await mallory.register(pin, '<img src="x" onerror="document.title=1">Mal')
+    await expect(page.locator("#people")).to_contain_text('<img src="x" onerror="document.title=1">Mal')
+    assert await page.locator("#people img").count() == 0
     vote_url = await page.text_content("#vote-url")
     port = room.base.rsplit(":", 1)[1]
     assert re.fullmatch(rf"http://[\d.]+:{port}/voting", vote_url)
@@ -3762,6 +3767,22 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await expect(page.locator("#round-status")).to_have_text("voting open")
     await expect(page.locator("#vote-now")).to_be_visible()
     assert await qr_text(page, "#qr-small") == await page.text_content("#vote-url")
+
+
+async def test_a_long_answer_shows_its_latest_lines(room: Room, pin: str, tab: Callable) -> None:
+    """A card shows the end of a long answer, as it streams; the page keeps only that end, so the
+    hundredth thousand token costs no more to draw than the first."""
+    ana = await room.runner("ana", pin)
+    page = await tab(room.base + "/")
+    await expect(page.locator("#people li")).to_have_count(1)
+    rnd = await room.host.start((await room.host.new_round(max_tokens=5000))["id"])
+    words = [f"word{n:04} " for n in range(2000)]
+    await answered(room, rnd, {"ana": ana}, words)
+    text = page.locator(".card pre")
+    await expect(text).to_contain_text("word1999")
+    shown = await text.text_content()
+    assert "".join(words).endswith(shown) and 1000 < len(shown) <= 4000
+    await expect(page.locator(".card .count b")).to_have_text("2000")
 
 
 async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable,
