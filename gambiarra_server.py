@@ -2257,7 +2257,7 @@ class Page:
 PAGES = (
     Page("arena", "/", "Gambiarra arena", ("qr.js", "arena.js")),
     Page("voting", "/voting", "Vote: Gambiarra arena", ("voting.js",)),
-    Page("admin", "/admin", "Host: Gambiarra arena", ("qr.js", "admin.js")),
+    Page("admin", "/admin", "Host: Gambiarra arena", ("admin.js",)),
     Page("scoreboard", "/scoreboard", "Scoreboard: Gambiarra arena", ("scoreboard.js",)),
 )
 PAGE_PART = re.compile(r"\{\{(\w+)\}\}")
