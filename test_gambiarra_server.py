@@ -3846,11 +3846,14 @@ async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable, tm
     await expect(page.locator("#pin")).to_have_text(re.compile(r"^\d{6}$"))
     ana = await room.runner("ana", await page.text_content("#pin"))
     await expect(page.locator("#people")).to_contain_text("Ana")
-    await page.fill("#prompt", "Write a haiku about llamas")
-    await page.fill("#max-tokens", "64")
+    for field, value in {"#prompt": "Write a haiku about llamas", "#max-tokens": "64", "#temperature": "0.5",
+                         "#deadline": "30", "#seed": "42"}.items():
+        await page.fill(field, value)
     await page.get_by_role("button", name="Create and start").click()
     challenge = await ana.recv("challenge")
-    assert (challenge["prompt"], challenge["max_tokens"], challenge["round"]) == ("Write a haiku about llamas", 64, 1)
+    assert {key: challenge[key] for key in ("round", "prompt", "max_tokens", "temperature", "deadline_ms", "seed")} == {
+        "round": 1, "prompt": "Write a haiku about llamas", "max_tokens": 64, "temperature": 0.5,
+        "deadline_ms": 30_000, "seed": 42}
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
     await ana.sync()
