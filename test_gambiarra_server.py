@@ -3787,7 +3787,8 @@ async def test_a_long_answer_shows_its_latest_lines(room: Room, pin: str, tab: C
 
 async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pin: str, tab: Callable,
                                                                   tmp_path: Path) -> None:
-    """An SVG round shows each drawing, also cut off mid-way, as an image: its script and handlers never run."""
+    """An SVG round shows each drawing, also cut off mid-way, as an image, on the big screen and the phones:
+    its script and handlers never run."""
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
     page = await tab(room.base + "/")
     rnd = await room.host.new_round("Draw a llama", svg_mode=True)
@@ -3803,6 +3804,12 @@ async def test_an_svg_answer_is_drawn_and_its_script_runs_nothing(room: Room, pi
     for i in range(2):
         assert await images.nth(i).evaluate("img => img.decode().then(() => img.naturalWidth > 0)")
     assert await page.title() == "Gambiarra arena"
+    await room.host.stop(rnd["id"])                 # the phones show the drawings too, just as safely
+    phone = await tab(room.base + "/voting", 360, 740)
+    drawings = phone.locator(".answer img.svg-answer")
+    await expect(drawings).to_have_count(2)
+    assert await drawings.nth(0).evaluate("img => img.decode().then(() => img.naturalWidth > 0)")
+    assert await phone.title() == "Vote: Gambiarra arena"
 
 
 async def test_a_tap_on_the_phone_votes_and_the_vote_stays_cast(room: Room, pin: str, tab: Callable,
