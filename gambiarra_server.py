@@ -8,7 +8,8 @@ The host runs this file on a laptop. Participants' runners (ollama, llama.cpp,
 LM Studio) connect to ``ws://HOST:3000/ws`` with the session PIN, receive each
 round's challenge and stream their tokens back; the big screen (telão) and the
 audience's phones watch the same socket; phones vote over HTTP; the host drives
-everything with curl or the club's admin page and exports the evening at the end.
+everything from the /admin page (or curl, or the club's admin page) and exports
+the evening at the end.
 
 Run it::
 
@@ -42,8 +43,12 @@ Every HTTP route is served at the root and again under ``/api``; ``GET /docs``
 lists them all. The sections of this file, in order (``grep -n '^# =='``):
 
     Configuration, Errors, Helpers, Input fields, Store (sqlite), Live state,
-    Messages, Hub (fan-out), The server, WebSocket, HTTP, Routes and docs, App,
-    Runner (join, the participant's side), Rehearsal (simulate and bench), Command line, Schema.
+    Messages, Hub (fan-out), The server, WebSocket, HTTP, Pages, Routes and docs, App,
+    Runner (join, the participant's side), Rehearsal (simulate and bench), Command line, Schema,
+    Assets (the pages' text).
+
+The pages: ``/`` the big screen, ``/voting`` the phones, ``/admin`` the host's
+panel, ``/scoreboard`` the ceremony (each also at ``/ui/<name>``).
 """
 
 from __future__ import annotations
@@ -254,6 +259,8 @@ class Config:
                               "served at /client, /agent and /client-assets/")
     log_json: str = option("", "LOG_JSON", "also write the log to this file as JSON lines (pino's fields: "
                                            "time, level, msg), with a line per HTTP request")
+    static_dir: str = option("", "STATIC_DIR", "a built web app (such as the club's telao) served at / to "
+                                               "browsers; the built-in pages then live at /ui/ only")
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
@@ -262,7 +269,7 @@ MAX_PROMPT = 100_000
 MAX_ROUND = 1_000_000       # round indexes, in messages
 MAX_MS = 86_400_000         # durations a client reports: a day
 SEED_RANGE = 1_000_000      # a round's seed when the host gives none: 0 to 999,999, as the club's admin page draws
-SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world"}
+SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world", "admin", "scoreboard"}
 PIN_CHECKS_WAITING = 16     # distinct PINs waiting for bcrypt (only before the server knows the PIN); more are refused
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
@@ -3113,6 +3120,116 @@ async def get_export_all_json(server: Server, request: web.Request, p: Params) -
 
 
 # =============================================================================
+# Pages: the big screen, the phones' voting page, the host panel, the scoreboard
+# =============================================================================
+#
+# Each page is one self-contained HTML response put together from ASSETS (at the
+# end of the file): no other file, font or CDN, since the meetup's wifi is often
+# offline, and never cached, since a stale page once drew blank SVGs. The pages
+# talk to the server like any client: the WebSocket for what happens, the HTTP
+# routes above for what the host and the phones do.
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    path: str                       # at the root; every page is also at /ui/<name>, which no route shares
+    title: str
+    scripts: tuple[str, ...]        # assets run after base.js, in order
+
+
+PAGES = (
+    Page("arena", "/", "Gambiarra arena", ("qr.js", "arena.js")),
+    Page("voting", "/voting", "Vote: Gambiarra arena", ("voting.js",)),
+    Page("admin", "/admin", "Host: Gambiarra arena", ("admin.js",)),
+    Page("scoreboard", "/scoreboard", "Scoreboard: Gambiarra arena", ("scoreboard.js",)),
+)
+PAGE_PART = re.compile(r"\{\{(\w+)\}\}")
+
+
+def wants_html(request: web.Request) -> bool:
+    """Whether the caller is a browser opening a page: fetch(), curl and the club's scripts don't ask for HTML."""
+    return "text/html" in header(request, "Accept")
+
+
+async def join_base(server: Server, request: web.Request) -> str:
+    """The base URL phones and runners type: this machine's LAN address when the page was opened
+    as localhost (the projector is often plugged into the host's laptop), else the one it was opened at."""
+    name = request.url.host or ""
+    with contextlib.suppress(ValueError):
+        name = "localhost" if ipaddress.ip_address(name).is_loopback else name
+    if name != "localhost":
+        return f"http://{request.host}"
+    if server.own_addresses is None:
+        server.own_addresses = set(await asyncio.to_thread(lan_addresses))
+    lan = sorted(server.own_addresses)
+    return f"http://{lan[0]}:{request.url.port}" if lan else f"http://{request.host}"
+
+
+def page_html(page: Page, boot: dict[str, Any], nonce: str) -> str:
+    """`page` as one HTML document; `boot` is the JSON its scripts start from."""
+    parts = {"title": page.title, "name": page.name, "nonce": nonce, "body": ASSETS[f"{page.name}.html"],
+             "css": ASSETS["base.css"] + ASSETS[f"{page.name}.css"],
+             "js": "\n".join(ASSETS[script] for script in ("base.js", *page.scripts)),
+             "boot": dumps(boot).replace("<", "\\u003c")}          # no "</script>" can end it early
+    return PAGE_PART.sub(lambda match: parts[match[1]], ASSETS["page.html"])
+
+
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def page_endpoint(page: Page) -> RequestHandler:
+    async def handle(request: web.Request) -> web.Response:
+        server = request.app[server_key]
+        nonce = secrets.token_urlsafe(12)
+        # Where each page is: its own path, or /ui/<name> when STATIC_DIR holds the root.
+        paths = {p.name: f"/ui/{p.name}" if server.config.static_dir else p.path for p in PAGES}
+        boot = {"page": page.name, "join": await join_base(server, request), "paths": paths}
+        # Only our own scripts run, and the page can reach nothing but this server.
+        policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src data:; "
+                  "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        return web.Response(text=page_html(page, boot, nonce), content_type="text/html",
+                            headers={"Cache-Control": "no-store", "Content-Security-Policy": policy,
+                                     "X-Content-Type-Options": "nosniff"})
+    return handle
+
+
+def html_or(page: RequestHandler, api: RequestHandler) -> RequestHandler:
+    """One path for a page and a route: the page for a browser, the route's JSON for everyone else."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await (page if wants_html(request) else api)(request)
+    return handle
+
+
+async def get_static(request: web.Request) -> web.StreamResponse:
+    """A file of STATIC_DIR; for a browser, its index.html at any other path (the app routes by itself)."""
+    root = Path(request.app[server_key].config.static_dir).resolve()
+    path = (root / request.match_info.get("path", "")).resolve()
+    if path.is_relative_to(root) and path.is_file():
+        return web.FileResponse(path)
+    if wants_html(request):
+        return web.FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
+    raise NotFound(f"No route GET {request.path}")
+
+
+def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> list[tuple[str, str, RequestHandler]]:
+    """The routes served at the root: `api`, then the pages. A path that a page and a route share
+    answers the page to browsers and JSON to everyone else.
+
+    Each page is at /ui/<name>, and also at its own path, unless STATIC_DIR is served there:
+    then every path at the root gives browsers the static app.
+    """
+    pages = {page.path: page_endpoint(page) for page in PAGES}
+    fallback: list[tuple[str, str, RequestHandler]] = []
+    if config.static_dir:
+        pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
+        fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
+    root = [(method, path, html_or(pages.pop(path), handler) if method == "GET" and path in pages else handler)
+            for method, path, handler in api]
+    root += [("GET", path, handler) for path, handler in pages.items()]
+    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES] + fallback
+
+
+# =============================================================================
 # Routes and docs: one table is the router, the validator, /openapi.json and /docs
 # =============================================================================
 
@@ -3519,7 +3636,8 @@ def make_app(config: Config) -> web.Application:
              web.get(r"/client-assets/{name:[\w.-]+\.(?:js|css)}", get_client_asset)]
     api = [("GET", "/openapi.json", get_openapi), ("GET", "/docs", get_docs), ("GET", "/redoc", get_redoc)]
     api += [(route.method, route.path, endpoint(route)) for route in ROUTES]
-    table += [web.route(method, prefix + path, handler) for method, path, handler in api for prefix in ("", "/api")]
+    table += [web.route(method, "/api" + path, handler) for method, path, handler in api]
+    table += [web.route(method, path, handler) for method, path, handler in with_pages(api, config)]
     app.add_routes(table)
     return app
 
@@ -6544,6 +6662,991 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 PRAGMA user_version = 2;
 """
+
+
+# =============================================================================
+# Assets: the pages' HTML, CSS and JavaScript
+# =============================================================================
+#
+# Plain data, kept last although the Pages section above uses it: a reader meets the
+# server's logic first and the page text after it (bottle keeps its error page
+# template near its end for the same reason). Plain strings, not f-strings, so the
+# JavaScript's braces need no escaping; page_html() fills in the {{name}} holes of
+# page.html only.
+
+ASSETS = {
+    "page.html": r'''<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}}</title>
+<link rel="icon" href="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect width='16' height='16' rx='4' fill='%23ff8a3d'/%3E%3Cpath d='M11 5H6v6h5V8H8.5' stroke='%230d1020' stroke-width='2' fill='none'/%3E%3C/svg%3E">
+<style>{{css}}</style>
+<script type="application/json" id="boot">{{boot}}</script>
+</head><body class="{{name}}">
+{{body}}
+<div id="offline" class="offline" hidden>Reconnecting to the server…</div>
+<script nonce="{{nonce}}">{{js}}</script>
+</body></html>
+''',
+    "base.css": r''':root{--bg:#0d1020;--panel:#161a30;--line:#2b3152;--text:#e9ecf8;--dim:#8d94b4;--accent:#ff8a3d;--done:#3ddc84;
+--live:#ff4f8b;--info:#38d3ea;--warn:#ffd166;color-scheme:dark;
+font:16px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;
+color:var(--text);background:var(--bg)}
+*{box-sizing:border-box}
+body{margin:0;min-height:100vh;padding:1rem}
+h1,h2,h3,p{margin:0}
+[hidden]{display:none!important}
+button{font:inherit;color:var(--text);background:var(--panel);border:1px solid var(--line);border-radius:.5rem;
+padding:.5em 1em;cursor:pointer}
+button:disabled{opacity:.45;cursor:default}
+input,select,textarea{font:inherit;color:var(--text);background:#0a0d1a;border:1px solid var(--line);
+border-radius:.4rem;padding:.4em}
+.panel{background:var(--panel);border:1px solid var(--line);border-radius:.8rem;padding:1rem}
+.dim{color:var(--dim)}
+.mono,pre,code{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
+.badge{display:inline-block;border:1px solid currentColor;border-radius:.4rem;padding:.1em .6em;font-size:.85em;
+font-weight:700;letter-spacing:.05em;text-transform:uppercase}
+.live{color:var(--live)}.done{color:var(--done)}.info{color:var(--info)}.warn{color:var(--warn)}
+.brand{font-family:ui-monospace,"DejaVu Sans Mono",monospace;color:var(--accent);letter-spacing:.08em;
+text-shadow:0 0 18px rgba(255,138,61,.5)}
+.svg-answer{display:block;max-width:100%;max-height:100%;margin:auto;background:#fff;border-radius:.4rem}
+.error{color:#ff6b6b}
+.offline{position:fixed;bottom:.6rem;right:.6rem;background:#402030;color:var(--warn);border-radius:.5rem;
+padding:.3em .8em;font-size:.9rem}
+''',
+    "base.js": r'''"use strict";
+// What every page shares: the server's JSON API, the live socket, element building, drawing per frame.
+const BOOT = JSON.parse(document.getElementById("boot").textContent);
+const $ = (id) => document.getElementById(id);
+
+// An element with properties (class, on<event> listeners, attributes) and children (text stays text).
+function h(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  node.append(...children.filter((child) => child !== null && child !== undefined && child !== false));
+  return node;
+}
+
+// The host's admin token, once typed on another device, is kept for this tab only.
+function authHeaders() {
+  const token = sessionStorage.getItem("adminToken");
+  return token ? {Authorization: "Bearer " + token} : {};
+}
+
+// Call the API; a refusal throws an Error with the API's own sentence (and its status and code).
+async function api(method, path, body) {
+  const options = {method, headers: authHeaders()};
+  if (body !== undefined) {
+    options.body = JSON.stringify(body);
+    options.headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    throw Object.assign(new Error(data.error || response.status + " " + response.statusText),
+                        {status: response.status, code: data.code});
+  }
+  return data;
+}
+
+// Run `job` once before the next paint, however often it is asked for in between.
+const frameJobs = new Set();
+function onFrame(job) {
+  if (!frameJobs.size) {
+    requestAnimationFrame(() => {
+      const jobs = [...frameJobs];
+      frameJobs.clear();
+      jobs.forEach((run) => run());
+    });
+  }
+  frameJobs.add(job);
+}
+
+// Watch the server as a screen: `onMessage` gets every frame. The socket comes back by itself
+// (waiting longer after each failure); while it is down, `poll` runs every few seconds instead.
+function watch(view, onMessage, poll) {
+  let delay = 500, pollTimer = null;
+  const down = (isDown) => {
+    $("offline").hidden = !isDown;
+    if (isDown && !pollTimer && poll) pollTimer = setInterval(() => poll().catch(() => {}), 5000);
+    if (!isDown && pollTimer) { clearInterval(pollTimer); pollTimer = null; }
+  };
+  const connect = () => {
+    const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+    socket.onopen = () => { delay = 500; down(false); socket.send(JSON.stringify({type: "telao_register", view})); };
+    socket.onmessage = (event) => onMessage(JSON.parse(event.data));
+    socket.onclose = () => { down(true); setTimeout(connect, delay); delay = Math.min(delay * 2, 8000); };
+  };
+  connect();
+}
+
+// An answer's SVG as the source of an <img>: in an image a browser runs no script, no event
+// handler and fetches nothing, whatever the SVG says. A cut-off drawing is closed so it shows
+// what it has. null when the answer holds no SVG.
+function svgSource(text) {
+  const start = text.search(/<svg[\s>]/i);
+  if (start < 0) return null;
+  let svg = text.slice(start);
+  const end = /<\/svg\s*>/i.exec(svg);
+  if (end) svg = svg.slice(0, end.index + end[0].length);
+  else {
+    svg = svg.slice(0, svg.lastIndexOf(">") + 1);
+    const open = [];
+    for (const tag of svg.matchAll(/<(\/?)([A-Za-z][\w:.-]*)(?:[^>"']|"[^"]*"|'[^']*')*?(\/?)>/g)) {
+      const at = tag[1] ? open.lastIndexOf(tag[2]) : -1;
+      if (at >= 0) open.length = at;
+      else if (!tag[1] && !tag[3]) open.push(tag[2]);
+    }
+    svg += open.reverse().map((name) => "</" + name + ">").join("");
+  }
+  if (!/^<svg[^>]*\sxmlns\s*=/i.test(svg)) svg = svg.replace(/^<svg/i, '<svg xmlns="http://www.w3.org/2000/svg"');
+  return "data:image/svg+xml;charset=utf-8," + encodeURIComponent(svg);
+}
+
+// An answer as people read it: the drawing for an SVG round, else the text (monospace, wrapped).
+function answerView(text, svgMode) {
+  const source = svgMode && svgSource(text);
+  return source ? h("img", {class: "svg-answer", src: source, alt: "the drawing"}) : h("pre", {}, text);
+}
+''',
+    "qr.js": r'''// A QR code encoder (byte mode, error correction level M, versions 1 to 10: up to 213 bytes),
+// small enough to live here: the page draws its own code, with nothing fetched.
+const QR = (() => {
+  // Per version: error correction codewords per block, then [blocks, data codewords] per group.
+  const BLOCKS = [null, [10, [1, 16]], [16, [1, 28]], [26, [1, 44]], [18, [2, 32]], [24, [2, 43]],
+    [16, [4, 27]], [18, [4, 31]], [22, [2, 38], [2, 39]], [22, [3, 36], [2, 37]], [26, [4, 43], [1, 44]]];
+  const ALIGN = [null, [], [6, 18], [6, 22], [6, 26], [6, 30], [6, 34], [6, 22, 38], [6, 24, 42], [6, 26, 46],
+    [6, 28, 50]];
+  const EXP = new Uint8Array(512), LOG = new Uint8Array(256);
+  for (let i = 0, x = 1; i < 255; i++, x = (x << 1) ^ (x & 0x80 ? 0x11d : 0)) { EXP[i] = x; LOG[x] = i; }
+  for (let i = 255; i < 512; i++) EXP[i] = EXP[i - 255];
+  const mul = (a, b) => (a && b ? EXP[LOG[a] + LOG[b]] : 0);
+
+  function errorCorrection(data, degree) {
+    let gen = [1];                                  // the product of (x - 2^i) for i < degree
+    for (let i = 0; i < degree; i++) {
+      const next = new Array(gen.length + 1).fill(0);
+      gen.forEach((c, j) => { next[j] ^= c; next[j + 1] ^= mul(c, EXP[i]); });
+      gen = next;
+    }
+    const rest = new Array(degree).fill(0);
+    for (const byte of data) {
+      const factor = byte ^ rest.shift();
+      rest.push(0);
+      for (let j = 0; j < degree; j++) rest[j] ^= mul(gen[j + 1], factor);
+    }
+    return rest;
+  }
+
+  function codewords(bytes, version) {
+    const [ecLength, ...groups] = BLOCKS[version];
+    const capacity = groups.reduce((sum, [n, k]) => sum + n * k, 0);
+    const bits = [];
+    const put = (value, length) => { for (let i = length - 1; i >= 0; i--) bits.push((value >>> i) & 1); };
+    put(4, 4);                                      // byte mode
+    put(bytes.length, version < 10 ? 8 : 16);
+    bytes.forEach((b) => put(b, 8));
+    put(0, Math.min(4, capacity * 8 - bits.length));
+    while (bits.length % 8) bits.push(0);
+    const data = [];
+    for (let i = 0; i < bits.length; i += 8) data.push(parseInt(bits.slice(i, i + 8).join(""), 2));
+    for (let pad = 0xec; data.length < capacity; pad ^= 0xec ^ 0x11) data.push(pad);
+    const blocks = [];
+    let at = 0;
+    for (const [n, k] of groups) for (let b = 0; b < n; b++, at += k) blocks.push(data.slice(at, at + k));
+    const ecs = blocks.map((block) => errorCorrection(block, ecLength));
+    const out = [];
+    for (let i = 0; i < Math.max(...blocks.map((b) => b.length)); i++) {
+      blocks.forEach((b) => i < b.length && out.push(b[i]));
+    }
+    for (let i = 0; i < ecLength; i++) ecs.forEach((e) => out.push(e[i]));
+    return out;
+  }
+
+  function bch(value, poly, shift) {               // value followed by its remainder modulo poly
+    let rest = value << shift;
+    for (let top = 31 - Math.clz32(poly); 31 - Math.clz32(rest) >= top;) rest ^= poly << (31 - Math.clz32(rest) - top);
+    return (value << shift) | rest;
+  }
+
+  const MASKS = [(x, y) => (x + y) % 2 === 0, (x, y) => y % 2 === 0, (x) => x % 3 === 0, (x, y) => (x + y) % 3 === 0,
+    (x, y) => (Math.floor(x / 3) + Math.floor(y / 2)) % 2 === 0, (x, y) => (x * y) % 2 + (x * y) % 3 === 0,
+    (x, y) => ((x * y) % 2 + (x * y) % 3) % 2 === 0, (x, y) => ((x + y) % 2 + (x * y) % 3) % 2 === 0];
+
+  function build(version, data, mask) {
+    const size = version * 4 + 17;
+    const dark = Array.from({length: size}, () => new Array(size).fill(false));
+    const fixed = Array.from({length: size}, () => new Array(size).fill(false));
+    const set = (x, y, on) => { dark[y][x] = on; fixed[y][x] = true; };
+    for (let i = 0; i < size; i++) { set(6, i, i % 2 === 0); set(i, 6, i % 2 === 0); }
+    for (const [cx, cy] of [[3, 3], [size - 4, 3], [3, size - 4]]) {      // finders and their separators
+      for (let dy = -4; dy <= 4; dy++) for (let dx = -4; dx <= 4; dx++) {
+        const x = cx + dx, y = cy + dy, ring = Math.max(Math.abs(dx), Math.abs(dy));
+        if (x >= 0 && y >= 0 && x < size && y < size) set(x, y, ring !== 2 && ring !== 4);
+      }
+    }
+    const align = ALIGN[version];
+    const last = align[align.length - 1];
+    for (const cy of align) for (const cx of align) {
+      if ((cx === 6 && (cy === 6 || cy === last)) || (cx === last && cy === 6)) continue;   // under the finders
+      for (let dy = -2; dy <= 2; dy++) {
+        for (let dx = -2; dx <= 2; dx++) set(cx + dx, cy + dy, Math.max(Math.abs(dx), Math.abs(dy)) !== 1);
+      }
+    }
+    const format = bch(mask, 0x537, 10) ^ 0x5412;   // level M is 00
+    const bit = (value, i) => ((value >>> i) & 1) === 1;
+    for (let i = 0; i < 6; i++) set(8, i, bit(format, i));
+    set(8, 7, bit(format, 6)); set(8, 8, bit(format, 7)); set(7, 8, bit(format, 8));
+    for (let i = 9; i < 15; i++) set(14 - i, 8, bit(format, i));
+    for (let i = 0; i < 8; i++) set(size - 1 - i, 8, bit(format, i));
+    for (let i = 8; i < 15; i++) set(8, size - 15 + i, bit(format, i));
+    set(8, size - 8, true);
+    if (version >= 7) {
+      const info = bch(version, 0x1f25, 12);
+      for (let i = 0; i < 18; i++) {
+        const a = size - 11 + (i % 3), b = Math.floor(i / 3);
+        set(a, b, bit(info, i));
+        set(b, a, bit(info, i));
+      }
+    }
+    let i = 0;
+    for (let right = size - 1; right >= 1; right -= 2) {             // two columns at a time, zigzagging
+      if (right === 6) right = 5;
+      for (let v = 0; v < size; v++) for (let j = 0; j < 2; j++) {
+        const x = right - j, y = ((right + 1) & 2) === 0 ? size - 1 - v : v;
+        if (fixed[y][x]) continue;
+        const on = i < data.length * 8 && bit(data[i >> 3], 7 - (i & 7));
+        i++;
+        dark[y][x] = on !== MASKS[mask](x, y);
+      }
+    }
+    return dark;
+  }
+
+  function penalty(m) {                             // the standard's four rules, to pick the mask
+    const size = m.length;
+    let score = 0, darkCount = 0;
+    const lines = [];
+    for (let y = 0; y < size; y++) { lines.push(m[y]); lines.push(m.map((row) => row[y])); }
+    for (const line of lines) {
+      for (let x = 0, run = 0; x <= size; x++) {
+        if (x < size && x > 0 && line[x] === line[x - 1]) run++;
+        else { if (run >= 4) score += run - 1; run = 0; }
+      }
+      const text = line.map((on) => (on ? "1" : "0")).join("");
+      score += 40 * ((text.match(/(?=10111010000|00001011101)/g) || []).length);
+    }
+    for (let y = 0; y < size; y++) for (let x = 0; x < size; x++) {
+      if (m[y][x]) darkCount++;
+      if (x && y && m[y][x] === m[y - 1][x] && m[y][x] === m[y][x - 1] && m[y][x] === m[y - 1][x - 1]) score += 3;
+    }
+    return score + 10 * Math.floor(Math.abs(darkCount * 20 - size * size * 10) / (size * size));
+  }
+
+  function encode(text) {
+    const bytes = Array.from(new TextEncoder().encode(text));
+    let version = 1;
+    const fits = (v) => BLOCKS[v].slice(1).reduce((s, [n, k]) => s + n * k, 0) >= bytes.length + (v < 10 ? 2 : 3);
+    while (version <= 10 && !fits(version)) version++;
+    if (version > 10) throw new Error("Too long for a QR code here: " + text);
+    const data = codewords(bytes, version);
+    let best = null, bestScore = Infinity;
+    for (let mask = 0; mask < 8; mask++) {
+      const m = build(version, data, mask), score = penalty(m);
+      if (score < bestScore) { best = m; bestScore = score; }
+    }
+    return best;
+  }
+
+  // Draw `text` on `canvas`, `scale` pixels a module, with the four-module quiet zone.
+  function draw(canvas, text, scale) {
+    const m = encode(text), side = (m.length + 8) * scale;
+    canvas.width = canvas.height = side;
+    const g = canvas.getContext("2d");
+    g.fillStyle = "#fff";
+    g.fillRect(0, 0, side, side);
+    g.fillStyle = "#000";
+    m.forEach((row, y) => row.forEach((on, x) => on && g.fillRect((x + 4) * scale, (y + 4) * scale, scale, scale)));
+  }
+  return {encode, draw};
+})();
+''',
+    "arena.html": r'''<header class="top"><h1 class="brand">GAMBIARRA ARENA</h1><span class="pill" id="connected">0 connected</span></header>
+<section id="join" class="join">
+  <div class="panel how">
+    <h2>Runners</h2>
+    <p class="dim">point your runner at</p>
+    <p class="url mono" id="ws-url"></p>
+    <p class="dim">with the session PIN the host gives you.</p>
+    <h2>Everyone</h2>
+    <p class="dim">vote on your phone at</p>
+    <p class="url mono" id="vote-url"></p>
+    <p class="dim" id="waiting">Waiting for the host to start a session.</p>
+  </div>
+  <div class="panel qr"><canvas id="qr" aria-label="QR code of the voting page"></canvas></div>
+  <div class="panel who"><h2 id="people-title">Connected</h2><ul id="people" class="people"></ul></div>
+</section>
+<section id="live" hidden>
+  <div class="panel round">
+    <div class="round-text"><span class="badge info" id="round-no"></span> <span class="badge" id="round-status"></span>
+      <p id="prompt" class="prompt"></p></div>
+    <div class="fact"><b id="max-tokens"></b><small>max tokens</small></div>
+    <div class="fact"><b id="countdown"></b><small>left</small></div>
+    <div class="fact vote-now" id="vote-now" hidden>
+      <canvas id="qr-small" aria-label="QR code of the voting page"></canvas><small>vote</small></div>
+  </div>
+  <div class="panel progress">
+    <div class="legend"><span><b class="done" id="n-done">0</b> done</span>
+      <span><b class="live" id="n-generating">0</b> generating</span>
+      <span><b class="dim" id="n-waiting">0</b> waiting</span></div>
+    <div class="bar"><i class="bar-done" id="bar-done"></i><i class="bar-generating" id="bar-generating"></i></div>
+  </div>
+  <div id="cards" class="cards"></div>
+</section>
+''',
+    "arena.css": r'''body.arena{font-size:clamp(14px,1.1vw,22px)}
+.top{display:flex;justify-content:space-between;align-items:center;margin-bottom:1rem}
+.top h1{font-size:2.6em}
+.pill{border:1px solid var(--line);border-radius:.5rem;padding:.3em .8em;background:var(--panel)}
+.join{display:grid;grid-template-columns:1.3fr auto 1fr;gap:1rem;align-items:start}
+.how h2{font-size:1.5em;margin-top:.6em}.how h2:first-child{margin-top:0}
+.url{font-size:2em;color:var(--info);overflow-wrap:anywhere;margin:.1em 0 .2em}
+.qr{display:flex;justify-content:center}.qr canvas{width:min(34vw,60vh);image-rendering:pixelated;border-radius:.4rem}
+.people{list-style:none;padding:0;margin:.6em 0 0;display:flex;flex-wrap:wrap;gap:.4em}
+.people li{background:#0f1326;border:1px solid var(--line);border-radius:.4rem;padding:.2em .6em}
+.people li small{color:var(--dim);margin-left:.4em}
+.round{display:flex;gap:1rem;align-items:center;margin-bottom:1rem;border-top:3px solid var(--accent)}
+.round-text{flex:1;min-width:0}
+.prompt{font-size:1.6em;margin-top:.3em;overflow-wrap:anywhere;max-height:4.2em;overflow:hidden}
+.fact{display:flex;flex-direction:column;align-items:center;border:1px solid var(--line);border-radius:.6rem;
+padding:.4em .8em;min-width:6em}
+.fact b{font-size:1.8em;color:var(--info)}.fact small{color:var(--dim);text-transform:uppercase;font-size:.75em}
+.vote-now canvas{width:7em;image-rendering:pixelated}
+.progress{margin-bottom:1rem}.legend{display:flex;gap:1.5em;margin-bottom:.4em}
+.bar{display:flex;height:.7em;background:#0a0d1a;border-radius:.35em;overflow:hidden}
+.bar i{display:block;height:100%}.bar-done{background:var(--done)}.bar-generating{background:var(--live)}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(20em,1fr));gap:1rem}
+/* Each card lays itself out alone: 60 of them change every frame. */
+.card{display:flex;flex-direction:column;gap:.5em;border-top:3px solid var(--dim);height:22em;contain:strict}
+.card.is-generating{border-top-color:var(--live)}.card.is-done{border-top-color:var(--done)}
+.card.is-dropped,.card.is-stopped{border-top-color:var(--warn)}
+.card header{display:flex;gap:.6em;align-items:center}
+.avatar{flex:none;width:2.2em;height:2.2em;border-radius:50%;display:grid;place-items:center;font-weight:700;
+background:linear-gradient(135deg,var(--accent),var(--live));color:#111}
+.who-is{flex:1;min-width:0}.who-is h3{font-size:1.2em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.who-is small{color:var(--dim);display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.state{font-size:.75em}
+.card.is-waiting .state{color:var(--dim)}.card.is-generating .state{color:var(--live)}
+.card.is-done .state{color:var(--done)}
+.card.is-dropped .state,.card.is-stopped .state{color:var(--warn)}
+.count{display:flex;justify-content:space-between;font-size:.85em;color:var(--dim)}.count b{color:var(--info)}
+.card .bar{height:.4em}.card .bar i{background:var(--info)}
+.text{flex:1;min-height:0;overflow:hidden;display:flex;flex-direction:column-reverse;background:#0a0d1a;
+border-radius:.5rem;padding:.5em .7em;font-size:.9em}
+.stats{font-size:.85em;color:var(--dim);min-height:1.4em}.stats b{color:var(--text)}
+''',
+    "arena.js": r'''// The big screen: how to join before a round, then one card per runner, fed by the socket.
+const voteUrl = BOOT.join + BOOT.paths.voting;
+const state = {session: null, round: null, people: new Map(), cards: new Map()};
+$("ws-url").textContent = BOOT.join.replace(/^http/, "ws") + "/ws";
+$("vote-url").textContent = voteUrl;
+QR.draw($("qr"), voteUrl, 10);
+QR.draw($("qr-small"), voteUrl, 4);
+
+const running = () => Boolean(state.round && state.round.startedAt && !state.round.endedAt);
+
+function person(p) {
+  state.people.set(p.id, {id: p.id, nickname: p.nickname, model: p.model, connected: p.connected !== false});
+}
+
+// A runner's card for this round; made on first need (a runner connected at the start, or its first token).
+function card(id) {
+  let c = state.cards.get(id);
+  if (!c) {
+    c = {id, tokens: 0, pending: [], full: "", done: false, ttft: null, tps: null, node: null};
+    state.cards.set(id, c);
+  }
+  return c;
+}
+
+function cardState(c) {
+  if (c.done) return "done";
+  const p = state.people.get(c.id);
+  if (!p || !p.connected) return "dropped";
+  if (!running()) return c.tokens ? "stopped" : "waiting";
+  return c.tokens ? "generating" : "waiting";
+}
+
+function makeCard(c) {
+  const p = state.people.get(c.id) || {nickname: c.id, model: ""};
+  const text = document.createTextNode("");
+  const node = h("article", {class: "panel card"},
+    h("header", {}, h("span", {class: "avatar"}, (p.nickname || "?").slice(0, 1).toUpperCase()),
+      h("div", {class: "who-is"}, h("h3", {}, p.nickname), h("small", {}, p.model)),
+      h("span", {class: "badge state"})),
+    h("div", {class: "count"}, h("span", {}, "tokens"), h("span", {}, h("b", {}), " / " + state.round.maxTokens)),
+    h("div", {class: "bar"}, h("i", {})),
+    h("div", {class: "text"}, h("pre", {}, text)),
+    h("div", {class: "stats"}));
+  c.node = node;
+  c.text = text;
+  [c.stateNode, c.countNode, c.barNode, c.textBox, c.statsNode] =
+    [".state", ".count b", ".bar i", ".text", ".stats"].map((selector) => node.querySelector(selector));
+  c.svgShownAt = -Infinity;
+  $("cards").append(node);
+}
+
+// Bring a card's DOM up to date: the new text is appended, never the whole text rewritten.
+function drawCard(c) {
+  if (!c.node) makeCard(c);
+  const name = cardState(c);
+  if (c.node.dataset.state !== name) {
+    c.node.dataset.state = name;
+    c.node.className = "panel card is-" + name;
+    c.stateNode.textContent = name;
+  }
+  if (c.pending.length) {
+    const chunk = c.pending.join("");
+    c.pending.length = 0;
+    c.full += chunk;
+    // Only an answer's end is in view: the page holds its last few thousand characters,
+    // so a long answer costs no more to lay out than a short one.
+    if (c.text.length + chunk.length > 4000) c.text.data = c.full.slice(-2000);
+    else c.text.appendData(chunk);
+  }
+  if (c.shownTokens !== c.tokens) {
+    c.shownTokens = c.tokens;
+    c.countNode.textContent = c.tokens;
+    c.barNode.style.width = Math.min(100, (100 * c.tokens) / state.round.maxTokens) + "%";
+  }
+  if (c.ttft !== null && !c.statsNode.firstChild) {
+    c.statsNode.replaceChildren("TTFT ", h("b", {}, Math.round(c.ttft) + " ms"),
+      " · ", h("b", {}, (c.tps || 0).toFixed(1)), " tokens/s");
+  }
+  if (state.round.svgMode) drawSvg(c);
+}
+
+// An image per drawing costs a decode: a streaming drawing is redrawn twice a second at most,
+// and once more after its last token.
+function drawSvg(c) {
+  const wait = c.svgShownAt + 500 - performance.now();
+  if (wait > 0 && !c.done) {
+    c.svgTimer = c.svgTimer || setTimeout(() => { c.svgTimer = null; touch(c.id); }, wait);
+    return;
+  }
+  c.svgShownAt = performance.now();
+  const source = svgSource(c.full);
+  if (source) c.textBox.replaceChildren(h("img", {class: "svg-answer", src: source, alt: "drawing"}));
+}
+
+function drawProgress() {
+  let done = 0, generating = 0, waiting = 0;
+  for (const c of state.cards.values()) {
+    const name = cardState(c);
+    if (name === "done") done++;
+    else if (name === "generating") generating++;
+    else if (name === "waiting") waiting++;
+  }
+  const total = Math.max(1, state.cards.size);
+  $("n-done").textContent = done;
+  $("n-generating").textContent = generating;
+  $("n-waiting").textContent = waiting;
+  $("bar-done").style.width = (100 * done) / total + "%";
+  $("bar-generating").style.width = (100 * generating) / total + "%";
+}
+
+const dirty = new Set();
+function paintCards() {
+  for (const id of dirty) drawCard(card(id));
+  dirty.clear();
+  drawProgress();
+}
+function touch(id) {
+  dirty.add(id);
+  onFrame(paintCards);
+}
+
+const STATUS = {open: ["voting open", "done"], closed: ["voting closed", "warn"], revealed: ["results", "info"]};
+
+// The header, the join panel and who is connected: redrawn once per frame however many runners
+// join in it (a room's worth connect together when the host says go).
+function drawRound() {
+  const r = state.round, started = Boolean(r && r.startedAt);
+  $("join").hidden = started;
+  $("live").hidden = !started;
+  $("waiting").textContent = state.session ? "" : "Waiting for the host to start a session.";
+  const connected = [...state.people.values()].filter((p) => p.connected);
+  $("connected").textContent = connected.length + " connected";
+  $("people-title").textContent = connected.length ? connected.length + " connected" : "Nobody connected yet";
+  $("people").replaceChildren(...connected.map((p) => h("li", {}, p.nickname, h("small", {}, p.model))));
+  if (!started) return;
+  $("round-no").textContent = "round " + r.index;
+  const [label, tone] = running() ? ["live", "live"] : STATUS[r.votingStatus] || ["ended", "dim"];
+  $("round-status").textContent = label;
+  $("round-status").className = "badge " + tone;
+  $("prompt").textContent = r.prompt;
+  $("max-tokens").textContent = r.maxTokens;
+  $("vote-now").hidden = r.votingStatus !== "open";
+  tick();
+  if (running()) for (const p of connected) card(p.id);
+  for (const id of state.cards.keys()) touch(id);
+}
+
+// The deadline is advisory (the host stops the round): it counts down to zero and waits there.
+function tick() {
+  const r = state.round;
+  if (!r || !r.startedAt) return;
+  const left = r.endedAt ? 0 : Math.max(0, Date.parse(r.startedAt) + r.deadlineMs - Date.now());
+  $("countdown").textContent = Math.ceil(left / 1000) + "s";
+}
+setInterval(tick, 250);
+
+function newRound(r) {
+  state.cards.clear();
+  dirty.clear();
+  $("cards").replaceChildren();
+  state.round = r;
+}
+
+// A screen that (re)connects mid-round or after it gets the text streamed so far in the snapshot;
+// the answers already complete (every saved one, once the round is over) and the names of runners
+// no longer connected come from the scoreboard and the session.
+async function catchUp(r) {
+  const [session, board] = await Promise.all([api("GET", "/session"),
+    api("GET", "/scoreboard?round_id=" + encodeURIComponent(r.id))]);
+  if (!state.round || state.round.id !== r.id) return;
+  for (const p of session.participants) if (!state.people.has(p.id)) person(p);
+  for (const e of board.scoreboard) {
+    const c = card(e.participant_id);
+    if (!c.tokens && !c.pending.length) c.pending.push(e.generated_content);
+    Object.assign(c, {done: true, tokens: e.tokens, ttft: e.latency_first_token_ms, tps: e.tps_avg});
+  }
+  onFrame(drawRound);
+}
+
+const ON = {
+  state_snapshot(m) {
+    state.session = m.session;
+    state.people.clear();
+    m.participants.forEach(person);
+    newRound(m.round);
+    for (const [id, tokens] of Object.entries(m.liveTokens || {})) {
+      const c = card(id);
+      c.pending.push(tokens.join(""));
+      c.tokens = tokens.length;
+    }
+    onFrame(drawRound);
+    if (m.round && m.round.startedAt) catchUp(m.round);
+  },
+  participant_registered(m) { person(m.participant); onFrame(drawRound); },
+  participant_disconnected(m) {
+    const p = state.people.get(m.participant_id);
+    if (p) p.connected = false;
+    onFrame(drawRound);
+  },
+  round_started(m) { newRound(null); },
+  round_state(m) {
+    if (!state.round || state.round.id !== m.round.id) newRound(m.round);
+    state.round = m.round;
+    onFrame(drawRound);
+  },
+  token_update(m) {
+    if (!state.round || m.round !== state.round.index) return;
+    const c = card(m.participant_id);
+    c.pending.push(m.content);
+    c.tokens = m.total_tokens;
+    touch(c.id);
+  },
+  completion(m) {
+    if (!state.round || m.round !== state.round.index) return;
+    const c = card(m.participant_id);
+    Object.assign(c, {done: true, tokens: m.tokens, ttft: m.ttft_ms, tps: m.tps});
+    touch(c.id);
+  },
+};
+
+// While the socket is down: who is connected, and the running round's text so far.
+async function poll() {
+  const session = await api("GET", "/session");
+  const current = await api("GET", "/rounds/current").catch(() => null);
+  const shown = current || session.rounds.filter((r) => r.startedAt).pop() || null;
+  const liveTokens = current && current.liveTokens;
+  ON.state_snapshot({session, participants: session.participants, round: shown, liveTokens});
+}
+
+watch("arena", (m) => ON[m.type] && ON[m.type](m), poll);
+drawRound();
+''',
+    "voting.html": r'''<header class="head"><h1 class="brand">VOTE</h1><p id="round-line" class="dim"></p><p id="prompt" class="prompt"></p>
+  <p id="progress" class="progress"></p></header>
+<p id="message" class="message panel"></p>
+<p id="problem" class="error" hidden></p>
+<main id="answers" class="answers"></main>
+''',
+    "voting.css": r'''body.voting{max-width:40rem;margin:0 auto;padding:.75rem}
+.head{text-align:center;margin-bottom:.75rem}.head h1{font-size:1.8rem}
+.prompt{margin-top:.3rem;overflow-wrap:anywhere}
+.progress{margin-top:.3rem;color:var(--info)}
+.message{text-align:center;margin-bottom:.75rem}.message:empty{display:none}
+.answers{display:flex;flex-direction:column;gap:.75rem}
+.answer h2{font-size:1.1rem;color:var(--accent);margin-bottom:.4rem;overflow-wrap:anywhere}
+.answer pre{background:#0a0d1a;border-radius:.5rem;padding:.6rem;max-height:60vh;overflow:auto;font-size:.9rem}
+.answer .svg-answer{max-height:60vh}
+.scores{display:grid;grid-template-columns:repeat(6,1fr);gap:.35rem;margin-top:.6rem}
+.scores button{padding:.7em 0;font-size:1.15rem;font-weight:700}
+.scores button.chosen{background:var(--done);color:#0d1020;border-color:var(--done);opacity:1}
+.answer.cast{border-color:var(--done)}
+.cast-note{margin-top:.4rem;color:var(--done);font-size:.9rem}
+''',
+    "voting.js": r'''// The phone: the answers of the round with voting open, each with scores 0 to 5.
+const voterId = localStorage.getItem("voterId") || (() => {
+  // An anonymous id that stays with this phone; crypto.randomUUID needs https, this does not.
+  const id = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  localStorage.setItem("voterId", id);
+  return id;
+})();
+let round = null, answers = [], mine = new Map(), loading = null;
+
+// A stable order per phone: no answer always comes first, and a late answer slots in
+// without moving the others.
+function rank(participantId) {
+  let hash = 2166136261;
+  for (const ch of voterId + ":" + participantId) hash = Math.imul(hash ^ ch.charCodeAt(0), 16777619);
+  return hash >>> 0;
+}
+
+function say(text) {
+  $("message").textContent = text;
+}
+
+function problem(error) {
+  $("problem").hidden = !error;
+  $("problem").textContent = error ? error.message : "";
+}
+
+async function vote(answer, score, node) {
+  try {
+    await api("POST", "/votes", {roundId: round.id, participantId: answer.participant_id, score, voterId});
+    mine.set(answer.participant_id, score);
+    problem(null);
+  } catch (error) {
+    if (error.status === 409 && error.message.startsWith("Already voted")) return refresh();
+    problem(error);
+  }
+  node.replaceWith(answerCard(answer));           // the rest of the list stays as it is, scrolled as it was
+  $("progress").textContent = mine.size + " of " + answers.length + " voted";
+}
+
+function answerCard(answer) {
+  const cast = mine.get(answer.participant_id);
+  const buttons = [0, 1, 2, 3, 4, 5].map((score) => h("button", {
+    class: cast === score ? "chosen" : "", onclick: () => vote(answer, score, node)}, String(score)));
+  if (cast !== undefined || round.votingStatus !== "open") buttons.forEach((b) => { b.disabled = true; });
+  const node = h("article", {class: "panel answer" + (cast !== undefined ? " cast" : "")},
+    h("h2", {}, answer.nickname), answerView(answer.generated_content, round.svgMode),
+    h("div", {class: "scores"}, ...buttons),
+    cast !== undefined && h("p", {class: "cast-note"}, "Your vote: " + cast));
+  return node;
+}
+
+function draw() {
+  const r = round, open = Boolean(r && r.votingStatus === "open" && r.endedAt);
+  $("round-line").textContent = r ? "Round " + r.index : "";
+  $("prompt").textContent = r && r.startedAt ? r.prompt : "";
+  if (!r || !r.startedAt) say("Waiting for the next round to start.");
+  else if (!r.endedAt) say("The round is on: answers stream on the big screen. Voting opens when the host stops it.");
+  else if (r.votingStatus === "closed") say("Voting is closed. The results are coming on the big screen.");
+  else if (r.votingStatus === "revealed") say("The results are on the big screen.");
+  else if (open && !answers.length) say("No answers to vote on yet.");
+  else say("");
+  const shown = open ? [...answers].sort((a, b) => rank(a.participant_id) - rank(b.participant_id)) : [];
+  $("progress").textContent = open && answers.length ? mine.size + " of " + answers.length + " voted" : "";
+  $("answers").replaceChildren(...shown.map(answerCard));
+}
+
+// Fetch the answers and this phone's votes for the round with voting open (one fetch at a time).
+async function refresh() {
+  if (!round || !round.endedAt || round.votingStatus !== "open") return draw();
+  if (loading) return loading;
+  const id = round.id;
+  loading = (async () => {
+    try {
+      const [body, votes] = await Promise.all([api("GET", "/rounds/" + id + "/responses"),
+        api("GET", "/votes/mine?round_id=" + encodeURIComponent(id) + "&voter_id=" + encodeURIComponent(voterId))]);
+      if (round && round.id === id) {
+        answers = body.responses;
+        mine = new Map(votes.map((v) => [v.participantId, v.score]));
+      }
+      problem(null);
+    } catch (error) {
+      problem(error);
+    } finally {
+      loading = null;
+    }
+    draw();
+  })();
+  return loading;
+}
+
+function show(r) {
+  if (!r || !round || r.id !== round.id) { answers = []; mine = new Map(); }
+  round = r;
+  refresh();
+}
+
+const ON = {
+  state_snapshot: (m) => show(m.round),
+  round_state: (m) => show(m.round),
+  completion: () => refresh(),              // an answer that completes after the stop joins the list
+};
+
+async function poll() {
+  const session = await api("GET", "/session");
+  show(session.rounds.filter((r) => r.startedAt).pop() || null);
+}
+
+watch("voting", (m) => ON[m.type] && ON[m.type](m), poll);
+draw();
+''',
+    "admin.html": r'''<header class="top"><h1 class="brand">HOST PANEL</h1><a data-page="arena" target="_blank">big screen</a> ·
+  <a data-page="scoreboard" target="_blank">scoreboard</a> · <a data-page="voting" target="_blank">voting</a></header>
+<p id="problem" class="error panel" hidden></p>
+<form id="token-form" class="panel" hidden><label>Admin token (printed by the server at start-up)
+  <input id="token" autocomplete="off" required></label> <button>Use</button></form>
+<div class="grid">
+  <section class="panel">
+    <h2>Session</h2>
+    <p>PIN <b id="pin" class="pin mono">none</b></p>
+    <p class="dim" id="session-line"></p>
+    <button id="new-session">New session</button>
+  </section>
+  <section class="panel">
+    <h2>Round</h2>
+    <form id="round-form">
+      <textarea id="prompt" rows="3" required placeholder="The challenge, e.g. Write a haiku about llamas"></textarea>
+      <div class="fields">
+        <label>max tokens <input id="max-tokens" type="number" min="1" value="400"></label>
+        <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"></label>
+        <label>deadline (s) <input id="deadline" type="number" min="1" value="90"></label>
+        <label>seed <input id="seed" type="number" min="0" placeholder="none"></label>
+        <label><input id="svg-mode" type="checkbox"> SVG drawings</label>
+      </div>
+      <button id="start-round">Create and start</button>
+    </form>
+    <div class="actions"><button id="stop">Stop the round</button> <button id="close-voting">Close voting</button>
+      <button id="reveal">Start the reveal</button> <button id="reveal-next">Reveal next</button></div>
+    <p class="dim" id="round-line"></p>
+  </section>
+  <section class="panel">
+    <h2 id="people-title">Connected</h2>
+    <ul id="people" class="people"></ul>
+  </section>
+  <section class="panel">
+    <h2>Rounds</h2>
+    <ol id="rounds" class="rounds"></ol>
+    <h2>Exports</h2>
+    <div class="actions"><button data-export="/export.csv">answers.csv</button>
+      <button data-export="/export-events.csv">events.csv</button>
+      <button data-export="/export-all.json">everything.json</button></div>
+  </section>
+</div>
+''',
+    "admin.css": r'''.top{display:flex;gap:1rem;align-items:baseline;flex-wrap:wrap;margin-bottom:1rem}.top a{color:var(--info)}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(22rem,1fr));gap:1rem}
+.grid h2{font-size:1.2rem;margin-bottom:.6rem}
+.pin{font-size:3.5rem;color:var(--warn);letter-spacing:.1em}
+textarea{width:100%}
+.fields{display:flex;flex-wrap:wrap;gap:.6rem;margin:.6rem 0}.fields input[type=number]{width:6.5em}
+.actions{display:flex;flex-wrap:wrap;gap:.5rem;margin:.8rem 0}
+.people,.rounds{padding-left:1.2rem}.people li{margin:.3rem 0}.people button{margin-left:.6rem;padding:.1em .6em}
+#problem{margin-bottom:1rem}
+#token-form{margin-bottom:1rem}
+''',
+    "admin.js": r'''// The host panel: every button is one API call, and every refusal is shown in the API's words.
+// The socket sends a snapshot only once a session exists; until then there is nothing to read.
+let session = null, sessionExists = false;
+for (const link of document.querySelectorAll("[data-page]")) link.href = BOOT.paths[link.dataset.page];
+
+function problem(error) {
+  $("problem").hidden = !error;
+  $("problem").textContent = error ? error.message : "";
+  // From another device host routes need the admin token: ask for it once, keep it for this tab.
+  const refused = error && (error.status === 401 || (error.status === 403 && error.code === "FORBIDDEN"));
+  if (refused) $("token-form").hidden = false;
+}
+
+async function act(step) {
+  try {
+    await step();
+    problem(null);
+  } catch (error) {
+    problem(error);
+  }
+  await load();
+}
+
+const latest = () => (session ? session.rounds[session.rounds.length - 1] || null : null);
+
+function stage(round) {
+  if (!round.startedAt) return "created";
+  if (!round.endedAt) return "running";
+  const shown = round.votingStatus === "revealed" ? " (" + round.revealedCount + " shown)" : "";
+  return "voting " + round.votingStatus + shown;
+}
+
+function draw() {
+  const r = latest();
+  $("pin").textContent = (session && session.pin) || (session ? "hidden" : "none");
+  $("session-line").textContent =
+    session ? "started " + new Date(session.createdAt).toLocaleTimeString() : "No session yet.";
+  const connected = session ? session.participants.filter((p) => p.connected) : [];
+  $("people-title").textContent = connected.length + " connected";
+  $("people").replaceChildren(...connected.map((p) => h("li", {}, p.nickname + " · " + p.model,
+    h("button", {onclick: () => act(() => api("POST", "/participants/kick", {participantId: p.id}))}, "kick"))));
+  $("rounds").replaceChildren(...(session ? session.rounds : []).map((round) =>
+    h("li", {}, round.prompt.slice(0, 60) + " · " + stage(round))));
+  $("round-line").textContent = r ? "Round " + r.index + ": " + stage(r) : "";
+}
+
+async function load() {
+  if (!sessionExists) return draw();
+  try {
+    session = await api("GET", "/session");
+  } catch (error) {
+    session = null;
+    if (error.status !== 404) problem(error);
+  }
+  draw();
+}
+
+$("new-session").onclick = () => act(async () => {
+  await api("POST", "/session");
+  sessionExists = true;
+});
+$("round-form").onsubmit = (event) => {
+  event.preventDefault();
+  const seed = $("seed").value;
+  act(async () => {
+    const round = await api("POST", "/rounds", {prompt: $("prompt").value, maxTokens: Number($("max-tokens").value),
+      temperature: Number($("temperature").value), deadlineMs: Math.round(Number($("deadline").value) * 1000),
+      seed: seed === "" ? null : Number(seed), svgMode: $("svg-mode").checked});
+    await api("POST", "/rounds/start", {roundId: round.id});
+  });
+};
+$("stop").onclick = () => act(() => api("POST", "/rounds/stop"));
+$("close-voting").onclick = () => act(() => api("POST", "/votes/close"));
+$("reveal").onclick = () => act(() => api("POST", "/rounds/" + (latest() || {}).id + "/reveal"));
+$("reveal-next").onclick = () => act(() => api("POST", "/rounds/" + (latest() || {}).id + "/reveal-next"));
+$("token-form").onsubmit = (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("adminToken", $("token").value.trim());
+  $("token-form").hidden = true;
+  load();
+};
+for (const button of document.querySelectorAll("[data-export]")) {
+  // A download with the token in a header, which a plain link cannot send.
+  button.onclick = () => act(async () => {
+    const response = await fetch(button.dataset.export, {headers: authHeaders()});
+    if (!response.ok) throw Object.assign(new Error((await response.json()).error), {status: response.status});
+    const link = h("a", {href: URL.createObjectURL(await response.blob()),
+      download: (/filename="([^"]+)"/.exec(response.headers.get("Content-Disposition")) || [])[1] || "export"});
+    link.click();
+    URL.revokeObjectURL(link.href);
+  });
+}
+
+// Whatever happens (a session, a runner, a round) the panel reads the session again, once per burst.
+let pending = null;
+watch("admin", (m) => {
+  if (m.type === "state_snapshot") sessionExists = true;
+  if (m.type !== "registered_telao") pending = pending || setTimeout(() => { pending = null; load(); }, 300);
+}, load);
+draw();
+''',
+    "scoreboard.html": r'''<header class="top"><h1 class="brand">SCOREBOARD</h1><p id="round-line" class="dim"></p></header>
+<p id="message" class="message"></p>
+<section id="winner" class="panel winner" hidden></section>
+<ol id="ranking" class="ranking"></ol>
+''',
+    "scoreboard.css": r'''body.scoreboard{font-size:clamp(14px,1.2vw,24px);max-width:90rem;margin:0 auto}
+.top{display:flex;justify-content:space-between;align-items:baseline;margin-bottom:1rem}.top h1{font-size:2.4em}
+.message{font-size:1.4em;margin-bottom:1rem}
+.winner{margin-bottom:1rem;border-top:4px solid var(--warn)}.winner h2{font-size:2.4em;color:var(--warn)}
+.winner pre{max-height:40vh;overflow:hidden;background:#0a0d1a;border-radius:.5rem;padding:.7em;margin-top:.6em}
+.winner .svg-answer{max-height:40vh}
+.ranking{list-style:none;padding:0;display:flex;flex-direction:column;gap:.5rem}
+.ranking li{display:grid;grid-template-columns:3em 1fr 12em 5em 6em 6em;gap:1em;align-items:center;
+background:var(--panel);border:1px solid var(--line);border-radius:.6rem;padding:.5em 1em}
+.ranking .place{font-size:1.6em;font-weight:700;color:var(--accent)}.ranking .name{font-size:1.3em}
+.ranking .avg{height:.6em;background:#0a0d1a;border-radius:.3em;overflow:hidden}
+.ranking .avg i{display:block;height:100%;background:var(--done)}
+.ranking small{color:var(--dim);display:block}
+''',
+    "scoreboard.js": r'''// The ceremony: votes coming in, then the ranking revealed last place first, then the winner.
+let board = null, timer = null;
+
+function row(entry, place) {
+  return h("li", {}, h("span", {class: "place"}, "#" + place),
+    h("span", {class: "name"}, entry.nickname, h("small", {}, entry.model || "")),
+    h("span", {class: "avg"}, h("i", {style: "width:" + (entry.avg_score / 5) * 100 + "%"})),
+    h("span", {}, entry.avg_score.toFixed(2), h("small", {}, entry.votes + " votes")),
+    h("span", {}, entry.tps_avg.toFixed(1), h("small", {}, "tokens/s")),
+    h("span", {}, entry.latency_first_token_ms === null ? "–" : entry.latency_first_token_ms + " ms",
+      h("small", {}, "TTFT")));
+}
+
+function draw() {
+  const b = board, entries = b ? b.scoreboard : [];
+  $("round-line").textContent = b ? "Round " + b.round_index : "";
+  $("winner").hidden = true;
+  let shown = [];
+  if (!b) $("message").textContent = "No round has ended yet.";
+  else if (b.votingStatus === "open") {
+    const votes = entries.reduce((sum, e) => sum + e.votes, 0);
+    $("message").textContent = "Voting is open: " + votes + " votes so far for " + entries.length + " answers.";
+  } else if (b.votingStatus !== "revealed") $("message").textContent = "Voting is closed. The reveal is next.";
+  else {
+    // Best first; the reveal shows the last `revealedCount` places.
+    shown = entries.map((e, i) => [e, i + 1]).slice(entries.length - b.revealedCount);
+    const all = b.revealedCount >= entries.length && entries.length > 0;
+    $("message").textContent = all ? "" : b.revealedCount + " of " + entries.length + " places revealed.";
+    if (all) {
+      const w = entries[0];
+      $("winner").replaceChildren(h("p", {class: "dim"}, "The winner"), h("h2", {}, w.nickname),
+        h("p", {class: "dim"}, (w.model || "") + " · " + w.avg_score.toFixed(2) + " average, " + w.votes + " votes"),
+        answerView(w.generated_content, b.svgMode));
+      $("winner").hidden = false;
+    }
+  }
+  $("ranking").replaceChildren(...shown.map(([entry, place]) => row(entry, place)));
+}
+
+async function load(roundId) {
+  try {
+    board = await api("GET", "/scoreboard" + (roundId ? "?round_id=" + encodeURIComponent(roundId) : ""));
+  } catch (error) {
+    if (error.status !== 404) throw error;
+    board = null;
+  }
+  draw();
+  // Votes are not announced on the socket: while voting is open the count is fetched every 2 s.
+  clearTimeout(timer);
+  if (board && board.votingStatus === "open") timer = setTimeout(() => load(board.round_id).catch(() => {}), 2000);
+}
+
+const ON = {
+  state_snapshot: (m) => (m.round && m.round.endedAt ? load(m.round.id) : draw()),
+  round_state: (m) => (m.round.endedAt ? load(m.round.id) : null),
+};
+
+watch("scoreboard", (m) => ON[m.type] && Promise.resolve(ON[m.type](m)).catch(() => {}), () => load());
+''',
+}
 
 
 if __name__ == "__main__":
