@@ -2187,6 +2187,7 @@ class Resumed:
     """What a start picked up from the database, for the banner."""
 
     session: dict[str, Any]                 # the active session's row
+    pin: str | None                         # its PIN, if the server knows it (a club database keeps only the hash)
     round: dict[str, Any] | None            # its running round's row, if one runs
     participants: list[dict[str, Any]]      # who may register again: the session's participants, less the kicked
     kicked: int
@@ -2295,8 +2296,8 @@ class Server:
         row = await self.db.run(session_row, session.id)
         participants = await self.db.run(session_participants, session.id)
         live = self.arena.running_round()
-        return Resumed(row, live.row if live else None, [p for p in participants if not p["kicked"]],
-                       sum(p["kicked"] for p in participants))
+        return Resumed(row, session.known_pin, live.row if live else None,
+                       [p for p in participants if not p["kicked"]], sum(p["kicked"] for p in participants))
 
     async def flush(self) -> None:
         """Write the tokens accepted since the last flush, and the events they record. Never raises.
@@ -6432,6 +6433,7 @@ def clip(text: str, most: int) -> str:
 
 
 def duration_text(ms: int) -> str:
+    """A duration as the host reads it: 2 min 41 s, 1 h 5 min."""
     seconds = max(ms, 0) // 1000
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60} s"
@@ -6465,7 +6467,8 @@ def room_lines(resumed: Resumed | None, port: int) -> list[str]:
         return [f"  next step     curl -X POST {local}/session"]
     session, live = resumed.session, resumed.round
     started = datetime.fromtimestamp(session["createdAt"] / 1000).strftime("%Y-%m-%d %H:%M")
-    lines = [f"  session       {session['id']} (PIN {session['pin']}), active since {started}; it goes on"]
+    pin = f"PIN {resumed.pin}" if resumed.pin else "its PIN is not known here: only its hash is kept"
+    lines = [f"  session       {session['id']} ({pin}), active since {started}; it goes on"]
     if live is None:
         lines.append("  round         none running")
         step = f"the session and its rounds: curl {local}/session"

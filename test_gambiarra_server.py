@@ -2574,17 +2574,20 @@ def test_the_banner_prints_absolute_paths_and_the_pages_there_are(alone: Path, t
         assert "Traceback" not in stop_server(process)
 
 
-def test_who_may_reconnect_fits_a_line_for_200() -> None:
+def test_the_restart_banner_fits_a_room_of_200_and_shows_only_a_known_pin() -> None:
     """The banner names a full room's participants in one line of bounded length: the count, the first
-    names, how many more; a name's control characters are escaped."""
+    names, how many more; a name's control characters are escaped. A session whose PIN the server does
+    not know (a club database keeps only its hash) shows no PIN rather than a wrong one."""
     people = [{"id": f"runner-{i:03d}", "nickname": f"Name {i}", "kicked": 0} for i in range(200)]
     people[0]["nickname"] = "Ana\x1b[2J" * 30
-    session = {"id": "s", "pin": "123456", "createdAt": gs.now_ms()}
-    line = gs.who_may_reconnect(gs.Resumed(session, None, people, 0))
+    session = {"id": "s", "pin": "000000", "createdAt": gs.now_ms()}
+    line = gs.who_may_reconnect(gs.Resumed(session, "123456", None, people, 0))
     assert line.startswith("200 may register again: runner-000 (Ana\\x1b[2JAna")
     assert re.search(r"…\), runner-001 \(Name 1\), runner-002 \(Name 2\), .*\) and 1\d\d more$", line)
     assert len(line) < 250
-    assert "\x1b" not in line
+    [shown, *_] = gs.room_lines(gs.Resumed(session, None, None, [], 0), 3000)
+    assert "(its PIN is not known here: only its hash is kept)" in shown and "000000" not in shown
+
 
 # The club's browser client, served from CLIENT_DIR
 # =============================================================================
