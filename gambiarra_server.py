@@ -190,7 +190,8 @@ class Config:
     pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN", low=MIN_PIN_LENGTH,
                              high=MAX_PIN_LENGTH)
     admin_token: str = option("", "ADMIN_TOKEN", "token for host routes from other machines "
-                                                  "(default: a new one, printed at start-up)")
+                                                  "(default: one made at the first start and kept beside "
+                                                  "the database in <database>.admin-token; printed at start-up)")
     host_addresses: tuple[str, ...] = option(("127.0.0.0/8", "::1"), "HOST_ADDRESSES",
                                              "networks trusted as the host without a token, comma-separated",
                                              parse=networks)
@@ -2190,6 +2191,17 @@ class Ballots:
                     future.set_result(result)
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What a start picked up from the database, for the banner."""
+
+    session: dict[str, Any]                 # the active session's row
+    pin: str | None                         # its PIN, if the server knows it (a club database keeps only the hash)
+    round: dict[str, Any] | None            # its running round's row, if one runs
+    participants: list[dict[str, Any]]      # who may register again: the session's participants, less the kicked
+    kicked: int
+
+
 @dataclass
 class Server:
     """What every handler works with; one per app, so tests get a fresh one each."""
@@ -2279,6 +2291,17 @@ class Server:
             gen = live.generation(m["participantId"])
             gen.saved, gen.completed, gen.stale = True, not m["rescued"], False
         log.info("resumed session %s, round %d (%d answers in memory)", row["id"], live.index, len(live.generations))
+
+    async def resumed(self) -> Resumed | None:
+        """The active session this start picked up (see load), or None."""
+        session = self.arena.session
+        if session is None:
+            return None
+        row = await self.db.run(session_row, session.id)
+        participants = await self.db.run(session_participants, session.id)
+        live = self.arena.running_round()
+        return Resumed(row, session.known_pin, live.row if live else None,
+                       [p for p in participants if not p["kicked"]], sum(p["kicked"] for p in participants))
 
     async def flush(self) -> None:
         """Write the tokens accepted since the last flush, and the events they record. Never raises.
@@ -6468,25 +6491,135 @@ def raise_descriptor_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def banner(config: Config, listening: list[str], port: int, descriptors: int | None) -> str:
-    lan = lan_addresses()
+# The pages a browser opens here, and who opens each, as the banner names them (those the app serves).
+PAGE_AUDIENCES = {"/": "big screen", "/voting": "phones", "/admin": "host", "/client": "runners in a browser"}
+BANNER_NAMES = 160          # characters of participants' names the banner lists before it counts the rest
+
+
+def admin_token_file(database: Path) -> Path:
+    """Where a token the server made is kept from one start to the next: beside the database."""
+    return database.resolve().with_name(database.name + ".admin-token")
+
+
+def kept_admin_token(path: Path) -> str:
+    """The admin token an earlier start kept in `path`, or "" if there is none yet."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read the admin token kept in {path}: {exc}")
+
+
+def keep_admin_token(path: Path, token: str) -> None:
+    """Write `token` to `path`, readable by this user alone (mode 0600), whole or not at all."""
+    draft = path.with_name(path.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        draft.unlink()                      # made anew, so that no looser mode of an old one stays
+    with open(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as file:
+        file.write(token + "\n")
+    os.replace(draft, path)
+
+
+def token_origin(given: str, kept: str, token: str, path: Path) -> str:
+    """Where the admin token comes from, for the banner; a new one is kept in `path` first."""
+    if given:
+        return "set by ADMIN_TOKEN"
+    if kept:
+        return f"kept in {path}"
+    try:
+        keep_admin_token(path, token)
+    except OSError as exc:
+        return f"new, and it could not be kept in {path} ({exc.strerror}): another one at the next start"
+    return f"new, kept in {path}"
+
+
+def served_pages(app: web.Application) -> list[str]:
+    """The paths of PAGE_AUDIENCES that `app` serves (the club's client only when CLIENT_DIR holds it)."""
+    routed = {route.resource.canonical for route in app.router.routes() if route.method == "GET" and route.resource}
+    client = (app[server_key].config.client_dir / "client.html").is_file()
+    return [path for path in PAGE_AUDIENCES if path in routed and (path != "/client" or client)]
+
+
+def clip(text: str, most: int) -> str:
+    """`text` on one line, at most `most` characters, escaped for the terminal."""
+    text = " ".join(text.split())
+    return loggable(text if len(text) <= most else text[:most - 1] + "…")
+
+
+def duration_text(ms: int) -> str:
+    """A duration as the host reads it: 2 min 41 s, 1 h 5 min."""
+    seconds = max(ms, 0) // 1000
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def who_may_reconnect(resumed: Resumed) -> str:
+    """How many participants may register again, and as many of their ids (and nicknames) as fit a line."""
+    people = resumed.participants
+    kicked = f" ({resumed.kicked} kicked may not)" if resumed.kicked else ""
+    if not people:
+        return f"none yet{kicked}"
+    names: list[str] = []
+    for p in people:
+        name = clip(p["id"], 24) + ("" if p["nickname"] == p["id"] else f" ({clip(p['nickname'], 24)})")
+        if names and sum(len(n) + 2 for n in names) + len(name) > BANNER_NAMES:
+            break
+        names.append(name)
+    more = f" and {len(people) - len(names)} more" if len(names) < len(people) else ""
+    return f"{len(people)} may register again{kicked}: {', '.join(names)}{more}"
+
+
+def room_lines(resumed: Resumed | None, port: int) -> list[str]:
+    """The banner's session, round, participants and next step.
+
+    A start on a database whose session is active is a restart mid-evening: the
+    next step then never ends the session (a new one would disconnect everyone).
+    """
+    local = f"http://127.0.0.1:{port}"
+    if resumed is None:
+        return [f"  next step     curl -X POST {local}/session"]
+    session, live = resumed.session, resumed.round
+    started = datetime.fromtimestamp(session["createdAt"] / 1000).strftime("%Y-%m-%d %H:%M")
+    pin = f"PIN {resumed.pin}" if resumed.pin else "its PIN is not known here: only its hash is kept"
+    lines = [f"  session       {session['id']} ({pin}), active since {started}; it goes on"]
+    if live is None:
+        lines.append("  round         none running")
+        step = f"the session and its rounds: curl {local}/session"
+    else:
+        lines.append(f"  round         {live['index']} running for {duration_text(now_ms() - live['startedAt'])}: "
+                     f"\"{clip(live['prompt'], 60)}\"")
+        step = f"when its answers are in: curl -X POST {local}/rounds/stop"
+    return lines + [f"  participants  {who_may_reconnect(resumed)}",
+                    f"  next step     runners reconnect by themselves; {step}"]
+
+
+def banner(app: web.Application, listening: list[str], port: int, descriptors: int | None, token_from: str,
+           resumed: Resumed | None) -> str:
+    config = app[server_key].config
+    lan = [address for address in lan_addresses() if "0.0.0.0" in listening or address in listening]
     limit = "no limit" if descriptors is None else f"{descriptors} open files"
-    lines = [f"Gambiarra arena server {__version__}", f"  database      {config.database}",
+    pages = served_pages(app)
+    lines = [f"Gambiarra arena server {__version__}", f"  database      {config.database.resolve()}",
              f"  listening on  port {port} of {', '.join(listening)}",
              f"  connections   {limit}; {config.connections_per_address} per address (the host's: any number)"]
-    lines += [f"  runners:      ws://{address}:{port}/ws      screens and phones: http://{address}:{port}/api"
-              for address in lan] or ["  (no LAN address found: runners on this machine use ws://127.0.0.1:"
-                                      f"{port}/ws)"]
-    lines += [f"  admin token   {config.admin_token}   (host routes from other machines: "
-              "'Authorization: Bearer <token>')",
-              f"  next step     curl -X POST http://127.0.0.1:{port}/session"]
-    return "\n".join(lines)
+    lines += [f"  runners       ws://{address}:{port}/ws" for address in lan] or [
+        f"  runners       ws://127.0.0.1:{port}/ws (no LAN address to listen on: runners on this machine only)"]
+    for address in [*lan, "localhost"] if pages else []:
+        lines.append("  pages         " + "  ".join(f"http://{address}:{port}{path} ({PAGE_AUDIENCES[path]})"
+                                                  for path in pages))
+    lines.append(f"  admin token   {config.admin_token}   ({token_from}; host routes from other machines: "
+                 "'Authorization: Bearer <token>')")
+    return "\n".join(lines + room_lines(resumed, port))
 
 
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close every socket, save every token and exit."""
     descriptors = raise_descriptor_limit()
-    app = make_app(config)
+    token_file = admin_token_file(config.database)
+    kept = "" if config.admin_token else kept_admin_token(token_file)
+    app = make_app(replace(config, admin_token=config.admin_token or kept))
     try:
         runner, listening, refused = await start(app, config.hosts, config.port, descriptors)
     except sqlite3.Error as exc:            # a file that is not a database, a full disk
@@ -6504,7 +6637,9 @@ async def serve(config: Config) -> None:
     # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
     gc.collect()
     gc.freeze()
-    print(banner(app[server_key].config, listening, port, descriptors), flush=True)
+    server = app[server_key]
+    token_from = token_origin(config.admin_token, kept, server.config.admin_token, token_file)
+    print(banner(app, listening, port, descriptors, token_from, await server.resumed()), flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):      # Windows: Ctrl-C raises instead

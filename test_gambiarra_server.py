@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import string
 import subprocess
 import sys
@@ -310,6 +311,7 @@ class ServerProcess:
         self.open_files = open_files            # a lower limit (soft and hard) on the server's open files
         self.process: subprocess.Popen | None = None
         self.base = ""
+        self.lines: list[str] = []              # what it printed, up to its "listening on" line
 
     def start(self) -> str:
         command = [sys.executable, str(HERE / "gambiarra_server.py"), "--host", "127.0.0.1", "--port", "0",
@@ -317,6 +319,7 @@ class ServerProcess:
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=self.limit_files)
         for line in self.process.stdout:
+            self.lines.append(line)
             if "listening on" in line:
                 port = int(line.split("port ")[1].split()[0])
                 self.base = f"http://127.0.0.1:{port}"
@@ -2194,9 +2197,10 @@ def test_database_url_forms(clean_env: pytest.MonkeyPatch, url: str) -> None:
 
 def test_the_banner_shows_the_admin_token_and_the_next_step() -> None:
     """Start-up prints where runners connect, the admin token and the curl to run next."""
-    config = gs.Config(admin_token="tok-123")
-    text = gs.banner(config, ["0.0.0.0", "::"], 3000, 1024)
-    assert "admin token   tok-123" in text and "curl -X POST http://127.0.0.1:3000/session" in text
+    app = gs.make_app(gs.Config(admin_token="tok-123"))
+    text = gs.banner(app, ["0.0.0.0", "::"], 3000, 1024, "set by ADMIN_TOKEN", None)
+    assert "admin token   tok-123   (set by ADMIN_TOKEN;" in text
+    assert text.endswith("next step     curl -X POST http://127.0.0.1:3000/session")
     assert "listening on  port 3000 of 0.0.0.0, ::" in text
     assert "connections   1024 open files; 50 per address (the host's: any number)" in text
     for address in gs.lan_addresses():
@@ -2455,6 +2459,135 @@ def test_a_port_in_use_says_so_and_suggests_another(alone: Path) -> None:
         result = start_up(alone, PORT=str(port))
     assert one_line_error(result) == (f"error: could not listen on port {port} of 127.0.0.1: Address already in use "
                                       "(another port: --port N or PORT=N)")
+
+
+# A restart keeps the room: the server stopped mid-round and started again on its database.
+
+SUGGESTS_A_NEW_SESSION = re.compile(r"POST\s+\S*/session\b")
+
+
+def banner_lines(process: ServerProcess) -> dict[str, list[str]]:
+    """The banner of a started server process, read to its next step: the lines of each label."""
+    lines = list(process.lines)
+    for _ in range(200):                # printed at once with the "listening on" line: nothing waits here
+        if lines[-1].strip().startswith("next step") or not lines[-1]:
+            break
+        lines.append(process.process.stdout.readline())
+    shown: dict[str, list[str]] = {}
+    for line in lines:
+        label, _, text = line.strip().partition("  ")
+        shown.setdefault(label, []).append(text.strip())
+    return shown
+
+
+def rest_of_output(process: ServerProcess) -> str:
+    """SIGTERM the server process; everything it printed after its banner, log included."""
+    process.process.send_signal(signal.SIGTERM)
+    out, err = process.process.communicate(timeout=10)
+    return out + err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_a_restart_shows_the_room_and_keeps_the_admin_token(server_process: Callable,
+                                                                  http: aiohttp.ClientSession, signum: int) -> None:
+    """Stopped mid-round and started again on the same database, the server's banner shows the session, its
+    PIN, the round running and who may register again, with the admin token of the first start (which
+    still opens the host routes from another machine); nothing it prints suggests a new session, which would
+    end the evening; the step it does suggest works."""
+    first = server_process("--host-addresses", "127.0.0.1/32")
+    room = Room(first.start(), http)
+    shown = banner_lines(first)
+    token = shown["admin token"][0].split()[0]
+    token_file = first.database.resolve().with_name("arena.db.admin-token")
+    assert shown["admin token"][0].startswith(f"{token}   (new, kept in {token_file};")
+    assert shown["next step"] == [f"curl -X POST {room.base}/session"]
+    pin = await room.host.new_session()
+    for pid in ("ana", "bia", "zed"):
+        await room.runner(pid, pin)
+    await room.host.call("POST", "/participants/kick", {"participantId": "zed"})
+    rnd = await room.host.start((await room.host.new_round("Write a haiku\nabout   llamas"))["id"])
+    assert await asyncio.to_thread(first.stop, signum) == (0 if signum == signal.SIGTERM else -signum)
+    await room.close()
+
+    second = server_process("--host-addresses", "127.0.0.1/32")
+    room = Room(second.start(), http)
+    shown = banner_lines(second)
+    assert shown["database"] == [str(second.database.resolve())]
+    assert shown["admin token"][0].startswith(f"{token}   (kept in {token_file};")
+    assert re.fullmatch(rf"{rnd['sessionId']} \(PIN {pin}\), active since \d{{4}}-\d\d-\d\d \d\d:\d\d; it goes on",
+                        shown["session"][0])
+    assert re.fullmatch(r'1 running for \d+ min \d+ s: "Write a haiku about llamas"', shown["round"][0])
+    assert shown["participants"] == ["2 may register again (1 kicked may not): ana (Ana), bia (Bia)"]
+    assert shown["next step"] == [f"runners reconnect by themselves; when its answers are in: "
+                                  f"curl -X POST {room.base}/rounds/stop"]
+    assert (await (await room.runner("ana")).register(pin))["type"] == "registered"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)),
+                                     headers={"Authorization": f"Bearer {token}"}) as away:
+        stopped = await Host(room.base, away).call("POST", "/rounds/stop")
+    assert (stopped["id"], stopped["sessionId"]) == (rnd["id"], rnd["sessionId"])
+    await room.close()
+    output = "".join(second.lines) + "\n".join(" ".join(texts) for texts in shown.values()) + rest_of_output(second)
+    assert "restarted: session" in output and not SUGGESTS_A_NEW_SESSION.search(output)
+
+
+async def test_an_admin_token_set_by_admin_token_wins_and_is_not_written(
+        server_process: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ADMIN_TOKEN wins over the kept token and is never written; without it, the token made at the first
+    start is kept in a file only the host's user may read, and used at the next start."""
+    token_file = server_process().database.resolve().with_name("arena.db.admin-token")
+
+    def started(**env: str) -> str:
+        with monkeypatch.context() as context:
+            for name, value in env.items():
+                context.setenv(name, value)
+            process = server_process()
+            process.start()
+        line = banner_lines(process)["admin token"][0]
+        process.stop()
+        return line
+
+    assert started(ADMIN_TOKEN="given-1").startswith("given-1   (set by ADMIN_TOKEN;")
+    assert not token_file.exists()
+    made = started(ADMIN_TOKEN="").split()[0]
+    assert token_file.read_text() == made + "\n" and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert started(ADMIN_TOKEN="given-2").startswith("given-2   (set by ADMIN_TOKEN;")
+    assert token_file.read_text() == made + "\n"
+    assert started(ADMIN_TOKEN="").startswith(f"{made}   (kept in {token_file};")
+
+
+def test_the_banner_prints_absolute_paths_and_the_pages_there_are(alone: Path, tmp_path: Path) -> None:
+    """Started from its folder with a relative database path, the banner names the database and the token
+    file by their absolute paths, and each page it lists answers at the URL it gives."""
+    client = tmp_path / "client-browser"
+    client.mkdir()
+    (client / "client.html").write_text("<!doctype html><title>runner</title>")
+    process, shown = start_server(alone, alone.parent, DATABASE_URL="arena.db", CLIENT_DIR=str(client))
+    try:
+        assert shown["database"] == str(alone.parent / "arena.db")
+        assert f"(new, kept in {alone.parent / 'arena.db.admin-token'};" in shown["admin token"]
+        port = shown["listening on"].split()[1]
+        urls = re.findall(r"http://\S+", shown["pages"])
+        assert f"http://localhost:{port}/client" in urls
+        for url in urls:
+            with urllib.request.urlopen(url.replace("localhost", "127.0.0.1"), timeout=TIMEOUT_S) as page:
+                assert page.status == 200 and page.headers.get_content_type() == "text/html"
+    finally:
+        assert "Traceback" not in stop_server(process)
+
+
+def test_the_restart_banner_fits_a_room_of_200_and_shows_only_a_known_pin() -> None:
+    """The banner names a full room's participants in one line of bounded length: the count, the first
+    names, how many more; a name's control characters are escaped. A session whose PIN the server does
+    not know (a club database keeps only its hash) shows no PIN rather than a wrong one."""
+    people = [{"id": f"runner-{i:03d}", "nickname": f"Name {i}", "kicked": 0} for i in range(200)]
+    people[0]["nickname"] = "Ana\x1b[2J" * 30
+    session = {"id": "s", "pin": "000000", "createdAt": gs.now_ms()}
+    line = gs.who_may_reconnect(gs.Resumed(session, "123456", None, people, 0))
+    assert line.startswith("200 may register again: runner-000 (Ana\\x1b[2JAna")
+    assert re.search(r"…\), runner-001 \(Name 1\), runner-002 \(Name 2\), .*\) and 1\d\d more$", line)
+    assert len(line) < 250
+    [shown, *_] = gs.room_lines(gs.Resumed(session, None, None, [], 0), 3000)
+    assert "(its PIN is not known here: only its hash is kept)" in shown and "000000" not in shown
 
 
 # The club's browser client, served from CLIENT_DIR
