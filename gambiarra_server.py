@@ -3169,12 +3169,17 @@ PAGES = (
 PAGE_PART = re.compile(r"\{\{(\w+)\}\}")
 
 
+def page_paths(config: Config) -> dict[str, str]:
+    """Where each page is, by name: its own path, or /ui/<name> when STATIC_DIR holds the root."""
+    return {page.name: f"/ui/{page.name}" if config.static_dir else page.path for page in PAGES}
+
+
 def wants_html(request: web.Request) -> bool:
     """Whether the caller is a browser opening a page: fetch(), curl and the club's scripts don't ask for HTML."""
     return "text/html" in header(request, "Accept")
 
 
-async def join_base(server: Server, request: web.Request) -> str:
+def join_base(server: Server, request: web.Request) -> str:
     """The base URL phones and runners type: this machine's LAN address when the page was opened
     as localhost (the projector is often plugged into the host's laptop), else the one it was opened at."""
     name = request.url.host or ""
@@ -3182,8 +3187,6 @@ async def join_base(server: Server, request: web.Request) -> str:
         name = "localhost" if ipaddress.ip_address(name).is_loopback else name
     if name != "localhost":
         return f"http://{request.host}"
-    if server.own_addresses is None:
-        server.own_addresses = set(await asyncio.to_thread(lan_addresses))
     lan = sorted(server.own_addresses)
     return f"http://{lan[0]}:{request.url.port}" if lan else f"http://{request.host}"
 
@@ -3204,9 +3207,7 @@ def page_endpoint(page: Page) -> RequestHandler:
     async def handle(request: web.Request) -> web.Response:
         server = request.app[server_key]
         nonce = secrets.token_urlsafe(12)
-        # Where each page is: its own path, or /ui/<name> when STATIC_DIR holds the root.
-        paths = {p.name: f"/ui/{p.name}" if server.config.static_dir else p.path for p in PAGES}
-        boot = {"page": page.name, "join": await join_base(server, request), "paths": paths}
+        boot = {"page": page.name, "join": join_base(server, request), "paths": page_paths(server.config)}
         # Only our own scripts run, and the page can reach nothing but this server.
         policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src data:; "
                   "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -6492,7 +6493,7 @@ def raise_descriptor_limit() -> int | None:
 
 
 # The pages a browser opens here, and who opens each, as the banner names them (those the app serves).
-PAGE_AUDIENCES = {"/": "big screen", "/voting": "phones", "/admin": "host", "/client": "runners in a browser"}
+PAGE_AUDIENCES = {"arena": "big screen", "voting": "phones", "admin": "host"}     # the pages the banner names
 BANNER_NAMES = 160          # characters of participants' names the banner lists before it counts the rest
 
 
@@ -6534,11 +6535,12 @@ def token_origin(given: str, kept: str, token: str, path: Path) -> str:
     return f"new, kept in {path}"
 
 
-def served_pages(app: web.Application) -> list[str]:
-    """The paths of PAGE_AUDIENCES that `app` serves (the club's client only when CLIENT_DIR holds it)."""
-    routed = {route.resource.canonical for route in app.router.routes() if route.method == "GET" and route.resource}
-    client = (app[server_key].config.client_dir / "client.html").is_file()
-    return [path for path in PAGE_AUDIENCES if path in routed and (path != "/client" or client)]
+def served_pages(config: Config) -> list[tuple[str, str]]:
+    """The pages the banner names, as (path, who opens it); the club's client when CLIENT_DIR holds it."""
+    paths = page_paths(config)
+    pages = [(paths[name], audience) for name, audience in PAGE_AUDIENCES.items()]
+    client = [("/client", "runners in a browser")] if (config.client_dir / "client.html").is_file() else []
+    return pages + client
 
 
 def clip(text: str, most: int) -> str:
@@ -6600,15 +6602,15 @@ def banner(app: web.Application, listening: list[str], port: int, descriptors: i
     config = app[server_key].config
     lan = [address for address in lan_addresses() if "0.0.0.0" in listening or address in listening]
     limit = "no limit" if descriptors is None else f"{descriptors} open files"
-    pages = served_pages(app)
+    pages = served_pages(config)
     lines = [f"Gambiarra arena server {__version__}", f"  database      {config.database.resolve()}",
              f"  listening on  port {port} of {', '.join(listening)}",
              f"  connections   {limit}; {config.connections_per_address} per address (the host's: any number)"]
     lines += [f"  runners       ws://{address}:{port}/ws" for address in lan] or [
         f"  runners       ws://127.0.0.1:{port}/ws (no LAN address to listen on: runners on this machine only)"]
     for address in [*lan, "localhost"] if pages else []:
-        lines.append("  pages         " + "  ".join(f"http://{address}:{port}{path} ({PAGE_AUDIENCES[path]})"
-                                                  for path in pages))
+        lines.append("  pages         " + "  ".join(f"http://{address}:{port}{path} ({audience})"
+                                                  for path, audience in pages))
     lines.append(f"  admin token   {config.admin_token}   ({token_from}; host routes from other machines: "
                  "'Authorization: Bearer <token>')")
     return "\n".join(lines + room_lines(resumed, port))
@@ -6616,6 +6618,10 @@ def banner(app: web.Application, listening: list[str], port: int, descriptors: i
 
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close every socket, save every token and exit."""
+    stop = asyncio.Event()              # set up first: a signal during start-up still ends the run cleanly
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):      # Windows: Ctrl-C raises instead
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     descriptors = raise_descriptor_limit()
     token_file = admin_token_file(config.database)
     kept = "" if config.admin_token else kept_admin_token(token_file)
@@ -6640,10 +6646,6 @@ async def serve(config: Config) -> None:
     server = app[server_key]
     token_from = token_origin(config.admin_token, kept, server.config.admin_token, token_file)
     print(banner(app, listening, port, descriptors, token_from, await server.resumed()), flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):      # Windows: Ctrl-C raises instead
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
     finally:
