@@ -1555,7 +1555,7 @@ async def test_screens_see_every_lifecycle_message(room: Room, pin: str) -> None
         {"type": "token_update", "participant_id": "ana", "round": 1, "seq": 0, "content": "x", "total_tokens": 1},
         {"type": "token_update", "participant_id": "ana", "round": 1, "seq": 1, "content": "y", "total_tokens": 2},
         {"type": "completion", "participant_id": "ana", "round": 1, "tokens": 2, "duration_ms": AMOUNT,
-         "ttft_ms": AMOUNT, "tps": AMOUNT},
+         "ttft_ms": AMOUNT, "tps": AMOUNT, "engine_tps": None},
         {"type": "round_state", "round": {**{k: rnd[k] for k in gs.ROUND_STATE_KEYS}, "endedAt": WHEN,
                                           "votingStatus": "open"}},
         {"type": "participant_disconnected", "participant_id": "ana", "ts": MS}]
@@ -5026,7 +5026,8 @@ async def test_the_big_screen_shows_how_to_join_with_a_qr_code(room: Room, pin: 
 async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin: str, tab: Callable,
                                                                  tmp_path: Path) -> None:
     """During a round: one card per runner fills with the streamed text, counts its tokens, then says
-    done with TTFT and tokens/s, or dropped for a runner that went away."""
+    done with TTFT and tokens/s (and the engine's own tokens/s beside them), or dropped for a runner that
+    went away."""
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
     page = await tab(room.base + "/")
     await expect(page.locator("#people li")).to_have_count(2)
@@ -5036,7 +5037,11 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await expect(cards).to_have_count(2)
     await expect(page.locator("#prompt")).to_have_text("Write a haiku about llamas")
     await expect(page.locator("#round-status")).to_have_text("live")
-    await answered(room, rnd, {"ana": ana})
+    await ana.recv("challenge")
+    await ana.stream(rnd["index"], WORDS)
+    await ana.complete(rnd["index"], len(WORDS), model_info={**MODEL_INFO, "eval_count": 50,
+                                                             "eval_duration": 2_000_000_000})
+    await ana.sync()
     await bia.recv("challenge")
     await bia.stream(rnd["index"], WORDS[:2])
     await bia.sync()
@@ -5044,7 +5049,7 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await expect(ana_card.locator("pre")).to_have_text("".join(WORDS))
     await expect(ana_card.locator(".count")).to_have_text("tokens5 / 50")
     await expect(ana_card.locator(".state")).to_have_text("done")
-    await expect(ana_card.locator(".stats")).to_contain_text("TTFT")
+    await expect(ana_card.locator(".stats")).to_contain_text("engine 25.0")
     await expect(bia_card.locator("pre")).to_have_text("".join(WORDS[:2]))
     await expect(bia_card.locator(".state")).to_have_text("generating")
     await expect(page.locator("#n-done")).to_have_text("1")
@@ -5054,7 +5059,7 @@ async def test_the_big_screen_streams_each_answer_into_its_card(room: Room, pin:
     await page.reload()                             # the projector's tab reloaded mid-round loses nothing
     await expect(ana_card.locator("pre")).to_have_text("".join(WORDS))
     await expect(ana_card.locator(".state")).to_have_text("done")
-    await expect(ana_card.locator(".stats")).to_contain_text("TTFT")
+    await expect(ana_card.locator(".stats")).to_contain_text("engine 25.0")
     await expect(bia_card.locator("pre")).to_have_text("".join(WORDS[:2]))
     await expect(bia_card.locator(".state")).to_have_text("dropped")
     await room.host.stop(rnd["id"])                 # voting opens: the header says so, with the QR code
