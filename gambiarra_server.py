@@ -7665,10 +7665,16 @@ async function load() {
   draw();
 }
 
-$("new-session").onclick = () => act(async () => {
-  await api("POST", "/session");
-  sessionExists = true;
-});
+$("new-session").onclick = () => {
+  // A new session mid-evening sends every runner away: the club's hosts pressed it by mistake.
+  const runners = session ? session.participants.filter((p) => p.connected).length : 0;
+  if (session && !confirm("A new session ends this one: its PIN stops working and every connected runner (" +
+      runners + ") is sent away. Start a new session?")) return;
+  act(async () => {
+    await api("POST", "/session");
+    sessionExists = true;
+  });
+};
 $("round-form").onsubmit = (event) => {
   event.preventDefault();
   const seed = $("seed").value;

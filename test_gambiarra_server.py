@@ -5146,7 +5146,8 @@ async def test_a_tap_on_the_phone_votes_and_the_vote_stays_cast(room: Room, pin:
 
 async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable, tmp_path: Path) -> None:
     """From the host's laptop, without a token: a new session shows its PIN, a runner joins with it, and
-    the panel's buttons start, stop, close, reveal; a refusal is shown in the API's words."""
+    the panel's buttons start, stop, close, reveal; a refusal is shown in the API's words; a new session
+    mid-evening is asked about first, and nothing happens unless the host says yes."""
     page = await tab(room.base + "/admin")
     await page.get_by_role("button", name="New session").click()
     await expect(page.locator("#pin")).to_have_text(re.compile(r"^\d{6}$"))
@@ -5179,6 +5180,20 @@ async def test_the_host_panel_drives_a_whole_round(room: Room, tab: Callable, tm
     file = await download.value
     assert re.fullmatch(r"session-[0-9a-f-]+\.csv", file.suggested_filename)
     assert "".join(WORDS) in Path(await file.path()).read_text()
+    pin = await page.text_content("#pin")
+    asked: list[str] = []
+
+    async def answer(dialog: Any, accept: bool) -> None:
+        asked.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+    page.once("dialog", lambda dialog: answer(dialog, False))      # mid-evening, New session asks first
+    await page.get_by_role("button", name="New session").click()
+    await expect(page.locator("#pin")).to_have_text(pin)
+    assert "every connected runner (1) is sent away" in asked[0]
+    page.once("dialog", lambda dialog: answer(dialog, True))
+    await page.get_by_role("button", name="New session").click()
+    await expect(page.locator("#pin")).not_to_have_text(pin)
+    assert await ana.closed() == (1000, "session ended")
 
 
 async def test_from_another_device_the_host_panel_asks_once_for_the_admin_token(room_with: Callable,
