@@ -163,36 +163,69 @@ class Runner(Peer):
                          "model_info": {"name": "llama3.1:8b", "runner": "ollama"}, **extra})
 
 
+# Who is who on loopback: the server trusts only 127.0.0.1 as the host where a test
+# says so (`host_addresses`), and strangers, phones and other laptops connect from
+# other 127.x.y.z addresses by binding the client's local address.
+STRANGER = "127.0.0.2"
+
+
 class Room:
-    """One running server and the ways to reach it."""
+    """One running server and the ways to reach it, from the host's address or any other on loopback."""
 
     def __init__(self, base: str, http: aiohttp.ClientSession) -> None:
         self.base = base
         self.ws_url = base.replace("http", "ws", 1) + "/ws"
         self.host = Host(base, http)
         self.connections: list[ClientConnection] = []
+        self.sessions: list[aiohttp.ClientSession] = []
 
-    async def connect(self) -> ClientConnection:
-        ws = await connect(self.ws_url)
+    async def connect_from(self, address: str | None, **kwargs: Any) -> ClientConnection:
+        ws = await connect(self.ws_url, **({"local_addr": (address, 0)} if address else {}), **kwargs)
         self.connections.append(ws)
         return ws
+
+    async def connect(self) -> ClientConnection:
+        return await self.connect_from(None)
 
     async def close(self) -> None:
         for ws in self.connections:
             await ws.close()
+        for session in self.sessions:
+            await session.close()
 
-    async def runner(self, participant_id: str, pin: str | None = None) -> Runner:
-        runner = Runner(await self.connect(), participant_id)
+    async def runner_at(self, address: str | None, participant_id: str, pin: str | None = None) -> Runner:
+        runner = Runner(await self.connect_from(address), participant_id)
         if pin is not None:
             reply = await runner.register(pin)
             assert reply["type"] == "registered", reply
         return runner
 
-    async def screen(self, view: str | None = None) -> Peer:
-        screen = Peer(await self.connect())
+    async def runner(self, participant_id: str, pin: str | None = None) -> Runner:
+        return await self.runner_at(None, participant_id, pin)
+
+    async def screen_at(self, address: str | None, view: str | None = None) -> Peer:
+        screen = Peer(await self.connect_from(address))
         await screen.send({"type": "telao_register", **({"view": view} if view else {})})
         assert (await screen.recv())["type"] == "registered_telao"
         return screen
+
+    async def screen(self, view: str | None = None) -> Peer:
+        return await self.screen_at(None, view)
+
+    async def http_from(self, address: str, token: str | None = None) -> Host:
+        """An HTTP client on another machine (optionally holding an admin token)."""
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)),
+                                        headers={"Authorization": f"Bearer {token}"} if token else None)
+        self.sessions.append(session)
+        return Host(self.base, session)
+
+
+class LiveRoom(Room):
+    """A Room that also exposes the server's live state."""
+
+    def __init__(self, base: str, http: aiohttp.ClientSession, server: gs.Server) -> None:
+        super().__init__(base, http)
+        self.server = server
 
 
 WORDS = ["Lhamas ", "pastam ", "no ", "silício ", "🦙"]
@@ -511,15 +544,16 @@ async def get_when(room: Room, path: str, check: Callable[[Any], bool]) -> Any:
 
 
 @pytest.fixture
-async def room_with(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession):
-    """Start a server with some config fields changed; gives its Room and its Server."""
-    rooms: list[Room] = []
+async def make_room(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession):
+    """Start a server with some config fields changed; returns a LiveRoom."""
+    rooms: list[LiveRoom] = []
 
-    async def start(**changes: Any) -> tuple[Room, gs.Server]:
+    async def make(**changes: Any) -> LiveRoom:
         app = gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes}))
-        rooms.append(Room(await serve_app(app), http))
-        return rooms[-1], app[gs.server_key]
-    yield start
+        room = LiveRoom(await serve_app(app), http, app[gs.server_key])
+        rooms.append(room)
+        return room
+    yield make
     for room in rooms:
         await room.close()
 
@@ -1242,10 +1276,10 @@ AWAY = ("10.255.255.0/24",)
 
 
 @pytest.fixture
-async def away(room_with: Callable) -> tuple[Room, dict[str, str]]:
+async def away(make_room: Callable) -> tuple[Room, dict[str, str]]:
     """A server that does not take loopback for the host, with a session; the admin token's header."""
-    room, server = await room_with(host_addresses=AWAY)
-    admin = {"Authorization": f"Bearer {server.config.admin_token}"}
+    room = await make_room(host_addresses=AWAY)
+    admin = {"Authorization": f"Bearer {room.server.config.admin_token}"}
     await room.host.call("POST", "/session", headers=admin)
     return room, admin
 
@@ -1301,17 +1335,17 @@ async def test_the_pin_is_only_for_the_host(away: tuple) -> None:
 
 
 @pytest.mark.parametrize(("trust_proxy", "status"), [(False, 401), (True, 200)])
-async def test_x_forwarded_for_counts_only_behind_a_trusted_proxy(room_with: Callable, trust_proxy: bool,
+async def test_x_forwarded_for_counts_only_behind_a_trusted_proxy(make_room: Callable, trust_proxy: bool,
                                                                   status: int) -> None:
     """X-Forwarded-For is ignored unless --trust-proxy; then the hop the proxy added (the last) is the caller."""
-    room, _ = await room_with(host_addresses=AWAY, trust_proxy=trust_proxy)
+    room = await make_room(host_addresses=AWAY, trust_proxy=trust_proxy)
     forwarded = {"X-Forwarded-For": "127.0.0.9, 10.255.255.7"}
     assert (await room.host.status("POST", "/session", headers=forwarded))[0] == status
 
 
-async def test_the_audience_is_rate_limited_but_never_the_host_or_the_docs(room_with: Callable) -> None:
+async def test_the_audience_is_rate_limited_but_never_the_host_or_the_docs(make_room: Callable) -> None:
     """Past RATE_LIMIT_MAX requests a non-host address gets 429 with Retry-After; /health and /docs still answer."""
-    room, _ = await room_with(host_addresses=AWAY, rate_limit_max=3)
+    room = await make_room(host_addresses=AWAY, rate_limit_max=3)
     for _ in range(3):
         await room.host.call("GET", "/presence", expect=404)
     async with room.host.http.get(room.base + "/api/presence") as response:
@@ -1319,14 +1353,14 @@ async def test_the_audience_is_rate_limited_but_never_the_host_or_the_docs(room_
         assert (await response.json())["code"] == "TOO_MANY_REQUESTS"
     for path in ("/health", "/docs", "/openapi.json"):
         await room.host.call("GET", path)
-    host_room, _ = await room_with(rate_limit_max=3)
+    host_room = await make_room(rate_limit_max=3)
     for _ in range(5):
         await host_room.host.call("GET", "/presence", expect=404)
 
 
-async def test_cors_preflight_and_headers_follow_cors_origins(room_with: Callable) -> None:
+async def test_cors_preflight_and_headers_follow_cors_origins(make_room: Callable) -> None:
     """A preflight from an allowed origin gets 204 and the CORS headers; another origin gets none."""
-    room, _ = await room_with(cors_origins=("http://telao.local:5173",))
+    room = await make_room(cors_origins=("http://telao.local:5173",))
     preflight = {"Origin": "http://telao.local:5173", "Access-Control-Request-Method": "POST"}
     async with room.host.http.options(room.base + "/api/votes", headers=preflight) as response:
         assert response.status == 204
@@ -1335,9 +1369,9 @@ async def test_cors_preflight_and_headers_follow_cors_origins(room_with: Callabl
         assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
 
 
-async def test_a_cross_origin_websocket_is_refused(room_with: Callable) -> None:
+async def test_a_cross_origin_websocket_is_refused(make_room: Callable) -> None:
     """A browser page on an origin CORS_ORIGINS does not allow can't open /ws."""
-    room, _ = await room_with(cors_origins=("http://telao.local:5173",))
+    room = await make_room(cors_origins=("http://telao.local:5173",))
     with pytest.raises(Exception, match="403"):
         await connect(room.ws_url, origin="http://evil.example")
     async with connect(room.ws_url, origin="http://telao.local:5173") as ws:
@@ -1579,9 +1613,9 @@ async def test_the_challenge_always_has_all_seven_keys(room: Room, pin: str) -> 
     assert "challenge" not in [m["type"] for m in await screen.quiet()]
 
 
-async def test_runners_get_a_heartbeat_and_stay_connected(room_with: Callable) -> None:
+async def test_runners_get_a_heartbeat_and_stay_connected(make_room: Callable) -> None:
     """Every WS_HEARTBEAT_INTERVAL runners get {type: heartbeat, ts}, and pings they answer keep them in."""
-    room, _ = await room_with(ws_heartbeat_interval_s=0.1)
+    room = await make_room(ws_heartbeat_interval_s=0.1)
     pin = await room.host.new_session()
     ana = await room.runner("ana", pin)
     for _ in range(5):                              # longer than MISSED_PINGS intervals
@@ -1592,15 +1626,6 @@ async def test_runners_get_a_heartbeat_and_stay_connected(room_with: Callable) -
 # =============================================================================
 # WebSocket: tokens, completes and who may send them
 # =============================================================================
-
-async def started(room: Room, pin: str, *names: str) -> tuple[dict[str, Any], list[Runner]]:
-    """Runners registered and a round started; each runner has read its challenge."""
-    runners = [await room.runner(name, pin) for name in names]
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    for runner in runners:
-        await runner.recv("challenge")
-    return rnd, runners
-
 
 def metrics_row(database: Path, participant_id: str) -> dict[str, Any]:
     rows = db_rows(database, "SELECT * FROM metrics WHERE participantId = ?", participant_id)
@@ -1615,7 +1640,8 @@ async def responses_of(room: Room, rnd: dict[str, Any]) -> dict[str, str]:
 
 async def test_a_runner_speaks_only_for_itself(room: Room, pin: str) -> None:
     """token, complete and error naming another participant are WRONG_PARTICIPANT; nothing is kept."""
-    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
     wrong = {"type": "error", "message": "This connection is registered as ana, not bia", "code": "WRONG_PARTICIPANT"}
     for frame in ({"type": "token", "round": 1, "participant_id": "bia", "seq": 0, "content": "forged"},
                   {"type": "complete", "round": 1, "participant_id": "bia", "tokens": 1},
@@ -1628,7 +1654,8 @@ async def test_a_runner_speaks_only_for_itself(room: Room, pin: str) -> None:
 
 async def test_a_frame_without_participant_id_is_the_sockets_own(room: Room, pin: str) -> None:
     """participant_id may be left out of token and complete: the socket's registration says who."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.send({"type": "token", "round": 1, "seq": 0, "content": "oi"})
     await ana.send({"type": "complete", "round": 1})
     await ana.sync()
@@ -1637,7 +1664,8 @@ async def test_a_frame_without_participant_id_is_the_sockets_own(room: Room, pin
 
 async def test_a_token_for_a_round_that_is_not_live(room: Room, pin: str) -> None:
     """Tokens for an unknown round index are refused with UNKNOWN_ROUND; the runner stays connected."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.token(9, 0, "x")
     assert await ana.recv() == {"type": "error", "message": "Round 9 is not live", "code": "UNKNOWN_ROUND"}
     await ana.send({"type": "complete", "round": 9})
@@ -1647,7 +1675,8 @@ async def test_a_token_for_a_round_that_is_not_live(room: Room, pin: str) -> Non
 async def test_duplicate_seqs_are_ignored(room: Room, pin: str) -> None:
     """A seq seen already is dropped silently: not shown again, first content kept."""
     screen = await room.screen()
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     for seq, content in ((0, "a"), (0, "A"), (1, "b"), (0, "a"), (1, "B")):
         await ana.token(1, seq, content)
     await ana.complete(1, 2)
@@ -1662,7 +1691,8 @@ async def test_duplicate_seqs_are_ignored(room: Room, pin: str) -> None:
 async def test_a_gap_does_not_drop_the_rest_and_is_recorded(room: Room, pin: str, config: gs.Config) -> None:
     """A lost seq keeps every later token (unlike the club's server); the gap shows in metrics."""
     screen = await room.screen()
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     for seq in (0, 1, 3, 4):
         await ana.token(1, seq, str(seq))
     await ana.complete(1, 5)
@@ -1677,7 +1707,8 @@ async def test_a_gap_does_not_drop_the_rest_and_is_recorded(room: Room, pin: str
 
 async def test_tokens_out_of_order_are_stored_in_seq_order(room: Room, pin: str) -> None:
     """Content is the tokens in seq order, whatever order they arrived in."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     for seq in (2, 0, 3, 1):
         await ana.token(1, seq, str(seq))
     await ana.complete(1, 4)
@@ -1687,7 +1718,8 @@ async def test_tokens_out_of_order_are_stored_in_seq_order(room: Room, pin: str)
 
 async def test_empty_tokens_and_sloppy_completes_are_accepted(room: Room, pin: str, config: gs.Config) -> None:
     """Empty content, latency_ms_first_token null and no model_info: all fine (the club's runners send them)."""
-    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
     await ana.stream(1, ["", "oi", ""])
     await ana.send({"type": "complete", "round": 1, "participant_id": "ana", "tokens": 3,
                     "latency_ms_first_token": None, "duration_ms": 850.7})
@@ -1703,7 +1735,8 @@ async def test_empty_tokens_and_sloppy_completes_are_accepted(room: Room, pin: s
 
 async def test_metrics_use_the_server_clock_beside_the_runners_report(room: Room, pin: str, config: gs.Config) -> None:
     """TTFT and duration are measured from the round's start; the runner's own figures are kept beside them."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
     await ana.sync()
@@ -1718,7 +1751,8 @@ async def test_metrics_use_the_server_clock_beside_the_runners_report(room: Room
 
 async def test_a_complete_that_overtakes_its_last_token(room: Room, pin: str, config: gs.Config) -> None:
     """A token arriving after its complete still lands in the stored answer after the next flush."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.stream(1, WORDS[:-1])
     await ana.complete(1, len(WORDS))
     await ana.token(1, len(WORDS) - 1, WORDS[-1])
@@ -1732,7 +1766,8 @@ async def test_a_runner_error_is_logged_not_broadcast(room: Room, pin: str, conf
     """error {code, message} from a runner gets no reply and no broadcast; it lands in the event log."""
     screen = await room.screen()
     await screen.recv("state_snapshot")
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.send({"type": "error", "round": 1, "participant_id": "ana", "code": "GENERATION_FAILED",
                     "message": "out of memory"})
     await ana.sync()
@@ -1749,7 +1784,8 @@ async def test_a_runner_error_is_logged_not_broadcast(room: Room, pin: str, conf
 async def test_reconnect_mid_round_resumes_where_the_server_stopped(room: Room, pin: str, config: gs.Config) -> None:
     """A runner that drops and registers again is told the next seq and the missing ones, and finishes."""
     screen = await room.screen()
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     for seq in (0, 1, 3, 4):
         await ana.token(1, seq, WORDS[seq])
     await ana.sync()
@@ -1770,7 +1806,8 @@ async def test_reconnect_mid_round_resumes_where_the_server_stopped(room: Room, 
 
 async def test_a_newcomer_mid_round_gets_an_empty_resume(room: Room, pin: str) -> None:
     """Someone registering for the first time during a round is told to start at seq 0; no card is made."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     bia = await room.runner("bia")
     assert (await bia.register(pin))["resume"] == {"round": 1, "next_seq": 0, "missing": []}
     assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {}
@@ -1781,7 +1818,7 @@ async def test_a_second_socket_for_the_same_participant_replaces_the_first(room:
     screen = await room.screen()
     await screen.recv("state_snapshot")
     old = await room.runner("ana", pin)
-    rnd, _ = await started(room, pin)
+    rnd = await running_round(room)
     await old.recv("challenge")
     new = await room.runner("ana", pin)
     assert await old.closed() == (1000, "replaced by a newer connection")
@@ -1796,7 +1833,8 @@ async def test_a_second_socket_for_the_same_participant_replaces_the_first(room:
 
 async def test_stop_rescues_answers_that_never_completed(room: Room, pin: str, config: gs.Config) -> None:
     """Tokens streamed without a complete become an answer at stop (rescued = 1), voted like any other."""
-    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
     await ana.stream(1, WORDS)
     await ana.ws.close()                                       # the laptop died mid-answer
     await bia.stream(1, ["b"])
@@ -1817,7 +1855,8 @@ async def test_stop_rescues_answers_that_never_completed(room: Room, pin: str, c
 
 async def test_stop_with_no_answers_still_opens_voting(room: Room, pin: str) -> None:
     """The club's server refuses to stop an empty round; ours stops it and opens (empty) voting."""
-    rnd, _ = await started(room, pin, "ana")
+    await room.runner("ana", pin)
+    rnd = await running_round(room)
     assert (await room.host.stop(rnd["id"]))["votingStatus"] == "open"
     assert (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["responses"] == []
     assert (await room.host.call("GET", "/scoreboard"))["scoreboard"] == []
@@ -1826,7 +1865,8 @@ async def test_stop_with_no_answers_still_opens_voting(room: Room, pin: str) -> 
 async def test_a_late_complete_after_stop_is_kept_and_shown(room: Room, pin: str, config: gs.Config) -> None:
     """A complete after stop is accepted, saved (replacing the rescue) and broadcast; phones refetch."""
     phone = await room.screen("voting")
-    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
     await ana.stream(1, WORDS[:2])
     await ana.sync()
     await room.host.stop(rnd["id"])
@@ -1853,7 +1893,8 @@ async def test_a_late_complete_after_stop_is_kept_and_shown(room: Room, pin: str
 async def test_a_kick_closes_the_socket_and_refuses_the_participant(room: Room, pin: str, config: gs.Config) -> None:
     """The kicked runner gets KICKED and is closed; screens see it leave; its re-register is refused."""
     screen = await room.screen()
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
     await ana.sync()
@@ -1880,7 +1921,8 @@ async def test_a_new_session_mid_round_sends_the_old_runners_away(room: Room, pi
     """Old runners get SESSION_ENDED and are closed; the old round's answers stay; screens get a new snapshot."""
     screen = await room.screen()
     await screen.recv("state_snapshot")
-    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
     await bia.stream(1, ["meio"])
@@ -2216,18 +2258,18 @@ async def test_round_indexes_restart_at_one_in_each_session(room: Room, pin: str
     assert (await room.host.new_round())["index"] == 1
 
 
-async def test_a_frame_over_ws_max_payload_closes_with_1009(room_with: Callable) -> None:
+async def test_a_frame_over_ws_max_payload_closes_with_1009(make_room: Callable) -> None:
     """WS_MAX_PAYLOAD bounds one message: a bigger one closes that connection with 1009 (message too big)."""
-    room, _ = await room_with(ws_max_payload=1024)
+    room = await make_room(ws_max_payload=1024)
     pin = await room.host.new_session()
     ana = await room.runner("ana", pin)
     await ana.send({"type": "token", "round": 1, "seq": 0, "content": "x" * 2048})
     assert (await ana.closed())[0] == 1009
 
 
-async def test_a_peer_that_never_answers_pings_is_dropped(room_with: Callable, http: aiohttp.ClientSession) -> None:
+async def test_a_peer_that_never_answers_pings_is_dropped(make_room: Callable, http: aiohttp.ClientSession) -> None:
     """A connection silent for MISSED_PINGS ping intervals is cut off; one that answers pings stays."""
-    room, _ = await room_with(ws_heartbeat_interval_s=0.3)
+    room = await make_room(ws_heartbeat_interval_s=0.3)
     pin = await room.host.new_session()
     ana = await room.runner("ana", pin)
     async with http.ws_connect(room.ws_url, autoping=False) as silent:       # never sends a pong
@@ -2485,67 +2527,6 @@ async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_serve
 # =============================================================================
 # Reliability and security
 # =============================================================================
-#
-# Who is who on loopback: the server trusts only 127.0.0.1 as the host where a test
-# says so (`host_addresses`), and strangers, phones and other laptops connect from
-# other 127.x.y.z addresses by binding the client's local address.
-
-STRANGER = "127.0.0.2"
-
-
-class LiveRoom(Room):
-    """A Room that also exposes the server's live state and reaches it from any loopback address."""
-
-    def __init__(self, base: str, http: aiohttp.ClientSession, server: gs.Server) -> None:
-        super().__init__(base, http)
-        self.server = server
-        self.sessions: list[aiohttp.ClientSession] = []
-
-    async def connect_from(self, address: str, **kwargs: Any) -> ClientConnection:
-        ws = await connect(self.ws_url, local_addr=(address, 0), **kwargs)
-        self.connections.append(ws)
-        return ws
-
-    async def runner_at(self, address: str, participant_id: str, pin: str | None = None) -> Runner:
-        runner = Runner(await self.connect_from(address), participant_id)
-        if pin is not None:
-            reply = await runner.register(pin)
-            assert reply["type"] == "registered", reply
-        return runner
-
-    async def screen_at(self, address: str, view: str | None = None) -> Peer:
-        screen = Peer(await self.connect_from(address))
-        await screen.send({"type": "telao_register", **({"view": view} if view else {})})
-        assert (await screen.recv())["type"] == "registered_telao"
-        return screen
-
-    async def http_from(self, address: str, token: str | None = None) -> Host:
-        """An HTTP client on another machine (optionally holding an admin token)."""
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)),
-                                        headers={"Authorization": f"Bearer {token}"} if token else None)
-        self.sessions.append(session)
-        return Host(self.base, session)
-
-    async def close(self) -> None:
-        await super().close()
-        for session in self.sessions:
-            await session.close()
-
-
-@pytest.fixture
-async def make_room(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession):
-    """Start a server with some config fields changed; returns a LiveRoom."""
-    rooms: list[LiveRoom] = []
-
-    async def make(**changes: Any) -> LiveRoom:
-        app = gs.make_app(replace(config, **{**own_database(config, len(rooms)), **changes}))
-        room = LiveRoom(await serve_app(app), http, app[gs.server_key])
-        rooms.append(room)
-        return room
-    yield make
-    for room in rooms:
-        await room.close()
-
 
 @pytest.fixture
 def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
@@ -2573,9 +2554,8 @@ def tokens_of(messages: list[dict[str, Any]], participant_id: str) -> list[tuple
 
 
 async def running_round(room: Room, *runners: Runner, **fields: Any) -> dict[str, Any]:
-    """Create and start a round; each runner reads its challenge."""
-    rnd = await room.host.new_round(**fields)
-    await room.host.start(rnd["id"])
+    """Create and start a round; each runner reads its challenge. The started round's row."""
+    rnd = await room.host.start((await room.host.new_round(**fields))["id"])
     for runner in runners:
         await runner.recv("challenge")
     return rnd
@@ -2629,24 +2609,20 @@ async def test_the_pin_reaches_no_one_but_the_host(make_room: Any) -> None:
 
 async def test_a_wrong_pin_flood_from_one_address_is_throttled(room: Room, pin: str, config: gs.Config) -> None:
     """Past PIN_ATTEMPTS_MAX wrong PINs an address is refused (even the right PIN) until its window ends."""
-    guesser = Runner(await connect(room.ws_url, local_addr=(STRANGER, 0)), "mallory")
-    room.connections.append(guesser.ws)
+    guesser = await room.runner_at(STRANGER, "mallory")
     wrong = [f"{n:06d}" for n in range(config.pin_attempts_max + 5) if f"{n:06d}" != pin]
     codes = [(await guesser.register(guess))["code"] for guess in wrong]
     limit = config.pin_attempts_max
     assert codes == ["INVALID_PIN"] * limit + ["PIN_THROTTLED"] * (len(wrong) - limit)
     refused = await guesser.register(pin)
     assert refused["code"] == "PIN_THROTTLED" and "try again in" in refused["message"]
-    neighbour = Runner(await connect(room.ws_url, local_addr=("127.0.0.3", 0)), "ana")
-    room.connections.append(neighbour.ws)
-    assert (await neighbour.register(pin))["type"] == "registered"
+    await room.runner_at("127.0.0.3", "ana", pin)
 
 
 async def test_parallel_wrong_pins_from_one_address_are_throttled_too(room: Room, pin: str,
                                                                       config: gs.Config) -> None:
     """Guesses sent at once on many connections count before bcrypt answers: no more than the limit are tried."""
-    guessers = [Runner(await connect(room.ws_url, local_addr=(STRANGER, 0)), f"m{n}") for n in range(15)]
-    room.connections += [g.ws for g in guessers]
+    guessers = [await room.runner_at(STRANGER, f"m{n}") for n in range(15)]
     guesses = [f"{n:07d}" for n in range(15)]           # 7 digits: never the 6-digit PIN
     replies = await asyncio.gather(*(g.register(guess) for g, guess in zip(guessers, guesses)))
     codes = sorted(reply["code"] for reply in replies)
@@ -2818,7 +2794,8 @@ async def test_an_emoji_split_across_two_tokens_is_one_character_in_the_answer_t
         room: Room, pin: str, config: gs.Config, server_log: pytest.LogCaptureFixture) -> None:
     """Halves of a UTF-16 pair in two tokens are joined when stored, a lone half is U+FFFD; screens get them as sent."""
     screen = await room.screen()
-    rnd, (ana, bia) = await started(room, pin, "ana", "bia")
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await running_round(room, ana, bia)
     await bia.stream(1, SPLIT)
     await ana.stream(1, WORDS)
     await bia.sync()
@@ -2848,7 +2825,8 @@ async def test_a_split_emoji_is_still_joined_after_kill_9_and_a_restart(
     killed = server_process("--flush-interval", "0.2")
     room = Room(killed.start(), http)
     pin = await room.host.new_session()
-    rnd, (bia,) = await started(room, pin, "bia")
+    bia = await room.runner("bia", pin)
+    rnd = await running_round(room, bia)
     await bia.stream(1, SPLIT)
     await eventually(lambda: saved_token_count(tmp_path / "arena.db", "bia") == len(SPLIT), "the halves saved")
     killed.stop(signal.SIGKILL)
@@ -2993,7 +2971,8 @@ def test_every_input_field_has_a_bound_that_sqlite_and_the_exports_can_take() ->
 async def test_values_past_their_bounds_are_refused_before_anything_stores_them(
         room: Room, pin: str, fields: dict[str, Any], error: str, server_log: pytest.LogCaptureFixture) -> None:
     """A complete with a value past its bound gets INVALID_INPUT; the next good one is saved, the export still works."""
-    rnd, (ana,) = await started(room, pin, "ana")
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
     await ana.stream(1, WORDS)
     await ana.send({"type": "complete", "round": 1, **fields})
     assert await ana.recv("error") == ws_error(error)
@@ -3899,9 +3878,7 @@ async def test_strangers_on_many_addresses_cannot_use_up_the_open_files(
     assert server.process.stdout.readline().startswith("  connections   192 open files;")
     pin = await room.host.new_session()
     screen = await room.screen()
-    ana = Runner(await connect(room.ws_url, local_addr=("127.0.0.9", 0)), "ana")
-    room.connections.append(ana.ws)
-    assert (await ana.register(pin))["type"] == "registered"
+    ana = await room.runner_at("127.0.0.9", "ana", pin)
     attacks = [Slowloris(room.base, f"127.0.0.{n}", 50) for n in (2, 3, 4, 5)]
     try:
         await eventually(lambda: sum(attack.refused for attack in attacks) > 100, "strangers refused")
