@@ -1698,28 +1698,6 @@ async def test_a_second_socket_for_the_same_participant_replaces_the_first(room:
     assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": ["ok"]}
 
 
-async def test_stop_rescues_answers_that_never_completed(room: Room, pin: str, config: gs.Config) -> None:
-    """Tokens streamed without a complete become an answer at stop (rescued = 1), voted like any other."""
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await running_round(room, ana, bia)
-    await ana.stream(1, WORDS)
-    await ana.ws.close()                                       # the laptop died mid-answer
-    await bia.stream(1, ["b"])
-    await bia.complete(1, 1)
-    await bia.sync()
-    await room.host.stop(rnd["id"])
-    row = metrics_row(config.database, "ana")
-    assert (row["rescued"], row["generatedContent"], row["tokens"], row["tokensReceived"]) == (
-        1, "".join(WORDS), len(WORDS), len(WORDS))
-    assert metrics_row(config.database, "bia")["rescued"] == 0
-    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": "b"}
-    await room.host.vote(rnd["id"], "ana", 5, "v1")
-    board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
-    assert [(r["participant_id"], r["avg_score"], r["generated_content"]) for r in board][0] == (
-        "ana", 5.0, "".join(WORDS))
-    assert isinstance(board[0]["tps_avg"], float)
-
-
 async def test_stop_with_no_answers_still_opens_voting(room: Room, pin: str) -> None:
     """The club's server refuses to stop an empty round; ours stops it and opens (empty) voting."""
     await room.runner("ana", pin)
@@ -1782,39 +1760,6 @@ async def test_a_kick_closes_the_socket_and_refuses_the_participant(room: Room, 
     assert [(r["participant_id"], r["votes"]) for r in board] == [("ana", 1)]
     new_pin = await room.host.new_session()
     assert (await again.register(new_pin))["type"] == "registered"
-
-
-async def test_a_new_session_mid_round_sends_the_old_runners_away(room: Room, pin: str, config: gs.Config) -> None:
-    """Old runners get SESSION_ENDED and are closed; the old round's answers stay; screens get a new snapshot."""
-    screen = await room.screen()
-    await screen.recv("state_snapshot")
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await running_round(room, ana, bia)
-    await ana.stream(1, WORDS)
-    await ana.complete(1, len(WORDS))
-    await bia.stream(1, ["meio"])
-    await ana.sync()
-    await bia.sync()
-    body = await room.host.call("POST", "/session")
-    assert body["disconnected_participants"] == 2
-    for runner in (ana, bia):
-        assert await runner.recv() == {"type": "error", "message": "A new session started; reconnect with the new PIN.",
-                                       "code": "SESSION_ENDED"}
-        assert await runner.closed() == (1000, "session ended")
-    snapshot = await screen.recv("state_snapshot")
-    assert (snapshot["session"]["id"], snapshot["round"], snapshot["participants"]) == (body["id"], None, [])
-    assert "participant_disconnected" not in [m["type"] for m in await screen.quiet()]
-    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": "meio"}
-    assert metrics_row(config.database, "bia")["rescued"] == 1
-    assert await room.host.status("POST", "/rounds/stop", {"roundId": rnd["id"]}) == (
-        409, {"error": "That round belongs to an earlier session", "code": "CONFLICT"})
-    old = db_rows(config.database, "SELECT status FROM sessions ORDER BY createdAt")
-    assert [s["status"] for s in old] == ["ended", "active"]
-    [old_round] = db_rows(config.database, "SELECT endedAt, votingStatus FROM rounds")
-    assert old_round["endedAt"] is not None and old_round["votingStatus"] == "closed"
-    ana_again = await room.runner("ana")
-    assert await ana_again.register(pin) == {"type": "error", "message": "Invalid PIN.", "code": "INVALID_PIN"}
-    assert (await ana_again.register(body["pin"]))["session_id"] == body["id"]
 
 
 # =============================================================================
@@ -1969,85 +1914,6 @@ async def test_exports_of_an_earlier_session(room: Room, pin: str) -> None:
     for path in ("/export.csv", "/export-events.csv", "/export-all.json"):
         assert await room.host.status("GET", f"{path}?session_id=nope") == (
             404, {"error": "Session not found", "code": "NOT_FOUND"})
-
-
-# =============================================================================
-# Crash and restart: the server as a separate process
-# =============================================================================
-#
-# The subprocess keeps the default flush interval (1 s), as on the evening.
-
-def saved_tokens(database: Path) -> list[str]:
-    return [row["content"] for row in db_rows(database, "SELECT content FROM tokens ORDER BY seq")]
-
-
-async def test_a_crash_mid_round_loses_nothing_the_runner_cannot_resend(server_process: Callable,
-                                                                        http: aiohttp.ClientSession) -> None:
-    """kill -9 mid-round, restart on the same database: the round still runs with the saved tokens, the
-    runner's resume says where to continue, and the answer is finished, voted and exported whole."""
-    first = server_process()
-    room = Room(first.start(), http)
-    pin = await room.host.new_session()
-    ana = await room.runner("ana", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await ana.recv("challenge")
-    await ana.stream(1, WORDS[:3])
-    await ana.sync()
-    await eventually(lambda: saved_tokens(first.database) == WORDS[:3])       # one flush later
-    await ana.token(1, 3, WORDS[3])                    # accepted, and maybe not yet saved when the server dies
-    await ana.sync()
-    assert await asyncio.to_thread(first.stop, signal.SIGKILL) == -signal.SIGKILL
-    await room.close()
-
-    room = Room(server_process().start(), http)
-    current = await room.host.call("GET", "/rounds/current")
-    assert {**current, "liveTokens": None} == {**rnd, "liveTokens": None}
-    held = current["liveTokens"]["ana"]
-    assert held in (WORDS[:3], WORDS[:4])
-    assert (await room.host.call("GET", "/presence"))["participants"] == []
-    again = await room.runner("ana")
-    assert await again.register(pin) == {"type": "registered", "session_id": rnd["sessionId"],
-                                         "participant_id": "ana", "resume_secret": SECRET,
-                                         "resume": {"round": 1, "next_seq": len(held), "missing": []}}
-    await again.stream(1, WORDS[len(held):], start=len(held))
-    await again.complete(1, len(WORDS))
-    await again.sync()
-    await room.host.stop(rnd["id"])
-    await room.host.vote(rnd["id"], "ana", 5, "v1")
-    [row] = csv_rows((await export(room, "/export.csv"))[0])
-    assert (row["generated_content"], row["tokens_received"], row["seq_gaps"], row["votes"], row["rescued"]) == (
-        "".join(WORDS), str(len(WORDS)), "0", "1", "0")
-    events = json.loads((await export(room, "/export-all.json"))[0])["events"]
-    assert [e["eventType"] for e in events].count("round_started") == 1
-    await room.close()
-
-
-async def test_sigterm_closes_with_1001_and_saves_every_accepted_token(server_process: Callable,
-                                                                      http: aiohttp.ClientSession) -> None:
-    """SIGTERM: runners and screens see close code 1001, the process exits 0, and the tokens accepted just
-    before are in the database, so a restart resumes the round with all of them (and a kick still holds)."""
-    process = server_process()
-    room = Room(process.start(), http)
-    pin = await room.host.new_session()
-    await room.runner("zed", pin)
-    await room.host.call("POST", "/participants/kick", {"participantId": "zed"})
-    ana = await room.runner("ana", pin)
-    screen = await room.screen()
-    await room.host.start((await room.host.new_round())["id"])
-    await ana.recv("challenge")
-    await ana.stream(1, WORDS)
-    await ana.sync()
-    assert await asyncio.to_thread(process.stop, signal.SIGTERM) == 0
-    assert await ana.closed() == (1001, "server shutdown")
-    assert await screen.closed() == (1001, "server shutdown")
-    assert saved_tokens(process.database) == WORDS
-    await room.close()
-
-    room = Room(server_process().start(), http)
-    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": WORDS}
-    assert (await (await room.runner("zed")).register(pin))["code"] == "KICKED"
-    await room.close()
-
 
 
 # =============================================================================
@@ -3122,7 +2988,8 @@ async def test_a_runner_that_drops_mid_stream_reconnects_and_continues_its_seq(r
 
 
 async def test_a_runner_that_drops_for_good_is_rescued_at_stop(room: Room, pin: str, config: gs.Config) -> None:
-    """Tokens of a runner that never completes are saved at stop, shown for voting and can be voted for."""
+    """Tokens of a runner that never completes become its answer at stop (rescued = 1), shown for voting and
+    voted like any other."""
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
     rnd = await running_round(room, ana, bia)
     await bia.stream(1, ["Sim."])
@@ -3136,33 +3003,49 @@ async def test_a_runner_that_drops_for_good_is_rescued_at_stop(room: Room, pin: 
     await room.host.vote(rnd["id"], "ana", 5, "v1")
     board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
     assert [(r["participant_id"], r["votes"], r["tokens"]) for r in board] == [("ana", 1, len(WORDS)), ("bia", 0, 1)]
-    rescued = db_rows(config.database, "SELECT participantId, rescued FROM metrics ORDER BY participantId")
-    assert rescued == [{"participantId": "ana", "rescued": 1}, {"participantId": "bia", "rescued": 0}]
+    assert (board[0]["generated_content"], board[0]["avg_score"]) == ("".join(WORDS), 5.0)
+    assert isinstance(board[0]["tps_avg"], float)
+    row = metrics_row(config.database, "ana")
+    assert (row["rescued"], row["generatedContent"], row["tokens"], row["tokensReceived"]) == (
+        1, "".join(WORDS), len(WORDS), len(WORDS))
+    assert metrics_row(config.database, "bia")["rescued"] == 0
 
 
 async def test_a_new_session_mid_round_sends_old_runners_away_and_keeps_old_data(room: Room, pin: str,
                                                                                  config: gs.Config) -> None:
-    """Old runners get SESSION_ENDED and a close; screens get the new session; the old round stays exportable."""
+    """Old runners get SESSION_ENDED and a close; screens get the new session's snapshot and no one leaving; the
+    old round ends with its answers (the unfinished one rescued) and stays exportable; the old PIN is gone."""
     screen = await room.screen()
     old_session = (await screen.recv("state_snapshot"))["session"]["id"]
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    await running_round(room, ana, bia)
+    rnd = await running_round(room, ana, bia)
     await ana.stream(1, WORDS)
-    await eventually(lambda: saved_token_count(config.database, "ana") == len(WORDS), "ana's tokens saved")
+    await ana.complete(1, len(WORDS))
+    await bia.stream(1, ["meio"])
+    await ana.sync()
+    await bia.sync()
     created = await room.host.call("POST", "/session")
     assert created["disconnected_participants"] == 2
     for runner in (ana, bia):
-        assert (await runner.recv("error"))["code"] == "SESSION_ENDED"
-        assert await closed_code(runner.ws) == 1000
+        assert await runner.recv() == {"type": "error", "message": "A new session started; reconnect with the new PIN.",
+                                       "code": "SESSION_ENDED"}
+        assert await runner.closed() == (1000, "session ended")
     snapshot = await screen.recv("state_snapshot")
-    assert snapshot["session"]["id"] == created["id"] and snapshot["round"] is None
-    old = await room.host.call("GET", f"/export-all.json?sessionId={old_session}")
-    [old_round] = old["rounds"]
-    assert [(m["participantId"], m["generatedContent"], m["rescued"]) for m in old_round["metrics"]] == [
-        ("ana", "".join(WORDS), 1)]
-    late = Runner(await room.connect(), "carla")
-    assert (await late.register(pin))["code"] == "INVALID_PIN"
-    assert (await late.register(created["pin"]))["type"] == "registered"
+    assert (snapshot["session"]["id"], snapshot["round"], snapshot["participants"]) == (created["id"], None, [])
+    assert "participant_disconnected" not in [m["type"] for m in await screen.quiet()]
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS), "bia": "meio"}
+    [old_round] = (await room.host.call("GET", f"/export-all.json?sessionId={old_session}"))["rounds"]
+    assert {m["participantId"]: (m["generatedContent"], m["rescued"]) for m in old_round["metrics"]} == {
+        "ana": ("".join(WORDS), 0), "bia": ("meio", 1)}
+    assert await room.host.status("POST", "/rounds/stop", {"roundId": rnd["id"]}) == (
+        409, {"error": "That round belongs to an earlier session", "code": "CONFLICT"})
+    old = db_rows(config.database, "SELECT status FROM sessions ORDER BY createdAt")
+    assert [s["status"] for s in old] == ["ended", "active"]
+    [old_row] = db_rows(config.database, "SELECT endedAt, votingStatus FROM rounds")
+    assert old_row["endedAt"] is not None and old_row["votingStatus"] == "closed"
+    late = await room.runner("ana")
+    assert await late.register(pin) == {"type": "error", "message": "Invalid PIN.", "code": "INVALID_PIN"}
+    assert (await late.register(created["pin"]))["session_id"] == created["id"]
 
 
 def saved_token_count(database: Path, participant_id: str) -> int:
@@ -3171,7 +3054,8 @@ def saved_token_count(database: Path, participant_id: str) -> int:
 
 async def test_sigkill_mid_round_loses_only_unsaved_tokens_and_the_round_runs_on(
         server_process: Any, http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    """kill -9 mid-round, restart on the same file: the round still runs, runners resume, votes and exports add up."""
+    """kill -9 mid-round, restart on the same file: the round still runs with the saved tokens, each runner's
+    resume says where to continue, and the answers are finished, voted and exported whole."""
     database = tmp_path / "arena.db"
     words = [f"w{n} " for n in range(40)]
     killed = server_process("--flush-interval", "0.2")
@@ -3183,22 +3067,26 @@ async def test_sigkill_mid_round_loses_only_unsaved_tokens_and_the_round_runs_on
     await bia.stream(1, words[:20])
     await eventually(lambda: saved_token_count(database, "ana") + saved_token_count(database, "bia") == 40, "a flush")
     await ana.stream(1, words[20:25], start=20)                    # accepted; maybe not saved yet
-    killed.stop(signal.SIGKILL)
+    await ana.sync()
+    assert await asyncio.to_thread(killed.stop, signal.SIGKILL) == -signal.SIGKILL
     await room.close()
 
     restarted = server_process("--flush-interval", "0.2")
     room = Room(restarted.start(), http)
     current = await room.host.call("GET", "/rounds/current")
-    assert (current["id"], current["endedAt"]) == (rnd["id"], None)
+    assert {**current, "liveTokens": None} == {**rnd, "liveTokens": None}
+    assert (await room.host.call("GET", "/presence"))["participants"] == []
     assert current["liveTokens"]["bia"] == words[:20]
     assert current["liveTokens"]["ana"] == words[:len(current["liveTokens"]["ana"])]
     assert 20 <= len(current["liveTokens"]["ana"]) <= 25
     screen = await room.screen()
     assert (await screen.recv("state_snapshot"))["liveTokens"] == current["liveTokens"]
     for name in ("ana", "bia"):
-        runner = Runner(await room.connect(), name)
-        resume = (await runner.register(pin))["resume"]
-        assert resume["round"] == 1 and resume["missing"] == []
+        runner = await room.runner(name)
+        registered = await runner.register(pin)
+        resume = registered["resume"]
+        assert registered == {"type": "registered", "session_id": rnd["sessionId"], "participant_id": name,
+                              "resume_secret": SECRET, "resume": {"round": 1, "next_seq": AMOUNT, "missing": []}}
         await runner.stream(1, words[resume["next_seq"]:], start=resume["next_seq"])
         await runner.complete(1, len(words))
         assert (await screen.recv("completion"))["participant_id"] == name
@@ -3208,20 +3096,27 @@ async def test_sigkill_mid_round_loses_only_unsaved_tokens_and_the_round_runs_on
         await room.host.vote(rnd["id"], "bia", 2, voter)
     board = (await room.host.call("GET", "/scoreboard"))["scoreboard"]
     assert [(r["participant_id"], r["votes"], r["total_score"]) for r in board] == [("ana", 3, 12), ("bia", 3, 6)]
-    export = await room.host.call("GET", "/export-all.json")
-    assert {m["participantId"]: m["generatedContent"] for m in export["rounds"][0]["metrics"]} == {
+    exported = await room.host.call("GET", "/export-all.json")
+    assert {m["participantId"]: m["generatedContent"] for m in exported["rounds"][0]["metrics"]} == {
         "ana": "".join(words), "bia": "".join(words)}
+    assert [e["eventType"] for e in exported["events"]].count("round_started") == 1
+    rows = csv_rows((await export(room, "/export.csv"))[0])
+    assert [(r["participant_id"], r["generated_content"], r["tokens_received"], r["seq_gaps"], r["votes"],
+             r["rescued"]) for r in rows] == [(name, "".join(words), "40", "0", "3", "0") for name in ("ana", "bia")]
     await room.close()
     assert restarted.stop(signal.SIGTERM) == 0
 
 
 async def test_sigterm_closes_every_socket_with_1001_and_saves_every_token(
         server_process: Any, http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    """On SIGTERM runners and screens get 1001 (going away), the exit code is 0 and every token is on disk."""
+    """On SIGTERM runners and screens get 1001 (going away), the exit code is 0 and every token is on disk, so a
+    restart resumes the round with all of them (and a kick still holds)."""
     database = tmp_path / "arena.db"
     process = server_process("--flush-interval", "60")             # no flush until the exit
     room = Room(process.start(), http)
     pin = await room.host.new_session()
+    await room.runner("zed", pin)
+    await room.host.call("POST", "/participants/kick", {"participantId": "zed"})
     screen = await room.screen()
     ana = await room.runner("ana", pin)
     await running_round(room, ana)
@@ -3229,11 +3124,17 @@ async def test_sigterm_closes_every_socket_with_1001_and_saves_every_token(
     await ana.stream(1, words)
     assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
     assert saved_token_count(database, "ana") == 0
-    assert process.stop(signal.SIGTERM) == 0
-    assert await closed_code(ana.ws) == 1001 and await closed_code(screen.ws) == 1001
+    assert await asyncio.to_thread(process.stop, signal.SIGTERM) == 0
+    assert await ana.closed() == (1001, "server shutdown")
+    assert await screen.closed() == (1001, "server shutdown")
     rows = db_rows(database, "SELECT seq, content FROM tokens WHERE participantId = 'ana' ORDER BY seq")
     assert [(row["seq"], row["content"]) for row in rows] == list(enumerate(words))
-    assert db_rows(database, "SELECT connected FROM participants") == [{"connected": 0}]
+    assert db_rows(database, "SELECT connected FROM participants") == [{"connected": 0}] * 2
+    await room.close()
+
+    room = Room(server_process().start(), http)
+    assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": words}
+    assert (await (await room.runner("zed")).register(pin))["code"] == "KICKED"
     await room.close()
 
 
