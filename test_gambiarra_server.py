@@ -1532,7 +1532,7 @@ async def test_a_frame_without_participant_id_is_the_sockets_own(room: Room, pin
 async def test_a_token_for_a_round_that_is_not_live(room: Room, pin: str) -> None:
     """Tokens for an unknown round index are refused with UNKNOWN_ROUND; the runner stays connected."""
     ana = await room.runner("ana", pin)
-    rnd = await running_round(room, ana)
+    await running_round(room, ana)
     await ana.token(9, 0, "x")
     assert await ana.recv() == {"type": "error", "message": "Round 9 is not live", "code": "UNKNOWN_ROUND"}
     await ana.send({"type": "complete", "round": 9})
@@ -1586,7 +1586,7 @@ async def test_tokens_out_of_order_are_stored_in_seq_order(room: Room, pin: str)
 async def test_empty_tokens_and_sloppy_completes_are_accepted(room: Room, pin: str, config: gs.Config) -> None:
     """Empty content, latency_ms_first_token null and no model_info: all fine (the club's runners send them)."""
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await running_round(room, ana, bia)
+    await running_round(room, ana, bia)
     await ana.stream(1, ["", "oi", ""])
     await ana.send({"type": "complete", "round": 1, "participant_id": "ana", "tokens": 3,
                     "latency_ms_first_token": None, "duration_ms": 850.7})
@@ -1603,7 +1603,7 @@ async def test_empty_tokens_and_sloppy_completes_are_accepted(room: Room, pin: s
 async def test_metrics_use_the_server_clock_beside_the_runners_report(room: Room, pin: str, config: gs.Config) -> None:
     """TTFT and duration are measured from the round's start; the runner's own figures are kept beside them."""
     ana = await room.runner("ana", pin)
-    rnd = await running_round(room, ana)
+    await running_round(room, ana)
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
     await ana.sync()
@@ -1634,7 +1634,7 @@ async def test_a_runner_error_is_logged_not_broadcast(room: Room, pin: str, conf
     screen = await room.screen()
     await screen.recv("state_snapshot")
     ana = await room.runner("ana", pin)
-    rnd = await running_round(room, ana)
+    await running_round(room, ana)
     await ana.send({"type": "error", "round": 1, "participant_id": "ana", "code": "GENERATION_FAILED",
                     "message": "out of memory"})
     await ana.sync()
@@ -1674,7 +1674,7 @@ async def test_reconnect_mid_round_resumes_where_the_server_stopped(room: Room, 
 async def test_a_newcomer_mid_round_gets_an_empty_resume(room: Room, pin: str) -> None:
     """Someone registering for the first time during a round is told to start at seq 0; no card is made."""
     ana = await room.runner("ana", pin)
-    rnd = await running_round(room, ana)
+    await running_round(room, ana)
     bia = await room.runner("bia")
     assert (await bia.register(pin))["resume"] == {"round": 1, "next_seq": 0, "missing": []}
     assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {}
@@ -1685,7 +1685,7 @@ async def test_a_second_socket_for_the_same_participant_replaces_the_first(room:
     screen = await room.screen()
     await screen.recv("state_snapshot")
     old = await room.runner("ana", pin)
-    rnd = await running_round(room)
+    await running_round(room)
     await old.recv("challenge")
     new = await room.runner("ana", pin)
     assert await old.closed() == (1000, "replaced by a newer connection")
