@@ -1,6 +1,8 @@
 """Tests for gambiarra_server.py: the real app on a loopback port, a real SQLite file,
 and the clients a meetup has (runners and screens over `websockets`, the host and
-the phones over HTTP). Sections mirror the server's, from pure code to the edges.
+the phones over HTTP). After the helpers, sections follow the server's order
+(configuration, input fields, WebSocket, HTTP, routes and docs); then the whole app
+under attack, the README, the runner (`join`) and the rehearsal.
 """
 
 from __future__ import annotations
@@ -383,115 +385,6 @@ def server_process(tmp_path: Path):
 
 
 # =============================================================================
-# Input fields
-# =============================================================================
-
-@pytest.mark.parametrize(("data", "message"), [
-    ({}, "'prompt' is required"),
-    ({"prompt": ""}, "'prompt' must be at least 1 characters"),
-    ({"prompt": 7}, "'prompt' must be a string"),
-    ({"prompt": "x", "maxTokens": "many"}, "'max_tokens' must be an integer"),
-    ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
-    ({"prompt": "x", "temperature": 9}, "'temperature' must be at most 2"),
-    ({"prompt": "x", "temperature": True}, "'temperature' must be a number"),
-    ({"prompt": "x", "svgMode": "yes"}, "'svg_mode' must be true or false"),
-])
-def test_round_fields_reject_bad_values_with_a_sentence(data: dict, message: str) -> None:
-    """Each bad field is named, with what it should be."""
-    spec = next(route.body for route in gs.ROUTES if route.path == "/rounds")
-    with pytest.raises(gs.ClientError, match=message):
-        gs.parse_fields(data, spec)
-
-
-def test_fields_accept_camel_case_and_null_as_absent() -> None:
-    """camelCase aliases work, and null means 'use the default'."""
-    spec = next(route.body for route in gs.ROUTES if route.path == "/rounds")
-    values = gs.parse_fields({"prompt": "x", "maxTokens": 50.0, "deadlineMs": None, "svgMode": True}, spec)
-    assert values == {"prompt": "x", "max_tokens": 50, "temperature": 0.8, "deadline_ms": 90000, "seed": None,
-                      "svg_mode": True}
-
-
-# =============================================================================
-# HTTP: session, rounds, voting
-# =============================================================================
-
-async def test_health_answers_at_root_and_under_api(room: Room) -> None:
-    """The telão calls /api/...; scripts call the root."""
-    for path in ("/health", "/api/health"):
-        body = await room.host.call("GET", path)
-        assert body["status"] == "ok" and body["database"] == "ok"
-
-
-async def test_new_session_returns_pin_and_ids(room: Room) -> None:
-    """POST /session works without a body and returns what the club's clients read."""
-    body = await room.host.call("POST", "/session")
-    assert body["session_id"] == body["id"]
-    assert len(body["pin"]) == 6 and body["pin"].isdigit()
-    assert body["created_at"].endswith("Z") and body["disconnected_participants"] == 0
-    session = await room.host.call("GET", "/api/session")
-    assert session["pin"] == body["pin"] and session["status"] == "active"
-    assert session["participants"] == [] and session["rounds"] == []
-
-
-async def test_pin_length_comes_from_the_body(room: Room) -> None:
-    body = await room.host.call("POST", "/session", {"pinLength": 8})
-    assert len(body["pin"]) == 8
-
-
-async def test_rounds_are_numbered_from_one_with_the_club_defaults(room: Room, pin: str) -> None:
-    first = await room.host.new_round()
-    second = await room.host.new_round("Draw a cat", maxTokens=500, temperature=0.7, deadlineMs=120000,
-                                       seed=42, svgMode=True)
-    assert (first["index"], first["maxTokens"], first["temperature"], first["deadlineMs"]) == (1, 400, 0.8, 90000)
-    assert first["votingStatus"] == "pending" and first["revealedCount"] == 0 and first["startedAt"] is None
-    assert (first["seed"], second["index"], second["seed"], second["svgMode"]) == (SEED, 2, 42, True)
-
-
-async def test_a_full_round_from_challenge_to_reveal(room: Room, pin: str) -> None:
-    """The evening in miniature: challenge, tokens on the screen, votes, ranking, reveal."""
-    screen = await room.screen()
-    snapshot = await screen.recv("state_snapshot")
-    assert snapshot["round"] is None and snapshot["participants"] == []
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await room.host.new_round(seed=7)
-    await room.host.start(rnd["id"])
-    for runner in (ana, bia):
-        challenge = await runner.recv("challenge")
-        assert challenge == {"type": "challenge", "session_id": snapshot["session"]["id"], "round": 1,
-                             "prompt": "Write a haiku about llamas", "max_tokens": 400, "temperature": 0.8,
-                             "deadline_ms": 90000, "seed": 7}
-    assert (await screen.recv("round_started"))["round"] == 1
-    assert (await screen.recv("round_state"))["round"]["startedAt"] is not None
-    await ana.stream(1, WORDS)
-    await ana.complete(1, len(WORDS))
-    await bia.stream(1, ["Sim."])
-    await bia.complete(1, 1)
-    updates = [await screen.recv("token_update") for _ in WORDS]
-    assert [u["content"] for u in updates] == WORDS and updates[-1]["total_tokens"] == len(WORDS)
-    completion = await screen.recv("completion")
-    assert completion["participant_id"] == "ana" and completion["tokens"] == len(WORDS)
-    assert completion["ttft_ms"] >= 0 and completion["tps"] >= 0
-    await screen.recv("completion")
-    stopped = await room.host.stop(rnd["id"])
-    assert stopped["votingStatus"] == "open" and stopped["endedAt"] is not None
-    answers = await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses")
-    assert {r["participant_id"]: r["generated_content"] for r in answers["responses"]} == {
-        "ana": "".join(WORDS), "bia": "Sim."}
-    for voter, scores in (("v1", (5, 2)), ("v2", (4, 3))):
-        await room.host.vote(rnd["id"], "ana", scores[0], voter)
-        await room.host.vote(rnd["id"], "bia", scores[1], voter)
-    board = await room.host.call("GET", "/api/scoreboard")
-    assert [(r["participant_id"], r["votes"], r["avg_score"], r["total_score"]) for r in board["scoreboard"]] == [
-        ("ana", 2, 4.5, 9), ("bia", 2, 2.5, 5)]
-    await room.host.call("POST", f"/api/rounds/{rnd['id']}/close-voting")
-    await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal")
-    assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 1
-    assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 2
-    states = [m["round"]["votingStatus"] for m in await screen.quiet() if m["type"] == "round_state"]
-    assert states == ["open", "closed", "revealed", "revealed", "revealed"]
-
-
-# =============================================================================
 # Contract helpers: placeholders for ids and clocks, polling, rounds in a stage
 # =============================================================================
 
@@ -535,12 +428,12 @@ async def eventually(probe: Callable[[], Any], what: str = "", timeout_s: float 
             await asyncio.sleep(0.02)
 
 
-async def get_when(room: Room, path: str, check: Callable[[Any], bool]) -> Any:
+async def get_when(room: Room, path: str, check: Callable[[Any], bool], timeout_s: float = TIMEOUT_S) -> Any:
     """GET `path` until its body passes `check` (the server learns of a closed socket asynchronously)."""
     async def probe() -> Any:
         body = await room.host.call("GET", path)
         return body if check(body) else None
-    return await eventually(probe)
+    return await eventually(probe, path, timeout_s)
 
 
 @pytest.fixture
@@ -592,742 +485,364 @@ def route_path(route: gs.Route) -> str:
 
 
 # =============================================================================
-# HTTP: every route, at the root and under /api, with the shapes clients read
+# Configuration, start-up and the database file
 # =============================================================================
 
-@pytest.mark.parametrize("route", gs.ROUTES, ids=lambda r: f"{r.method} {r.path}")
-async def test_every_route_answers_at_the_root_and_under_api(room: Room, route: gs.Route) -> None:
-    """Both spellings reach the same handler (the telão calls /api/..., scripts the root)."""
-    answers = []
-    for prefix in ("", "/api"):
-        status, body = await room.host.status(route.method, prefix + route_path(route),
-                                              {} if route.body else None)
-        assert status < 500 and "No route" not in str(body), (prefix, status, body)
-        answers.append(status)
-    assert answers[0] == answers[1]
-
-
-async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
-    """A wrong URL is a JSON 404, a wrong method a JSON 405, like every other error."""
-    assert await room.host.status("GET", "/nope") == (404, {"error": "No route GET /nope", "code": "NOT_FOUND"})
-    assert await room.host.status("DELETE", "/api/session") == (
-        405, {"error": "/api/session takes GET or POST, not DELETE", "code": "METHOD_NOT_ALLOWED"})
-
-
-async def test_health_shape(room: Room) -> None:
-    """GET /health: status, server clock, version, database state (and when its file was last written back),
-    connection count, and how each background writer fares."""
-    assert await room.host.call("GET", "/health") == {
-        "status": "ok", "timestamp": MS, "version": gs.__version__, "database": "ok", "database_restored_at": None,
-        "connections": 0, "refused": [],
-        "writers": {"tokens": "ok", "answers": "ok", "votes": "ok", "events": "ok", "heartbeat": "ok"}}
-
-
-async def test_new_session_shape(room: Room) -> None:
-    """POST /session answers the club's keys; a body whose fields are all optional may be absent."""
-    body = await room.host.call("POST", "/session")
-    assert body == {"session_id": ID, "id": body["session_id"], "pin": body["pin"], "created_at": WHEN,
-                    "status": "active", "disconnected_participants": 0}
-    assert re.fullmatch(r"\d{6}", body["pin"])
-
-
-async def test_session_lists_participants_and_rounds_in_the_club_casing(room: Room, pin: str) -> None:
-    """GET /session: the session row (camelCase, with the PIN for the host), its participants and rounds."""
-    ana = await room.runner("ana", pin)
-    await room.runner("bia", pin)
-    await ana.ws.close()
-    rnd = await room.host.new_round()
-    session = await get_when(room, "/session", lambda s: not s["participants"][0]["connected"])
-    assert session == {
-        "id": ID, "createdAt": WHEN, "endedAt": None, "status": "active", "pin": pin,
-        "participants": [{"id": "ana", "sessionId": session["id"], "nickname": "Ana", **RUNNER_ROW, "connected": False},
-                         {"id": "bia", "sessionId": session["id"], "nickname": "Bia", **RUNNER_ROW}],
-        "rounds": [rnd]}
-
-
-async def test_presence_lists_live_connections_only(room: Room, pin: str) -> None:
-    """GET /presence comes from memory: who is connected now, oldest first."""
-    ana = await room.runner("ana", pin)
-    await room.runner("bia", pin)
-    session_id = (await room.host.call("GET", "/session"))["id"]
-    presence = await room.host.call("GET", "/api/presence")
-    assert presence == {"sessionId": session_id, "connectedCount": 2, "participants": [
-        {"id": "ana", "sessionId": session_id, "nickname": "Ana", **RUNNER_ROW},
-        {"id": "bia", "sessionId": session_id, "nickname": "Bia", **RUNNER_ROW}]}
-    await ana.ws.close()
-    presence = await get_when(room, "/presence", lambda p: p["connectedCount"] == 1)
-    assert [p["id"] for p in presence["participants"]] == ["bia"]
-
-
-async def test_round_rows_are_camel_case_with_the_club_columns(room: Room, pin: str) -> None:
-    """POST /rounds, start and stop return the whole Round row; start and stop stamp it."""
-    session_id = (await room.host.call("GET", "/session"))["id"]
-    rnd = await room.host.new_round("Draw a cat", max_tokens=64, temperature=0, deadline_ms=5000, svg_mode=True)
-    assert rnd == {"id": ID, "sessionId": session_id, "index": 1, "prompt": "Draw a cat", "maxTokens": 64,
-                   "temperature": 0.0, "deadlineMs": 5000, "seed": SEED, "svgMode": True, "startedAt": None,
-                   "endedAt": None, "votingStatus": "pending", "revealedCount": 0, "createdAt": WHEN}
-    started = await room.host.start(rnd["id"])
-    assert started == {**rnd, "startedAt": WHEN, "votingStatus": "running", **NO_RUNNER}
-    assert await room.host.call("POST", "/api/rounds/stop", {"round_id": rnd["id"]}) == {
-        **rnd, "startedAt": started["startedAt"], "endedAt": WHEN, "votingStatus": "open"}
-
-
-async def test_stop_without_a_body_stops_the_running_round(room: Room, pin: str) -> None:
-    """POST /rounds/stop with no body stops whatever round is running."""
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    stopped = await room.host.call("POST", "/rounds/stop")
-    assert (stopped["id"], stopped["votingStatus"]) == (rnd["id"], "open")
-
-
-async def test_current_round_carries_the_live_tokens(room: Room, pin: str) -> None:
-    """GET /rounds/current: the running Round row spread, plus liveTokens by participant in seq order."""
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await ana.stream(1, WORDS[:3])
-    await bia.token(1, 1, "b")
-    await bia.token(1, 0, "a")
-    await ana.sync()
-    await bia.sync()
-    assert await room.host.call("GET", "/api/rounds/current") == {**rnd, "liveTokens": {"ana": WORDS[:3],
-                                                                                         "bia": ["a", "b"]}}
-    await room.host.stop(rnd["id"])
-    assert await room.host.status("GET", "/rounds/current") == (404, {"error": "No active round",
-                                                                      "code": "NOT_FOUND"})
-
-
-async def test_responses_list_every_answer_with_round_facts(room: Room, pin: str) -> None:
-    """GET /rounds/{id}/responses: what the voting page shows."""
-    ana = await room.runner("ana", pin)
-    rnd = await room.host.start((await room.host.new_round("Draw", svgMode=True))["id"])
-    await answered(room, rnd, {"ana": ana}, ["<svg>", "</svg>"])
-    assert await room.host.call("GET", f"/rounds/{rnd['id']}/responses") == {
-        "responses": [{"participant_id": "ana", "nickname": "Ana", "generated_content": "<svg></svg>"}],
-        "svgMode": True, "votingStatus": "running", "prompt": "Draw", "round_id": rnd["id"]}
-
-
-async def test_voting_ceremony_routes_return_the_round(room: Room, pin: str) -> None:
-    """close-voting (or /votes/close), reveal and reveal-next each return the updated Round row."""
-    rnd = await round_in(room, pin, "open")
-    closed = await room.host.call("POST", "/votes/close")
-    assert closed == {**rnd, "votingStatus": "closed"}
-    revealed = await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal")
-    assert revealed == {**closed, "votingStatus": "revealed", "revealedCount": 0}
-    assert await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next") == {
-        **revealed, "revealedCount": 1,
-        "revealed": {"position": 1, "participant_id": "ana", "nickname": "Ana", "score": 0.0, "votes": 0}}
-    assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal"))["revealedCount"] == 0   # repeatable
-
-
-async def test_votes_close_takes_a_round_id_too(room: Room, pin: str) -> None:
-    """POST /votes/close {roundId} is the seed's name for close-voting."""
-    rnd = await round_in(room, pin, "open")
-    assert (await room.host.call("POST", "/votes/close", {"roundId": rnd["id"]}))["votingStatus"] == "closed"
-
-
-async def test_kick_answers_whether_they_were_connected(room: Room, pin: str) -> None:
-    """POST /participants/kick: ok, and whether a live connection was closed."""
-    await room.runner("ana", pin)
-    assert await room.host.call("POST", "/participants/kick", {"participantId": "ana"}) == {
-        "status": "ok", "participant_id": "ana", "was_connected": True}
-    assert await room.host.call("POST", "/participants/kick", {"participant_id": "ana"}) == {
-        "status": "ok", "participant_id": "ana", "was_connected": False}
-    assert await room.host.status("POST", "/participants/kick", {"participant_id": "zed"}) == (
-        404, {"error": "Participant zed is not in this session", "code": "NOT_FOUND"})
-
-
-# =============================================================================
-# HTTP: lifecycle errors (each wrong step is a 4xx with a sentence)
-# =============================================================================
-
-def round_call(method: str, path: str, body: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], tuple]:
-    """A request about a round, filled in once the round exists ({id} in the path and body)."""
-    def fill(rnd: dict[str, Any]) -> tuple:
-        filled = None if body is None else {k: v.format(id=rnd["id"]) if isinstance(v, str) else v
-                                            for k, v in body.items()}
-        return method, path.format(id=rnd["id"]), filled
-    fill.label = f"{method} {path}{'' if body is None else ' ' + json.dumps(body)}"
-    return fill
-
-
-START = round_call("POST", "/rounds/start", {"roundId": "{id}"})
-STOP = round_call("POST", "/rounds/stop", {"roundId": "{id}"})
-CLOSE = round_call("POST", "/rounds/{id}/close-voting")
-REVEAL = round_call("POST", "/rounds/{id}/reveal")
-NEXT = round_call("POST", "/rounds/{id}/reveal-next")
-
-
-def gs_code(status: int) -> str:
-    return {400: "INVALID_INPUT", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-            409: "CONFLICT"}[status]
-
-
-def vote_for(participant_id: str) -> Callable[[dict[str, Any]], tuple]:
-    return round_call("POST", "/votes", {"roundId": "{id}", "participantId": participant_id, "score": 3,
-                                         "voterId": "v1"})
-
-
-@pytest.mark.parametrize(("stage", "call", "status", "error"), [
-    ("running", START, 409, "Round already started"),
-    ("open", START, 409, "Round already started"),
-    ("created", STOP, 409, "Round has not started"),
-    ("open", STOP, 409, "Round already ended"),
-    ("closed", STOP, 409, "Round already ended"),
-    ("created", round_call("POST", "/rounds/stop", {}), 409, "No round is running"),
-    ("open", round_call("POST", "/rounds/stop"), 409, "No round is running"),
-    ("created", CLOSE, 409, "Voting is not open for this round"),
-    ("running", CLOSE, 409, "Voting is not open for this round"),
-    ("closed", CLOSE, 409, "Voting is not open for this round"),
-    ("revealed", CLOSE, 409, "Voting is not open for this round"),
-    ("running", round_call("POST", "/votes/close", {"roundId": "{id}"}), 409, "Voting is not open for this round"),
-    ("closed", round_call("POST", "/votes/close"), 404, "No round has voting open"),
-    ("created", REVEAL, 409, "The round has not ended yet"),
-    ("running", REVEAL, 409, "The round has not ended yet"),
-    ("open", REVEAL, 409, "Close voting before the reveal"),
-    ("open", NEXT, 409, "Start the reveal first"),
-    ("closed", NEXT, 409, "Start the reveal first"),
-    ("all revealed", NEXT, 409, "Every position is already revealed"),
-    ("created", vote_for("ana"), 409, "Voting is not open for this round"),
-    ("running", vote_for("ana"), 409, "Voting is not open for this round"),
-    ("closed", vote_for("ana"), 409, "Voting is not open for this round"),
-    ("revealed", vote_for("ana"), 409, "Voting is not open for this round"),
-    ("open", vote_for("zed"), 404, "Participant not found"),
-], ids=lambda value: getattr(value, "label", None))
-async def test_lifecycle_errors(room: Room, pin: str, stage: str, call: Callable, status: int, error: str) -> None:
-    """Each step out of order is refused with its status and sentence, and changes nothing."""
-    rnd = await round_in(room, pin, stage)
-    assert await room.host.status(*call(rnd)) == (status, {"error": error, "code": gs_code(status)})
-    assert (await room.host.call("GET", "/session"))["rounds"] == [rnd]
-
-
-async def test_only_one_round_runs_at_a_time(room: Room, pin: str) -> None:
-    """Starting a second round while one runs is a 409 naming the running one."""
-    first, second = await room.host.new_round(), await room.host.new_round()
-    await room.host.start(first["id"])
-    assert await room.host.status("POST", "/rounds/start", {"roundId": second["id"]}) == (
-        409, {"error": "Round 1 is still running; stop it first", "code": "CONFLICT"})
-    await room.host.stop(first["id"])
-    assert (await room.host.start(second["id"]))["index"] == 2
-
-
-async def test_voting_for_someone_who_did_not_answer_is_404(room: Room, pin: str) -> None:
-    """A registered participant without an answer in the round can't be voted for."""
-    await room.runner("bia", pin)
-    rnd = await round_in(room, pin, "open")
-    assert await room.host.status(*vote_for("bia")(rnd)) == (404, {"error": "Participant not found",
-                                                                 "code": "NOT_FOUND"})
-
-
-async def test_a_vote_is_immutable(room: Room, pin: str, config: gs.Config) -> None:
-    """A second vote by the same voter for the same answer is 409 with the club's exact sentence."""
-    rnd = await round_in(room, pin, "open")
-    await room.host.vote(rnd["id"], "ana", 5, "v1")
-    assert await room.host.status(*vote_for("ana")(rnd)) == (
-        409, {"error": "Already voted for this participant", "code": "CONFLICT"})
-    assert [v["score"] for v in db_rows(config.database, "SELECT score FROM votes")] == [5]
-
-
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("POST", "/rounds/start", {"roundId": "no-such-round"}),
-    ("POST", "/rounds/stop", {"roundId": "no-such-round"}),
-    ("GET", "/rounds/no-such-round/responses", None),
-    ("POST", "/rounds/no-such-round/close-voting", None),
-    ("POST", "/votes/close", {"roundId": "no-such-round"}),
-    ("POST", "/rounds/no-such-round/reveal", None),
-    ("POST", "/rounds/no-such-round/reveal-next", None),
-    ("POST", "/votes", {"roundId": "no-such-round", "participantId": "ana", "score": 3}),
-    ("GET", "/votes/mine?roundId=no-such-round&voterId=v1", None),
-    ("GET", "/scoreboard?round_id=no-such-round", None),
-])
-async def test_unknown_round_ids_are_404(room: Room, pin: str, method: str, path: str, body: Any) -> None:
-    """Every route that takes a round id says so when there is no such round."""
-    assert await room.host.status(method, path, body) == (404, {"error": "Round not found", "code": "NOT_FOUND"})
-
-
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("GET", "/session", None), ("GET", "/presence", None), ("GET", "/rounds/current", None),
-    ("POST", "/rounds", {"prompt": "x"}), ("GET", "/scoreboard", None), ("GET", "/metrics", None),
-    ("POST", "/participants/kick", {"participantId": "ana"}), ("POST", "/votes/close", None),
-    ("POST", "/rounds/stop", None), ("GET", "/export.csv", None), ("GET", "/export-events.csv", None), ("GET", "/export-all.json", None),
-])
-async def test_routes_that_need_a_session_say_there_is_none(room: Room, method: str, path: str, body: Any) -> None:
-    """Before the first POST /session: 404 'No active session', never a 500."""
-    status, answer = await room.host.status(method, path, body)
-    assert (status, answer["error"]) == (404, "No active session")
-
-
-# =============================================================================
-# HTTP: bad input (always JSON {"error": ...} with a 4xx)
-# =============================================================================
-
-async def test_a_body_with_both_casings_and_nulls_uses_the_defaults(room: Room, pin: str) -> None:
-    """snake_case and camelCase both work; null means absent."""
-    rnd = await room.host.new_round(max_tokens=10, deadlineMs=None, seed=None, svg_mode=None)
-    assert (rnd["maxTokens"], rnd["deadlineMs"], rnd["seed"], rnd["svgMode"]) == (10, 90000, SEED, False)
-
-
-# =============================================================================
-# HTTP: votes, scoreboard and metrics
-# =============================================================================
-
-async def test_a_vote_returns_the_vote_row_and_stores_only_a_hash(room: Room, pin: str, config: gs.Config) -> None:
-    """POST /votes answers the Vote row; the voter id is kept only as its SHA-256."""
-    rnd = await round_in(room, pin, "open")
-    vote = await room.host.call("POST", "/api/votes", {"round_id": rnd["id"], "participant_id": "ana", "score": 0,
-                                                       "voter_id": "phone-1", "response_time": 1500})
-    digest = gs.sha256_hex("phone-1")
-    assert vote == {"id": ID, "roundId": rnd["id"], "voterHash": digest, "participantId": "ana", "score": 0,
-                    "createdAt": WHEN, "voteOrder": 1, "responseTime": 1500, "userAgent": Like("aiohttp UA", bool)}
-    stored = db_rows(config.database, "SELECT * FROM votes")
-    assert [row["voterHash"] for row in stored] == [digest] and "phone-1" not in str(stored)
-
-
-async def test_votes_mine_lists_this_voters_scores(room: Room, pin: str) -> None:
-    """GET /votes/mine?roundId=&voterId= is a camelCase list of {participantId, score}, for that voter only."""
-    bia = await room.runner("bia", pin)
-    ana = await room.runner("ana", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await answered(room, rnd, {"ana": ana, "bia": bia})
-    await room.host.stop(rnd["id"])
-    await room.host.vote(rnd["id"], "bia", 4, "v1")
-    await room.host.vote(rnd["id"], "ana", 2, "v1")
-    await room.host.vote(rnd["id"], "ana", 5, "v2")
-    mine = f"/api/votes/mine?roundId={rnd['id']}&voterId=v1"
-    assert await room.host.call("GET", mine) == [{"participantId": "bia", "score": 4},
-                                                 {"participantId": "ana", "score": 2}]
-    assert await room.host.call("GET", f"/votes/mine?round_id={rnd['id']}&voter_id=v3") == []
-
-
-async def test_without_a_voter_id_the_voter_is_the_address(room: Room, pin: str) -> None:
-    """No voterId: the client address is the voter, so the same phone can't vote twice."""
-    rnd = await round_in(room, pin, "open")
-    body = {"roundId": rnd["id"], "participantId": "ana", "score": 4}
-    await room.host.call("POST", "/votes", body)
-    assert (await room.host.status("POST", "/votes", body))[0] == 409
-    assert await room.host.call("GET", f"/votes/mine?roundId={rnd['id']}") == [{"participantId": "ana", "score": 4}]
-
-
-async def test_scoreboard_ranks_by_average_then_vote_count(room: Room, pin: str) -> None:
-    """GET /scoreboard: one row per answer, best average first, ties broken by more votes; no votes is 0."""
-    names = ("ana", "bia", "caio", "dani")
-    runners = {name: await room.runner(name, pin) for name in names}
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await answered(room, rnd, runners, ["a", "b"])
-    await room.host.stop(rnd["id"])
-    for voter, scores in {"v1": {"ana": 4, "bia": 4, "caio": 5}, "v2": {"bia": 4}}.items():
-        for name, score in scores.items():
-            await room.host.vote(rnd["id"], name, score, voter)
-    board = await room.host.call("GET", "/api/scoreboard")
-    row = {"tokens": 2, "latency_first_token_ms": AMOUNT, "duration_ms": AMOUNT,
-           "tps_avg": AMOUNT, "generated_content": "ab", "model": "llama3.1:8b", "runner": "ollama", "engine_tps": None}
-    assert board == {"round_id": rnd["id"], "round_index": 1, "svgMode": False, "votingStatus": "open",
-                     "revealedCount": 0, "scoreboard": [
-                         {**row, "participant_id": "caio", "nickname": "Caio", "votes": 1, "avg_score": 5.0,
-                          "total_score": 5},
-                         {**row, "participant_id": "bia", "nickname": "Bia", "votes": 2, "avg_score": 4.0,
-                          "total_score": 8},
-                         {**row, "participant_id": "ana", "nickname": "Ana", "votes": 1, "avg_score": 4.0,
-                          "total_score": 4},
-                         {**row, "participant_id": "dani", "nickname": "Dani", "votes": 0, "avg_score": 0.0,
-                          "total_score": 0}]}
-
-
-async def test_scoreboard_default_round_is_the_latest_ended_else_the_running_one(room: Room, pin: str) -> None:
-    """No round started: 404; one running: that one; once one ended, the latest ended, even while another runs."""
-    assert await room.host.status("GET", "/scoreboard") == (404, {"error": "No round found", "code": "NOT_FOUND"})
-    first, second = await room.host.new_round(), await room.host.new_round()
-    await room.host.start(first["id"])
-    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == first["id"]
-    await room.host.stop(first["id"])
-    await room.host.start(second["id"])
-    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == first["id"]
-    await room.host.stop(second["id"])
-    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == second["id"]
-    explicit = await room.host.call("GET", f"/scoreboard?roundId={first['id']}")
-    assert (explicit["round_id"], explicit["scoreboard"]) == (first["id"], [])
-
-
-async def test_scoreboard_never_sends_a_null_tps(room: Room, pin: str) -> None:
-    """tps_avg is a number even for an answer of one token or none (the telão calls toFixed on it)."""
-    one_token, no_token = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await one_token.token(1, 0, "Sim")
-    await one_token.send({"type": "complete", "round": 1, "participant_id": "ana", "tokens": 1})
-    await no_token.send({"type": "complete", "round": 1, "participant_id": "bia", "latency_ms_first_token": None,
-                         "duration_ms": None, "model_info": None})
-    await one_token.sync()
-    await no_token.sync()
-    board = (await room.host.call("GET", f"/scoreboard?round_id={rnd['id']}"))["scoreboard"]
-    assert sorted((r["participant_id"], r["tokens"], r["generated_content"]) for r in board) == [
-        ("ana", 1, "Sim"), ("bia", 0, "")]                     # a tie: both orders are right
-    assert all(isinstance(r["tps_avg"], float) for r in board), board
-
-
-async def test_metrics_totals_for_the_session(room: Room, pin: str) -> None:
-    """GET /metrics: the club's totals plus ours (tokens received, gaps, rescued answers)."""
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await room.host.new_round()
-    await ana.stream(1, ["a", "b", "c"])
-    await ana.complete(1, 7)                                   # the runner counts differently
-    await bia.token(1, 0, "x")
-    await bia.token(1, 2, "z")                                 # seq 1 never arrives, and bia never completes
-    await ana.sync()
-    await bia.sync()
-    await room.host.stop(rnd["id"])
-    await room.host.vote(rnd["id"], "ana", 5, "v1")
-    assert await room.host.call("GET", "/api/metrics") == {
-        "session_id": ID, "total_rounds": 2, "completed_rounds": 1, "total_participants": 2, "total_tokens": 9,
-        "total_tokens_received": 5, "total_seq_gaps": 1, "rescued_generations": 1, "total_votes": 1}
-
-
-# --- the host's log and small things ---------------------------------------------
-
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON log read the way the club's report scripts read it: json.loads per line."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def stopped_log(process: ServerProcess) -> str:
-    """Stop a server process as Ctrl-C would and return what its terminal showed."""
-    process.process.send_signal(signal.SIGINT)
-    out, err = process.process.communicate(timeout=TIMEOUT_S * 2)
-    return out + err
-
-
-async def test_the_json_log_counts_requests_registrations_and_completes(make_room: Callable,
-                                                                       tmp_path: Path) -> None:
-    """With LOG_JSON, a report script parsing each line with json.loads finds pino's fields, one
-    incoming/completed pair per HTTP request and per WebSocket (none per frame), every register and
-    complete, a replaced connection, a disconnect and each 429."""
-    path = tmp_path / "server.log"
-    room = await make_room(log_json=str(path), host_addresses=("127.0.0.1/32",), rate_limit_max=2)
-    pin = await room.host.new_session()
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    await running_round(room, ana, bia)
-    for runner in (ana, bia):
-        await runner.stream(1, WORDS)
-        await runner.complete(1, len(WORDS))
-        await runner.sync()
-    await room.runner("ana", pin)                       # ana's laptop reconnects: the old socket is replaced
-    await bia.ws.close()
-    phone = await room.http_from("127.0.0.2")
-    statuses = [(await phone.status("GET", "/scoreboard"))[0] for _ in range(4)]
-    assert statuses == [200, 200, 429, 429]
-    requests = 3 + 4 + 3                                # the host's, the phone's, and three WebSockets
-    await room.close()                                  # every WebSocket request completes when it closes
-
-    def logged() -> list[dict[str, Any]]:
-        lines = json_lines(path)
-        done = [line for line in lines if line["msg"] == "request completed"]
-        gone = [line for line in lines if line["msg"].startswith("WS_DISCONNECTED")]
-        return lines if len(done) == requests and len(gone) == 2 else []
-    lines = await eventually(logged, "every request written")
-    assert all(isinstance(l["time"], int) and l["time"] == MS and l["level"] in (30, 40, 50) for l in lines)
-    incoming = [line["req"] for line in lines if line["msg"] == "incoming request"]
-    assert len(incoming) == requests
-    assert [r["url"] for r in incoming].count("/ws") == 3
-    assert {r["remoteAddress"] for r in incoming} == {"127.0.0.1", "127.0.0.2"}
-    assert {"method": "POST", "url": "/rounds/start", "remoteAddress": "127.0.0.1"} in incoming
-    completed = [line for line in lines if line["msg"] == "request completed"]
-    assert sorted(line["res"]["statusCode"] for line in completed) == [101] * 3 + [200] * 5 + [429] * 2
-    assert all(line["responseTime"] == AMOUNT for line in completed)
-
-    def count(prefix: str) -> int:
-        return sum(line["msg"].startswith(prefix) for line in lines)
-    assert (count("WS_REGISTERED"), count("WS_COMPLETE"), count("WS_DEDUP"), count("WS_DISCONNECTED"),
-            count("HTTP_429")) == (3, 2, 1, 2, 2)           # ana's old socket leaves quietly
-    assert [line["level"] for line in lines if line["msg"].startswith("HTTP_429")] == [40, 40]
-
-
-async def test_a_terminal_that_is_not_read_does_not_stop_the_server(server_process: Callable,
-                                                                    http: aiohttp.ClientSession) -> None:
-    """Log lines are written by a thread: with the terminal's pipe full and unread (a stalled terminal),
-    runners and the host are still answered. Writing on the event loop would block it at the first full pipe."""
-    process = server_process()
-    room = Room(process.start(), http)                  # nothing reads its stderr from here on
-    pin = await room.host.new_session()
-    ana = await room.runner("ana")
-    for _ in range(600):                                # some 170 KB of WS_REGISTERED lines; a pipe holds 64 KB
-        await ana.send({"type": "register", "participant_id": "ana", "nickname": "n" * gs.MAX_TEXT, "pin": pin})
-    for _ in range(600):
-        assert (await ana.recv())["type"] == "registered"
-    assert (await room.host.call("GET", "/health"))["status"] == "ok"
-    await room.close()
-
-
-async def test_the_host_reads_the_evening_in_the_terminal_and_the_json_log(server_process: Callable,
-                                                                          http: aiohttp.ClientSession,
-                                                                          tmp_path: Path) -> None:
-    """The server as the host runs it: one terminal line per step of the evening (the PIN, rounds,
-    voting, reveal, registers, refusals with their reason and address, kicks, disconnects, the
-    restart), and with --log-json the club's "Server listening at" line."""
-    process = server_process("--log-json", str(tmp_path / "first.log"))
-    room = Room(process.start(), http)
-    pin = await room.host.new_session()
-    wrong = await room.runner("eve")
-    assert (await wrong.register("0" if pin != "0" * len(pin) else "1"))["code"] == "INVALID_PIN"
-    ana = await room.runner("ana", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await answered(room, rnd, {"ana": ana})
-    await room.host.stop(rnd["id"])
-    for step in ("close-voting", "reveal", "reveal-next"):
-        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
-    await room.host.call("POST", "/participants/kick", {"participantId": "ana"})
-    assert (await (await room.runner("ana")).register(pin))["code"] == "KICKED"
-    await room.runner("bia", pin)
-    await room.close()
-    await eventually(lambda: any(l["msg"].startswith("WS_DISCONNECTED bia")
-                                 for l in json_lines(tmp_path / "first.log")), "bia's leave")
-    terminal = stopped_log(process)
-    session_id = rnd["sessionId"]
-    for line in (f"session {session_id} created, PIN {pin}", f"round 1 created ({rnd['id']}), seed ",
-                 "round 1 started: the challenge went to 1 runners", "WS_REGISTERED ana (Ana) from 127.0.0.1",
-                 "WS_REFUSED register eve from 127.0.0.1: INVALID_PIN (Invalid PIN.)",
-                 "WS_COMPLETE ana round 1", "round 1 stopped with 1 answers; voting opened",
-                 "round 1: voting closed", "round 1: reveal started",
-                 "round 1: position 1 revealed: Ana (ana), average 0.00 from 0 votes",
-                 "kicked ana (was connected from 127.0.0.1)",
-                 "WS_REFUSED register ana from 127.0.0.1: KICKED (The host removed you from this session)",
-                 "WS_DISCONNECTED bia from 127.0.0.1"):
-        assert line in terminal, line
-    listening = [l["msg"] for l in json_lines(tmp_path / "first.log") if l["msg"].startswith("Server listening")]
-    assert listening == [f"Server listening at {room.base}"]
-
-    again = server_process()
-    again.start()
-    assert f"restarted: session {session_id} (PIN {pin}) goes on" in stopped_log(again)
-
-
-async def test_throttled_refusals_are_one_line_a_minute(make_room: Callable,
-                                                        server_log: pytest.LogCaptureFixture) -> None:
-    """A guesser past the wrong-PIN limit, or a phone past the HTTP limit, is one terminal line a
-    minute, not one per attempt; each wrong PIN before that has its own line."""
-    room = await make_room(host_addresses=("127.0.0.1/32",), pin_attempts_max=2, rate_limit_max=1)
-    await room.host.new_session()
-    guesser = await room.runner_at("127.0.0.3", "eve")
-    codes = [(await guesser.register("x"))["code"] for _ in range(5)]
-    assert codes == ["INVALID_PIN"] * 2 + ["PIN_THROTTLED"] * 3
-    phone = await room.http_from("127.0.0.2")
-    assert [(await phone.status("GET", "/metrics"))[0] for _ in range(4)] == [200, 429, 429, 429]
-    ours = [r.getMessage() for r in server_log.records if r.name == "gambiarra"]
-    assert [line.split(":")[1].split()[0] for line in ours if line.startswith("WS_REFUSED register eve")] == [
-        "INVALID_PIN", "INVALID_PIN", "PIN_THROTTLED"]
-    assert len([line for line in ours if line.startswith("throttled: 127.0.0.2")]) == 1
-
-
-async def test_a_round_created_without_a_seed_draws_one_and_keeps_it(room: Room, pin: str,
-                                                                      config: gs.Config) -> None:
-    """Runners pass the seed straight to ollama: it is a number, the one stored with the round."""
-    ana = await room.runner("ana", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    challenge = await ana.recv("challenge")
-    assert challenge["seed"] == rnd["seed"] == SEED
-    assert db_rows(config.database, "SELECT seed FROM rounds") == [{"seed": rnd["seed"]}]
-    older = {**await room.host.new_round(), "seed": None}          # a round saved before seeds were drawn
-    assert "seed" not in gs.msg_challenge(rnd["sessionId"], older)
-
-
-async def test_reveal_next_says_who_was_revealed(room: Room, pin: str) -> None:
-    """Each reveal-next answers the position it revealed, last place first, with the name and score."""
-    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
-    rnd = await room.host.start((await room.host.new_round())["id"])
-    await answered(room, rnd, {"ana": ana, "bia": bia})
-    await room.host.stop(rnd["id"])
-    for voter, (a, b) in {"p1": (5, 2), "p2": (4, 3)}.items():
-        await room.host.vote(rnd["id"], "ana", a, voter)
-        await room.host.vote(rnd["id"], "bia", b, voter)
-    for step in ("close-voting", "reveal"):
-        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
-    revealed = [(await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next"))["revealed"] for _ in "ab"]
-    assert revealed == [{"position": 2, "participant_id": "bia", "nickname": "Bia", "score": 2.5, "votes": 2},
-                        {"position": 1, "participant_id": "ana", "nickname": "Ana", "score": 4.5, "votes": 2}]
-
-
-async def test_a_round_says_pending_then_running_wherever_it_is_json(room: Room, pin: str,
-                                                                      config: gs.Config) -> None:
-    """A created round is "pending" and a started one "running" in /session, responses, round_state and
-    the export; the database keeps the club's "closed"."""
-    screen = await room.screen()
-    first, second = await room.host.new_round(), await room.host.new_round()
-    await room.host.start(first["id"])
-    assert (await screen.recv("round_state"))["round"]["votingStatus"] == "running"
-    session = await room.host.call("GET", "/session")
-    assert [r["votingStatus"] for r in session["rounds"]] == ["running", "pending"]
-    for rnd, status in ((first, "running"), (second, "pending")):
-        assert (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["votingStatus"] == status
-    exported = json.loads((await export(room, "/export-all.json"))[0])
-    assert [r["votingStatus"] for r in exported["rounds"]] == ["running", "pending"]
-    assert db_rows(config.database, "SELECT votingStatus FROM rounds") == [{"votingStatus": "closed"}] * 2
-
-
-async def test_flags_are_booleans_in_every_json(room: Room, pin: str) -> None:
-    """`connected` (and kicked, svgMode, rescued) is true/false in /presence, /session and export-all.json."""
-    ana = await room.runner("ana", pin)
-    rnd = await room.host.start((await room.host.new_round(svgMode=True))["id"])
-    await ana.recv("challenge")
-    await ana.token(1, 0, "<svg/>")
-    await ana.sync()
-    await room.host.stop(rnd["id"])                     # ana's answer is rescued
-    assert (await room.host.call("GET", "/presence"))["participants"][0]["connected"] is True
-    assert (await room.host.call("GET", "/session"))["participants"][0]["connected"] is True
-    exported = json.loads((await export(room, "/export-all.json"))[0])
-    [participant], [exported_round] = exported["participants"], exported["rounds"]
-    assert (participant["connected"], participant["kicked"]) == (True, False)
-    assert (exported_round["svgMode"], exported_round["metrics"][0]["rescued"]) == (True, True)
-
-
-POST_ONLY = sorted({route.path for route in gs.ROUTES if route.method == "POST"}
-                   - {route.path for route in gs.ROUTES if route.method == "GET"})
-
-
-@pytest.mark.parametrize("path", POST_ONLY)
-async def test_get_on_a_post_only_route_names_the_method(room: Room, path: str) -> None:
-    """A browser or a curl without -X POST gets a 405 that says to use POST, with Allow."""
-    url = room.base + path.replace("{round_id}", "r1")
-    async with room.host.http.get(url) as response:
-        assert (response.status, response.headers["Allow"]) == (405, "POST")
-        assert await response.json() == {"error": f"{path.replace('{round_id}', 'r1')} takes POST, not GET",
-                                         "code": "METHOD_NOT_ALLOWED"}
-
-
-def readme_runner() -> str:
-    """The README's sample runner, as a participant copies it."""
-    readme = (HERE / "README.md").read_text()
-    return re.search(r"```python\n(# runner\.py.*?)```", readme, re.S).group(1)
-
-
-async def test_the_readmes_sample_runner_stops_at_a_wrong_pin(room: Room, pin: str, tmp_path: Path) -> None:
-    """The participant who types a wrong PIN sees why and gets the prompt back (it used to wait forever)."""
-    script = tmp_path / "runner.py"
-    script.write_text(readme_runner())
-    wrong = "0" * len(pin) if pin != "0" * len(pin) else "1" * len(pin)
-    process = await asyncio.create_subprocess_exec(sys.executable, str(script), room.ws_url, wrong, "ana",
-                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    async with asyncio.timeout(TIMEOUT_S * 2):
-        out, err = await process.communicate()
-    assert (process.returncode, out.decode(), err.decode()) == (
-        1, "error Invalid PIN.\n", "ana stops: Invalid PIN.\n")
-
-
-async def test_starting_a_round_with_no_runner_warns(room: Room, pin: str,
-                                                     server_log: pytest.LogCaptureFixture) -> None:
-    """The host who starts too early is told in the answer (and the terminal); with a runner, no warning."""
-    empty = await room.host.start((await room.host.new_round())["id"])
-    assert empty["warning"] == NO_RUNNER["warning"]
-    assert "round 1 started with no runner connected" in [r.getMessage() for r in server_log.records]
-    await room.host.stop(empty["id"])
-    ana = await room.runner("ana", pin)
-    assert "warning" not in await room.host.start((await room.host.new_round())["id"])
-    await ana.recv("challenge")
-
-
-async def test_a_wrong_admin_token_is_refused_even_from_the_hosts_machine(room: Room) -> None:
-    """A screen set up with a mistyped token fails at the rehearsal on the host's laptop: 403, not accepted."""
-    app_token = {"Authorization": "Bearer not-the-token"}
-    assert await room.host.status("POST", "/session", headers=app_token) == (
-        403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
-    assert await room.host.status("GET", "/export.csv", headers={"Authorization": "Basic eDp5"}) == (
-        403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
-    assert (await room.host.status("POST", "/session"))[0] == 200          # no token: the host's own curl
-
-
-# =============================================================================
-# HTTP: the host and everyone else
-# =============================================================================
-#
-# These servers trust only 10.255.255.0/24 as the host, so the test client on
-# loopback is one of the audience's phones.
-
-AWAY = ("10.255.255.0/24",)
+ENV_VARS = [f.metadata["env"] for f in fields(gs.Config)]
 
 
 @pytest.fixture
-async def away(make_room: Callable) -> tuple[Room, dict[str, str]]:
-    """A server that does not take loopback for the host, with a session; the admin token's header."""
-    room = await make_room(host_addresses=AWAY)
-    admin = {"Authorization": f"Bearer {room.server.config.admin_token}"}
-    await room.host.call("POST", "/session", headers=admin)
-    return room, admin
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No configuration from the machine running the tests, and none left behind for later tests."""
+    for name in ENV_VARS:
+        monkeypatch.setenv(name, "")        # so that undoing also removes what read_dotenv sets
+        monkeypatch.delenv(name)
+    return monkeypatch
 
 
-async def test_the_admin_token_opens_every_host_step(away: tuple) -> None:
-    """With the token a remote host runs a whole round and exports it."""
-    room, admin = away
-    pin = (await room.host.call("POST", "/api/session", headers=admin))["pin"]
+def test_every_env_var_has_a_flag_in_help(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--help names every option's flag and its environment variable."""
+    with pytest.raises(SystemExit):
+        gs.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ENV_VARS:
+        assert f"--{name.lower().replace('_', '-')}" in text and f"[{name}" in text, name
+
+
+def test_flags_then_environment_then_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    """A flag beats its env var, which beats the default; lists are comma-separated."""
+    clean_env.setenv("PORT", "4000")
+    clean_env.setenv("PIN_LENGTH", "8")
+    clean_env.setenv("TRUST_PROXY", "true")
+    clean_env.setenv("HOST", "127.0.0.1, ::1")
+    config = gs.parse_config(["--port", "5000", "--admin-token", "s3cret", "--flush-interval", "0.5"])
+    assert (config.port, config.pin_length, config.trust_proxy, config.hosts, config.admin_token,
+            config.flush_interval_s) == (5000, 8, True, ("127.0.0.1", "::1"), "s3cret", 0.5)
+    for name in ("PORT", "PIN_LENGTH", "TRUST_PROXY", "HOST"):
+        clean_env.delenv(name)
+    default = gs.parse_config([])
+    assert (default.port, default.hosts, default.host_addresses, default.rate_limit_max,
+            default.ws_heartbeat_interval_s, default.ws_max_payload) == (
+        3000, ("0.0.0.0", "::"), ("127.0.0.0/8", "::1"), 500, 30.0, 1024 * 1024)
+
+
+@pytest.mark.parametrize("url", ["/srv/arena.db", "sqlite:////srv/arena.db", "file:/srv/arena.db",
+                                 "file:///srv/arena.db", "sqlite:////srv/arena.db?mode=rwc"])
+def test_database_url_forms(clean_env: pytest.MonkeyPatch, url: str) -> None:
+    """DATABASE_URL may be a path, sqlite:///path or file:path."""
+    clean_env.setenv("DATABASE_URL", url)
+    assert gs.parse_config([]).database == Path("/srv/arena.db")
+
+
+def test_the_banner_shows_the_admin_token_and_the_next_step() -> None:
+    """Start-up prints where runners connect, the admin token and the curl to run next."""
+    config = gs.Config(admin_token="tok-123")
+    text = gs.banner(config, ["0.0.0.0", "::"], 3000, 1024)
+    assert "admin token   tok-123" in text and "curl -X POST http://127.0.0.1:3000/session" in text
+    assert "listening on  port 3000 of 0.0.0.0, ::" in text
+    assert "connections   1024 open files; 50 per address (the host's: any number)" in text
+    for address in gs.lan_addresses():
+        assert f"ws://{address}:3000/ws" in text
+
+
+async def test_the_database_is_wal_with_a_schema_version(room: Room, config: gs.Config) -> None:
+    """The file is in WAL mode and carries PRAGMA user_version, for the club's scripts and future migrations."""
+    assert db_rows(config.database, "PRAGMA journal_mode") == [{"journal_mode": "wal"}]
+    assert db_rows(config.database, "PRAGMA user_version") == [{"user_version": gs.SCHEMA_VERSION}]
+
+
+async def test_round_indexes_restart_at_one_in_each_session(room: Room, pin: str) -> None:
+    """The index is per session: a new session's first round is round 1 again."""
+    await room.host.new_round()
+    await room.host.new_round()
+    await room.host.new_session()
+    assert (await room.host.new_round())["index"] == 1
+
+
+async def test_a_peer_that_never_answers_pings_is_dropped(make_room: Callable, http: aiohttp.ClientSession) -> None:
+    """A connection silent for MISSED_PINGS ping intervals is cut off; one that answers pings stays."""
+    room = await make_room(ws_heartbeat_interval_s=0.3)
+    pin = await room.host.new_session()
     ana = await room.runner("ana", pin)
-    rnd = await room.host.call("POST", "/rounds", {"prompt": "p"}, headers=admin)
-    rnd = await room.host.call("POST", "/rounds/start", {"roundId": rnd["id"]}, headers=admin)
-    await answered(room, rnd, {"ana": ana})
-    for path, body in [("/rounds/stop", {}), (f"/rounds/{rnd['id']}/close-voting", None),
-                       (f"/rounds/{rnd['id']}/reveal", None), (f"/rounds/{rnd['id']}/reveal-next", None),
-                       ("/participants/kick", {"participantId": "ana"})]:
-        await room.host.call("POST", path, body, headers=admin)
-    for path in ("/export.csv", "/export-events.csv", "/export-all.json"):
-        await room.host.call("GET", path, headers=admin)
+    async with http.ws_connect(room.ws_url, autoping=False) as silent:       # never sends a pong
+        await silent.send_json({"type": "telao_register"})
+        async with asyncio.timeout(TIMEOUT_S):
+            async for message in silent:
+                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+        assert silent.closed
+    assert (await room.host.call("GET", "/presence"))["connectedCount"] == 1
+    assert (await ana.recv("heartbeat"))["type"] == "heartbeat"
+
+# Start-up mistakes as the host meets them: the file copied alone into an empty
+# folder and started in a subprocess. Each mistake is one line and exit status 2.
+
+NUMERIC_FIELDS = [f for f in fields(gs.Config) if type(f.default) in (int, float)]
+# Runs a script with `websockets` unimportable, as on a machine that lacks it.
+WITHOUT_WEBSOCKETS = ("import runpy, sys; sys.modules['websockets'] = None; sys.argv = sys.argv[1:]; "
+                      "runpy.run_path(sys.argv[0], run_name='__main__')")
+SKIP_AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file or folder")
 
 
-async def test_audience_routes_need_no_token(away: tuple) -> None:
-    """Phones and the telão read and vote without any token."""
-    room, admin = away
-    for path in ("/health", "/session", "/presence", "/metrics"):
-        await room.host.call("GET", "/api" + path)
-    assert (await room.host.status("GET", "/rounds/current"))[0] == 404       # no round yet, but allowed
+@pytest.fixture
+def alone(tmp_path: Path) -> Path:
+    """gambiarra_server.py copied alone into an empty folder."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    return Path(shutil.copy(HERE / "gambiarra_server.py", folder))
 
 
-async def test_cors_preflight_and_headers_follow_cors_origins(make_room: Callable) -> None:
-    """A preflight from an allowed origin gets 204 and the CORS headers; another origin gets none."""
-    room = await make_room(cors_origins=("http://telao.local:5173",))
-    preflight = {"Origin": "http://telao.local:5173", "Access-Control-Request-Method": "POST"}
-    async with room.host.http.options(room.base + "/api/votes", headers=preflight) as response:
-        assert response.status == 204
-        assert response.headers["Access-Control-Allow-Origin"] == "http://telao.local:5173"
-    async with room.host.http.get(room.base + "/health", headers={"Origin": "http://evil.example"}) as response:
-        assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
+def host_env(**settings: str) -> dict[str, str]:
+    """This process's environment without the server's settings, then loopback on any port, then `settings`."""
+    return {**{k: v for k, v in os.environ.items() if k not in ENV_VARS}, "HOST": "127.0.0.1", "PORT": "0",
+            **settings}
 
 
-async def test_a_cross_origin_websocket_is_refused(make_room: Callable) -> None:
-    """A browser page on an origin CORS_ORIGINS does not allow can't open /ws."""
-    room = await make_room(cors_origins=("http://telao.local:5173",))
-    with pytest.raises(Exception, match="403"):
-        await connect(room.ws_url, origin="http://evil.example")
-    async with connect(room.ws_url, origin="http://telao.local:5173") as ws:
-        await ws.send(json.dumps({"type": "telao_register"}))
-        assert json.loads(await ws.recv())["type"] == "registered_telao"
+def start_up(script: Path, *args: str, python: tuple[str, ...] = (sys.executable,),
+             **settings: str) -> subprocess.CompletedProcess:
+    """Start the server from its folder as the host would, for a mistake that stops it at once."""
+    return subprocess.run([*python, str(script), *args], cwd=script.parent, env=host_env(**settings),
+                          capture_output=True, text=True, timeout=30)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The only line a start-up mistake prints (no traceback), after which it exits with status 2."""
+    assert (result.returncode, result.stdout, result.stderr.count("\n")) == (2, "", 1), result
+    assert result.stderr.startswith("error: ")
+    return result.stderr.strip()
+
+
+def start_server(script: Path, cwd: Path, **settings: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """The server started from `script` with the working folder `cwd`, and its banner as {label: text}."""
+    process = subprocess.Popen([sys.executable, str(script), "--bcrypt-rounds", "4"], cwd=cwd,
+                               env=host_env(PYTHONUNBUFFERED="1", **settings), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    banner = {}
+    for line in process.stdout:
+        label, _, text = line.strip().partition("  ")
+        banner[label] = text.strip()
+        if label == "next step":
+            break
+    return process, banner
+
+
+def stop_server(process: subprocess.Popen) -> str:
+    """SIGTERM the server; its stderr."""
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=10)[1]
+
+
+def post_session(banner: dict[str, str]) -> dict[str, Any]:
+    port = banner["listening on"].split()[1]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/session", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        return json.load(response)
+
+
+def test_the_embedded_schema_is_schema_sql(tmp_path: Path) -> None:
+    """The file carries schema.sql's text for when it runs alone; when the two differ, this writes what to paste."""
+    text = (HERE / "schema.sql").read_text()
+    assert "\\" not in text and '"""' not in text, "schema.sql must stay pastable into a plain triple-quoted string"
+    paste = tmp_path / "SCHEMA_SQL.py"
+    paste.write_text(f'SCHEMA_SQL = """\\\n{text}"""\n')
+    assert gs.SCHEMA_SQL == text, f"schema.sql changed: replace SCHEMA_SQL in gambiarra_server.py with all of {paste}"
+
+
+def test_the_file_alone_in_an_empty_folder_runs(alone: Path) -> None:
+    """Copied alone (no schema.sql beside it), the server starts, creates its database beside the file and
+    starts a session."""
+    process, banner = start_server(alone, alone.parent)
+    try:
+        assert banner["database"] == str(alone.parent / "gambiarra.db")
+        assert len(post_session(banner)["pin"]) == 6
+    finally:
+        assert "Traceback" not in stop_server(process)
+    assert db_rows(alone.parent / "gambiarra.db", "SELECT count(*) AS n FROM sessions") == [{"n": 1}]
+
+
+def test_help_and_a_missing_dependency_before_anything_is_installed(alone: Path) -> None:
+    """With no third-party package at all, --help answers, a bad setting is named, and starting says what
+    is missing and the pip command: one line, exit status 2, nothing created."""
+    bare = (sys.executable, "-I", "-S")       # -S: no site-packages, as on a fresh machine
+    shown = start_up(alone, "--help", python=bare)
+    assert shown.returncode == 0 and "--database-url DATABASE_URL" in shown.stdout
+    assert one_line_error(start_up(alone, python=bare)) == (f"error: not installed for {sys.executable}: aiohttp, "
+                                                            f"bcrypt (pip install aiohttp bcrypt, or: uv run {alone})")
+    assert "PORT='abc'" in one_line_error(start_up(alone, python=bare, PORT="abc"))
+    assert list(alone.parent.iterdir()) == [alone]
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_simulate_and_bench_without_websockets_say_so(alone: Path, command: str) -> None:
+    """simulate and bench need the websockets client: without it they say so at once, with the pip command
+    and the uv one."""
+    line = one_line_error(start_up(alone, command, python=(sys.executable, "-c", WITHOUT_WEBSOCKETS)))
+    assert line == (f"error: not installed for {sys.executable}: websockets (pip install websockets, "
+                    f"or: uv run --with websockets {alone} {command})")
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("PORT", "abc"), ("PORT", "70000"), ("PIN_LENGTH", "99"), ("PIN_LENGTH", "0"), ("BCRYPT_ROUNDS", "99"),
+    ("FLUSH_INTERVAL", "nan"), ("RATE_LIMIT_WINDOW", "-1"), ("WS_MAX_PAYLOAD", "10"), ("TRUST_PROXY", "ture"),
+    ("HOST", ","), ("HOST_ADDRESSES", "192.168.1/24"), ("DATABASE_URL", "postgresql://db/arena"),
+    ("CORS_ORIGINS", "http://localhost:5173/"),
+    ("--port", "abc"), ("--bcrypt-rounds", "3")])
+def test_a_bad_setting_is_one_line_naming_it(alone: Path, setting: str, value: str) -> None:
+    """An env var or flag out of range stops the start-up with one line holding its name as written, the
+    value and what is allowed; nothing is created."""
+    args, env = ((setting, value), {}) if setting.startswith("--") else ((), {setting: value})
+    line = one_line_error(start_up(alone, *args, **env))
+    assert f"{setting}='{value}': expected " in line
+    assert list(alone.parent.iterdir()) == [alone]
+
+
+@pytest.mark.parametrize("f", NUMERIC_FIELDS, ids=lambda f: f.name)
+def test_every_number_out_of_its_range_is_refused(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                  f: Any) -> None:
+    """Below, above or not a number: each numeric setting is refused with its range."""
+    env, low, high = f.metadata["env"], f.metadata["low"], f.metadata["high"]
+    for text in (str(low - 1), str(high + 1), "many"):
+        clean_env.setenv(env, text)
+        with pytest.raises(SystemExit) as stopped:
+            gs.parse_config([])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err == f"error: {env}={text!r}: expected a {'whole ' * (type(f.default) is int)}" \
+                                          f"number from {low:,} to {high:,}\n"
+
+
+def test_every_numeric_setting_declares_its_range() -> None:
+    """Each Config number says the range it may take, so no setting escapes the start-up check."""
+    assert [f.name for f in NUMERIC_FIELDS if f.metadata["low"] is None or f.metadata["high"] is None] == []
+
+
+@pytest.mark.parametrize("case", ["a folder", "no such folder", "sqlite URL, no such folder",
+                                  pytest.param("read-only file", marks=SKIP_AS_ROOT),
+                                  pytest.param("unwritable folder, default path", marks=SKIP_AS_ROOT)])
+def test_a_bad_database_path_is_one_line_and_leaves_nothing(alone: Path, case: str) -> None:
+    """A database path SQLite cannot use is named, absolute, with the reason; no empty file is left behind."""
+    folder = alone.parent
+    url, path, reason = {
+        "a folder": (str(folder), folder, "it is a folder"),
+        "no such folder": ("nowhere/arena.db", folder / "nowhere/arena.db", f"there is no folder {folder}/nowhere"),
+        "sqlite URL, no such folder": ("sqlite:///nowhere/arena.db", folder / "nowhere/arena.db",
+                                       f"there is no folder {folder}/nowhere"),
+        "read-only file": ("arena.db", folder / "arena.db", "the file is read-only"),
+        "unwritable folder, default path": ("", folder / "gambiarra.db", "the folder is not writable"),
+    }[case]
+    before = sorted(folder.iterdir())
+    if case == "read-only file":
+        path.touch(0o444)
+        before = sorted(folder.iterdir())
+    if case.startswith("unwritable"):
+        folder.chmod(0o555)
+    try:
+        line = one_line_error(start_up(alone, DATABASE_URL=url))
+    finally:
+        folder.chmod(0o755)
+    assert line.startswith(f"error: cannot use the database {path}: {reason}")
+    assert sorted(folder.iterdir()) == before
+
+
+def test_the_clubs_env_example_beside_the_file_works(alone: Path, tmp_path: Path) -> None:
+    """The club's .env.example dropped beside the file: its sqlite+aiosqlite URL becomes a file beside the .env,
+    its settings are honoured (an env var still wins), its keys we do not use are named once, and a typo
+    is warned about with the likely name."""
+    (alone.parent / ".env").write_text(
+        "HOST=0.0.0.0\nPORT=3000\nDATABASE_URL=sqlite+aiosqlite:///./dev.db\nCORS_ORIGINS=*\nPIN_LENGTH=8\n"
+        "ENVIRONMENT=development\nSESSION_TIMEOUT_MS=3600000\nPIN_LENGHT=5\n")
+    process, banner = start_server(alone, tmp_path)        # HOST and PORT come from the environment
+    try:
+        assert banner["database"] == str(alone.parent / "dev.db")
+        assert banner["listening on"].endswith(" of 127.0.0.1") and " 3000 " not in banner["listening on"]
+        assert len(post_session(banner)["pin"]) == 8
+    finally:
+        errors = stop_server(process).splitlines()
+    dotenv = alone.parent / ".env"
+    assert errors[:2] == [
+        f"{dotenv}: ENVIRONMENT, SESSION_TIMEOUT_MS (from the club's .env.example) not used by this server; ignored",
+        f"{dotenv}: PIN_LENGHT is not a setting (did you mean PIN_LENGTH?); ignored"]
+    assert (alone.parent / "dev.db").is_file()
+
+
+def test_dotenv_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """.env holds KEY=VALUE lines, with `export`, quotes and comments; a line that is none of these is named,
+    and a file that cannot be read stops the start-up."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# comment\nexport PIN_LENGTH=8\nPORT='4100'\nRATE_LIMIT_MAX = 20   # per minute\n"
+                      'ADMIN_TOKEN="a # b"\n\nnonsense\n')
+    assert gs.read_dotenv(dotenv) == {"PIN_LENGTH": "8", "PORT": "4100", "RATE_LIMIT_MAX": "20", "ADMIN_TOKEN": "a # b"}
+    assert caplog.messages == [f"{dotenv} line 7 is not KEY=VALUE; ignored"]
+    dotenv.write_bytes(b"PORT=\xff\n")            # saved in another encoding
+    with pytest.raises(SystemExit) as stopped:
+        gs.read_dotenv(dotenv)
+    assert stopped.value.code == 2
+
+
+def test_a_port_in_use_says_so_and_suggests_another(alone: Path) -> None:
+    """A port another program holds ends the start-up with a line that names it and suggests --port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = start_up(alone, PORT=str(port))
+    assert one_line_error(result) == (f"error: could not listen on port {port} of 127.0.0.1: Address already in use "
+                                      "(another port: --port N or PORT=N)")
+
+
+# The club's browser client, served from CLIENT_DIR
+# =============================================================================
+
+@pytest.fixture
+def client_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "client-browser"
+    (folder / "shared").mkdir(parents=True)
+    (folder / "client.html").write_text("<title>cliente</title>")
+    (folder / "shared" / "net.js").write_text("export const x = 1;")
+    return folder
+
+
+async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_server: Any, config: gs.Config,
+                                                                    client_dir: Path,
+                                                                    http: aiohttp.ClientSession) -> None:
+    """/client and /client-assets/*.js come from CLIENT_DIR with the right type and no-store."""
+    server = await aiohttp_server(served(gs.make_app(replace(config, client_dir=client_dir))))
+    for path, content_type in (("/client", "text/html"), ("/client-assets/net.js", "text/javascript")):
+        async with http.get(server.make_url(path)) as response:
+            assert response.status == 200 and response.content_type == content_type
+            assert response.headers["Cache-Control"] == "no-store"
+    for path in ("/agent", "/client-assets/missing.js", "/client-assets/..%2Fclient.html"):
+        async with http.get(server.make_url(path)) as response:
+            assert response.status == 404 and "error" in await response.json()
 
 
 # =============================================================================
-# HTTP: the API describes itself, offline
+# Input fields
 # =============================================================================
 
-async def test_openapi_lists_every_route(room: Room) -> None:
-    """/openapi.json has one operation per route of the table, host routes marked with the token scheme."""
-    spec = await room.host.call("GET", "/openapi.json")
-    operations = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
-    assert operations == {(route.path, route.method) for route in gs.ROUTES}
-    assert spec["openapi"].startswith("3.") and spec["info"]["version"] == gs.__version__
-    votes = spec["paths"]["/votes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert votes["required"] == ["round_id", "participant_id", "score"]
-    assert votes["properties"]["score"] == {"type": "integer", "description": "0 to 5", "minimum": 0, "maximum": 5}
-    assert spec["paths"]["/rounds/start"]["post"]["security"] == [{}, {"adminToken": []}]
+@pytest.mark.parametrize(("data", "message"), [
+    ({}, "'prompt' is required"),
+    ({"prompt": ""}, "'prompt' must be at least 1 characters"),
+    ({"prompt": 7}, "'prompt' must be a string"),
+    ({"prompt": "x", "maxTokens": "many"}, "'max_tokens' must be an integer"),
+    ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
+    ({"prompt": "x", "temperature": 9}, "'temperature' must be at most 2"),
+    ({"prompt": "x", "temperature": True}, "'temperature' must be a number"),
+    ({"prompt": "x", "svgMode": "yes"}, "'svg_mode' must be true or false"),
+])
+def test_round_fields_reject_bad_values_with_a_sentence(data: dict, message: str) -> None:
+    """Each bad field is named, with what it should be."""
+    spec = next(route.body for route in gs.ROUTES if route.path == "/rounds")
+    with pytest.raises(gs.ClientError, match=message):
+        gs.parse_fields(data, spec)
 
 
-@pytest.mark.parametrize("prefix", ["", "/api"])
-async def test_docs_are_one_self_contained_page(room: Room, prefix: str) -> None:
-    """/docs is HTML with every route and message and no external asset (meetups are often offline)."""
-    async with room.host.http.get(room.base + prefix + "/docs") as response:
-        assert response.status == 200 and response.content_type == "text/html"
-        page = await response.text()
-    assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
-    for route in gs.ROUTES:
-        assert f"<code>{route.path}</code>" in page
-    for kind in gs.ON_MESSAGE:
-        assert f"<code>{kind}</code>" in page
-
-
-async def test_redoc_redirects_to_docs(room: Room) -> None:
-    """FastAPI users type /redoc; it leads to the same page."""
-    async with room.host.http.get(room.base + "/redoc", allow_redirects=False) as response:
-        assert (response.status, response.headers["Location"]) == (302, "/docs")
+def test_fields_accept_camel_case_and_null_as_absent() -> None:
+    """camelCase aliases work, and null means 'use the default'."""
+    spec = next(route.body for route in gs.ROUTES if route.path == "/rounds")
+    values = gs.parse_fields({"prompt": "x", "maxTokens": 50.0, "deadlineMs": None, "svgMode": True}, spec)
+    assert values == {"prompt": "x", "max_tokens": 50, "temperature": 0.8, "deadline_ms": 90000, "seed": None,
+                      "svg_mode": True}
 
 
 # =============================================================================
@@ -1763,6 +1278,786 @@ async def test_a_kick_closes_the_socket_and_refuses_the_participant(room: Room, 
 
 
 # =============================================================================
+# HTTP: session, rounds, voting
+# =============================================================================
+
+async def test_health_answers_at_root_and_under_api(room: Room) -> None:
+    """The telão calls /api/...; scripts call the root."""
+    for path in ("/health", "/api/health"):
+        body = await room.host.call("GET", path)
+        assert body["status"] == "ok" and body["database"] == "ok"
+
+
+async def test_new_session_returns_pin_and_ids(room: Room) -> None:
+    """POST /session works without a body and returns what the club's clients read."""
+    body = await room.host.call("POST", "/session")
+    assert body["session_id"] == body["id"]
+    assert len(body["pin"]) == 6 and body["pin"].isdigit()
+    assert body["created_at"].endswith("Z") and body["disconnected_participants"] == 0
+    session = await room.host.call("GET", "/api/session")
+    assert session["pin"] == body["pin"] and session["status"] == "active"
+    assert session["participants"] == [] and session["rounds"] == []
+
+
+async def test_pin_length_comes_from_the_body(room: Room) -> None:
+    body = await room.host.call("POST", "/session", {"pinLength": 8})
+    assert len(body["pin"]) == 8
+
+
+async def test_rounds_are_numbered_from_one_with_the_club_defaults(room: Room, pin: str) -> None:
+    first = await room.host.new_round()
+    second = await room.host.new_round("Draw a cat", maxTokens=500, temperature=0.7, deadlineMs=120000,
+                                       seed=42, svgMode=True)
+    assert (first["index"], first["maxTokens"], first["temperature"], first["deadlineMs"]) == (1, 400, 0.8, 90000)
+    assert first["votingStatus"] == "pending" and first["revealedCount"] == 0 and first["startedAt"] is None
+    assert (first["seed"], second["index"], second["seed"], second["svgMode"]) == (SEED, 2, 42, True)
+
+
+async def test_a_full_round_from_challenge_to_reveal(room: Room, pin: str) -> None:
+    """The evening in miniature: challenge, tokens on the screen, votes, ranking, reveal."""
+    screen = await room.screen()
+    snapshot = await screen.recv("state_snapshot")
+    assert snapshot["round"] is None and snapshot["participants"] == []
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.new_round(seed=7)
+    await room.host.start(rnd["id"])
+    for runner in (ana, bia):
+        challenge = await runner.recv("challenge")
+        assert challenge == {"type": "challenge", "session_id": snapshot["session"]["id"], "round": 1,
+                             "prompt": "Write a haiku about llamas", "max_tokens": 400, "temperature": 0.8,
+                             "deadline_ms": 90000, "seed": 7}
+    assert (await screen.recv("round_started"))["round"] == 1
+    assert (await screen.recv("round_state"))["round"]["startedAt"] is not None
+    await ana.stream(1, WORDS)
+    await ana.complete(1, len(WORDS))
+    await bia.stream(1, ["Sim."])
+    await bia.complete(1, 1)
+    updates = [await screen.recv("token_update") for _ in WORDS]
+    assert [u["content"] for u in updates] == WORDS and updates[-1]["total_tokens"] == len(WORDS)
+    completion = await screen.recv("completion")
+    assert completion["participant_id"] == "ana" and completion["tokens"] == len(WORDS)
+    assert completion["ttft_ms"] >= 0 and completion["tps"] >= 0
+    await screen.recv("completion")
+    stopped = await room.host.stop(rnd["id"])
+    assert stopped["votingStatus"] == "open" and stopped["endedAt"] is not None
+    answers = await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses")
+    assert {r["participant_id"]: r["generated_content"] for r in answers["responses"]} == {
+        "ana": "".join(WORDS), "bia": "Sim."}
+    for voter, scores in (("v1", (5, 2)), ("v2", (4, 3))):
+        await room.host.vote(rnd["id"], "ana", scores[0], voter)
+        await room.host.vote(rnd["id"], "bia", scores[1], voter)
+    board = await room.host.call("GET", "/api/scoreboard")
+    assert [(r["participant_id"], r["votes"], r["avg_score"], r["total_score"]) for r in board["scoreboard"]] == [
+        ("ana", 2, 4.5, 9), ("bia", 2, 2.5, 5)]
+    await room.host.call("POST", f"/api/rounds/{rnd['id']}/close-voting")
+    await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal")
+    assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 1
+    assert (await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal-next"))["revealedCount"] == 2
+    states = [m["round"]["votingStatus"] for m in await screen.quiet() if m["type"] == "round_state"]
+    assert states == ["open", "closed", "revealed", "revealed", "revealed"]
+
+
+# =============================================================================
+# HTTP: every route, at the root and under /api, with the shapes clients read
+# =============================================================================
+
+@pytest.mark.parametrize("route", gs.ROUTES, ids=lambda r: f"{r.method} {r.path}")
+async def test_every_route_answers_at_the_root_and_under_api(room: Room, route: gs.Route) -> None:
+    """Both spellings reach the same handler (the telão calls /api/..., scripts the root)."""
+    answers = []
+    for prefix in ("", "/api"):
+        status, body = await room.host.status(route.method, prefix + route_path(route),
+                                              {} if route.body else None)
+        assert status < 500 and "No route" not in str(body), (prefix, status, body)
+        answers.append(status)
+    assert answers[0] == answers[1]
+
+
+async def test_unknown_paths_and_methods_get_json_errors(room: Room) -> None:
+    """A wrong URL is a JSON 404, a wrong method a JSON 405, like every other error."""
+    assert await room.host.status("GET", "/nope") == (404, {"error": "No route GET /nope", "code": "NOT_FOUND"})
+    assert await room.host.status("DELETE", "/api/session") == (
+        405, {"error": "/api/session takes GET or POST, not DELETE", "code": "METHOD_NOT_ALLOWED"})
+
+
+async def test_health_shape(room: Room) -> None:
+    """GET /health: status, server clock, version, database state (and when its file was last written back),
+    connection count, and how each background writer fares."""
+    assert await room.host.call("GET", "/health") == {
+        "status": "ok", "timestamp": MS, "version": gs.__version__, "database": "ok", "database_restored_at": None,
+        "connections": 0, "refused": [],
+        "writers": {"tokens": "ok", "answers": "ok", "votes": "ok", "events": "ok", "heartbeat": "ok"}}
+
+
+async def test_new_session_shape(room: Room) -> None:
+    """POST /session answers the club's keys; a body whose fields are all optional may be absent."""
+    body = await room.host.call("POST", "/session")
+    assert body == {"session_id": ID, "id": body["session_id"], "pin": body["pin"], "created_at": WHEN,
+                    "status": "active", "disconnected_participants": 0}
+    assert re.fullmatch(r"\d{6}", body["pin"])
+
+
+async def test_session_lists_participants_and_rounds_in_the_club_casing(room: Room, pin: str) -> None:
+    """GET /session: the session row (camelCase, with the PIN for the host), its participants and rounds."""
+    ana = await room.runner("ana", pin)
+    await room.runner("bia", pin)
+    await ana.ws.close()
+    rnd = await room.host.new_round()
+    session = await get_when(room, "/session", lambda s: not s["participants"][0]["connected"])
+    assert session == {
+        "id": ID, "createdAt": WHEN, "endedAt": None, "status": "active", "pin": pin,
+        "participants": [{"id": "ana", "sessionId": session["id"], "nickname": "Ana", **RUNNER_ROW, "connected": False},
+                         {"id": "bia", "sessionId": session["id"], "nickname": "Bia", **RUNNER_ROW}],
+        "rounds": [rnd]}
+
+
+async def test_presence_lists_live_connections_only(room: Room, pin: str) -> None:
+    """GET /presence comes from memory: who is connected now, oldest first."""
+    ana = await room.runner("ana", pin)
+    await room.runner("bia", pin)
+    session_id = (await room.host.call("GET", "/session"))["id"]
+    presence = await room.host.call("GET", "/api/presence")
+    assert presence == {"sessionId": session_id, "connectedCount": 2, "participants": [
+        {"id": "ana", "sessionId": session_id, "nickname": "Ana", **RUNNER_ROW},
+        {"id": "bia", "sessionId": session_id, "nickname": "Bia", **RUNNER_ROW}]}
+    await ana.ws.close()
+    presence = await get_when(room, "/presence", lambda p: p["connectedCount"] == 1)
+    assert [p["id"] for p in presence["participants"]] == ["bia"]
+
+
+async def test_round_rows_are_camel_case_with_the_club_columns(room: Room, pin: str) -> None:
+    """POST /rounds, start and stop return the whole Round row; start and stop stamp it."""
+    session_id = (await room.host.call("GET", "/session"))["id"]
+    rnd = await room.host.new_round("Draw a cat", max_tokens=64, temperature=0, deadline_ms=5000, svg_mode=True)
+    assert rnd == {"id": ID, "sessionId": session_id, "index": 1, "prompt": "Draw a cat", "maxTokens": 64,
+                   "temperature": 0.0, "deadlineMs": 5000, "seed": SEED, "svgMode": True, "startedAt": None,
+                   "endedAt": None, "votingStatus": "pending", "revealedCount": 0, "createdAt": WHEN}
+    started = await room.host.start(rnd["id"])
+    assert started == {**rnd, "startedAt": WHEN, "votingStatus": "running", **NO_RUNNER}
+    assert await room.host.call("POST", "/api/rounds/stop", {"round_id": rnd["id"]}) == {
+        **rnd, "startedAt": started["startedAt"], "endedAt": WHEN, "votingStatus": "open"}
+
+
+async def test_stop_without_a_body_stops_the_running_round(room: Room, pin: str) -> None:
+    """POST /rounds/stop with no body stops whatever round is running."""
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    stopped = await room.host.call("POST", "/rounds/stop")
+    assert (stopped["id"], stopped["votingStatus"]) == (rnd["id"], "open")
+
+
+async def test_current_round_carries_the_live_tokens(room: Room, pin: str) -> None:
+    """GET /rounds/current: the running Round row spread, plus liveTokens by participant in seq order."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await ana.stream(1, WORDS[:3])
+    await bia.token(1, 1, "b")
+    await bia.token(1, 0, "a")
+    await ana.sync()
+    await bia.sync()
+    assert await room.host.call("GET", "/api/rounds/current") == {**rnd, "liveTokens": {"ana": WORDS[:3],
+                                                                                         "bia": ["a", "b"]}}
+    await room.host.stop(rnd["id"])
+    assert await room.host.status("GET", "/rounds/current") == (404, {"error": "No active round",
+                                                                      "code": "NOT_FOUND"})
+
+
+async def test_responses_list_every_answer_with_round_facts(room: Room, pin: str) -> None:
+    """GET /rounds/{id}/responses: what the voting page shows."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round("Draw", svgMode=True))["id"])
+    await answered(room, rnd, {"ana": ana}, ["<svg>", "</svg>"])
+    assert await room.host.call("GET", f"/rounds/{rnd['id']}/responses") == {
+        "responses": [{"participant_id": "ana", "nickname": "Ana", "generated_content": "<svg></svg>"}],
+        "svgMode": True, "votingStatus": "running", "prompt": "Draw", "round_id": rnd["id"]}
+
+
+async def test_voting_ceremony_routes_return_the_round(room: Room, pin: str) -> None:
+    """close-voting (or /votes/close), reveal and reveal-next each return the updated Round row."""
+    rnd = await round_in(room, pin, "open")
+    closed = await room.host.call("POST", "/votes/close")
+    assert closed == {**rnd, "votingStatus": "closed"}
+    revealed = await room.host.call("POST", f"/api/rounds/{rnd['id']}/reveal")
+    assert revealed == {**closed, "votingStatus": "revealed", "revealedCount": 0}
+    assert await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next") == {
+        **revealed, "revealedCount": 1,
+        "revealed": {"position": 1, "participant_id": "ana", "nickname": "Ana", "score": 0.0, "votes": 0}}
+    assert (await room.host.call("POST", f"/rounds/{rnd['id']}/reveal"))["revealedCount"] == 0   # repeatable
+
+
+async def test_votes_close_takes_a_round_id_too(room: Room, pin: str) -> None:
+    """POST /votes/close {roundId} is the seed's name for close-voting."""
+    rnd = await round_in(room, pin, "open")
+    assert (await room.host.call("POST", "/votes/close", {"roundId": rnd["id"]}))["votingStatus"] == "closed"
+
+
+async def test_kick_answers_whether_they_were_connected(room: Room, pin: str) -> None:
+    """POST /participants/kick: ok, and whether a live connection was closed."""
+    await room.runner("ana", pin)
+    assert await room.host.call("POST", "/participants/kick", {"participantId": "ana"}) == {
+        "status": "ok", "participant_id": "ana", "was_connected": True}
+    assert await room.host.call("POST", "/participants/kick", {"participant_id": "ana"}) == {
+        "status": "ok", "participant_id": "ana", "was_connected": False}
+    assert await room.host.status("POST", "/participants/kick", {"participant_id": "zed"}) == (
+        404, {"error": "Participant zed is not in this session", "code": "NOT_FOUND"})
+
+
+async def test_a_body_with_both_casings_and_nulls_uses_the_defaults(room: Room, pin: str) -> None:
+    """snake_case and camelCase both work; null means absent."""
+    rnd = await room.host.new_round(max_tokens=10, deadlineMs=None, seed=None, svg_mode=None)
+    assert (rnd["maxTokens"], rnd["deadlineMs"], rnd["seed"], rnd["svgMode"]) == (10, 90000, SEED, False)
+
+
+# =============================================================================
+# HTTP: lifecycle errors (each wrong step is a 4xx with a sentence)
+# =============================================================================
+
+def round_call(method: str, path: str, body: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], tuple]:
+    """A request about a round, filled in once the round exists ({id} in the path and body)."""
+    def fill(rnd: dict[str, Any]) -> tuple:
+        filled = None if body is None else {k: v.format(id=rnd["id"]) if isinstance(v, str) else v
+                                            for k, v in body.items()}
+        return method, path.format(id=rnd["id"]), filled
+    fill.label = f"{method} {path}{'' if body is None else ' ' + json.dumps(body)}"
+    return fill
+
+
+START = round_call("POST", "/rounds/start", {"roundId": "{id}"})
+STOP = round_call("POST", "/rounds/stop", {"roundId": "{id}"})
+CLOSE = round_call("POST", "/rounds/{id}/close-voting")
+REVEAL = round_call("POST", "/rounds/{id}/reveal")
+NEXT = round_call("POST", "/rounds/{id}/reveal-next")
+
+
+def gs_code(status: int) -> str:
+    return {400: "INVALID_INPUT", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+            409: "CONFLICT"}[status]
+
+
+def vote_for(participant_id: str) -> Callable[[dict[str, Any]], tuple]:
+    return round_call("POST", "/votes", {"roundId": "{id}", "participantId": participant_id, "score": 3,
+                                         "voterId": "v1"})
+
+
+@pytest.mark.parametrize(("stage", "call", "status", "error"), [
+    ("running", START, 409, "Round already started"),
+    ("open", START, 409, "Round already started"),
+    ("created", STOP, 409, "Round has not started"),
+    ("open", STOP, 409, "Round already ended"),
+    ("closed", STOP, 409, "Round already ended"),
+    ("created", round_call("POST", "/rounds/stop", {}), 409, "No round is running"),
+    ("open", round_call("POST", "/rounds/stop"), 409, "No round is running"),
+    ("created", CLOSE, 409, "Voting is not open for this round"),
+    ("running", CLOSE, 409, "Voting is not open for this round"),
+    ("closed", CLOSE, 409, "Voting is not open for this round"),
+    ("revealed", CLOSE, 409, "Voting is not open for this round"),
+    ("running", round_call("POST", "/votes/close", {"roundId": "{id}"}), 409, "Voting is not open for this round"),
+    ("closed", round_call("POST", "/votes/close"), 404, "No round has voting open"),
+    ("created", REVEAL, 409, "The round has not ended yet"),
+    ("running", REVEAL, 409, "The round has not ended yet"),
+    ("open", REVEAL, 409, "Close voting before the reveal"),
+    ("open", NEXT, 409, "Start the reveal first"),
+    ("closed", NEXT, 409, "Start the reveal first"),
+    ("all revealed", NEXT, 409, "Every position is already revealed"),
+    ("created", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("running", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("closed", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("revealed", vote_for("ana"), 409, "Voting is not open for this round"),
+    ("open", vote_for("zed"), 404, "Participant not found"),
+], ids=lambda value: getattr(value, "label", None))
+async def test_lifecycle_errors(room: Room, pin: str, stage: str, call: Callable, status: int, error: str) -> None:
+    """Each step out of order is refused with its status and sentence, and changes nothing."""
+    rnd = await round_in(room, pin, stage)
+    assert await room.host.status(*call(rnd)) == (status, {"error": error, "code": gs_code(status)})
+    assert (await room.host.call("GET", "/session"))["rounds"] == [rnd]
+
+
+async def test_only_one_round_runs_at_a_time(room: Room, pin: str) -> None:
+    """Starting a second round while one runs is a 409 naming the running one."""
+    first, second = await room.host.new_round(), await room.host.new_round()
+    await room.host.start(first["id"])
+    assert await room.host.status("POST", "/rounds/start", {"roundId": second["id"]}) == (
+        409, {"error": "Round 1 is still running; stop it first", "code": "CONFLICT"})
+    await room.host.stop(first["id"])
+    assert (await room.host.start(second["id"]))["index"] == 2
+
+
+async def test_voting_for_someone_who_did_not_answer_is_404(room: Room, pin: str) -> None:
+    """A registered participant without an answer in the round can't be voted for."""
+    await room.runner("bia", pin)
+    rnd = await round_in(room, pin, "open")
+    assert await room.host.status(*vote_for("bia")(rnd)) == (404, {"error": "Participant not found",
+                                                                 "code": "NOT_FOUND"})
+
+
+async def test_a_vote_is_immutable(room: Room, pin: str, config: gs.Config) -> None:
+    """A second vote by the same voter for the same answer is 409 with the club's exact sentence."""
+    rnd = await round_in(room, pin, "open")
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    assert await room.host.status(*vote_for("ana")(rnd)) == (
+        409, {"error": "Already voted for this participant", "code": "CONFLICT"})
+    assert [v["score"] for v in db_rows(config.database, "SELECT score FROM votes")] == [5]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/rounds/start", {"roundId": "no-such-round"}),
+    ("POST", "/rounds/stop", {"roundId": "no-such-round"}),
+    ("GET", "/rounds/no-such-round/responses", None),
+    ("POST", "/rounds/no-such-round/close-voting", None),
+    ("POST", "/votes/close", {"roundId": "no-such-round"}),
+    ("POST", "/rounds/no-such-round/reveal", None),
+    ("POST", "/rounds/no-such-round/reveal-next", None),
+    ("POST", "/votes", {"roundId": "no-such-round", "participantId": "ana", "score": 3}),
+    ("GET", "/votes/mine?roundId=no-such-round&voterId=v1", None),
+    ("GET", "/scoreboard?round_id=no-such-round", None),
+])
+async def test_unknown_round_ids_are_404(room: Room, pin: str, method: str, path: str, body: Any) -> None:
+    """Every route that takes a round id says so when there is no such round."""
+    assert await room.host.status(method, path, body) == (404, {"error": "Round not found", "code": "NOT_FOUND"})
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/session", None), ("GET", "/presence", None), ("GET", "/rounds/current", None),
+    ("POST", "/rounds", {"prompt": "x"}), ("GET", "/scoreboard", None), ("GET", "/metrics", None),
+    ("POST", "/participants/kick", {"participantId": "ana"}), ("POST", "/votes/close", None),
+    ("POST", "/rounds/stop", None), ("GET", "/export.csv", None), ("GET", "/export-events.csv", None), ("GET", "/export-all.json", None),
+])
+async def test_routes_that_need_a_session_say_there_is_none(room: Room, method: str, path: str, body: Any) -> None:
+    """Before the first POST /session: 404 'No active session', never a 500."""
+    status, answer = await room.host.status(method, path, body)
+    assert (status, answer["error"]) == (404, "No active session")
+
+
+# =============================================================================
+# HTTP: votes, scoreboard and metrics
+# =============================================================================
+
+async def test_a_vote_returns_the_vote_row_and_stores_only_a_hash(room: Room, pin: str, config: gs.Config) -> None:
+    """POST /votes answers the Vote row; the voter id is kept only as its SHA-256."""
+    rnd = await round_in(room, pin, "open")
+    vote = await room.host.call("POST", "/api/votes", {"round_id": rnd["id"], "participant_id": "ana", "score": 0,
+                                                       "voter_id": "phone-1", "response_time": 1500})
+    digest = gs.sha256_hex("phone-1")
+    assert vote == {"id": ID, "roundId": rnd["id"], "voterHash": digest, "participantId": "ana", "score": 0,
+                    "createdAt": WHEN, "voteOrder": 1, "responseTime": 1500, "userAgent": Like("aiohttp UA", bool)}
+    stored = db_rows(config.database, "SELECT * FROM votes")
+    assert [row["voterHash"] for row in stored] == [digest] and "phone-1" not in str(stored)
+
+
+async def test_votes_mine_lists_this_voters_scores(room: Room, pin: str) -> None:
+    """GET /votes/mine?roundId=&voterId= is a camelCase list of {participantId, score}, for that voter only."""
+    bia = await room.runner("bia", pin)
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana, "bia": bia})
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "bia", 4, "v1")
+    await room.host.vote(rnd["id"], "ana", 2, "v1")
+    await room.host.vote(rnd["id"], "ana", 5, "v2")
+    mine = f"/api/votes/mine?roundId={rnd['id']}&voterId=v1"
+    assert await room.host.call("GET", mine) == [{"participantId": "bia", "score": 4},
+                                                 {"participantId": "ana", "score": 2}]
+    assert await room.host.call("GET", f"/votes/mine?round_id={rnd['id']}&voter_id=v3") == []
+
+
+async def test_without_a_voter_id_the_voter_is_the_address(room: Room, pin: str) -> None:
+    """No voterId: the client address is the voter, so the same phone can't vote twice."""
+    rnd = await round_in(room, pin, "open")
+    body = {"roundId": rnd["id"], "participantId": "ana", "score": 4}
+    await room.host.call("POST", "/votes", body)
+    assert (await room.host.status("POST", "/votes", body))[0] == 409
+    assert await room.host.call("GET", f"/votes/mine?roundId={rnd['id']}") == [{"participantId": "ana", "score": 4}]
+
+
+async def test_scoreboard_ranks_by_average_then_vote_count(room: Room, pin: str) -> None:
+    """GET /scoreboard: one row per answer, best average first, ties broken by more votes; no votes is 0."""
+    names = ("ana", "bia", "caio", "dani")
+    runners = {name: await room.runner(name, pin) for name in names}
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, runners, ["a", "b"])
+    await room.host.stop(rnd["id"])
+    for voter, scores in {"v1": {"ana": 4, "bia": 4, "caio": 5}, "v2": {"bia": 4}}.items():
+        for name, score in scores.items():
+            await room.host.vote(rnd["id"], name, score, voter)
+    board = await room.host.call("GET", "/api/scoreboard")
+    row = {"tokens": 2, "latency_first_token_ms": AMOUNT, "duration_ms": AMOUNT,
+           "tps_avg": AMOUNT, "generated_content": "ab", "model": "llama3.1:8b", "runner": "ollama", "engine_tps": None}
+    assert board == {"round_id": rnd["id"], "round_index": 1, "svgMode": False, "votingStatus": "open",
+                     "revealedCount": 0, "scoreboard": [
+                         {**row, "participant_id": "caio", "nickname": "Caio", "votes": 1, "avg_score": 5.0,
+                          "total_score": 5},
+                         {**row, "participant_id": "bia", "nickname": "Bia", "votes": 2, "avg_score": 4.0,
+                          "total_score": 8},
+                         {**row, "participant_id": "ana", "nickname": "Ana", "votes": 1, "avg_score": 4.0,
+                          "total_score": 4},
+                         {**row, "participant_id": "dani", "nickname": "Dani", "votes": 0, "avg_score": 0.0,
+                          "total_score": 0}]}
+
+
+async def test_scoreboard_default_round_is_the_latest_ended_else_the_running_one(room: Room, pin: str) -> None:
+    """No round started: 404; one running: that one; once one ended, the latest ended, even while another runs."""
+    assert await room.host.status("GET", "/scoreboard") == (404, {"error": "No round found", "code": "NOT_FOUND"})
+    first, second = await room.host.new_round(), await room.host.new_round()
+    await room.host.start(first["id"])
+    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == first["id"]
+    await room.host.stop(first["id"])
+    await room.host.start(second["id"])
+    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == first["id"]
+    await room.host.stop(second["id"])
+    assert (await room.host.call("GET", "/scoreboard"))["round_id"] == second["id"]
+    explicit = await room.host.call("GET", f"/scoreboard?roundId={first['id']}")
+    assert (explicit["round_id"], explicit["scoreboard"]) == (first["id"], [])
+
+
+async def test_scoreboard_never_sends_a_null_tps(room: Room, pin: str) -> None:
+    """tps_avg is a number even for an answer of one token or none (the telão calls toFixed on it)."""
+    one_token, no_token = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await one_token.token(1, 0, "Sim")
+    await one_token.send({"type": "complete", "round": 1, "participant_id": "ana", "tokens": 1})
+    await no_token.send({"type": "complete", "round": 1, "participant_id": "bia", "latency_ms_first_token": None,
+                         "duration_ms": None, "model_info": None})
+    await one_token.sync()
+    await no_token.sync()
+    board = (await room.host.call("GET", f"/scoreboard?round_id={rnd['id']}"))["scoreboard"]
+    assert sorted((r["participant_id"], r["tokens"], r["generated_content"]) for r in board) == [
+        ("ana", 1, "Sim"), ("bia", 0, "")]                     # a tie: both orders are right
+    assert all(isinstance(r["tps_avg"], float) for r in board), board
+
+
+async def test_metrics_totals_for_the_session(room: Room, pin: str) -> None:
+    """GET /metrics: the club's totals plus ours (tokens received, gaps, rescued answers)."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await room.host.new_round()
+    await ana.stream(1, ["a", "b", "c"])
+    await ana.complete(1, 7)                                   # the runner counts differently
+    await bia.token(1, 0, "x")
+    await bia.token(1, 2, "z")                                 # seq 1 never arrives, and bia never completes
+    await ana.sync()
+    await bia.sync()
+    await room.host.stop(rnd["id"])
+    await room.host.vote(rnd["id"], "ana", 5, "v1")
+    assert await room.host.call("GET", "/api/metrics") == {
+        "session_id": ID, "total_rounds": 2, "completed_rounds": 1, "total_participants": 2, "total_tokens": 9,
+        "total_tokens_received": 5, "total_seq_gaps": 1, "rescued_generations": 1, "total_votes": 1}
+
+
+# --- the host's log and small things ---------------------------------------------
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log read the way the club's report scripts read it: json.loads per line."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stopped_log(process: ServerProcess) -> str:
+    """Stop a server process as Ctrl-C would and return what its terminal showed."""
+    process.process.send_signal(signal.SIGINT)
+    out, err = process.process.communicate(timeout=TIMEOUT_S * 2)
+    return out + err
+
+
+async def test_the_json_log_counts_requests_registrations_and_completes(make_room: Callable,
+                                                                       tmp_path: Path) -> None:
+    """With LOG_JSON, a report script parsing each line with json.loads finds pino's fields, one
+    incoming/completed pair per HTTP request and per WebSocket (none per frame), every register and
+    complete, a replaced connection, a disconnect and each 429."""
+    path = tmp_path / "server.log"
+    room = await make_room(log_json=str(path), host_addresses=("127.0.0.1/32",), rate_limit_max=2)
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    await running_round(room, ana, bia)
+    for runner in (ana, bia):
+        await runner.stream(1, WORDS)
+        await runner.complete(1, len(WORDS))
+        await runner.sync()
+    await room.runner("ana", pin)                       # ana's laptop reconnects: the old socket is replaced
+    await bia.ws.close()
+    phone = await room.http_from("127.0.0.2")
+    statuses = [(await phone.status("GET", "/scoreboard"))[0] for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    requests = 3 + 4 + 3                                # the host's, the phone's, and three WebSockets
+    await room.close()                                  # every WebSocket request completes when it closes
+
+    def logged() -> list[dict[str, Any]]:
+        lines = json_lines(path)
+        done = [line for line in lines if line["msg"] == "request completed"]
+        gone = [line for line in lines if line["msg"].startswith("WS_DISCONNECTED")]
+        return lines if len(done) == requests and len(gone) == 2 else []
+    lines = await eventually(logged, "every request written")
+    assert all(isinstance(l["time"], int) and l["time"] == MS and l["level"] in (30, 40, 50) for l in lines)
+    incoming = [line["req"] for line in lines if line["msg"] == "incoming request"]
+    assert len(incoming) == requests
+    assert [r["url"] for r in incoming].count("/ws") == 3
+    assert {r["remoteAddress"] for r in incoming} == {"127.0.0.1", "127.0.0.2"}
+    assert {"method": "POST", "url": "/rounds/start", "remoteAddress": "127.0.0.1"} in incoming
+    completed = [line for line in lines if line["msg"] == "request completed"]
+    assert sorted(line["res"]["statusCode"] for line in completed) == [101] * 3 + [200] * 5 + [429] * 2
+    assert all(line["responseTime"] == AMOUNT for line in completed)
+
+    def count(prefix: str) -> int:
+        return sum(line["msg"].startswith(prefix) for line in lines)
+    assert (count("WS_REGISTERED"), count("WS_COMPLETE"), count("WS_DEDUP"), count("WS_DISCONNECTED"),
+            count("HTTP_429")) == (3, 2, 1, 2, 2)           # ana's old socket leaves quietly
+    assert [line["level"] for line in lines if line["msg"].startswith("HTTP_429")] == [40, 40]
+
+
+async def test_a_terminal_that_is_not_read_does_not_stop_the_server(server_process: Callable,
+                                                                    http: aiohttp.ClientSession) -> None:
+    """Log lines are written by a thread: with the terminal's pipe full and unread (a stalled terminal),
+    runners and the host are still answered. Writing on the event loop would block it at the first full pipe."""
+    process = server_process()
+    room = Room(process.start(), http)                  # nothing reads its stderr from here on
+    pin = await room.host.new_session()
+    ana = await room.runner("ana")
+    for _ in range(600):                                # some 170 KB of WS_REGISTERED lines; a pipe holds 64 KB
+        await ana.send({"type": "register", "participant_id": "ana", "nickname": "n" * gs.MAX_TEXT, "pin": pin})
+    for _ in range(600):
+        assert (await ana.recv())["type"] == "registered"
+    assert (await room.host.call("GET", "/health"))["status"] == "ok"
+    await room.close()
+
+
+async def test_the_host_reads_the_evening_in_the_terminal_and_the_json_log(server_process: Callable,
+                                                                          http: aiohttp.ClientSession,
+                                                                          tmp_path: Path) -> None:
+    """The server as the host runs it: one terminal line per step of the evening (the PIN, rounds,
+    voting, reveal, registers, refusals with their reason and address, kicks, disconnects, the
+    restart), and with --log-json the club's "Server listening at" line."""
+    process = server_process("--log-json", str(tmp_path / "first.log"))
+    room = Room(process.start(), http)
+    pin = await room.host.new_session()
+    wrong = await room.runner("eve")
+    assert (await wrong.register("0" if pin != "0" * len(pin) else "1"))["code"] == "INVALID_PIN"
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana})
+    await room.host.stop(rnd["id"])
+    for step in ("close-voting", "reveal", "reveal-next"):
+        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
+    await room.host.call("POST", "/participants/kick", {"participantId": "ana"})
+    assert (await (await room.runner("ana")).register(pin))["code"] == "KICKED"
+    await room.runner("bia", pin)
+    await room.close()
+    await eventually(lambda: any(l["msg"].startswith("WS_DISCONNECTED bia")
+                                 for l in json_lines(tmp_path / "first.log")), "bia's leave")
+    terminal = stopped_log(process)
+    session_id = rnd["sessionId"]
+    for line in (f"session {session_id} created, PIN {pin}", f"round 1 created ({rnd['id']}), seed ",
+                 "round 1 started: the challenge went to 1 runners", "WS_REGISTERED ana (Ana) from 127.0.0.1",
+                 "WS_REFUSED register eve from 127.0.0.1: INVALID_PIN (Invalid PIN.)",
+                 "WS_COMPLETE ana round 1", "round 1 stopped with 1 answers; voting opened",
+                 "round 1: voting closed", "round 1: reveal started",
+                 "round 1: position 1 revealed: Ana (ana), average 0.00 from 0 votes",
+                 "kicked ana (was connected from 127.0.0.1)",
+                 "WS_REFUSED register ana from 127.0.0.1: KICKED (The host removed you from this session)",
+                 "WS_DISCONNECTED bia from 127.0.0.1"):
+        assert line in terminal, line
+    listening = [l["msg"] for l in json_lines(tmp_path / "first.log") if l["msg"].startswith("Server listening")]
+    assert listening == [f"Server listening at {room.base}"]
+
+    again = server_process()
+    again.start()
+    assert f"restarted: session {session_id} (PIN {pin}) goes on" in stopped_log(again)
+
+
+async def test_throttled_refusals_are_one_line_a_minute(make_room: Callable,
+                                                        server_log: pytest.LogCaptureFixture) -> None:
+    """A guesser past the wrong-PIN limit, or a phone past the HTTP limit, is one terminal line a
+    minute, not one per attempt; each wrong PIN before that has its own line."""
+    room = await make_room(host_addresses=("127.0.0.1/32",), pin_attempts_max=2, rate_limit_max=1)
+    await room.host.new_session()
+    guesser = await room.runner_at("127.0.0.3", "eve")
+    codes = [(await guesser.register("x"))["code"] for _ in range(5)]
+    assert codes == ["INVALID_PIN"] * 2 + ["PIN_THROTTLED"] * 3
+    phone = await room.http_from("127.0.0.2")
+    assert [(await phone.status("GET", "/metrics"))[0] for _ in range(4)] == [200, 429, 429, 429]
+    ours = [r.getMessage() for r in server_log.records if r.name == "gambiarra"]
+    assert [line.split(":")[1].split()[0] for line in ours if line.startswith("WS_REFUSED register eve")] == [
+        "INVALID_PIN", "INVALID_PIN", "PIN_THROTTLED"]
+    assert len([line for line in ours if line.startswith("throttled: 127.0.0.2")]) == 1
+
+
+async def test_a_round_created_without_a_seed_draws_one_and_keeps_it(room: Room, pin: str,
+                                                                      config: gs.Config) -> None:
+    """Runners pass the seed straight to ollama: it is a number, the one stored with the round."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    challenge = await ana.recv("challenge")
+    assert challenge["seed"] == rnd["seed"] == SEED
+    assert db_rows(config.database, "SELECT seed FROM rounds") == [{"seed": rnd["seed"]}]
+    older = {**await room.host.new_round(), "seed": None}          # a round saved before seeds were drawn
+    assert "seed" not in gs.msg_challenge(rnd["sessionId"], older)
+
+
+async def test_reveal_next_says_who_was_revealed(room: Room, pin: str) -> None:
+    """Each reveal-next answers the position it revealed, last place first, with the name and score."""
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    await answered(room, rnd, {"ana": ana, "bia": bia})
+    await room.host.stop(rnd["id"])
+    for voter, (a, b) in {"p1": (5, 2), "p2": (4, 3)}.items():
+        await room.host.vote(rnd["id"], "ana", a, voter)
+        await room.host.vote(rnd["id"], "bia", b, voter)
+    for step in ("close-voting", "reveal"):
+        await room.host.call("POST", f"/rounds/{rnd['id']}/{step}")
+    revealed = [(await room.host.call("POST", f"/rounds/{rnd['id']}/reveal-next"))["revealed"] for _ in "ab"]
+    assert revealed == [{"position": 2, "participant_id": "bia", "nickname": "Bia", "score": 2.5, "votes": 2},
+                        {"position": 1, "participant_id": "ana", "nickname": "Ana", "score": 4.5, "votes": 2}]
+
+
+async def test_a_round_says_pending_then_running_wherever_it_is_json(room: Room, pin: str,
+                                                                      config: gs.Config) -> None:
+    """A created round is "pending" and a started one "running" in /session, responses, round_state and
+    the export; the database keeps the club's "closed"."""
+    screen = await room.screen()
+    first, second = await room.host.new_round(), await room.host.new_round()
+    await room.host.start(first["id"])
+    assert (await screen.recv("round_state"))["round"]["votingStatus"] == "running"
+    session = await room.host.call("GET", "/session")
+    assert [r["votingStatus"] for r in session["rounds"]] == ["running", "pending"]
+    for rnd, status in ((first, "running"), (second, "pending")):
+        assert (await room.host.call("GET", f"/rounds/{rnd['id']}/responses"))["votingStatus"] == status
+    exported = json.loads((await export(room, "/export-all.json"))[0])
+    assert [r["votingStatus"] for r in exported["rounds"]] == ["running", "pending"]
+    assert db_rows(config.database, "SELECT votingStatus FROM rounds") == [{"votingStatus": "closed"}] * 2
+
+
+async def test_flags_are_booleans_in_every_json(room: Room, pin: str) -> None:
+    """`connected` (and kicked, svgMode, rescued) is true/false in /presence, /session and export-all.json."""
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.start((await room.host.new_round(svgMode=True))["id"])
+    await ana.recv("challenge")
+    await ana.token(1, 0, "<svg/>")
+    await ana.sync()
+    await room.host.stop(rnd["id"])                     # ana's answer is rescued
+    assert (await room.host.call("GET", "/presence"))["participants"][0]["connected"] is True
+    assert (await room.host.call("GET", "/session"))["participants"][0]["connected"] is True
+    exported = json.loads((await export(room, "/export-all.json"))[0])
+    [participant], [exported_round] = exported["participants"], exported["rounds"]
+    assert (participant["connected"], participant["kicked"]) == (True, False)
+    assert (exported_round["svgMode"], exported_round["metrics"][0]["rescued"]) == (True, True)
+
+
+POST_ONLY = sorted({route.path for route in gs.ROUTES if route.method == "POST"}
+                   - {route.path for route in gs.ROUTES if route.method == "GET"})
+
+
+@pytest.mark.parametrize("path", POST_ONLY)
+async def test_get_on_a_post_only_route_names_the_method(room: Room, path: str) -> None:
+    """A browser or a curl without -X POST gets a 405 that says to use POST, with Allow."""
+    url = room.base + path.replace("{round_id}", "r1")
+    async with room.host.http.get(url) as response:
+        assert (response.status, response.headers["Allow"]) == (405, "POST")
+        assert await response.json() == {"error": f"{path.replace('{round_id}', 'r1')} takes POST, not GET",
+                                         "code": "METHOD_NOT_ALLOWED"}
+
+
+def readme_runner() -> str:
+    """The README's sample runner, as a participant copies it."""
+    readme = (HERE / "README.md").read_text()
+    return re.search(r"```python\n(# runner\.py.*?)```", readme, re.S).group(1)
+
+
+async def test_the_readmes_sample_runner_stops_at_a_wrong_pin(room: Room, pin: str, tmp_path: Path) -> None:
+    """The participant who types a wrong PIN sees why and gets the prompt back (it used to wait forever)."""
+    script = tmp_path / "runner.py"
+    script.write_text(readme_runner())
+    wrong = "0" * len(pin) if pin != "0" * len(pin) else "1" * len(pin)
+    process = await asyncio.create_subprocess_exec(sys.executable, str(script), room.ws_url, wrong, "ana",
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with asyncio.timeout(TIMEOUT_S * 2):
+        out, err = await process.communicate()
+    assert (process.returncode, out.decode(), err.decode()) == (
+        1, "error Invalid PIN.\n", "ana stops: Invalid PIN.\n")
+
+
+async def test_starting_a_round_with_no_runner_warns(room: Room, pin: str,
+                                                     server_log: pytest.LogCaptureFixture) -> None:
+    """The host who starts too early is told in the answer (and the terminal); with a runner, no warning."""
+    empty = await room.host.start((await room.host.new_round())["id"])
+    assert empty["warning"] == NO_RUNNER["warning"]
+    assert "round 1 started with no runner connected" in [r.getMessage() for r in server_log.records]
+    await room.host.stop(empty["id"])
+    ana = await room.runner("ana", pin)
+    assert "warning" not in await room.host.start((await room.host.new_round())["id"])
+    await ana.recv("challenge")
+
+
+async def test_a_wrong_admin_token_is_refused_even_from_the_hosts_machine(room: Room) -> None:
+    """A screen set up with a mistyped token fails at the rehearsal on the host's laptop: 403, not accepted."""
+    app_token = {"Authorization": "Bearer not-the-token"}
+    assert await room.host.status("POST", "/session", headers=app_token) == (
+        403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
+    assert await room.host.status("GET", "/export.csv", headers={"Authorization": "Basic eDp5"}) == (
+        403, {"error": "Wrong admin token", "code": "FORBIDDEN"})
+    assert (await room.host.status("POST", "/session"))[0] == 200          # no token: the host's own curl
+
+
+# =============================================================================
+# HTTP: the host and everyone else
+# =============================================================================
+#
+# These servers trust only 10.255.255.0/24 as the host, so the test client on
+# loopback is one of the audience's phones.
+
+AWAY = ("10.255.255.0/24",)
+
+
+@pytest.fixture
+async def away(make_room: Callable) -> tuple[Room, dict[str, str]]:
+    """A server that does not take loopback for the host, with a session; the admin token's header."""
+    room = await make_room(host_addresses=AWAY)
+    admin = {"Authorization": f"Bearer {room.server.config.admin_token}"}
+    await room.host.call("POST", "/session", headers=admin)
+    return room, admin
+
+
+async def test_the_admin_token_opens_every_host_step(away: tuple) -> None:
+    """With the token a remote host runs a whole round and exports it."""
+    room, admin = away
+    pin = (await room.host.call("POST", "/api/session", headers=admin))["pin"]
+    ana = await room.runner("ana", pin)
+    rnd = await room.host.call("POST", "/rounds", {"prompt": "p"}, headers=admin)
+    rnd = await room.host.call("POST", "/rounds/start", {"roundId": rnd["id"]}, headers=admin)
+    await answered(room, rnd, {"ana": ana})
+    for path, body in [("/rounds/stop", {}), (f"/rounds/{rnd['id']}/close-voting", None),
+                       (f"/rounds/{rnd['id']}/reveal", None), (f"/rounds/{rnd['id']}/reveal-next", None),
+                       ("/participants/kick", {"participantId": "ana"})]:
+        await room.host.call("POST", path, body, headers=admin)
+    for path in ("/export.csv", "/export-events.csv", "/export-all.json"):
+        await room.host.call("GET", path, headers=admin)
+
+
+async def test_audience_routes_need_no_token(away: tuple) -> None:
+    """Phones and the telão read and vote without any token."""
+    room, admin = away
+    for path in ("/health", "/session", "/presence", "/metrics"):
+        await room.host.call("GET", "/api" + path)
+    assert (await room.host.status("GET", "/rounds/current"))[0] == 404       # no round yet, but allowed
+
+
+async def test_cors_preflight_and_headers_follow_cors_origins(make_room: Callable) -> None:
+    """A preflight from an allowed origin gets 204 and the CORS headers; another origin gets none."""
+    room = await make_room(cors_origins=("http://telao.local:5173",))
+    preflight = {"Origin": "http://telao.local:5173", "Access-Control-Request-Method": "POST"}
+    async with room.host.http.options(room.base + "/api/votes", headers=preflight) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "http://telao.local:5173"
+    async with room.host.http.get(room.base + "/health", headers={"Origin": "http://evil.example"}) as response:
+        assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_a_cross_origin_websocket_is_refused(make_room: Callable) -> None:
+    """A browser page on an origin CORS_ORIGINS does not allow can't open /ws."""
+    room = await make_room(cors_origins=("http://telao.local:5173",))
+    with pytest.raises(Exception, match="403"):
+        await connect(room.ws_url, origin="http://evil.example")
+    async with connect(room.ws_url, origin="http://telao.local:5173") as ws:
+        await ws.send(json.dumps({"type": "telao_register"}))
+        assert json.loads(await ws.recv())["type"] == "registered_telao"
+
+
+# =============================================================================
 # Exports: what the files contain
 # =============================================================================
 
@@ -1917,335 +2212,38 @@ async def test_exports_of_an_earlier_session(room: Room, pin: str) -> None:
 
 
 # =============================================================================
-# Configuration, start-up and the database file
+# HTTP: the API describes itself, offline
 # =============================================================================
 
-ENV_VARS = [f.metadata["env"] for f in fields(gs.Config)]
+async def test_openapi_lists_every_route(room: Room) -> None:
+    """/openapi.json has one operation per route of the table, host routes marked with the token scheme."""
+    spec = await room.host.call("GET", "/openapi.json")
+    operations = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
+    assert operations == {(route.path, route.method) for route in gs.ROUTES}
+    assert spec["openapi"].startswith("3.") and spec["info"]["version"] == gs.__version__
+    votes = spec["paths"]["/votes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert votes["required"] == ["round_id", "participant_id", "score"]
+    assert votes["properties"]["score"] == {"type": "integer", "description": "0 to 5", "minimum": 0, "maximum": 5}
+    assert spec["paths"]["/rounds/start"]["post"]["security"] == [{}, {"adminToken": []}]
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No configuration from the machine running the tests, and none left behind for later tests."""
-    for name in ENV_VARS:
-        monkeypatch.setenv(name, "")        # so that undoing also removes what read_dotenv sets
-        monkeypatch.delenv(name)
-    return monkeypatch
+@pytest.mark.parametrize("prefix", ["", "/api"])
+async def test_docs_are_one_self_contained_page(room: Room, prefix: str) -> None:
+    """/docs is HTML with every route and message and no external asset (meetups are often offline)."""
+    async with room.host.http.get(room.base + prefix + "/docs") as response:
+        assert response.status == 200 and response.content_type == "text/html"
+        page = await response.text()
+    assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
+    for route in gs.ROUTES:
+        assert f"<code>{route.path}</code>" in page
+    for kind in gs.ON_MESSAGE:
+        assert f"<code>{kind}</code>" in page
 
 
-def test_every_env_var_has_a_flag_in_help(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """--help names every option's flag and its environment variable."""
-    with pytest.raises(SystemExit):
-        gs.parse_config(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for name in ENV_VARS:
-        assert f"--{name.lower().replace('_', '-')}" in text and f"[{name}" in text, name
-
-
-def test_flags_then_environment_then_defaults(clean_env: pytest.MonkeyPatch) -> None:
-    """A flag beats its env var, which beats the default; lists are comma-separated."""
-    clean_env.setenv("PORT", "4000")
-    clean_env.setenv("PIN_LENGTH", "8")
-    clean_env.setenv("TRUST_PROXY", "true")
-    clean_env.setenv("HOST", "127.0.0.1, ::1")
-    config = gs.parse_config(["--port", "5000", "--admin-token", "s3cret", "--flush-interval", "0.5"])
-    assert (config.port, config.pin_length, config.trust_proxy, config.hosts, config.admin_token,
-            config.flush_interval_s) == (5000, 8, True, ("127.0.0.1", "::1"), "s3cret", 0.5)
-    for name in ("PORT", "PIN_LENGTH", "TRUST_PROXY", "HOST"):
-        clean_env.delenv(name)
-    default = gs.parse_config([])
-    assert (default.port, default.hosts, default.host_addresses, default.rate_limit_max,
-            default.ws_heartbeat_interval_s, default.ws_max_payload) == (
-        3000, ("0.0.0.0", "::"), ("127.0.0.0/8", "::1"), 500, 30.0, 1024 * 1024)
-
-
-@pytest.mark.parametrize("url", ["/srv/arena.db", "sqlite:////srv/arena.db", "file:/srv/arena.db",
-                                 "file:///srv/arena.db", "sqlite:////srv/arena.db?mode=rwc"])
-def test_database_url_forms(clean_env: pytest.MonkeyPatch, url: str) -> None:
-    """DATABASE_URL may be a path, sqlite:///path or file:path."""
-    clean_env.setenv("DATABASE_URL", url)
-    assert gs.parse_config([]).database == Path("/srv/arena.db")
-
-
-def test_the_banner_shows_the_admin_token_and_the_next_step() -> None:
-    """Start-up prints where runners connect, the admin token and the curl to run next."""
-    config = gs.Config(admin_token="tok-123")
-    text = gs.banner(config, ["0.0.0.0", "::"], 3000, 1024)
-    assert "admin token   tok-123" in text and "curl -X POST http://127.0.0.1:3000/session" in text
-    assert "listening on  port 3000 of 0.0.0.0, ::" in text
-    assert "connections   1024 open files; 50 per address (the host's: any number)" in text
-    for address in gs.lan_addresses():
-        assert f"ws://{address}:3000/ws" in text
-
-
-async def test_the_database_is_wal_with_a_schema_version(room: Room, config: gs.Config) -> None:
-    """The file is in WAL mode and carries PRAGMA user_version, for the club's scripts and future migrations."""
-    assert db_rows(config.database, "PRAGMA journal_mode") == [{"journal_mode": "wal"}]
-    assert db_rows(config.database, "PRAGMA user_version") == [{"user_version": gs.SCHEMA_VERSION}]
-
-
-async def test_round_indexes_restart_at_one_in_each_session(room: Room, pin: str) -> None:
-    """The index is per session: a new session's first round is round 1 again."""
-    await room.host.new_round()
-    await room.host.new_round()
-    await room.host.new_session()
-    assert (await room.host.new_round())["index"] == 1
-
-
-async def test_a_peer_that_never_answers_pings_is_dropped(make_room: Callable, http: aiohttp.ClientSession) -> None:
-    """A connection silent for MISSED_PINGS ping intervals is cut off; one that answers pings stays."""
-    room = await make_room(ws_heartbeat_interval_s=0.3)
-    pin = await room.host.new_session()
-    ana = await room.runner("ana", pin)
-    async with http.ws_connect(room.ws_url, autoping=False) as silent:       # never sends a pong
-        await silent.send_json({"type": "telao_register"})
-        async with asyncio.timeout(TIMEOUT_S):
-            async for message in silent:
-                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-        assert silent.closed
-    assert (await room.host.call("GET", "/presence"))["connectedCount"] == 1
-    assert (await ana.recv("heartbeat"))["type"] == "heartbeat"
-
-# Start-up mistakes as the host meets them: the file copied alone into an empty
-# folder and started in a subprocess. Each mistake is one line and exit status 2.
-
-NUMERIC_FIELDS = [f for f in fields(gs.Config) if type(f.default) in (int, float)]
-# Runs a script with `websockets` unimportable, as on a machine that lacks it.
-WITHOUT_WEBSOCKETS = ("import runpy, sys; sys.modules['websockets'] = None; sys.argv = sys.argv[1:]; "
-                      "runpy.run_path(sys.argv[0], run_name='__main__')")
-SKIP_AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file or folder")
-
-
-@pytest.fixture
-def alone(tmp_path: Path) -> Path:
-    """gambiarra_server.py copied alone into an empty folder."""
-    folder = tmp_path / "alone"
-    folder.mkdir()
-    return Path(shutil.copy(HERE / "gambiarra_server.py", folder))
-
-
-def host_env(**settings: str) -> dict[str, str]:
-    """This process's environment without the server's settings, then loopback on any port, then `settings`."""
-    return {**{k: v for k, v in os.environ.items() if k not in ENV_VARS}, "HOST": "127.0.0.1", "PORT": "0",
-            **settings}
-
-
-def start_up(script: Path, *args: str, python: tuple[str, ...] = (sys.executable,),
-             **settings: str) -> subprocess.CompletedProcess:
-    """Start the server from its folder as the host would, for a mistake that stops it at once."""
-    return subprocess.run([*python, str(script), *args], cwd=script.parent, env=host_env(**settings),
-                          capture_output=True, text=True, timeout=30)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The only line a start-up mistake prints (no traceback), after which it exits with status 2."""
-    assert (result.returncode, result.stdout, result.stderr.count("\n")) == (2, "", 1), result
-    assert result.stderr.startswith("error: ")
-    return result.stderr.strip()
-
-
-def start_server(script: Path, cwd: Path, **settings: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    """The server started from `script` with the working folder `cwd`, and its banner as {label: text}."""
-    process = subprocess.Popen([sys.executable, str(script), "--bcrypt-rounds", "4"], cwd=cwd,
-                               env=host_env(PYTHONUNBUFFERED="1", **settings), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    banner = {}
-    for line in process.stdout:
-        label, _, text = line.strip().partition("  ")
-        banner[label] = text.strip()
-        if label == "next step":
-            break
-    return process, banner
-
-
-def stop_server(process: subprocess.Popen) -> str:
-    """SIGTERM the server; its stderr."""
-    process.send_signal(signal.SIGTERM)
-    return process.communicate(timeout=10)[1]
-
-
-def post_session(banner: dict[str, str]) -> dict[str, Any]:
-    port = banner["listening on"].split()[1]
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/session", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-        return json.load(response)
-
-
-def test_the_embedded_schema_is_schema_sql(tmp_path: Path) -> None:
-    """The file carries schema.sql's text for when it runs alone; when the two differ, this writes what to paste."""
-    text = (HERE / "schema.sql").read_text()
-    assert "\\" not in text and '"""' not in text, "schema.sql must stay pastable into a plain triple-quoted string"
-    paste = tmp_path / "SCHEMA_SQL.py"
-    paste.write_text(f'SCHEMA_SQL = """\\\n{text}"""\n')
-    assert gs.SCHEMA_SQL == text, f"schema.sql changed: replace SCHEMA_SQL in gambiarra_server.py with all of {paste}"
-
-
-def test_the_file_alone_in_an_empty_folder_runs(alone: Path) -> None:
-    """Copied alone (no schema.sql beside it), the server starts, creates its database beside the file and
-    starts a session."""
-    process, banner = start_server(alone, alone.parent)
-    try:
-        assert banner["database"] == str(alone.parent / "gambiarra.db")
-        assert len(post_session(banner)["pin"]) == 6
-    finally:
-        assert "Traceback" not in stop_server(process)
-    assert db_rows(alone.parent / "gambiarra.db", "SELECT count(*) AS n FROM sessions") == [{"n": 1}]
-
-
-def test_help_and_a_missing_dependency_before_anything_is_installed(alone: Path) -> None:
-    """With no third-party package at all, --help answers, a bad setting is named, and starting says what
-    is missing and the pip command: one line, exit status 2, nothing created."""
-    bare = (sys.executable, "-I", "-S")       # -S: no site-packages, as on a fresh machine
-    shown = start_up(alone, "--help", python=bare)
-    assert shown.returncode == 0 and "--database-url DATABASE_URL" in shown.stdout
-    assert one_line_error(start_up(alone, python=bare)) == (f"error: not installed for {sys.executable}: aiohttp, "
-                                                            f"bcrypt (pip install aiohttp bcrypt, or: uv run {alone})")
-    assert "PORT='abc'" in one_line_error(start_up(alone, python=bare, PORT="abc"))
-    assert list(alone.parent.iterdir()) == [alone]
-
-
-@pytest.mark.parametrize("command", ["simulate", "bench"])
-def test_simulate_and_bench_without_websockets_say_so(alone: Path, command: str) -> None:
-    """simulate and bench need the websockets client: without it they say so at once, with the pip command
-    and the uv one."""
-    line = one_line_error(start_up(alone, command, python=(sys.executable, "-c", WITHOUT_WEBSOCKETS)))
-    assert line == (f"error: not installed for {sys.executable}: websockets (pip install websockets, "
-                    f"or: uv run --with websockets {alone} {command})")
-
-
-@pytest.mark.parametrize("setting, value", [
-    ("PORT", "abc"), ("PORT", "70000"), ("PIN_LENGTH", "99"), ("PIN_LENGTH", "0"), ("BCRYPT_ROUNDS", "99"),
-    ("FLUSH_INTERVAL", "nan"), ("RATE_LIMIT_WINDOW", "-1"), ("WS_MAX_PAYLOAD", "10"), ("TRUST_PROXY", "ture"),
-    ("HOST", ","), ("HOST_ADDRESSES", "192.168.1/24"), ("DATABASE_URL", "postgresql://db/arena"),
-    ("CORS_ORIGINS", "http://localhost:5173/"),
-    ("--port", "abc"), ("--bcrypt-rounds", "3")])
-def test_a_bad_setting_is_one_line_naming_it(alone: Path, setting: str, value: str) -> None:
-    """An env var or flag out of range stops the start-up with one line holding its name as written, the
-    value and what is allowed; nothing is created."""
-    args, env = ((setting, value), {}) if setting.startswith("--") else ((), {setting: value})
-    line = one_line_error(start_up(alone, *args, **env))
-    assert f"{setting}='{value}': expected " in line
-    assert list(alone.parent.iterdir()) == [alone]
-
-
-@pytest.mark.parametrize("f", NUMERIC_FIELDS, ids=lambda f: f.name)
-def test_every_number_out_of_its_range_is_refused(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-                                                  f: Any) -> None:
-    """Below, above or not a number: each numeric setting is refused with its range."""
-    env, low, high = f.metadata["env"], f.metadata["low"], f.metadata["high"]
-    for text in (str(low - 1), str(high + 1), "many"):
-        clean_env.setenv(env, text)
-        with pytest.raises(SystemExit) as stopped:
-            gs.parse_config([])
-        assert stopped.value.code == 2
-        assert capsys.readouterr().err == f"error: {env}={text!r}: expected a {'whole ' * (type(f.default) is int)}" \
-                                          f"number from {low:,} to {high:,}\n"
-
-
-def test_every_numeric_setting_declares_its_range() -> None:
-    """Each Config number says the range it may take, so no setting escapes the start-up check."""
-    assert [f.name for f in NUMERIC_FIELDS if f.metadata["low"] is None or f.metadata["high"] is None] == []
-
-
-@pytest.mark.parametrize("case", ["a folder", "no such folder", "sqlite URL, no such folder",
-                                  pytest.param("read-only file", marks=SKIP_AS_ROOT),
-                                  pytest.param("unwritable folder, default path", marks=SKIP_AS_ROOT)])
-def test_a_bad_database_path_is_one_line_and_leaves_nothing(alone: Path, case: str) -> None:
-    """A database path SQLite cannot use is named, absolute, with the reason; no empty file is left behind."""
-    folder = alone.parent
-    url, path, reason = {
-        "a folder": (str(folder), folder, "it is a folder"),
-        "no such folder": ("nowhere/arena.db", folder / "nowhere/arena.db", f"there is no folder {folder}/nowhere"),
-        "sqlite URL, no such folder": ("sqlite:///nowhere/arena.db", folder / "nowhere/arena.db",
-                                       f"there is no folder {folder}/nowhere"),
-        "read-only file": ("arena.db", folder / "arena.db", "the file is read-only"),
-        "unwritable folder, default path": ("", folder / "gambiarra.db", "the folder is not writable"),
-    }[case]
-    before = sorted(folder.iterdir())
-    if case == "read-only file":
-        path.touch(0o444)
-        before = sorted(folder.iterdir())
-    if case.startswith("unwritable"):
-        folder.chmod(0o555)
-    try:
-        line = one_line_error(start_up(alone, DATABASE_URL=url))
-    finally:
-        folder.chmod(0o755)
-    assert line.startswith(f"error: cannot use the database {path}: {reason}")
-    assert sorted(folder.iterdir()) == before
-
-
-def test_the_clubs_env_example_beside_the_file_works(alone: Path, tmp_path: Path) -> None:
-    """The club's .env.example dropped beside the file: its sqlite+aiosqlite URL becomes a file beside the .env,
-    its settings are honoured (an env var still wins), its keys we do not use are named once, and a typo
-    is warned about with the likely name."""
-    (alone.parent / ".env").write_text(
-        "HOST=0.0.0.0\nPORT=3000\nDATABASE_URL=sqlite+aiosqlite:///./dev.db\nCORS_ORIGINS=*\nPIN_LENGTH=8\n"
-        "ENVIRONMENT=development\nSESSION_TIMEOUT_MS=3600000\nPIN_LENGHT=5\n")
-    process, banner = start_server(alone, tmp_path)        # HOST and PORT come from the environment
-    try:
-        assert banner["database"] == str(alone.parent / "dev.db")
-        assert banner["listening on"].endswith(" of 127.0.0.1") and " 3000 " not in banner["listening on"]
-        assert len(post_session(banner)["pin"]) == 8
-    finally:
-        errors = stop_server(process).splitlines()
-    dotenv = alone.parent / ".env"
-    assert errors[:2] == [
-        f"{dotenv}: ENVIRONMENT, SESSION_TIMEOUT_MS (from the club's .env.example) not used by this server; ignored",
-        f"{dotenv}: PIN_LENGHT is not a setting (did you mean PIN_LENGTH?); ignored"]
-    assert (alone.parent / "dev.db").is_file()
-
-
-def test_dotenv_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """.env holds KEY=VALUE lines, with `export`, quotes and comments; a line that is none of these is named,
-    and a file that cannot be read stops the start-up."""
-    dotenv = tmp_path / ".env"
-    dotenv.write_text("# comment\nexport PIN_LENGTH=8\nPORT='4100'\nRATE_LIMIT_MAX = 20   # per minute\n"
-                      'ADMIN_TOKEN="a # b"\n\nnonsense\n')
-    assert gs.read_dotenv(dotenv) == {"PIN_LENGTH": "8", "PORT": "4100", "RATE_LIMIT_MAX": "20", "ADMIN_TOKEN": "a # b"}
-    assert caplog.messages == [f"{dotenv} line 7 is not KEY=VALUE; ignored"]
-    dotenv.write_bytes(b"PORT=\xff\n")            # saved in another encoding
-    with pytest.raises(SystemExit) as stopped:
-        gs.read_dotenv(dotenv)
-    assert stopped.value.code == 2
-
-
-def test_a_port_in_use_says_so_and_suggests_another(alone: Path) -> None:
-    """A port another program holds ends the start-up with a line that names it and suggests --port."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = start_up(alone, PORT=str(port))
-    assert one_line_error(result) == (f"error: could not listen on port {port} of 127.0.0.1: Address already in use "
-                                      "(another port: --port N or PORT=N)")
-
-
-# The club's browser client, served from CLIENT_DIR
-# =============================================================================
-
-@pytest.fixture
-def client_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "client-browser"
-    (folder / "shared").mkdir(parents=True)
-    (folder / "client.html").write_text("<title>cliente</title>")
-    (folder / "shared" / "net.js").write_text("export const x = 1;")
-    return folder
-
-
-async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_server: Any, config: gs.Config,
-                                                                    client_dir: Path,
-                                                                    http: aiohttp.ClientSession) -> None:
-    """/client and /client-assets/*.js come from CLIENT_DIR with the right type and no-store."""
-    server = await aiohttp_server(served(gs.make_app(replace(config, client_dir=client_dir))))
-    for path, content_type in (("/client", "text/html"), ("/client-assets/net.js", "text/javascript")):
-        async with http.get(server.make_url(path)) as response:
-            assert response.status == 200 and response.content_type == content_type
-            assert response.headers["Cache-Control"] == "no-store"
-    for path in ("/agent", "/client-assets/missing.js", "/client-assets/..%2Fclient.html"):
-        async with http.get(server.make_url(path)) as response:
-            assert response.status == 404 and "error" in await response.json()
+async def test_redoc_redirects_to_docs(room: Room) -> None:
+    """FastAPI users type /redoc; it leads to the same page."""
+    async with room.host.http.get(room.base + "/redoc", allow_redirects=False) as response:
+        assert (response.status, response.headers["Location"]) == (302, "/docs")
 
 
 # =============================================================================
@@ -4534,7 +4532,6 @@ async def test_under_load_every_token_reaches_every_screen_in_order_and_every_vo
     assert errors_logged(server_log) == []
 
 
-
 # =============================================================================
 # The README is the front door: it names every option, route and message
 # =============================================================================
@@ -5021,12 +5018,11 @@ async def test_simulate_follows_the_host_and_stops_after_its_rounds(room: Room, 
     options = sim_options(room, pin, rounds=1, bots=3)
     rehearsal = asyncio.ensure_future(gs.simulate(options))
     async with asyncio.timeout(30):
-        while (await room.host.call("GET", "/presence"))["connectedCount"] < 3:
-            await asyncio.sleep(0.05)
+        await get_when(room, "/presence", lambda presence: presence["connectedCount"] >= 3, timeout_s=30)
         rnd = await room.host.new_round("Um haiku, por favor", maxTokens=10)
         await room.host.start(rnd["id"])
-        while len((await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]) < 3:
-            await asyncio.sleep(0.05)
+        await get_when(room, f"/scoreboard?roundId={rnd['id']}", lambda board: len(board["scoreboard"]) >= 3,
+                       timeout_s=30)
         await room.host.stop(rnd["id"])
         tally = await rehearsal
     assert tally.completes == 3 and tally.votes == 9
@@ -5043,17 +5039,13 @@ async def test_answers_for_voting_follow_a_late_answer_and_come_gzipped(room: Ro
     await ana.recv("challenge")
     await ana.stream(1, WORDS)
     await ana.complete(1, len(WORDS))
-    async with asyncio.timeout(TIMEOUT_S):
-        while len((await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]) < 1:
-            await asyncio.sleep(0.02)
+    await get_when(room, f"/scoreboard?roundId={rnd['id']}", lambda board: board["scoreboard"])
     await room.host.stop(rnd["id"])
     first = await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses")
     assert [r["participant_id"] for r in first["responses"]] == ["ana"]
     await bia.stream(1, ["Tarde, ", "mas ", "chegou."])
     await bia.complete(1, 3)
-    async with asyncio.timeout(TIMEOUT_S):
-        while len((await room.host.call("GET", f"/api/rounds/{rnd['id']}/responses"))["responses"]) < 2:
-            await asyncio.sleep(0.02)
+    await get_when(room, f"/api/rounds/{rnd['id']}/responses", lambda body: len(body["responses"]) == 2)
     async with room.host.http.get(f"{room.base}/api/rounds/{rnd['id']}/responses",
                                   headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as response:
         assert response.headers["Content-Encoding"] == "gzip"
@@ -5157,27 +5149,24 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_bench_stopped_with_sigterm_stops_its_server_and_load() -> None:
+async def test_bench_stopped_with_sigterm_stops_its_server_and_load() -> None:
     """A TERM to bench (a host's `kill`, a CI timeout) leaves no server or load generator behind."""
     bench = subprocess.Popen([sys.executable, str(HERE / "gambiarra_server.py"), "bench", "--preset", "meetup",
                               "--runners", "2", "--screens", "1", "--phones", "1", "--voters", "1",
                               "--stream-s", "30", "--no-saturation", "--no-affinity"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def server_and_workers() -> list[int] | None:
+        pids = children(bench.pid)
+        return pids if len(pids) >= 3 else None
     try:
-        deadline = time.monotonic() + 60
-        while len(children(bench.pid)) < 3 and time.monotonic() < deadline:    # the server and its workers
-            time.sleep(0.1)
-        started = children(bench.pid)
-        assert len(started) >= 3
+        started = await eventually(server_and_workers, "the server and its workers", timeout_s=60)
     finally:
         bench.send_signal(signal.SIGTERM)
-        out, err = bench.communicate(timeout=60)
+        out, err = await asyncio.to_thread(bench.communicate, timeout=60)
     assert "interrupted" in err and "Traceback" not in err
     assert json.loads(out.splitlines()[-1])["stopped_during"] in ("start-up", "join burst")   # and what it measured
-    deadline = time.monotonic() + 10          # bench is gone; its children may take a moment to follow
-    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in started)
+    # bench is gone; its children may take a moment to follow
+    await eventually(lambda: not any(alive(pid) for pid in started), "bench's children gone", timeout_s=10)
 
 
 def alive(pid: int) -> bool:
