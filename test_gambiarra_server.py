@@ -96,6 +96,15 @@ class Host:
                                                   "score": score, "voterId": voter}, expect=expect)
 
 
+async def closed_code(ws: ClientConnection) -> int | None:
+    """Read until the connection closes; the close code the server sent (1006: none, the link just broke)."""
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                await ws.recv()
+    return ws.close_code
+
+
 class Peer:
     """A WebSocket client: a runner or a screen."""
 
@@ -131,11 +140,7 @@ class Peer:
 
     async def closed(self) -> tuple[int | None, str | None]:
         """Read until the server closes the connection; its close code and reason."""
-        async with asyncio.timeout(TIMEOUT_S):
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    await self.ws.recv()
-        return self.ws.close_code, self.ws.close_reason
+        return await closed_code(self.ws), self.ws.close_reason
 
 
 class Runner(Peer):
@@ -2259,15 +2264,6 @@ def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Every ERROR (or worse) any logger wrote: unhandled exceptions, failed writes, crashed tasks."""
     return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-async def closed_code(ws: ClientConnection) -> int | None:
-    """Read until the connection closes; the close code the server sent (1006: none, the link just broke)."""
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(TIMEOUT_S):
-            while True:
-                await ws.recv()
-    return ws.close_code
 
 
 def tokens_of(messages: list[dict[str, Any]], participant_id: str) -> list[tuple[int, str]]:
