@@ -64,14 +64,9 @@ class Host:
 
     async def call(self, method: str, path: str, body: Any = None, expect: int | None = 200,
                    **kwargs: Any) -> Any:
-        data = None if body is None else (body if isinstance(body, (str, bytes)) else json.dumps(body))
-        async with self.http.request(method, self.base + path, data=data, **kwargs) as response:
-            text = await response.text()
-            if expect is not None:
-                assert response.status == expect, f"{method} {path}: {response.status} {text}"
-            if response.content_type == "application/json":
-                return json.loads(text)
-            return text
+        status, answer = await self.status(method, path, body, **kwargs)
+        assert expect is None or status == expect, f"{method} {path}: {status} {answer}"
+        return answer
 
     async def status(self, method: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any]:
         data = None if body is None else (body if isinstance(body, (str, bytes)) else json.dumps(body))
@@ -269,10 +264,9 @@ async def serve_app():
 
 
 @pytest.fixture
-async def room(serve_app: Any, config: gs.Config, http: aiohttp.ClientSession) -> Room:
-    room = Room(await serve_app(gs.make_app(config)), http)
-    yield room
-    await room.close()
+async def room(make_room: Callable) -> LiveRoom:
+    """A server with the test's config."""
+    return await make_room()
 
 
 @pytest.fixture
