@@ -1034,6 +1034,7 @@ def open_db(path: Path) -> sqlite3.Connection:
     if version < SCHEMA_VERSION:
         add_missing_columns(conn)
     schema = HERE / "schema.sql"
+    # SCHEMA_SQL is near the end of the file (Schema): a long text, and only the fallback.
     conn.executescript(schema.read_text() if schema.exists() else SCHEMA_SQL)
     return conn
 
@@ -3368,24 +3369,6 @@ async def get_static(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"No route GET {request.path}")
 
 
-def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> list[tuple[str, str, RequestHandler]]:
-    """The routes served at the root: `api`, then the pages. A path that a page and a route share
-    answers the page to browsers and JSON to everyone else.
-
-    Each page is at /ui/<name>, and also at its own path, unless STATIC_DIR is served there:
-    then every path at the root gives browsers the static app.
-    """
-    pages = {page.path: page_endpoint(page) for page in PAGES}
-    fallback: list[tuple[str, str, RequestHandler]] = []
-    if config.static_dir:
-        pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
-        fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
-    root = [(method, path, html_or(pages.pop(path), handler) if method == "GET" and path in pages else handler)
-            for method, path, handler in api]
-    root += [("GET", path, handler) for path, handler in pages.items()]
-    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES] + fallback
-
-
 # =============================================================================
 # Routes and docs: one table is the router, the validator, /openapi.json and /docs
 # =============================================================================
@@ -3461,6 +3444,24 @@ ROUTES = (
           "id (its runner lost its laptop or address); a connection holding it keeps it.", True,
           (Field("participant_id", str, True, high=MAX_TEXT, doc="who"),)),
 )
+
+
+def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> list[tuple[str, str, RequestHandler]]:
+    """The routes served at the root: `api`, then the pages. A path that a page and a route share
+    answers the page to browsers and JSON to everyone else.
+
+    Each page is at /ui/<name>, and also at its own path, unless STATIC_DIR is served there:
+    then every path at the root gives browsers the static app.
+    """
+    pages = {page.path: page_endpoint(page) for page in PAGES}
+    fallback: list[tuple[str, str, RequestHandler]] = []
+    if config.static_dir:
+        pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
+        fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
+    root = [(method, path, html_or(pages.pop(path), handler) if method == "GET" and path in pages else handler)
+            for method, path, handler in api]
+    root += [("GET", path, handler) for path, handler in pages.items()]
+    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES] + fallback
 
 
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
@@ -3937,6 +3938,31 @@ PROBE_TIMEOUT_S = 2.0
 RECONNECT_BASE_S = 0.2      # reconnect waits double from here up to the cap, each drawn from [half, whole]:
 RECONNECT_CAP_S = 2.0       # a room of runners comes back spread out, and soon after the arena does
 DELIVERY_WAIT_S = 30.0      # how long a `complete` waits for the pong that proves the arena read it
+WAIT_STEP_S = 0.05          # how often wait_until (and a simulation waiting for a round) looks again
+
+
+def socket_gone() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a `websockets` connection failed or ended."""
+    from websockets.exceptions import InvalidHandshake, WebSocketException
+    return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` until it holds or `timeout_s` passes; say whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(WAIT_STEP_S)
+    return True
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @dataclass
@@ -4790,7 +4816,6 @@ STAMP_MARK = "|"
 STAMP_WRAP_US = 2**32
 RECONNECT_TRIES = 20
 FLOOD_BURST = 16                # tokens per write when a bot sends flat out
-WAIT_STEP_S = 0.05              # how often a simulation checks whether a round is done
 # A token_update as the server writes it (on_token), matched without decoding the JSON:
 # bench's screens must keep up with the server on a shared CPU. Anything else is decoded.
 TOKEN_UPDATE = re.compile(r'\{"type":"token_update","participant_id":"((?:[^"\\]|\\.)*)","round":(\d+),"seq":(\d+),'
@@ -4817,14 +4842,6 @@ def websocket_url(base: str) -> str:
     return "ws" + base.rstrip("/").removeprefix("http") + "/ws"
 
 
-def quantile(values: list[float], q: float) -> float | None:
-    """The q-quantile (nearest rank) of `values`; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def pick_pace(rng: random.Random) -> float:
     """A bot's speed as a multiple of --rate, drawn from BOT_PACES with some spread."""
     draw = rng.random()
@@ -4835,16 +4852,6 @@ def pick_pace(rng: random.Random) -> float:
     return pace * rng.uniform(0.85, 1.15)
 
 
-async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll `condition` until it holds or `timeout_s` passes; say whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(WAIT_STEP_S)
-    return True
-
-
 def bump(counter: dict[Any, int], key: Any) -> None:
     """Count one more `key`."""
     counter[key] = counter.get(key, 0) + 1
@@ -4853,12 +4860,6 @@ def bump(counter: dict[Any, int], key: Any) -> None:
 def counts_text(counter: dict[str, int]) -> str:
     """Counts for the host to read: "INVALID_PIN x3, KICKED x1"."""
     return ", ".join(f"{key} x{n}" for key, n in sorted(counter.items()))
-
-
-def socket_gone() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean a `websockets` connection failed or ended."""
-    from websockets.exceptions import InvalidHandshake, WebSocketException
-    return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
 
 
 class NoServer(RuntimeError):
