@@ -1109,9 +1109,10 @@ class Database:
         self.restored_at: int | None = None      # when the file was last written back after being deleted
         self.writers = writers
 
-    async def run(self, fn: Callable[..., Any], *args: Any, events: Events = ()) -> Any:
-        """Run `fn(conn, *args)` on the database thread, with the events it records; return its result."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
+    async def run(self, fn: Callable[..., Any], *args: Any, events: Events = (), **keywords: Any) -> Any:
+        """Run `fn(conn, *args, **keywords)` on the database thread, with the events it records; return its
+        result."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, keywords, events)
 
     def submit(self, fn: Callable[..., Any], *args: Any, events: Events = ()) -> None:
         """Queue `fn(conn, *args)` and its events without waiting; a failure is logged and shown on /health."""
@@ -1120,10 +1121,10 @@ class Database:
                 self.writers.ok("events")
             else:
                 self.writers.refuse("events", fn.__name__, future.exception())
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, {}, events)
         future.add_done_callback(report)
 
-    def call(self, fn: Callable[..., Any], args: tuple, events: Events) -> Any:
+    def call(self, fn: Callable[..., Any], args: tuple, keywords: dict[str, Any], events: Events) -> Any:
         """On the database thread: run `fn` and record its events in one transaction; keep `error` until a
         write succeeds again.
 
@@ -1135,7 +1136,7 @@ class Database:
         changes = self.conn.total_changes
         try:
             with self.conn:
-                result = fn(self.conn, *args)
+                result = fn(self.conn, *args, **keywords)
                 record_events(self.conn, events(result) if callable(events) else events)
         except ClientError:
             raise
@@ -1237,8 +1238,8 @@ def get_participant(conn: sqlite3.Connection, participant_id: str) -> dict[str, 
     return one(conn, "SELECT * FROM participants WHERE id = ?", participant_id)
 
 
-def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str | None = None,
-                         address: str | None = None) -> dict[str, Any]:
+def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], *,
+                         resume_hash: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Insert or update a participant, moving it into `session_id` (the club's semantics), held by its runner."""
     now = now_ms()
     conn.execute(
@@ -1262,7 +1263,7 @@ def check_room_for(conn: sqlite3.Connection, session_id: str, participant_id: st
         raise ClientError(f"This session is full: it has its {limit} participants", "SESSION_FULL")
 
 
-def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: str | None,
+def require_holder(pid: str, row: dict[str, Any] | None, *, address: str, secret: str | None,
                    connected_elsewhere: bool) -> None:
     """Let a register take `pid` only from the runner that holds it.
 
@@ -1282,14 +1283,15 @@ def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: s
                        "choose another participant id, or ask the host to release it", "ID_IN_USE")
 
 
-def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str, address: str,
-                      connected_elsewhere: bool, max_participants: int) -> dict[str, Any]:
+def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], *, resume_hash: str,
+                      address: str, connected_elsewhere: bool, max_participants: int) -> dict[str, Any]:
     """Register `p` for the runner at `address` if it holds the id (see require_holder) and the session has
     room for it (see check_room_for), in one database call."""
     pid = p["participant_id"]
-    require_holder(pid, get_participant(conn, pid), address, p["resume_secret"], connected_elsewhere)
+    require_holder(pid, get_participant(conn, pid), address=address, secret=p["resume_secret"],
+                   connected_elsewhere=connected_elsewhere)
     check_room_for(conn, session_id, pid, max_participants)
-    return register_participant(conn, session_id, p, resume_hash, address)
+    return register_participant(conn, session_id, p, resume_hash=resume_hash, address=address)
 
 
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
@@ -1878,9 +1880,9 @@ class Arena:
             session.known_pin = candidate
         return ok
 
-    def accept_token(self, participant_id: str, index: int, seq: int, content: str,
+    def accept_token(self, participant_id: str, index: int, seq: int, content: str, *,
                      limit: int, chars_limit: int) -> LiveAnswer | None:
-        """Buffer one token; return its generation if it was new, None for a duplicate."""
+        """Buffer one token; return its answer if it was new, None for a duplicate."""
         answer = self.live_round(index).answer(participant_id)
         # seq is bounded too: a resume reply lists the seqs missing below the highest one.
         if len(answer.tokens) >= limit or seq >= limit:
@@ -2042,7 +2044,7 @@ def msg_error(message: str, code: str) -> dict[str, Any]:
     return {"type": "error", "message": message, "code": code}
 
 
-def msg_registered(session_id: str, participant_id: str, resume_secret: str, live: LiveRound | None,
+def msg_registered(session_id: str, participant_id: str, resume_secret: str, *, live: LiveRound | None,
                    answer: LiveAnswer | None) -> dict[str, Any]:
     """A runner's welcome; during a round, `resume` says where its answer stands (what to send next, what is
     missing)."""
@@ -2712,8 +2714,9 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
         elsewhere = holder is not None and holder is not peer and holder.address != peer.address
         secret = secrets.token_urlsafe(16)
         nickname = m["nickname"] or pid
-        row = await server.db.run(claim_participant, session.id, {**m, "nickname": nickname}, sha256_hex(secret),
-                                  peer.address, elsewhere, server.config.max_participants, events=[
+        row = await server.db.run(claim_participant, session.id, {**m, "nickname": nickname},
+                                  resume_hash=sha256_hex(secret), address=peer.address, connected_elsewhere=elsewhere,
+                                  max_participants=server.config.max_participants, events=[
             server.event("participant_registered", actor=("participant", pid), target=("participant", pid),
                          metadata={"nickname": nickname, "runner": m["runner"], "model": m["model"]})])
         server.answers_version += 1                     # the nickname beside an answer may have changed
@@ -2721,7 +2724,7 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     live = arena.running_round()
     # Only a read: a runner with no tokens yet gets no empty card in liveTokens.
     answer = (live.answers.get(pid) or LiveAnswer(pid)) if live is not None else None
-    peer.send_json(msg_registered(session.id, pid, secret, live, answer))
+    peer.send_json(msg_registered(session.id, pid, secret, live=live, answer=answer))
     log.info("WS_REGISTERED %s (%s) from %s", loggable(pid), loggable(row["nickname"]), loggable(peer.address))
     server.hub.publish_screens(msg_participant_registered(row))
 
@@ -2747,8 +2750,8 @@ async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     live = server.arena.live_round(m["round"])
     live.check_open(config.stop_grace_s * 1000)
     live.check_room(len(m["content"]), config.max_round_tokens, config.max_round_chars)
-    answer = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config.max_answer_tokens,
-                                       config.max_answer_chars)
+    answer = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], limit=config.max_answer_tokens,
+                                       chars_limit=config.max_answer_chars)
     if answer is None:
         return                                          # a duplicate seq: already shown
     if len(answer.tokens) == 1:                         # saved with the token, by the next save
