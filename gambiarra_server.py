@@ -3968,6 +3968,54 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+class NoServer(RuntimeError):
+    """Nothing answers at the server's address: say where, and how to start one there."""
+
+    def __init__(self, url: str) -> None:
+        port = urllib.parse.urlsplit(url).port
+        flag = f" --port {port}" if port and port != Config.port else ""
+        super().__init__(f"no server at {url.rstrip('/')} (start it with: python3 {Path(__file__).name}{flag})")
+
+
+@contextlib.contextmanager
+def reaching(url: str) -> Any:
+    """Turn a connection refused, an unknown host or a connect timeout into NoServer."""
+    try:
+        yield
+    except (ClientConnectorError, ConnectionTimeoutError):
+        raise NoServer(url) from None
+
+
+class HostClient:
+    """The host's HTTP calls, made as curl makes them: what join-drill, simulate and bench ask of the arena."""
+
+    def __init__(self, http: ClientSession, url: str, admin_token: str = "") -> None:
+        self.http, self.url = http, url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One call; a refusal raises RuntimeError with the server's words, no server NoServer."""
+        with reaching(self.url):
+            async with self.http.request(method, self.url + path, json=body, headers=self.headers) as response:
+                data = await response.json(content_type=None)
+            if response.status >= 400:
+                raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
+            return data
+
+
+def register_message(participant_id: str, pin: str, *, nickname: str | None = None, runner: str | None = None,
+                     model: str | None = None, resume_secret: str | None = None) -> str:
+    """A runner's `register`, as sent by join, simulate's bots and bench; a field left None is not sent."""
+    optional = {"nickname": nickname, "runner": runner, "model": model, "resume_secret": resume_secret}
+    return dumps({"type": "register", "participant_id": participant_id, "pin": pin,
+                  **{key: value for key, value in optional.items() if value is not None}})
+
+
+def token_message(round_index: int, participant_id: str, seq: int, content: str) -> str:
+    return dumps({"type": "token", "round": round_index, "participant_id": participant_id, "seq": seq,
+                  "content": content})
+
+
 @dataclass
 class JoinOptions:
     """What `join` is told; each field has an env var and a matching --flag."""
@@ -4444,12 +4492,10 @@ class Join:
 
     async def converse(self, ws: Any) -> None:
         """One connection: register, then read the arena's messages while a sender delivers the answer."""
-        register = {"type": "register", "participant_id": self.participant_id,
-                    "nickname": self.options.nickname or self.participant_id, "pin": self.options.pin,
-                    "runner": self.engine.runner, "model": self.engine.model}
-        if self.resume_secret:
-            register["resume_secret"] = self.resume_secret
-        await ws.send(dumps(register))
+        await ws.send(register_message(self.participant_id, self.options.pin,
+                                       nickname=self.options.nickname or self.participant_id,
+                                       runner=self.engine.runner, model=self.engine.model,
+                                       resume_secret=self.resume_secret or None))
         sender = asyncio.ensure_future(self.deliver_loop(ws))
         try:
             async for text in ws:
@@ -4624,8 +4670,7 @@ class Join:
                     self.out.say(f"round {answer.round}: the arena has all {len(answer.tokens)} tokens")
 
     def token_frame(self, answer: Answer, seq: int) -> str:
-        return dumps({"type": "token", "round": answer.round, "participant_id": self.participant_id, "seq": seq,
-                      "content": answer.tokens[seq]})
+        return token_message(answer.round, self.participant_id, seq, answer.tokens[seq])
 
 
 async def join(options: JoinOptions, out: Terminal) -> str:
@@ -4710,7 +4755,7 @@ async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
         base = f"http://127.0.0.1:{port}"
         async with ClientSession() as http:
             await server.start(http)
-            pin = (await post_json(http, base + "/session", {}))["pin"]
+            pin = (await HostClient(http, base).call("POST", "/session", {}))["pin"]
             machine = await asyncio.to_thread(machine_info)
             seats = [Join(JoinOptions(url=base, pin=pin, nickname=f"drill {i}"), Mock(None, "", "mock", rate),
                           machine, Terminal(enabled=False), f"drill-{i:03d}") for i in range(runners)]
@@ -4724,19 +4769,15 @@ async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
                 await asyncio.to_thread(server.stop)
 
 
-async def post_json(http: ClientSession, url: str, body: dict[str, Any]) -> Any:
-    async with http.post(url, json=body) as response:
-        return await response.json()
-
-
 async def drill_round(seats: list[Join], server: DrillServer, http: ClientSession, base: str, rate: float,
                       answer_s: float, signum: int, say: Callable[[str], None]) -> dict[str, Any]:
     """The drill's round: all streaming, the arena down and up again, every answer delivered and compared."""
     if not await wait_until(lambda: all(seat.registered_once for seat in seats), 60):
         raise RuntimeError("not every runner registered")
-    rnd = await post_json(http, base + "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
-                                                   "deadlineMs": 120_000})
-    await post_json(http, base + "/rounds/start", {"roundId": rnd["id"]})
+    host = HostClient(http, base)
+    rnd = await host.call("POST", "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
+                                              "deadlineMs": 120_000})
+    await host.call("POST", "/rounds/start", {"roundId": rnd["id"]})
     await wait_until(lambda: all(seat.answer and len(seat.answer.tokens) >= rate for seat in seats), 60)
     say(f"{len(seats)} runners streaming; stopping the arena ({signal.Signals(signum).name})")
     down = time.monotonic()
@@ -4751,9 +4792,8 @@ async def drill_round(seats: list[Join], server: DrillServer, http: ClientSessio
     back = [(seat.streaming_at or seat.back_at) - up for seat in seats]
     if not await wait_until(lambda: all(seat.answer.delivered for seat in seats), 120):
         raise RuntimeError("not every answer was completed")
-    await post_json(http, base + "/rounds/stop", {"roundId": rnd["id"]})
-    async with http.get(base + "/export-all.json") as response:
-        tree = await response.json(content_type=None)
+    await host.call("POST", "/rounds/stop", {"roundId": rnd["id"]})
+    tree = await host.call("GET", "/export-all.json")
     stored = {m["participantId"]: m for r in tree["rounds"] for m in r["metrics"]}
     lost = differ = 0
     for seat in seats:
@@ -4863,24 +4903,6 @@ def bump(counter: dict[Any, int], key: Any) -> None:
 def counts_text(counter: dict[str, int]) -> str:
     """Counts for the host to read: "INVALID_PIN x3, KICKED x1"."""
     return ", ".join(f"{key} x{n}" for key, n in sorted(counter.items()))
-
-
-class NoServer(RuntimeError):
-    """Nothing answers at the server's address: say where, and how to start one there."""
-
-    def __init__(self, url: str) -> None:
-        port = urllib.parse.urlsplit(url).port
-        flag = f" --port {port}" if port and port != Config.port else ""
-        super().__init__(f"no server at {url.rstrip('/')} (start it with: python3 {Path(__file__).name}{flag})")
-
-
-@contextlib.contextmanager
-def reaching(url: str) -> Any:
-    """Turn a connection refused, an unknown host or a connect timeout into NoServer."""
-    try:
-        yield
-    except (ClientConnectorError, ConnectionTimeoutError):
-        raise NoServer(url) from None
 
 
 @dataclass
@@ -4996,9 +5018,8 @@ class Bot:
             try:
                 async with connect(self.sim.ws_url, open_timeout=10, compression=None, max_queue=None) as ws:
                     self.ws = ws
-                    await ws.send(dumps({"type": "register", "participant_id": self.participant_id,
-                                         "nickname": self.nickname, "pin": self.sim.pin, "runner": self.runner,
-                                         "model": self.model}))
+                    await ws.send(register_message(self.participant_id, self.sim.pin, nickname=self.nickname,
+                                                   runner=self.runner, model=self.model))
                     async for text in ws:
                         failures = 0
                         self.on_message(json.loads(text), started)
@@ -5129,8 +5150,7 @@ class Bot:
         content = bot_word(self.index, round_index, seq)
         if self.sim.options.stamp:
             content = f"{time.monotonic_ns() // 1000 % STAMP_WRAP_US:x}{STAMP_MARK}{content}"
-        return dumps({"type": "token", "round": round_index, "participant_id": self.participant_id, "seq": seq,
-                      "content": content})
+        return token_message(round_index, self.participant_id, seq, content)
 
     async def wait_turn(self, due: float) -> float:
         """Sleep until the next token is due at this bot's pace, with jitter; return the next due time."""
@@ -5344,6 +5364,7 @@ class Simulation:
         self.measures = Measures()
         self.stopping = False
         self.http: ClientSession | None = None
+        self.host: HostClient | None = None     # the host's calls, on the same session
         self.voters = [Voter(self, options.first_voter + i) for i in range(options.voters)]
         # Phones are numbered -1: a token_update reaching one (it should not) shows up as seen[-1].
         self.screens = ([Screen(self, options.first_screen + i, "arena", []) for i in range(options.screens)]
@@ -5360,6 +5381,7 @@ class Simulation:
     async def running(self) -> Any:
         """An HTTP session while the simulation runs; every actor stops at the end."""
         async with ClientSession(connector=TCPConnector(limit=0), timeout=ClientTimeout(total=30)) as self.http:
+            self.host = HostClient(self.http, self.options.url, self.options.admin_token)
             try:
                 yield self
             finally:
@@ -5386,15 +5408,8 @@ class Simulation:
         return measures
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One HTTP call as the host (or a phone); a refusal raises RuntimeError with the server's words."""
-        headers = {"Authorization": f"Bearer {self.options.admin_token}"} if self.options.admin_token else {}
-        with reaching(self.options.url):
-            async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
-                                         headers=headers) as response:
-                data = await response.json(content_type=None)
-            if response.status >= 400:
-                raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
-            return data
+        """One HTTP call as the host (see HostClient)."""
+        return await self.host.call(method, path, body)
 
     async def answers(self, round_id: str) -> list[str]:
         """Download a round's answers as a phone does (gzipped); return who answered.
@@ -5967,8 +5982,7 @@ class Attackers:
             guess = pin
             while guess == pin:
                 guess = "".join(rng.choice("0123456789") for _ in pin)
-            await ws.send_str(dumps({"type": "register", "participant_id": f"guesser-{rng.randrange(10**6)}",
-                                     "pin": guess}))
+            await ws.send_str(register_message(f"guesser-{rng.randrange(10**6)}", guess))
             self.count("guess_sent")
             answer = await self.answer(ws, "guess", ("registered", "error"), self.left_s())
             if answer is None:
@@ -6241,7 +6255,7 @@ class Bench:
             async with asyncio.timeout(LATE_RUNNER_WAIT_S), \
                     ClientSession(connector=TCPConnector(local_addr=(LATE_RUNNER_ADDRESS, 0))) as http, \
                     http.ws_connect(websocket_url(self.server.base)) as ws:
-                await ws.send_str(dumps({"type": "register", "participant_id": "bench-late", "pin": pin}))
+                await ws.send_str(register_message("bench-late", pin))
                 async for message in ws:
                     m = json.loads(message.data) if message.type is WSMsgType.TEXT else {}
                     if m.get("type") in ("registered", "error"):
