@@ -36,7 +36,8 @@ Words, each with one meaning here (and in the Python names):
     token        one piece of an answer, numbered by ``seq`` from 0 within the round
     vote         one phone's score for one answer
     host         the person running the evening (and their machine, trusted without a
-                 token); where the server listens are its *listen addresses*
+                 token); where the server listens are its *listen addresses*, and a
+                 request's Host header is the name it used for this server
     save         write to SQLite; *flush* is only ever a write to a socket
 
 WebSocket protocol (every frame is one JSON object with a ``type``):
@@ -491,10 +492,17 @@ except ImportError as exc:
 # =============================================================================
 
 class ClientError(Exception):
-    """Something a client asked for that cannot be done; the edges turn it into a reply."""
+    """Something a client asked for that cannot be done; the edges turn it into a reply.
+
+    A kind of refusal is a subclass that names its HTTP status and default code:
+    ``class NotFound(ClientError, status=404, code="NOT_FOUND")``.
+    """
 
     status = 400
     code = "INVALID_INPUT"
+
+    def __init_subclass__(cls, status: int, code: str) -> None:
+        cls.status, cls.code = status, code
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -502,28 +510,28 @@ class ClientError(Exception):
             self.code = code
 
 
-class Unauthorized(ClientError):
-    status, code = 401, "UNAUTHORIZED"
+class Unauthorized(ClientError, status=401, code="UNAUTHORIZED"):
+    """No admin token where the host's machine or its token is needed."""
 
 
-class Forbidden(ClientError):
-    status, code = 403, "FORBIDDEN"
+class Forbidden(ClientError, status=403, code="FORBIDDEN"):
+    """Known, and not allowed: a wrong token, a removed participant, a foreign page."""
 
 
-class NotFound(ClientError):
-    status, code = 404, "NOT_FOUND"
+class NotFound(ClientError, status=404, code="NOT_FOUND"):
+    """No such thing: no active session, an unknown round or participant."""
 
 
-class Conflict(ClientError):
-    status, code = 409, "CONFLICT"
+class Conflict(ClientError, status=409, code="CONFLICT"):
+    """Not in the state it is in: a round already running, an id another runner holds."""
 
 
-class TooSlow(ClientError):
-    status, code = 408, "REQUEST_TIMEOUT"
+class TooSlow(ClientError, status=408, code="REQUEST_TIMEOUT"):
+    """A request body that did not arrive within BODY_TIMEOUT."""
 
 
-class TooMany(ClientError):
-    status, code = 429, "TOO_MANY_REQUESTS"
+class TooMany(ClientError, status=429, code="TOO_MANY_REQUESTS"):
+    """Over a throttle: the client may try again after `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: float, code: str | None = None) -> None:
         super().__init__(message, code)
@@ -813,12 +821,12 @@ def header(request: web.Request, name: str) -> str:
     return clean_text(request.headers.get(name, ""))
 
 
-def host_name(host: str) -> str:
+def host_name(header_value: str) -> str:
     """The name or address in a Host header: no port, brackets or final dot, in lower case."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return (host.rpartition(":")[0] if host.count(":") == 1 else host).rstrip(".")
+    name = header_value.strip().lower()
+    if name.startswith("["):
+        return name[1:].partition("]")[0]
+    return (name.rpartition(":")[0] if name.count(":") == 1 else name).rstrip(".")
 
 
 def client_address(request: web.Request, config: Config) -> str:
@@ -2433,14 +2441,14 @@ class Gate:
             return False
         return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
 
-    def is_named(self, host: str, local_address: str) -> bool:
+    def is_named(self, host_header: str, local_address: str) -> bool:
         """Whether a Host header names this server, reached at `local_address`.
 
         That is an address of this machine, localhost, this machine's names (and their .local
         form, which phones use with mDNS) or ALLOWED_HOSTS. Any other name is a site that pointed
         its name at this machine (DNS rebinding), so that its pages could read it as their own.
         """
-        name = host_name(host)
+        name = host_name(host_header)
         if name in self.own_names or name in self.allowed_hosts or "*" in self.allowed_hosts:
             return True
         ip = ip_of(name)
@@ -3897,12 +3905,12 @@ async def start(app: web.Application, addresses: Iterable[str], port: int,
         server.gate.admission.most = open_files - DESCRIPTOR_RESERVE
     asyncio.get_running_loop().set_exception_handler(quiet_socket_errors(server.rare_log))
     listening, refused = [], {}
-    for host in addresses:
+    for address in addresses:
         try:
-            await Site(runner, host, port, server).start()
-            listening.append(host)
+            await Site(runner, address, port, server).start()
+            listening.append(address)
         except OSError as exc:      # asyncio words a busy port at length; the system's words say it
-            refused[host] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+            refused[address] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     return runner, listening, refused
 
 
@@ -5408,7 +5416,7 @@ class Simulation:
         return measures
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One HTTP call as the host (see HostClient)."""
+        """One HTTP call as the host, on this simulation's HTTP session (see HostClient)."""
         return await self.host.call(method, path, body)
 
     async def answers(self, round_id: str) -> list[str]:
@@ -6766,11 +6774,11 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
         fail(f"could not listen on port {config.port} of {', '.join(refused)}: {'; '.join(set(refused.values()))}"
              " (another port: --port N or PORT=N)")
-    for host, reason in refused.items():
-        log.warning("cannot listen on %s port %d: %s", host, config.port, reason)
+    for address, reason in refused.items():
+        log.warning("cannot listen on %s port %d: %s", address, config.port, reason)
     port = runner.addresses[0][1]
-    for host in listening:
-        log.info("Server listening at http://%s:%d", f"[{host}]" if ":" in host else host, port)
+    for address in listening:
+        log.info("Server listening at http://%s:%d", f"[{address}]" if ":" in address else address, port)
     # The collector's full passes then skip what start-up made (the modules): mid-round
     # pauses become short (README, Performance).
     gc.collect()
