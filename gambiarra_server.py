@@ -4011,6 +4011,13 @@ class HostClient:
             return data
 
 
+def runner_connection(url: str) -> Any:
+    """A runner's WebSocket to the arena, as join and simulate's bots open it (`async with`): the arena
+    compresses nothing, and a runner reads every message it is sent."""
+    from websockets.asyncio.client import connect
+    return connect(url, open_timeout=10, compression=None, max_queue=None)
+
+
 def register_message(participant_id: str, pin: str, *, nickname: str | None = None, runner: str | None = None,
                      model: str | None = None, resume_secret: str | None = None) -> str:
     """A runner's `register`, as sent by join, simulate's bots and bench; a field left None is not sent."""
@@ -4466,13 +4473,12 @@ class Join:
 
     async def run(self) -> str:
         """Stay in the arena until refused, reconnecting after every drop; return why it ended."""
-        from websockets.asyncio.client import connect
         failures = 0
         while self.refused is None:
             self.out.say(f"connecting to {self.url} ...")
             self.ready_seen = self.retry = False
             try:
-                async with connect(self.url, open_timeout=10, compression=None, max_queue=None) as ws:
+                async with runner_connection(self.url) as ws:
                     await self.converse(ws)
                 said = " ".join(str(part) for part in (ws.close_code, ws.close_reason) if part)
                 why = f"the arena closed the connection ({said})"
@@ -5019,12 +5025,11 @@ class Bot:
 
     async def run(self) -> None:
         """Stay connected until the simulation ends, reconnecting after every drop."""
-        from websockets.asyncio.client import connect
         failures = 0
         while not self.sim.stopping and self.refused is None and failures < RECONNECT_TRIES:
             started = time.monotonic()
             try:
-                async with connect(self.sim.ws_url, open_timeout=10, compression=None, max_queue=None) as ws:
+                async with runner_connection(self.sim.ws_url) as ws:
                     self.ws = ws
                     await ws.send(register_message(self.participant_id, self.sim.pin, nickname=self.nickname,
                                                    runner=self.runner, model=self.model))

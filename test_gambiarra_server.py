@@ -1387,6 +1387,13 @@ def test_the_docstring_and_docs_list_every_message_the_server_sends_with_its_fie
         assert f" {kind} {{" in docstring, kind
 
 
+def test_the_docstring_names_the_files_sections_in_their_order() -> None:
+    """The section map in the module docstring is the file's banners, in order."""
+    banners = re.findall(r"^# =+\n# ([^\n]+)\n# =+$", (HERE / "gambiarra_server.py").read_text(), re.M)
+    listed = " ".join(gs.__doc__.split("The sections of this file")[1].split("\n\n")[1].split())
+    assert [part.split(" (")[0] for part in listed.split(" -> ")] == [b.split(":")[0].split(" (")[0] for b in banners]
+
+
 async def test_redoc_redirects_to_docs(room: Room) -> None:
     """FastAPI users type /redoc; it leads to the same page."""
     async with room.host.http.get(room.base + "/redoc", allow_redirects=False) as response:
