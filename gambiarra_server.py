@@ -20,6 +20,26 @@ A participant joins with a local model (``pip install aiohttp bcrypt websockets`
 
     python gambiarra_server.py join --url HOST:3000 --pin 123456 --nickname Ana --model llama3.1:8b
 
+Words, each with one meaning here (and in the Python names):
+
+    session      one evening, opened by the host; its PIN lets runners in
+    round        one challenge of a session: a prompt every runner answers; its *index*
+                 (0, 1, 2, ...) is what messages call ``round``, its *id* what routes take
+    participant  a person taking part, with a stable id and a nickname
+    runner       the program a participant runs (``join``, or the club's): it connects,
+                 answers challenges and streams tokens; the participants' ``runner``
+                 column names its kind (ollama, llamacpp, ...)
+    screen       any connection that watches instead of answering (telao_register); its
+                 *view* says which page it is: the arena (the telão), voting (a phone), ...
+    peer         one WebSocket connection, whether a runner's or a screen's
+    answer       one participant's text for one round, built from its tokens
+    token        one piece of an answer, numbered by ``seq`` from 0 within the round
+    vote         one phone's score for one answer
+    host         the person running the evening (and their machine, trusted without a
+                 token); where the server listens are its *listen addresses*, and a
+                 request's Host header is the name it used for this server
+    save         write to SQLite; *flush* is only ever a write to a socket
+
 WebSocket protocol (every frame is one JSON object with a ``type``):
 
     runner -> server   register {participant_id, nickname, pin, runner, model, resume_secret?}
@@ -30,22 +50,30 @@ WebSocket protocol (every frame is one JSON object with a ``type``):
     screen -> server   telao_register {view?: "arena" | "voting" | ...}
     server -> runner   registered {session_id, participant_id, resume_secret, resume?}
                        challenge {session_id, round, prompt, max_tokens, temperature,
-                                  deadline_ms, seed}
-                       heartbeat {ts}      error {message, code}
-    server -> screen   registered_telao {view}   state_snapshot {session, round, participants,
-                       liveTokens?}   participant_registered {participant}
+                                  deadline_ms, seed?}
+                       heartbeat {ts}
+    server -> either   error {message, code}
+    server -> screen   registered_telao {view}
+                       state_snapshot {session, round, participants, liveTokens?}
+                       participant_registered {participant}
                        participant_disconnected {participant_id, ts}
-                       round_started {round, session_id}   round_state {round}
+                       round_started {round, session_id}
+                       round_state {round}
                        token_update {participant_id, round, seq, content, total_tokens}
-                       completion {participant_id, round, tokens, duration_ms, ttft_ms, tps, engine_tps}
+                       completion {participant_id, round, tokens, duration_ms, ttft_ms, tps,
+                                   engine_tps}
 
-Every HTTP route is served at the root and again under ``/api``; ``GET /docs``
-lists them all. The sections of this file, in order (``grep -n '^# =='``):
+(The incoming frames are ON_MESSAGE's; the outgoing ones SERVER_MESSAGES'.) Every HTTP
+route is served at the root and again under ``/api``; ``GET /docs`` lists them all.
 
-    Configuration, Errors, Helpers, Input fields, Store (sqlite), Live state,
-    Messages, Hub (fan-out), The server, WebSocket, HTTP, Pages, Routes and docs, App,
-    Runner (join, the participant's side), Rehearsal (simulate and bench), Command line, Schema,
-    Assets (the pages' text).
+The sections of this file, in order (``grep -n '^# =='``); each uses only those above
+it, and says why where it cannot:
+
+    Configuration -> Errors -> Helpers -> Input fields -> Store (sqlite) -> Live state
+    -> Messages (in and out) -> Hub (fan-out) -> The server -> WebSocket -> HTTP (the API)
+    -> Pages (their handlers) -> Routes and docs -> App -> Runner (join, the participant's
+    side) -> Rehearsal (simulate and bench) -> Command line -> Schema -> Assets (the pages'
+    text: plain data, last, although the Pages section uses it).
 
 The pages: ``/`` the big screen, ``/voting`` the phones, ``/admin`` the host's
 panel, ``/scoreboard`` the ceremony (each also at ``/ui/<name>``).
@@ -128,7 +156,7 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def listen_addresses(text: str) -> tuple[str, ...]:
+def nonempty_addresses(text: str) -> tuple[str, ...]:
     """HOST: with no address the server would start and listen nowhere."""
     addresses = comma_list(text)
     if not addresses:
@@ -179,8 +207,8 @@ MIN_PIN_LENGTH, MAX_PIN_LENGTH = 4, 12
 class Config:
     """Everything a run can change; each field has an env var and a matching --flag."""
 
-    hosts: tuple[str, ...] = option(("0.0.0.0", "::"), "HOST", "addresses to listen on, comma-separated",
-                                    parse=listen_addresses)
+    listen_addresses: tuple[str, ...] = option(("0.0.0.0", "::"), "HOST", "addresses to listen on, comma-separated",
+                                    parse=nonempty_addresses)
     port: int = option(3000, "PORT", "TCP port (0: any free port)", low=0, high=65535)
     database: Path = option(HERE / "gambiarra.db", "DATABASE_URL",
                             "SQLite file: a path, sqlite:///path, sqlite+<driver>:///path or file:path",
@@ -232,7 +260,7 @@ class Config:
                                     "messages per second a WebSocket connection may send, in bursts of as many "
                                     "again; beyond it the server reads the connection more slowly "
                                     "(the host's: any number)", low=1, high=1_000_000)
-    max_tokens_per_generation: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
+    max_answer_tokens: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
                                             "tokens kept per runner per round", low=1, high=10_000_000)
     stop_grace_s: float = option(3.0, "STOP_GRACE", "seconds after a stop during which tokens and completes "
                                                     "still on their way are kept; then answers are frozen",
@@ -252,7 +280,7 @@ class Config:
     peer_queue_bytes: int = option(8 * 1024 * 1024, "PEER_QUEUE_BYTES",
                                    "bytes queued for one connection before it is dropped as not reading",
                                    low=64 * 1024, high=1024 * 1024 * 1024)
-    flush_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens",
+    save_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens",
                                      low=0.01, high=3600)
     bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes", low=4, high=16)
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
@@ -265,7 +293,7 @@ class Config:
 
 
 MAX_TEXT = 200              # nickname, model, runner, ids
-BALLOT_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
+VOTE_LINGER_S = 0.002     # how long a batch of votes waits for more before it is written
 MAX_PROMPT = 100_000
 MAX_ROUND = 1_000_000       # round indexes, in messages
 MAX_MS = 86_400_000         # durations a client reports: a day
@@ -464,10 +492,17 @@ except ImportError as exc:
 # =============================================================================
 
 class ClientError(Exception):
-    """Something a client asked for that cannot be done; the edges turn it into a reply."""
+    """Something a client asked for that cannot be done; the edges turn it into a reply.
+
+    A kind of refusal is a subclass that names its HTTP status and default code:
+    ``class NotFound(ClientError, status=404, code="NOT_FOUND")``.
+    """
 
     status = 400
     code = "INVALID_INPUT"
+
+    def __init_subclass__(cls, status: int, code: str) -> None:
+        cls.status, cls.code = status, code
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -475,28 +510,28 @@ class ClientError(Exception):
             self.code = code
 
 
-class Unauthorized(ClientError):
-    status, code = 401, "UNAUTHORIZED"
+class Unauthorized(ClientError, status=401, code="UNAUTHORIZED"):
+    """No admin token where the host's machine or its token is needed."""
 
 
-class Forbidden(ClientError):
-    status, code = 403, "FORBIDDEN"
+class Forbidden(ClientError, status=403, code="FORBIDDEN"):
+    """Known, and not allowed: a wrong token, a removed participant, a foreign page."""
 
 
-class NotFound(ClientError):
-    status, code = 404, "NOT_FOUND"
+class NotFound(ClientError, status=404, code="NOT_FOUND"):
+    """No such thing: no active session, an unknown round or participant."""
 
 
-class Conflict(ClientError):
-    status, code = 409, "CONFLICT"
+class Conflict(ClientError, status=409, code="CONFLICT"):
+    """Not in the state it is in: a round already running, an id another runner holds."""
 
 
-class TooSlow(ClientError):
-    status, code = 408, "REQUEST_TIMEOUT"
+class TooSlow(ClientError, status=408, code="REQUEST_TIMEOUT"):
+    """A request body that did not arrive within BODY_TIMEOUT."""
 
 
-class TooMany(ClientError):
-    status, code = 429, "TOO_MANY_REQUESTS"
+class TooMany(ClientError, status=429, code="TOO_MANY_REQUESTS"):
+    """Over a throttle: the client may try again after `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: float, code: str | None = None) -> None:
         super().__init__(message, code)
@@ -515,7 +550,7 @@ EPOCH = datetime(1970, 1, 1)
 
 
 def iso(ms: int | None) -> str | None:
-    """Epoch milliseconds as the ISO-8601 UTC text the club's clients parse (twice as fast as strftime)."""
+    """Epoch milliseconds as the ISO-8601 UTC text the club's clients parse (by hand: strftime is slower)."""
     if ms is None:
         return None
     return (EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
@@ -564,7 +599,7 @@ def new_id() -> str:
     """A version 7 UUID (RFC 9562): the time in ms, then random bits.
 
     Ids in creation order put each new row at the end of its table's id index
-    instead of on a random page: a batch of votes writes about 40% fewer pages.
+    instead of on a random page: a batch of votes writes fewer pages (README, Performance).
     """
     value = now_ms() << 80 | int.from_bytes(os.urandom(10), "big")
     value = value & ~(0xF << 76) | 0x7 << 76          # version 7
@@ -777,6 +812,60 @@ class Admission:
         self.total -= 1
 
 
+def header(request: web.Request, name: str) -> str:
+    """A request header as text we may store, log and send back ("" when absent).
+
+    aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which sqlite, logs and responses refuse; they become U+FFFD.
+    """
+    return clean_text(request.headers.get(name, ""))
+
+
+def host_name(header_value: str) -> str:
+    """The name or address in a Host header: no port, brackets or final dot, in lower case."""
+    name = header_value.strip().lower()
+    if name.startswith("["):
+        return name[1:].partition("]")[0]
+    return (name.rpartition(":")[0] if name.count(":") == 1 else name).rstrip(".")
+
+
+def client_address(request: web.Request, config: Config) -> str:
+    """The caller's address: the socket's, or behind a trusted proxy the X-Forwarded-For hop it added.
+
+    Each proxy appends the address it saw, so only the last PROXY_HOPS hops are ours:
+    anything to their left is whatever the client chose to send.
+    """
+    if config.trust_proxy:
+        hops = [hop.strip() for hop in header(request, "X-Forwarded-For").split(",") if hop.strip()]
+        if hops:
+            return hops[max(0, len(hops) - max(1, config.proxy_hops))]
+    return request.remote or ""
+
+
+def allowed_origin(config: Config, origin: str) -> str | None:
+    return origin if "*" in config.cors_origins or origin in config.cors_origins else None
+
+
+def lan_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses, for the URLs participants type."""
+    found = set()
+    with contextlib.suppress(OSError):
+        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))     # a UDP connect sends nothing; it only picks the outgoing interface
+        found.add(probe.getsockname()[0])
+    return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified)
+
+
+def machine_names() -> set[str]:
+    """This machine's host name and full name, each also with .local (its mDNS name), in lower case."""
+    names = set()
+    with contextlib.suppress(OSError):
+        names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    short = {name.split(".")[0] for name in names}
+    return {name.rstrip(".") for name in names | short | {f"{name}.local" for name in short} if name}
+
+
 # =============================================================================
 # Input fields: one description drives validation, OpenAPI and /docs
 # =============================================================================
@@ -953,6 +1042,7 @@ def open_db(path: Path) -> sqlite3.Connection:
     if version < SCHEMA_VERSION:
         add_missing_columns(conn)
     schema = HERE / "schema.sql"
+    # SCHEMA_SQL is near the end of the file (Schema): a long text, and only the fallback.
     conn.executescript(schema.read_text() if schema.exists() else SCHEMA_SQL)
     return conn
 
@@ -960,12 +1050,12 @@ def open_db(path: Path) -> sqlite3.Connection:
 DB_THREAD_NICENESS = 5
 
 
-def yield_to_event_loop() -> None:
+def lower_thread_priority() -> None:
     """Lower the database thread's OS priority below the event loop's (Linux; elsewhere nothing).
 
     On a busy CPU the scheduler then runs the loop first: tokens reach the screens
-    on time (p99 21-24 ms -> 6-7 ms at 4,000 tokens/s on one CPU), and a second's
-    worth of tokens is saved a few milliseconds later instead.
+    on time (README, Performance), and a second's worth of tokens is saved a few
+    milliseconds later instead.
     """
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DB_THREAD_NICENESS)
@@ -1017,7 +1107,7 @@ class Database:
 
     def __init__(self, path: Path, writers: Writers) -> None:
         self.path = path
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite", initializer=yield_to_event_loop)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite", initializer=lower_thread_priority)
         try:
             self.conn = self.executor.submit(open_db, path).result()
         except BaseException:
@@ -1027,9 +1117,10 @@ class Database:
         self.restored_at: int | None = None      # when the file was last written back after being deleted
         self.writers = writers
 
-    async def run(self, fn: Callable[..., Any], *args: Any, events: Events = ()) -> Any:
-        """Run `fn(conn, *args)` on the database thread, with the events it records; return its result."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
+    async def run(self, fn: Callable[..., Any], *args: Any, events: Events = (), **keywords: Any) -> Any:
+        """Run `fn(conn, *args, **keywords)` on the database thread, with the events it records; return its
+        result."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, keywords, events)
 
     def submit(self, fn: Callable[..., Any], *args: Any, events: Events = ()) -> None:
         """Queue `fn(conn, *args)` and its events without waiting; a failure is logged and shown on /health."""
@@ -1038,10 +1129,10 @@ class Database:
                 self.writers.ok("events")
             else:
                 self.writers.refuse("events", fn.__name__, future.exception())
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, events)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn, args, {}, events)
         future.add_done_callback(report)
 
-    def call(self, fn: Callable[..., Any], args: tuple, events: Events) -> Any:
+    def call(self, fn: Callable[..., Any], args: tuple, keywords: dict[str, Any], events: Events) -> Any:
         """On the database thread: run `fn` and record its events in one transaction; keep `error` until a
         write succeeds again.
 
@@ -1053,7 +1144,7 @@ class Database:
         changes = self.conn.total_changes
         try:
             with self.conn:
-                result = fn(self.conn, *args)
+                result = fn(self.conn, *args, **keywords)
                 record_events(self.conn, events(result) if callable(events) else events)
         except ClientError:
             raise
@@ -1155,8 +1246,8 @@ def get_participant(conn: sqlite3.Connection, participant_id: str) -> dict[str, 
     return one(conn, "SELECT * FROM participants WHERE id = ?", participant_id)
 
 
-def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str | None = None,
-                         address: str | None = None) -> dict[str, Any]:
+def register_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], *,
+                         resume_hash: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Insert or update a participant, moving it into `session_id` (the club's semantics), held by its runner."""
     now = now_ms()
     conn.execute(
@@ -1180,7 +1271,7 @@ def check_room_for(conn: sqlite3.Connection, session_id: str, participant_id: st
         raise ClientError(f"This session is full: it has its {limit} participants", "SESSION_FULL")
 
 
-def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: str | None,
+def require_holder(pid: str, row: dict[str, Any] | None, *, address: str, secret: str | None,
                    connected_elsewhere: bool) -> None:
     """Let a register take `pid` only from the runner that holds it.
 
@@ -1200,14 +1291,15 @@ def require_holder(pid: str, row: dict[str, Any] | None, address: str, secret: s
                        "choose another participant id, or ask the host to release it", "ID_IN_USE")
 
 
-def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], resume_hash: str, address: str,
-                      connected_elsewhere: bool, max_participants: int) -> dict[str, Any]:
+def claim_participant(conn: sqlite3.Connection, session_id: str, p: dict[str, Any], *, resume_hash: str,
+                      address: str, connected_elsewhere: bool, max_participants: int) -> dict[str, Any]:
     """Register `p` for the runner at `address` if it holds the id (see require_holder) and the session has
     room for it (see check_room_for), in one database call."""
     pid = p["participant_id"]
-    require_holder(pid, get_participant(conn, pid), address, p["resume_secret"], connected_elsewhere)
+    require_holder(pid, get_participant(conn, pid), address=address, secret=p["resume_secret"],
+                   connected_elsewhere=connected_elsewhere)
     check_room_for(conn, session_id, pid, max_participants)
-    return register_participant(conn, session_id, p, resume_hash, address)
+    return register_participant(conn, session_id, p, resume_hash=resume_hash, address=address)
 
 
 def set_connected(conn: sqlite3.Connection, participant_id: str, connected: bool) -> None:
@@ -1550,7 +1642,7 @@ def scoreboard_round(conn: sqlite3.Connection, session_id: str) -> dict[str, Any
     return row
 
 
-def responses(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any]]:
+def round_answers(conn: sqlite3.Connection, round_id: str) -> list[dict[str, Any]]:
     return every(conn, """SELECT m.participantId AS participant_id, p.nickname, m.generatedContent AS generated_content
                           FROM metrics m JOIN participants p ON p.id = m.participantId
                           WHERE m.roundId = ? ORDER BY m.createdAt""", round_id)
@@ -1621,7 +1713,7 @@ def find_session(conn: sqlite3.Connection, session_id: str | None) -> str:
 # Arena.lock, so a stop, a complete and a new session never interleave.
 
 @dataclass
-class Generation:
+class LiveAnswer:
     """One participant's answer to one round, as its tokens arrive."""
 
     participant_id: str
@@ -1668,7 +1760,7 @@ class LiveRound:
     """A started round whose runners may still be streaming (running, or just stopped)."""
 
     row: dict[str, Any]
-    generations: dict[str, Generation] = field(default_factory=dict)
+    answers: dict[str, LiveAnswer] = field(default_factory=dict)
     tokens: int = 0              # kept for all runners together, to bound a round's memory
     chars: int = 0
 
@@ -1684,15 +1776,15 @@ class LiveRound:
     def running(self) -> bool:
         return self.row["endedAt"] is None
 
-    def generation(self, participant_id: str) -> Generation:
-        gen = self.generations.get(participant_id)
-        if gen is None:
-            gen = self.generations[participant_id] = Generation(participant_id)
-        return gen
+    def answer(self, participant_id: str) -> LiveAnswer:
+        answer = self.answers.get(participant_id)
+        if answer is None:
+            answer = self.answers[participant_id] = LiveAnswer(participant_id)
+        return answer
 
-    def keep(self, gen: Generation, seq: int, content: str, at: int) -> bool:
+    def keep(self, answer: LiveAnswer, seq: int, content: str, at: int) -> bool:
         """Add a token to one of this round's answers; say whether it was new."""
-        if not gen.add(seq, content, at):
+        if not answer.add(seq, content, at):
             return False
         self.tokens += 1
         self.chars += len(content)
@@ -1748,7 +1840,7 @@ class Arena:
         self.lock = asyncio.Lock()
         self.session: SessionState | None = None
         self.rounds: dict[int, LiveRound] = {}          # by index
-        self.unsaved: list[tuple] = []                   # token rows waiting for the next flush
+        self.unsaved: list[tuple] = []                   # token rows waiting for the next save
         self.bcrypt_turn = asyncio.Semaphore(1)          # one bcrypt check at a time: guesses cannot fill the CPU
         self.unsaved_events: list[tuple] = []            # and the events they record (first_token_received)
 
@@ -1796,56 +1888,56 @@ class Arena:
             session.known_pin = candidate
         return ok
 
-    def accept_token(self, participant_id: str, index: int, seq: int, content: str,
-                     limit: int, chars_limit: int) -> Generation | None:
-        """Buffer one token; return its generation if it was new, None for a duplicate."""
-        gen = self.live_round(index).generation(participant_id)
+    def accept_token(self, participant_id: str, index: int, seq: int, content: str, *,
+                     limit: int, chars_limit: int) -> LiveAnswer | None:
+        """Buffer one token; return its answer if it was new, None for a duplicate."""
+        answer = self.live_round(index).answer(participant_id)
         # seq is bounded too: a resume reply lists the seqs missing below the highest one.
-        if len(gen.tokens) >= limit or seq >= limit:
+        if len(answer.tokens) >= limit or seq >= limit:
             raise ClientError(f"An answer keeps at most {limit} tokens (seq 0 to {limit - 1}); the rest is ignored",
                               "TOO_MANY_TOKENS")
-        if gen.chars + len(content) > chars_limit:
+        if answer.chars + len(content) > chars_limit:
             raise ClientError(f"An answer keeps at most {chars_limit} characters; the rest is ignored",
                               "ANSWER_TOO_LONG")
         at = now_ms()
-        if not self.rounds[index].keep(gen, seq, content, at):
+        if not self.rounds[index].keep(answer, seq, content, at):
             return None
         self.unsaved.append((self.rounds[index].id, participant_id, seq, content, at))
-        return gen
+        return answer
 
     def take_unsaved(self) -> tuple[list[tuple], list[tuple], list[tuple]]:
-        """Hand over the tokens, refreshed contents and events that the next flush writes."""
+        """Hand over the tokens, refreshed contents and events that the next save writes."""
         rows, self.unsaved = self.unsaved, []
         events, self.unsaved_events = self.unsaved_events, []
         contents = []
         for live in self.rounds.values():
-            for gen in live.generations.values():
-                if gen.stale:
-                    gen.stale = False
-                    contents.append((gen.content, len(gen.tokens), gen.gaps, live.id, gen.participant_id))
+            for answer in live.answers.values():
+                if answer.stale:
+                    answer.stale = False
+                    contents.append((answer.content, len(answer.tokens), answer.gaps, live.id, answer.participant_id))
         return rows, contents, events
 
     def give_back(self, rows: list[tuple], contents: list[tuple], events: list[tuple]) -> None:
-        """Keep what a failed flush took, so the next flush tries again."""
+        """Keep what a failed save took, so the next save tries again."""
         self.unsaved[:0] = rows
         self.unsaved_events[:0] = events
         for _, _, _, round_id, participant_id in contents:
             for live in self.rounds.values():
                 if live.id == round_id:
-                    live.generation(participant_id).stale = True
+                    live.answer(participant_id).stale = True
 
 
-def generation_metrics(live: LiveRound, gen: Generation, report: dict[str, Any] | None) -> dict[str, Any]:
+def answer_metrics(live: LiveRound, answer: LiveAnswer, report: dict[str, Any] | None) -> dict[str, Any]:
     """The metrics row of an answer: server-clock figures, with the runner's own report beside them.
 
     `report` is the runner's `complete` message; None means the answer is rescued at stop.
     """
     now = now_ms()
-    started, first = live.row["startedAt"], gen.first_token_at
+    started, first = live.row["startedAt"], answer.first_token_at
     client = report or {}
     client_tokens, client_ttft = client.get("tokens"), client.get("latency_ms_first_token")
     client_duration = client.get("duration_ms")
-    received = len(gen.tokens)
+    received = len(answer.tokens)
     tokens = received if client_tokens is None else client_tokens
     if first is not None and now > first:
         tps = received / ((now - first) / 1000)
@@ -1854,19 +1946,19 @@ def generation_metrics(live: LiveRound, gen: Generation, report: dict[str, Any] 
     else:
         tps = 0.0                                       # never null: the telão calls toFixed on it
     return {
-        "id": new_id(), "roundId": live.id, "participantId": gen.participant_id, "tokens": tokens,
+        "id": new_id(), "roundId": live.id, "participantId": answer.participant_id, "tokens": tokens,
         "latencyFirstTokenMs": first - started if first is not None else client_ttft, "durationMs": now - started,
         "tpsAvg": round(tps, 3), "modelInfo": dumps(client["model_info"]) if client.get("model_info") else None,
-        "generatedContent": gen.content, "createdAt": now,
+        "generatedContent": answer.content, "createdAt": now,
         "generationStartedAt": first - client_ttft if first is not None and client_ttft is not None else started,
-        "generationEndedAt": now, "firstTokenAt": first, "tokensReceived": received, "seqGaps": gen.gaps,
+        "generationEndedAt": now, "firstTokenAt": first, "tokensReceived": received, "seqGaps": answer.gaps,
         "clientLatencyFirstTokenMs": client_ttft, "clientDurationMs": client_duration,
         "rescued": int(report is None),
     }
 
 
 # =============================================================================
-# Messages: the JSON shapes clients read
+# Messages: the frames clients send, and the JSON shapes they read
 # =============================================================================
 #
 # The casing is the club's contract: database rows travel camelCase, hand-built
@@ -1915,8 +2007,68 @@ def vote_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "createdAt": iso(row["createdAt"])}
 
 
+# What clients send: the fields of each incoming frame (ON_MESSAGE, in the WebSocket section, pairs
+# each with its handler).
+
+REGISTER = (
+    Field("participant_id", str, True, low=1, high=MAX_TEXT, doc="stable id of this runner"),
+    Field("nickname", str, high=MAX_TEXT, doc="shown on the screen (default: participant_id)"),
+    Field("pin", str, True, high=64, doc="the session PIN"),
+    Field("runner", str, default="", high=MAX_TEXT, doc="ollama, llamacpp, lmstudio, ..."),
+    Field("model", str, default="", high=MAX_TEXT, doc="model name, free text"),
+    Field("resume_secret", str, high=MAX_TEXT, doc="the resume_secret of an earlier registered: takes this id "
+                                                   "back from another machine"),
+)
+TELAO_REGISTER = (
+    Field("view", str, default="arena", high=32, doc='"arena" (default), "voting" (no token_update), ...'),
+)
+TOKEN = (
+    Field("round", int, True, low=0, high=MAX_ROUND, doc="round index from the challenge"),
+    Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
+    Field("seq", int, True, low=0, high=10_000_000, doc="0, 1, 2, ... per round"),
+    Field("content", str, default="", high=1_000_000, as_sent=True,
+          doc="the token text; may be empty, or hold half of an emoji (joined with the next token's half)"),
+)
+COMPLETE = (
+    Field("round", int, True, low=0, high=MAX_ROUND, doc="round index"),
+    Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
+    Field("tokens", int, low=0, high=10_000_000, doc="tokens generated, as the runner counts them"),
+    Field("latency_ms_first_token", float, low=0, high=MAX_MS, doc="runner's own time to first token"),
+    Field("duration_ms", float, low=0, high=MAX_MS, doc="runner's own generation time"),
+    Field("model_info", dict, high=10_000, depth=8,
+          doc="{name, runner, device?}: at most 10000 characters as JSON, 8 levels deep"),
+)
+RUNNER_ERROR = (
+    Field("round", int, low=0, high=MAX_ROUND, doc="round index"),
+    Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
+    Field("code", str, default="", high=MAX_TEXT, doc="e.g. GENERATION_FAILED"),
+    Field("message", str, default="", high=10_000, doc="what went wrong"),
+)
+
+
+# What the server sends: each frame is built by one function here.
+
 def msg_error(message: str, code: str) -> dict[str, Any]:
     return {"type": "error", "message": message, "code": code}
+
+
+def msg_registered(session_id: str, participant_id: str, resume_secret: str, *, live: LiveRound | None,
+                   answer: LiveAnswer | None) -> dict[str, Any]:
+    """A runner's welcome; during a round, `resume` says where its answer stands (what to send next, what is
+    missing)."""
+    message = {"type": "registered", "session_id": session_id, "participant_id": participant_id,
+               "resume_secret": resume_secret}
+    if live is not None and answer is not None:
+        message["resume"] = {"round": live.index, "next_seq": answer.next_seq, "missing": answer.missing()}
+    return message
+
+
+def msg_registered_telao(view: str | None) -> dict[str, Any]:
+    return {"type": "registered_telao", "view": view}
+
+
+def msg_heartbeat() -> dict[str, Any]:
+    return {"type": "heartbeat", "ts": now_ms()}
 
 
 def msg_challenge(session_id: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -1948,7 +2100,46 @@ def msg_completion(index: int, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def live_tokens(live: LiveRound) -> dict[str, list[str]]:
-    return {pid: gen.ordered() for pid, gen in live.generations.items()}
+    return {pid: answer.ordered() for pid, answer in live.answers.items()}
+
+
+def msg_state_snapshot(session: SessionState, shown: dict[str, Any] | None, participants: list[dict[str, Any]],
+                       live: LiveRound | None) -> dict[str, Any]:
+    """What a screen needs when it (re)connects: the shown round and, while one runs, every token so far."""
+    message = {"type": "state_snapshot",
+               "session": {"id": session.id, "createdAt": iso(session.created_at), "status": "active"},
+               "round": round_json(shown) if shown else None, "participants": participants}
+    if live is not None:
+        message["liveTokens"] = live_tokens(live)
+    return message
+
+
+def msg_round_started(index: int, session_id: str) -> dict[str, Any]:
+    return {"type": "round_started", "round": index, "session_id": session_id}
+
+
+def msg_token_update(participant_id: str, index: int, seq: int, content: str, total_tokens: int) -> dict[str, Any]:
+    # Bench's screens match this key order as text (TOKEN_UPDATE): they must keep up on a shared CPU.
+    return {"type": "token_update", "participant_id": participant_id, "round": index, "seq": seq,
+            "content": content, "total_tokens": total_tokens}
+
+
+# Every frame the server sends, by type: who gets it and its fields (`?`: sometimes absent). /docs and
+# the module docstring list these; the msg_* functions above are the only places that build them.
+SERVER_MESSAGES: dict[str, tuple[str, str]] = {
+    "registered": ("runner", "session_id, participant_id, resume_secret, resume?"),
+    "challenge": ("runner", "session_id, round, prompt, max_tokens, temperature, deadline_ms, seed?"),
+    "heartbeat": ("runner", "ts"),
+    "error": ("runner or screen", "message, code"),
+    "registered_telao": ("screen", "view"),
+    "state_snapshot": ("screen", "session, round, participants, liveTokens?"),
+    "participant_registered": ("screen", "participant"),
+    "participant_disconnected": ("screen", "participant_id, ts"),
+    "round_started": ("screen", "round, session_id"),
+    "round_state": ("screen", "round"),
+    "token_update": ("screen", "participant_id, round, seq, content, total_tokens"),
+    "completion": ("screen", "participant_id, round, tokens, duration_ms, ttft_ms, tps, engine_tps"),
+}
 
 
 # =============================================================================
@@ -1991,6 +2182,14 @@ class Peer:
     queue for the peer's writer task, bounded in messages and in bytes (fan-out
     multiplies a big token by the screens); a peer whose queue fills up is not
     reading: it is cut off, and everyone else carries on.
+
+    Text frames are written to the transport ready-made (text_frame), past
+    aiohttp's writer: one frame is built per message and shared by every screen,
+    and aiohttp would frame it again per peer, with an await each. So the socket
+    is opened with compression off (a compressed frame is per connection and
+    could not be shared) and autoping off (ws_endpoint sees every ping and pong,
+    and any frame, a pong too, proves the peer alive). Pings and closes are rare
+    and stateful (a close waits for the peer's), so they go through aiohttp.
     """
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, address: str, queue_limit: int,
@@ -2100,7 +2299,7 @@ class Hub:
 
     def __init__(self) -> None:
         self.peers: set[Peer] = set()
-        self.runners: dict[str, Peer] = {}             # registered participants by id
+        self.by_participant: dict[str, Peer] = {}             # registered participants by id
         self.screens: set[Peer] = set()
         self.arena_screens: list[Peer] = []            # the screens that show tokens (not the voting phones)
 
@@ -2121,22 +2320,22 @@ class Hub:
 
     def publish_runners(self, message: dict[str, Any]) -> None:
         frame = text_frame(json_bytes(message))
-        for peer in self.runners.values():
+        for peer in self.by_participant.values():
             peer.send(frame)
 
     def add_runner(self, peer: Peer, row: dict[str, Any]) -> None:
         """Make `peer` the connection of participant `row`, closing any older one first."""
-        old = self.runners.get(row["id"])
+        old = self.by_participant.get(row["id"])
         if old is not None and old is not peer:
             log.info("WS_DEDUP %s", loggable(row["id"]))
             old.close(WSCloseCode.OK, "replaced by a newer connection")
         self.drop_screen(peer)
         peer.participant_id, peer.row = row["id"], row
-        self.runners[row["id"]] = peer
+        self.by_participant[row["id"]] = peer
 
     def presence(self) -> list[dict[str, Any]]:
         """The connected runners, oldest participant first."""
-        rows = sorted((peer.row for peer in self.runners.values()), key=lambda row: row["createdAt"])
+        rows = sorted((peer.row for peer in self.by_participant.values()), key=lambda row: row["createdAt"])
         return [participant_json(row, True) for row in rows]
 
 
@@ -2144,10 +2343,10 @@ class Hub:
 # The server: live state, database and connections, kept consistent together
 # =============================================================================
 
-class Ballots:
+class VoteWriter:
     """Votes on their way to the database, written in batches.
 
-    A batch waits BALLOT_LINGER_S for the votes already on their way, and a
+    A batch waits VOTE_LINGER_S for the votes already on their way, and a
     vote that arrives while a batch is being written waits for the next one:
     a room voting in a burst shares a few transactions instead of paying a
     commit per phone.
@@ -2169,7 +2368,7 @@ class Ballots:
     async def write_all(self, db: Database) -> None:
         """Write batches while votes wait; each vote's request gets its row or its error, whatever fails."""
         while self.waiting:
-            await asyncio.sleep(BALLOT_LINGER_S)
+            await asyncio.sleep(VOTE_LINGER_S)
             batch, self.waiting = self.waiting, []
             try:
                 results: list[Any] = await db.run(cast_votes, [vote for vote, _ in batch], self.counts)
@@ -2203,42 +2402,26 @@ class Resumed:
     kicked: int
 
 
-@dataclass
-class Server:
-    """What every handler works with; one per app, so tests get a fresh one each."""
+class Gate:
+    """Who may do what: which requests are the host's, which names are this server's, and the throttles
+    that keep one address (or all of them, guessing PINs) from taking the evening."""
 
-    config: Config
-    db: Database = field(init=False)                 # opened when the app starts
-    arena: Arena = field(default_factory=Arena)
-    hub: Hub = field(default_factory=Hub)
-    ballots: Ballots = field(default_factory=Ballots)
-    writers: Writers = field(default_factory=Writers)
-    answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
-    # The voting page's answers as sent, (round id, voting status, answers_version) -> JSON, plain and gzipped.
-    responses_cache: tuple[tuple, asyncio.Future[tuple[bytes, bytes]]] | None = None
-    rare_log: RareLog = field(default_factory=lambda: RareLog(RARE_LOG_S))
-    # Refusals a host wants to see, but not once per request: one line per address a minute.
-    refusal_log: RareLog = field(default_factory=lambda: RareLog(60.0))
-
-    def __post_init__(self) -> None:
-        self.pin_throttle = Throttle(self.config.pin_attempts_max, self.config.pin_attempts_window_s)
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pin_throttle = Throttle(config.pin_attempts_max, config.pin_attempts_window_s)
         # Every address together: however many addresses a guesser has, 10**6 PINs take days.
-        self.pin_total_throttle = Throttle(self.config.pin_attempts_total_max, self.config.pin_attempts_window_s)
-        self.http_throttle = Throttle(self.config.rate_limit_max, self.config.rate_limit_window_s)
+        self.pin_total_throttle = Throttle(config.pin_attempts_total_max, config.pin_attempts_window_s)
+        self.http_throttle = Throttle(config.rate_limit_max, config.rate_limit_window_s)
         self.snapshot_throttle = Throttle(1, SNAPSHOT_INTERVAL_S)
-        self.admission = Admission(self.config.connections_per_address)
-        host_networks = [ipaddress.ip_network(net, strict=False) for net in self.config.host_addresses]
+        self.admission = Admission(config.connections_per_address)
+        host_networks = [ipaddress.ip_network(net, strict=False) for net in config.host_addresses]
         # Asked on every HTTP request, where parsing the address would cost more than routing it.
         self.is_host = functools.lru_cache(maxsize=4096)(lambda address: in_networks(address, host_networks))
         self.own_addresses: set[str] = set()             # this machine's LAN addresses, found at start-up
         self.own_names = {"localhost"}                   # with this machine's names, found at start-up
-        self.allowed_hosts = {host_name(name) for name in self.config.allowed_hosts}
-
-    def event(self, event_type: str, *, actor: tuple[str, str | None] = SYSTEM,
-              target: tuple[str | None, str | None] = NO_TARGET, metadata: dict[str, Any] | None = None) -> tuple:
-        """An event-log row of the active session, for the write it records (`events=` of Database.run)."""
-        session_id = self.arena.session.id if self.arena.session else None
-        return event_row(session_id, event_type, actor=actor, target=target, metadata=metadata)
+        self.allowed_hosts = {host_name(name) for name in config.allowed_hosts}
+        # Refusals a host wants to see, but not once per request: one line per address a minute.
+        self.refusal_log = RareLog(60.0)
 
     def acts_as_host(self, request: web.Request) -> bool:
         """The request comes from the host's machine, and not from a page of another site open in its browser.
@@ -2258,18 +2441,79 @@ class Server:
             return False
         return hostname == "localhost" or self.is_host(hostname) or hostname in self.own_addresses
 
-    def is_named(self, host: str, local_address: str) -> bool:
+    def is_named(self, host_header: str, local_address: str) -> bool:
         """Whether a Host header names this server, reached at `local_address`.
 
         That is an address of this machine, localhost, this machine's names (and their .local
         form, which phones use with mDNS) or ALLOWED_HOSTS. Any other name is a site that pointed
         its name at this machine (DNS rebinding), so that its pages could read it as their own.
         """
-        name = host_name(host)
+        name = host_name(host_header)
         if name in self.own_names or name in self.allowed_hosts or "*" in self.allowed_hosts:
             return True
         ip = ip_of(name)
         return ip is not None and (ip.is_loopback or ip == ip_of(local_address) or str(ip) in self.own_addresses)
+
+    def require_host(self, request: web.Request) -> None:
+        """Host routes answer the host's own machine, or anyone holding the admin token.
+
+        A token that is sent must be right, wherever it comes from: a screen given a wrong one is
+        caught at the rehearsal on the host's laptop, not on the evening on another machine.
+        """
+        authorization = header(request, "Authorization").strip()
+        if not authorization:
+            if self.acts_as_host(request):
+                return
+            if self.is_host(client_address(request, self.config)):
+                raise Forbidden("A page from another site cannot act as the host: open it from this machine, list "
+                                "its origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'",
+                                "FOREIGN_ORIGIN")
+            raise Unauthorized("This is a host route: call it from the host's machine or send "
+                               "'Authorization: Bearer <admin token>'")
+        scheme, _, token = authorization.partition(" ")
+        expected = self.config.admin_token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            address = client_address(request, self.config)
+            self.refusal_log.warning(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
+                                     loggable(address), loggable(request.method), loggable(request.path))
+            raise Forbidden("Wrong admin token")
+
+    def is_host_request(self, request: web.Request) -> bool:
+        """Whether the caller may see what only the host sees (the plain PIN): the same rule as host routes."""
+        try:
+            self.require_host(request)
+        except ClientError:
+            return False
+        return True
+
+
+@dataclass
+class Server:
+    """What every handler works with; one per app, so tests get a fresh one each.
+
+    Its one job: keep the live state, the database and the connections consistent
+    with each other (a token accepted is shown and later saved; a runner that leaves
+    is announced and marked). Who may do what is the gate's.
+    """
+
+    config: Config                                   # as the app was made (with its admin token)
+    db: Database = field(init=False)                 # opened when the app starts (running_server)
+    arena: Arena = field(default_factory=Arena)      # the session, its live round and its unsaved tokens
+    hub: Hub = field(default_factory=Hub)            # the connections, by role
+    vote_writer: VoteWriter = field(default_factory=VoteWriter)     # votes, batched into the database
+    writers: Writers = field(default_factory=Writers)   # how the background writers fare, for /health
+    answers_version: int = 0                         # bumped whenever an answer, or a name beside it, changes
+    rare_log: RareLog = field(default_factory=lambda: RareLog(RARE_LOG_S))  # lines a client can cause, rationed
+    gate: Gate = field(init=False)                   # the host check and the throttles, made from config
+
+    def __post_init__(self) -> None:
+        self.gate = Gate(self.config)
+
+    def event(self, event_type: str, *, actor: tuple[str, str | None] = SYSTEM,
+              target: tuple[str | None, str | None] = NO_TARGET, metadata: dict[str, Any] | None = None) -> tuple:
+        """An event-log row of the active session, for the write it records (`events=` of Database.run)."""
+        session_id = self.arena.session.id if self.arena.session else None
+        return event_row(session_id, event_type, actor=actor, target=target, metadata=metadata)
 
     async def load(self) -> None:
         """Pick up where a previous run stopped: the active session and its live round."""
@@ -2287,11 +2531,11 @@ class Server:
             return
         live = self.arena.start_round(shown)
         for token in await self.db.run(round_tokens, live.id):
-            live.keep(live.generation(token["participantId"]), token["seq"], token["content"], token["receivedAt"])
+            live.keep(live.answer(token["participantId"]), token["seq"], token["content"], token["receivedAt"])
         for m in await self.db.run(round_metrics, live.id):
-            gen = live.generation(m["participantId"])
-            gen.saved, gen.completed, gen.stale = True, not m["rescued"], False
-        log.info("resumed session %s, round %d (%d answers in memory)", row["id"], live.index, len(live.generations))
+            answer = live.answer(m["participantId"])
+            answer.saved, answer.completed, answer.stale = True, not m["rescued"], False
+        log.info("resumed session %s, round %d (%d answers in memory)", row["id"], live.index, len(live.answers))
 
     async def resumed(self) -> Resumed | None:
         """The active session this start picked up (see load), or None."""
@@ -2304,11 +2548,11 @@ class Server:
         return Resumed(row, session.known_pin, live.row if live else None,
                        [p for p in participants if not p["kicked"]], sum(p["kicked"] for p in participants))
 
-    async def flush(self) -> None:
-        """Write the tokens accepted since the last flush, and the events they record. Never raises.
+    async def save_streamed(self) -> None:
+        """Write the tokens accepted since the last save, and the events they record. Never raises.
 
         What cannot be written is set aside (logged, and shown on /health) and the rest
-        is written; if the database itself fails, everything waits for the next flush.
+        is written; if the database itself fails, everything waits for the next save.
         """
         rows, contents, events = self.arena.take_unsaved()
         if not rows and not contents and not events:
@@ -2326,13 +2570,13 @@ class Server:
         if contents:
             self.answers_version += 1
 
-    async def save_answer(self, live: LiveRound, gen: Generation, report: dict[str, Any] | None) -> dict[str, Any]:
+    async def save_answer(self, live: LiveRound, answer: LiveAnswer, report: dict[str, Any] | None) -> dict[str, Any]:
         """Write an answer's metrics row and its event: on `complete` (with its report), or rescued at stop."""
-        metrics = generation_metrics(live, gen, report)
-        pid = gen.participant_id
+        metrics = answer_metrics(live, answer, report)
+        pid = answer.participant_id
         if report is None:
             event = self.event("generation_rescued", target=("participant", pid),
-                               metadata={"roundIndex": live.index, "tokens": len(gen.tokens)})
+                               metadata={"roundIndex": live.index, "tokens": len(answer.tokens)})
         else:
             event = self.event("generation_completed", actor=("participant", pid), target=("round", live.id),
                                metadata={"roundIndex": live.index, "tokens": metrics["tokens"],
@@ -2341,8 +2585,8 @@ class Server:
                                          "tpsAvg": metrics["tpsAvg"]})
         await self.db.run(save_metrics, metrics, events=[event])
         self.answers_version += 1
-        gen.saved, gen.stale = True, False
-        gen.completed = gen.completed or report is not None
+        answer.saved, answer.stale = True, False
+        answer.completed = answer.completed or report is not None
         return metrics
 
     async def rescue(self, live: LiveRound) -> None:
@@ -2352,17 +2596,17 @@ class Server:
         can stop; a database failure is raised (the host's request then says so).
         """
         refused = False
-        for gen in live.generations.values():
-            if gen.tokens and not gen.saved:
+        for answer in live.answers.values():
+            if answer.tokens and not answer.saved:
                 try:
-                    await self.save_answer(live, gen, None)
+                    await self.save_answer(live, answer, None)
                 except Exception as exc:
                     if is_database_failure(exc):
                         raise
-                    self.writers.refuse("answers", f"the answer of {gen.participant_id!r}", exc)
+                    self.writers.refuse("answers", f"the answer of {answer.participant_id!r}", exc)
                     refused = True
                     continue
-                log.info("Flushed buffered tokens for %s: %d tokens", loggable(gen.participant_id), len(gen.tokens))
+                log.info("Flushed buffered tokens for %s: %d tokens", loggable(answer.participant_id), len(answer.tokens))
         if not refused:
             self.writers.ok("answers")
 
@@ -2372,13 +2616,7 @@ class Server:
         if session is None:
             return None
         shown = await self.db.run(shown_round, session.id)
-        message = {"type": "state_snapshot",
-                   "session": {"id": session.id, "createdAt": iso(session.created_at), "status": "active"},
-                   "round": round_json(shown) if shown else None, "participants": self.hub.presence()}
-        live = self.arena.running_round()
-        if live is not None:
-            message["liveTokens"] = live_tokens(live)
-        return message
+        return msg_state_snapshot(session, shown, self.hub.presence(), self.arena.running_round())
 
     async def publish_round(self, row: dict[str, Any]) -> None:
         """Tell screens a round changed; keep the live copy of its row in step."""
@@ -2390,7 +2628,7 @@ class Server:
     async def keep_alive(self) -> None:
         """Heartbeat the runners and ping everyone; drop peers silent for MISSED_PINGS intervals."""
         interval_s = self.config.ws_heartbeat_interval_s
-        self.hub.publish_runners({"type": "heartbeat", "ts": now_ms()})
+        self.hub.publish_runners(msg_heartbeat())
         silent_since = time.monotonic() - interval_s * MISSED_PINGS
         for peer in list(self.hub.peers):
             if peer.last_heard < silent_since:
@@ -2405,53 +2643,20 @@ class Server:
         if not peer.closing:
             peer.writer.cancel()
         pid = peer.participant_id
-        if pid is not None and self.hub.runners.get(pid) is peer:
-            del self.hub.runners[pid]
+        if pid is not None and self.hub.by_participant.get(pid) is peer:
+            del self.hub.by_participant[pid]
             log.info("WS_DISCONNECTED %s from %s", loggable(pid), loggable(peer.address))
             self.hub.publish_screens(msg_participant_disconnected(pid))
             self.db.submit(set_connected, pid, False, events=[
                 self.event("participant_disconnected", actor=("participant", pid), target=("participant", pid))])
 
 
+server_key = web.AppKey("server", Server)      # the app's one Server, for handlers that get only the request
+
+
 # =============================================================================
 # WebSocket: /ws for runners and screens
 # =============================================================================
-
-REGISTER = (
-    Field("participant_id", str, True, low=1, high=MAX_TEXT, doc="stable id of this runner"),
-    Field("nickname", str, high=MAX_TEXT, doc="shown on the screen (default: participant_id)"),
-    Field("pin", str, True, high=64, doc="the session PIN"),
-    Field("runner", str, default="", high=MAX_TEXT, doc="ollama, llamacpp, lmstudio, ..."),
-    Field("model", str, default="", high=MAX_TEXT, doc="model name, free text"),
-    Field("resume_secret", str, high=MAX_TEXT, doc="the resume_secret of an earlier registered: takes this id "
-                                                   "back from another machine"),
-)
-TELAO_REGISTER = (
-    Field("view", str, default="arena", high=32, doc='"arena" (default), "voting" (no token_update), ...'),
-)
-TOKEN = (
-    Field("round", int, True, low=0, high=MAX_ROUND, doc="round index from the challenge"),
-    Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
-    Field("seq", int, True, low=0, high=10_000_000, doc="0, 1, 2, ... per round"),
-    Field("content", str, default="", high=1_000_000, as_sent=True,
-          doc="the token text; may be empty, or hold half of an emoji (joined with the next token's half)"),
-)
-COMPLETE = (
-    Field("round", int, True, low=0, high=MAX_ROUND, doc="round index"),
-    Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
-    Field("tokens", int, low=0, high=10_000_000, doc="tokens generated, as the runner counts them"),
-    Field("latency_ms_first_token", float, low=0, high=MAX_MS, doc="runner's own time to first token"),
-    Field("duration_ms", float, low=0, high=MAX_MS, doc="runner's own generation time"),
-    Field("model_info", dict, high=10_000, depth=8,
-          doc="{name, runner, device?}: at most 10000 characters as JSON, 8 levels deep"),
-)
-RUNNER_ERROR = (
-    Field("round", int, low=0, high=MAX_ROUND, doc="round index"),
-    Field("participant_id", str, high=MAX_TEXT, doc="must be the registered one"),
-    Field("code", str, default="", high=MAX_TEXT, doc="e.g. GENERATION_FAILED"),
-    Field("message", str, default="", high=10_000, doc="what went wrong"),
-)
-
 
 def require_runner(peer: Peer, m: dict[str, Any]) -> str:
     """The participant this socket registered as, which is the only one it may speak for."""
@@ -2477,7 +2682,7 @@ async def check_pin(server: Server, peer: Peer, session: SessionState, candidate
     guessed wrong in the window waits it out, but one that did not is still checked: strangers
     filling the total cannot lock out a runner that types the right PIN.
     """
-    throttle, everyone, key = server.pin_throttle, server.pin_total_throttle, pin_network(peer.address)
+    throttle, everyone, key = server.gate.pin_throttle, server.gate.pin_total_throttle, pin_network(peer.address)
     wait_s = throttle.wait_s(key) or (everyone.wait_s("") if throttle.count(key) else 0.0)
     if wait_s:
         whose = "from your address" if throttle.wait_s(key) else "on this server, yours among them"
@@ -2513,22 +2718,21 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
             raise ClientError("A new session started; reconnect with the new PIN.", "SESSION_ENDED")
         if pid in session.kicked:
             raise Forbidden("The host removed you from this session", "KICKED")
-        holder = server.hub.runners.get(pid)
+        holder = server.hub.by_participant.get(pid)
         elsewhere = holder is not None and holder is not peer and holder.address != peer.address
         secret = secrets.token_urlsafe(16)
         nickname = m["nickname"] or pid
-        row = await server.db.run(claim_participant, session.id, {**m, "nickname": nickname}, sha256_hex(secret),
-                                  peer.address, elsewhere, server.config.max_participants, events=[
+        row = await server.db.run(claim_participant, session.id, {**m, "nickname": nickname},
+                                  resume_hash=sha256_hex(secret), address=peer.address, connected_elsewhere=elsewhere,
+                                  max_participants=server.config.max_participants, events=[
             server.event("participant_registered", actor=("participant", pid), target=("participant", pid),
                          metadata={"nickname": nickname, "runner": m["runner"], "model": m["model"]})])
         server.answers_version += 1                     # the nickname beside an answer may have changed
         server.hub.add_runner(peer, row)
-    reply = {"type": "registered", "session_id": session.id, "participant_id": pid, "resume_secret": secret}
     live = arena.running_round()
-    if live is not None:
-        gen = live.generations.get(pid) or Generation(pid)     # only a read: no empty card in liveTokens
-        reply["resume"] = {"round": live.index, "next_seq": gen.next_seq, "missing": gen.missing()}
-    peer.send_json(reply)
+    # Only a read: a runner with no tokens yet gets no empty card in liveTokens.
+    answer = (live.answers.get(pid) or LiveAnswer(pid)) if live is not None else None
+    peer.send_json(msg_registered(session.id, pid, secret, live=live, answer=answer))
     log.info("WS_REGISTERED %s (%s) from %s", loggable(pid), loggable(row["nickname"]), loggable(peer.address))
     server.hub.publish_screens(msg_participant_registered(row))
 
@@ -2536,13 +2740,13 @@ async def on_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
 async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     peer.view = m["view"]
     server.hub.add_screen(peer)
-    peer.send_json({"type": "registered_telao", "view": peer.view})
+    peer.send_json(msg_registered_telao(peer.view))
     # A snapshot holds every live token: a screen needs one when it (re)connects, and an
     # address asking for more waits its turn (its reading waits with it).
-    if not server.is_host(peer.address):
-        while wait_s := server.snapshot_throttle.wait_s(peer.address):
+    if not server.gate.is_host(peer.address):
+        while wait_s := server.gate.snapshot_throttle.wait_s(peer.address):
             await asyncio.sleep(wait_s)
-        server.snapshot_throttle.add(peer.address)
+        server.gate.snapshot_throttle.add(peer.address)
     snapshot = await server.snapshot()
     if snapshot is not None:
         peer.send_json(snapshot)
@@ -2554,15 +2758,15 @@ async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     live = server.arena.live_round(m["round"])
     live.check_open(config.stop_grace_s * 1000)
     live.check_room(len(m["content"]), config.max_round_tokens, config.max_round_chars)
-    gen = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config.max_tokens_per_generation,
-                                    config.max_answer_chars)
-    if gen is None:
+    answer = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], limit=config.max_answer_tokens,
+                                       chars_limit=config.max_answer_chars)
+    if answer is None:
         return                                          # a duplicate seq: already shown
-    if len(gen.tokens) == 1:                            # saved with the token, by the next flush
+    if len(answer.tokens) == 1:                         # saved with the token, by the next save
         server.arena.unsaved_events.append(
             server.event("first_token_received", actor=("participant", pid), metadata={"round": m["round"]}))
-    server.hub.publish_screens({"type": "token_update", "participant_id": pid, "round": m["round"], "seq": m["seq"],
-                                "content": m["content"], "total_tokens": len(gen.tokens)}, tokens=True)
+    server.hub.publish_screens(msg_token_update(pid, m["round"], m["seq"], m["content"], len(answer.tokens)),
+                               tokens=True)
 
 
 async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
@@ -2571,7 +2775,7 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     async with server.arena.lock:
         live = server.arena.live_round(m["round"])
         live.check_open(server.config.stop_grace_s * 1000)
-        metrics = await server.save_answer(live, live.generation(pid), report)
+        metrics = await server.save_answer(live, live.answer(pid), report)
     log.info("WS_COMPLETE %s round %d: %d tokens", loggable(pid), live.index, metrics["tokensReceived"])
     server.hub.publish_screens(msg_completion(live.index, metrics))
 
@@ -2620,8 +2824,8 @@ def log_refusal(server: Server, peer: Peer, message: dict[str, Any], exc: Client
     """One line per refused register: who, from where, why. A throttled address's are one line a minute."""
     args = (loggable(message.get("participant_id")), loggable(peer.address), exc.code, loggable(exc))
     if isinstance(exc, TooMany):
-        server.refusal_log.warning(f"pin {peer.address}", "WS_REFUSED register %s from %s: %s (%s); logged once a "
-                                   "minute", *args)
+        server.gate.refusal_log.warning(f"pin {peer.address}", "WS_REFUSED register %s from %s: %s (%s); logged "
+                                        "once a minute", *args)
     else:
         log.warning("WS_REFUSED register %s from %s: %s (%s)", *args)
 
@@ -2632,7 +2836,7 @@ def turned_away(server: Server, peer: Peer) -> bool:
     The host's addresses are exempt: a proxy or the club's load test there speaks for many.
     """
     limit = server.config.ws_connections_per_address
-    if server.is_host(peer.address) or sum(p.address == peer.address for p in server.hub.peers) <= limit:
+    if server.gate.is_host(peer.address) or sum(p.address == peer.address for p in server.hub.peers) <= limit:
         return False
     log.warning("WS_REFUSED %s: more than %d connections", loggable(peer.address), limit)
     peer.send_json(msg_error(f"Too many connections from your address (at most {limit}); close one and "
@@ -2651,6 +2855,15 @@ async def slow_down(peer: Peer, wait_s: float, rate: float) -> None:
     await asyncio.sleep(wait_s)
 
 
+def check_origin(request: web.Request, config: Config) -> None:
+    """Refuse a browser WebSocket from a page on another origin that CORS_ORIGINS does not allow."""
+    origin = header(request, "Origin")
+    if origin and not allowed_origin(config, origin) and origin.split("://")[-1] != request.host:
+        log.warning("WS_REFUSED %s: a page on %s (not in CORS_ORIGINS)", loggable(client_address(request, config)),
+                    loggable(origin))
+        raise Forbidden("Cross-origin WebSocket connection rejected")
+
+
 async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     """One connection: read frames in order until it closes, then forget it."""
     server = request.app[server_key]
@@ -2660,7 +2873,7 @@ async def ws_endpoint(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     peer = Peer(ws, request, client_address(request, config), config.peer_queue_limit, config.peer_queue_bytes)
     server.hub.peers.add(peer)
-    pace = None if server.is_host(peer.address) else Pace(config.ws_message_rate)
+    pace = None if server.gate.is_host(peer.address) else Pace(config.ws_message_rate)
     try:
         if turned_away(server, peer):
             await asyncio.wait([peer.writer])           # the error, then the close (bounded by `timeout`)
@@ -2693,81 +2906,6 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=json_bytes(data), status=status, content_type="application/json", charset="utf-8")
 
 
-def header(request: web.Request, name: str) -> str:
-    """A request header as text we may store, log and send back ("" when absent).
-
-    aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates
-    (surrogateescape), which sqlite, logs and responses refuse; they become U+FFFD.
-    """
-    return clean_text(request.headers.get(name, ""))
-
-
-def host_name(host: str) -> str:
-    """The name or address in a Host header: no port, brackets or final dot, in lower case."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return (host.rpartition(":")[0] if host.count(":") == 1 else host).rstrip(".")
-
-
-def client_address(request: web.Request, config: Config) -> str:
-    """The caller's address: the socket's, or behind a trusted proxy the X-Forwarded-For hop it added.
-
-    Each proxy appends the address it saw, so only the last PROXY_HOPS hops are ours:
-    anything to their left is whatever the client chose to send.
-    """
-    if config.trust_proxy:
-        hops = [hop.strip() for hop in header(request, "X-Forwarded-For").split(",") if hop.strip()]
-        if hops:
-            return hops[max(0, len(hops) - max(1, config.proxy_hops))]
-    return request.remote or ""
-
-
-def require_host(server: Server, request: web.Request) -> None:
-    """Host routes answer the host's own machine, or anyone holding the admin token.
-
-    A token that is sent must be right, wherever it comes from: a screen given a wrong one is
-    caught at the rehearsal on the host's laptop, not on the evening on another machine.
-    """
-    authorization = header(request, "Authorization").strip()
-    if not authorization:
-        if server.acts_as_host(request):
-            return
-        if server.is_host(client_address(request, server.config)):
-            raise Forbidden("A page from another site cannot act as the host: open it from this machine, list its "
-                            "origin in CORS_ORIGINS, or send 'Authorization: Bearer <admin token>'", "FOREIGN_ORIGIN")
-        raise Unauthorized("This is a host route: call it from the host's machine or send "
-                           "'Authorization: Bearer <admin token>'")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.config.admin_token.encode()):
-        address = client_address(request, server.config)
-        server.refusal_log.warning(f"token {address}", "wrong admin token from %s on %s %s (logged once a minute)",
-                                   loggable(address), loggable(request.method), loggable(request.path))
-        raise Forbidden("Wrong admin token")
-
-
-def is_host_request(server: Server, request: web.Request) -> bool:
-    """Whether the caller may see what only the host sees (the plain PIN): the same rule as host routes."""
-    try:
-        require_host(server, request)
-    except ClientError:
-        return False
-    return True
-
-
-def allowed_origin(config: Config, origin: str) -> str | None:
-    return origin if "*" in config.cors_origins or origin in config.cors_origins else None
-
-
-def check_origin(request: web.Request, config: Config) -> None:
-    """Refuse a browser WebSocket from a page on another origin that CORS_ORIGINS does not allow."""
-    origin = header(request, "Origin")
-    if origin and not allowed_origin(config, origin) and origin.split("://")[-1] != request.host:
-        log.warning("WS_REFUSED %s: a page on %s (not in CORS_ORIGINS)", loggable(client_address(request, config)),
-                    loggable(origin))
-        raise Forbidden("Cross-origin WebSocket connection rejected")
-
-
 async def session_round(server: Server, round_id: str) -> dict[str, Any]:
     row = await server.db.run(get_round, round_id)
     if row["sessionId"] != server.arena.require_session().id:
@@ -2794,12 +2932,12 @@ async def post_session(server: Server, request: web.Request, p: Params) -> web.R
         live = arena.running_round()
         if live is not None:
             await server.rescue(live)
-        await server.flush()
-        sent_away = list(hub.runners.values())
+        await server.save_streamed()
+        sent_away = list(hub.by_participant.values())
         row = await server.db.run(create_session, pin, pin_hash.decode(), events=lambda row: [
             event_row(row["id"], "session_created", actor=ADMIN,
                       metadata={"disconnectedPreviousParticipants": len(sent_away)})])
-        hub.runners.clear()
+        hub.by_participant.clear()
         # This server just made the PIN: registers compare against it instead of paying bcrypt.
         arena.start_session(row).known_pin = pin
     for peer in sent_away:
@@ -2817,9 +2955,9 @@ async def get_session(server: Server, request: web.Request, p: Params) -> web.Re
     row = await server.db.run(session_row, session.id)
     participants = await server.db.run(session_participants, session.id)
     rounds = await server.db.run(session_rounds, session.id)
-    with_pin = is_host_request(server, request)
+    with_pin = server.gate.is_host_request(request)
     return json_response({**session_json(row, with_pin),
-                          "participants": [participant_json(r, r["id"] in server.hub.runners) for r in participants],
+                          "participants": [participant_json(r, r["id"] in server.hub.by_participant) for r in participants],
                           "rounds": [round_json(r) for r in rounds]})
 
 
@@ -2837,7 +2975,7 @@ async def post_participants_kick(server: Server, request: web.Request, p: Params
         await server.db.run(kick_participant, session.id, pid, events=[
             server.event("participant_kicked", actor=ADMIN, target=("participant", pid))])
         session.kicked.add(pid)
-        peer = server.hub.runners.pop(pid, None)
+        peer = server.hub.by_participant.pop(pid, None)
     if peer is not None:
         peer.participant_id = None
         peer.send_json(msg_error("The host removed you from this session", "KICKED"))
@@ -2853,7 +2991,7 @@ async def post_participants_release(server: Server, request: web.Request, p: Par
     async with server.arena.lock:                       # not between a register's check and its write
         await server.db.run(release_participant, pid, events=[
             server.event("participant_released", actor=ADMIN, target=("participant", pid))])
-    return json_response({"status": "ok", "participant_id": pid, "connected": pid in server.hub.runners})
+    return json_response({"status": "ok", "participant_id": pid, "connected": pid in server.hub.by_participant})
 
 
 # --- rounds --------------------------------------------------------------------
@@ -2883,17 +3021,17 @@ async def post_rounds_start(server: Server, request: web.Request, p: Params) -> 
         running = arena.running_round()
         if running is not None:
             raise Conflict(f"Round {running.index} is still running; stop it first")
-        await server.flush()                            # the previous round leaves memory only once saved
+        await server.save_streamed()                            # the previous round leaves memory only once saved
         row = await server.db.run(update_round, row["id"], {"startedAt": now_ms()}, events=[
             server.event("round_started", actor=ADMIN, target=("round", row["id"]), metadata={"index": row["index"]})])
         arena.start_round(row)
     session_id = arena.require_session().id
     server.hub.publish_runners(msg_challenge(session_id, row))
-    server.hub.publish_screens({"type": "round_started", "round": row["index"], "session_id": session_id})
+    server.hub.publish_screens(msg_round_started(row["index"], session_id))
     await server.publish_round(row)
     body = round_json(row)
-    if server.hub.runners:
-        log.info("round %d started: the challenge went to %d runners", row["index"], len(server.hub.runners))
+    if server.hub.by_participant:
+        log.info("round %d started: the challenge went to %d runners", row["index"], len(server.hub.by_participant))
     else:
         body["warning"] = ("No runner is connected: nobody got the challenge. Runners that register while the "
                            "round runs get it then; or stop the round and start another once they are here.")
@@ -2934,11 +3072,15 @@ async def get_rounds_current(server: Server, request: web.Request, p: Params) ->
     return json_response({**round_json(live.row), "liveTokens": live_tokens(live)})
 
 
-async def encode_responses(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
+async def encode_answers(server: Server, row: dict[str, Any]) -> tuple[bytes, bytes]:
     """The voting page's JSON for a round, plain and gzipped (compressed off the event loop)."""
-    body = json_bytes({"responses": await server.db.run(responses, row["id"]), "svgMode": bool(row["svgMode"]),
+    body = json_bytes({"responses": await server.db.run(round_answers, row["id"]), "svgMode": bool(row["svgMode"]),
                        "votingStatus": voting_status(row), "prompt": row["prompt"], "round_id": row["id"]})
     return body, await asyncio.to_thread(gzip.compress, body, 5)
+
+
+# The voting page's answers as last sent: (round id, voting status, answers_version) -> JSON, plain and gzipped.
+answers_cache_key = web.AppKey("answers_cache", dict[tuple, asyncio.Future[tuple[bytes, bytes]]])
 
 
 async def get_round_responses(server: Server, request: web.Request, p: Params) -> web.Response:
@@ -2949,13 +3091,15 @@ async def get_round_responses(server: Server, request: web.Request, p: Params) -
     it is being built; gzipped for the phones that accept it (every browser),
     since a room's wifi is slower than its server.
     """
-    await server.flush()                                # tokens that trailed their `complete`
+    await server.save_streamed()                                # tokens that trailed their `complete`
     row = await server.db.run(get_round, request.match_info["round_id"])
     key = (row["id"], voting_status(row), server.answers_version)
-    cached = server.responses_cache
-    if cached is None or cached[0] != key or (cached[1].done() and cached[1].exception()):
-        cached = server.responses_cache = (key, asyncio.ensure_future(encode_responses(server, row)))
-    body, zipped = await asyncio.shield(cached[1])
+    cache = request.app[answers_cache_key]              # one entry: the latest body
+    built = cache.get(key)
+    if built is None or (built.done() and built.exception()):
+        cache.clear()
+        built = cache[key] = asyncio.ensure_future(encode_answers(server, row))
+    body, zipped = await asyncio.shield(built)
     if "gzip" in header(request, "Accept-Encoding"):
         return web.Response(body=zipped, content_type="application/json", charset="utf-8",
                             headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
@@ -3051,7 +3195,7 @@ def voter_hash(server: Server, request: web.Request, voter_id: str | None) -> st
 
 
 async def post_votes(server: Server, request: web.Request, p: Params) -> web.Response:
-    vote = await server.ballots.cast(server.db, {
+    vote = await server.vote_writer.cast(server.db, {
         **p, "voter_hash": voter_hash(server, request, p["voter_id"]),
         "user_agent": p["user_agent"] or header(request, "User-Agent")[:MAX_TEXT]})
     return json_response(vote_json(vote))
@@ -3063,7 +3207,7 @@ async def get_votes_mine(server: Server, request: web.Request, p: Params) -> web
 
 
 async def get_scoreboard(server: Server, request: web.Request, p: Params) -> web.Response:
-    await server.flush()
+    await server.save_streamed()
     if p["round_id"]:
         row = await server.db.run(get_round, p["round_id"])
     else:
@@ -3122,7 +3266,7 @@ def attachment(text: str, content_type: str, filename: str) -> web.Response:
 
 
 async def get_export_csv(server: Server, request: web.Request, p: Params) -> web.Response:
-    await server.flush()
+    await server.save_streamed()
     session_id = await server.db.run(find_session, p["session_id"])
     rows = await server.db.run(session_answers, session_id)
     header, columns = zip(*ANSWER_COLUMNS)
@@ -3130,14 +3274,14 @@ async def get_export_csv(server: Server, request: web.Request, p: Params) -> web
 
 
 async def get_export_events_csv(server: Server, request: web.Request, p: Params) -> web.Response:
-    await server.flush()                                # first_token_received is saved with its token
+    await server.save_streamed()                                # first_token_received is saved with its token
     session_id = await server.db.run(find_session, p["session_id"])
     rows = await server.db.run(session_events, session_id)
     return attachment(csv_text(EVENT_COLUMNS, EVENT_COLUMNS, rows, True), "text/csv", f"events-{session_id}.csv")
 
 
 async def get_export_all_json(server: Server, request: web.Request, p: Params) -> web.Response:
-    await server.flush()                                # include the tokens of the last second
+    await server.save_streamed()                                # include the tokens of the last second
     session_id = await server.db.run(find_session, p["session_id"])
     tree = await server.db.run(session_tree, session_id)
     return attachment(dumps(iso_times(tree)), "application/json", f"session-{session_id}.json")
@@ -3188,7 +3332,7 @@ def join_base(server: Server, request: web.Request) -> str:
         name = "localhost" if ipaddress.ip_address(name).is_loopback else name
     if name != "localhost":
         return f"http://{request.host}"
-    lan = sorted(server.own_addresses)
+    lan = sorted(server.gate.own_addresses)
     return f"http://{lan[0]}:{request.url.port}" if lan else f"http://{request.host}"
 
 
@@ -3234,24 +3378,6 @@ async def get_static(request: web.Request) -> web.StreamResponse:
     if wants_html(request):
         return web.FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
     raise NotFound(f"No route GET {request.path}")
-
-
-def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> list[tuple[str, str, RequestHandler]]:
-    """The routes served at the root: `api`, then the pages. A path that a page and a route share
-    answers the page to browsers and JSON to everyone else.
-
-    Each page is at /ui/<name>, and also at its own path, unless STATIC_DIR is served there:
-    then every path at the root gives browsers the static app.
-    """
-    pages = {page.path: page_endpoint(page) for page in PAGES}
-    fallback: list[tuple[str, str, RequestHandler]] = []
-    if config.static_dir:
-        pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
-        fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
-    root = [(method, path, html_or(pages.pop(path), handler) if method == "GET" and path in pages else handler)
-            for method, path, handler in api]
-    root += [("GET", path, handler) for path, handler in pages.items()]
-    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES] + fallback
 
 
 # =============================================================================
@@ -3331,6 +3457,24 @@ ROUTES = (
 )
 
 
+def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> list[tuple[str, str, RequestHandler]]:
+    """The routes served at the root: `api`, then the pages. A path that a page and a route share
+    answers the page to browsers and JSON to everyone else.
+
+    Each page is at /ui/<name>, and also at its own path, unless STATIC_DIR is served there:
+    then every path at the root gives browsers the static app.
+    """
+    pages = {page.path: page_endpoint(page) for page in PAGES}
+    fallback: list[tuple[str, str, RequestHandler]] = []
+    if config.static_dir:
+        pages = {route.path: get_static for route in ROUTES if route.method == "GET"}
+        fallback = [("GET", "/{path:.*}", get_static)]         # last, since it matches every path
+    root = [(method, path, html_or(pages.pop(path), handler) if method == "GET" and path in pages else handler)
+            for method, path, handler in api]
+    root += [("GET", path, handler) for path, handler in pages.items()]
+    return root + [("GET", f"/ui/{page.name}", page_endpoint(page)) for page in PAGES] + fallback
+
+
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The request's body, which must arrive within BODY_TIMEOUT and whole."""
     try:
@@ -3347,7 +3491,7 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
     async def handle(request: web.Request) -> web.StreamResponse:
         server = request.app[server_key]
         if route.host:
-            require_host(server, request)
+            server.gate.require_host(request)
         params: Params = {}
         if route.body:
             body = await read_body(request, server.config.body_timeout_s)
@@ -3411,6 +3555,8 @@ def docs_page() -> str:
         f"<ul>{field_rows(r.body + r.query)}</ul></td></tr>" for r in ROUTES)
     messages = "".join(f"<tr><td><code>{kind}</code></td><td><ul>{field_rows(spec)}</ul></td></tr>"
                        for kind, (spec, _) in ON_MESSAGE.items())
+    sent = "".join(f"<tr><td><code>{kind}</code></td><td>to a {to}: {html.escape(names)}</td></tr>"
+                   for kind, (to, names) in SERVER_MESSAGES.items())
     style = ("body{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:70em;padding:0 1em}"
              "td{border-top:1px solid #ccc;padding:.4em;vertical-align:top}ul{margin:.2em 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Gambiarra arena API</title>"
@@ -3420,9 +3566,7 @@ def docs_page() -> str:
             f"Machine-readable: <a href='/openapi.json'>/openapi.json</a>.</p>"
             f"<h2>HTTP</h2><table>{routes}</table>"
             f"<h2>WebSocket <code>/ws</code>: messages to the server</h2><table>{messages}</table>"
-            f"<p>The server sends: <code>registered, challenge, heartbeat, error, registered_telao, state_snapshot, "
-            f"participant_registered, participant_disconnected, round_started, round_state, token_update, "
-            f"completion</code>.</p></body></html>")
+            f"<h2>WebSocket <code>/ws</code>: messages from the server</h2><table>{sent}</table></body></html>")
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -3461,7 +3605,6 @@ async def get_client_asset(request: web.Request) -> web.Response:
 # App: middlewares, lifecycle and the route table
 # =============================================================================
 
-server_key = web.AppKey("server", Server)
 MAX_BODY_BYTES = 1024 * 1024
 UNTHROTTLED_PATHS = {"/ws", "/docs", "/redoc", "/openapi.json", "/health", "/client", "/agent"}
 
@@ -3527,7 +3670,7 @@ async def host_middleware(request: web.Request, handler: Callable) -> web.Stream
     """
     host = request.headers.get("Host")
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    if host is not None and not request.app[server_key].is_named(host, sockname[0] if sockname else ""):
+    if host is not None and not request.app[server_key].gate.is_named(host, sockname[0] if sockname else ""):
         raise Forbidden("This server does not answer to that name (the Host header): use its address or this "
                         "machine's name, or list the name in ALLOWED_HOSTS", "UNKNOWN_HOST")
     return await handler(request)
@@ -3539,15 +3682,15 @@ async def rate_limit_middleware(request: web.Request, handler: Callable) -> web.
     server = request.app[server_key]
     address = client_address(request, server.config)
     path = request.path.removeprefix("/api")
-    if path not in UNTHROTTLED_PATHS and not path.startswith("/client-assets/") and not server.is_host(address):
-        wait_s = server.http_throttle.wait_s(address)
+    if path not in UNTHROTTLED_PATHS and not path.startswith("/client-assets/") and not server.gate.is_host(address):
+        wait_s = server.gate.http_throttle.wait_s(address)
         if wait_s:
             access_log.warning("HTTP_429 %s %s", loggable(address), loggable(request.path))
-            server.refusal_log.warning(f"429 {address}", "throttled: %s is over %d HTTP requests in %g s and gets 429 "
-                                       "until its window ends", loggable(address), server.config.rate_limit_max,
-                                       server.config.rate_limit_window_s)
+            server.gate.refusal_log.warning(f"429 {address}", "throttled: %s is over %d HTTP requests in %g s and "
+                                            "gets 429 until its window ends", loggable(address),
+                                            server.config.rate_limit_max, server.config.rate_limit_window_s)
             raise TooMany(f"Too many requests from your address; try again in {math.ceil(wait_s)} s", wait_s)
-        server.http_throttle.add(address)
+        server.gate.http_throttle.add(address)
     return await handler(request)
 
 
@@ -3597,10 +3740,10 @@ async def running_server(app: web.Application) -> Any:
     """Open the database and resume, run the background loops, and save everything at exit."""
     server = app[server_key]
     server.db = Database(server.config.database, server.writers)
-    server.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
-    server.own_addresses.update(await asyncio.to_thread(lan_addresses))
+    server.gate.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
+    server.gate.own_addresses.update(await asyncio.to_thread(lan_addresses))
     await server.load()
-    loops = [asyncio.create_task(repeat(server.config.flush_interval_s, server.flush, "tokens", server.writers)),
+    loops = [asyncio.create_task(repeat(server.config.save_interval_s, server.save_streamed, "tokens", server.writers)),
              asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive, "heartbeat",
                                         server.writers)),
              asyncio.create_task(repeat(DB_FILE_CHECK_S, server.db.keep_file, "database file", server.writers))]
@@ -3608,7 +3751,7 @@ async def running_server(app: web.Application) -> Any:
     for task in loops:
         task.cancel()
     await asyncio.gather(*loops, return_exceptions=True)
-    await server.flush()
+    await server.save_streamed()
     server.db.close()
 
 
@@ -3653,6 +3796,7 @@ def make_app(config: Config) -> web.Application:
                                        rate_limit_middleware],
                           client_max_size=MAX_BODY_BYTES)
     app[server_key] = Server(config)
+    app[answers_cache_key] = {}
     if config.log_json:
         app.cleanup_ctx.append(json_log)
     app.cleanup_ctx.append(running_server)
@@ -3694,19 +3838,19 @@ class Connection(web.RequestHandler):
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else ""
         server = self.server
-        refusal = None if server.is_host(address) else server.admission.refusal(address)
+        refusal = None if server.gate.is_host(address) else server.gate.admission.refusal(address)
         if refusal:
             server.rare_log.warning("refused", "CONNECTION_REFUSED %s: %s", address, refusal)
             refuse(cast(asyncio.Transport, transport), refusal)
             return
-        server.admission.add(address)
+        server.gate.admission.add(address)
         self.address = address
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.address is None:
             return                                      # refused: aiohttp never knew of it
-        self.server.admission.remove(self.address)
+        self.server.gate.admission.remove(self.address)
         super().connection_lost(exc)
 
     def log_exception(self, message: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
@@ -3745,9 +3889,9 @@ def quiet_socket_errors(rare_log: RareLog) -> Callable[[asyncio.AbstractEventLoo
     return handle
 
 
-async def start(app: web.Application, hosts: Iterable[str], port: int,
+async def start(app: web.Application, addresses: Iterable[str], port: int,
                 open_files: int | None) -> tuple[web.AppRunner, list[str], dict[str, str]]:
-    """Run `app` on `port` of each of `hosts` it can listen on; the runner, those hosts, and why
+    """Run `app` on `port` of each of `addresses` it can listen on; the runner, those addresses, and why
     each of the others refused.
 
     serve() and the tests start the app here, so both get the same connections. Of
@@ -3758,15 +3902,15 @@ async def start(app: web.Application, hosts: Iterable[str], port: int,
     await runner.setup()
     server = app[server_key]
     if open_files is not None:
-        server.admission.most = open_files - DESCRIPTOR_RESERVE
+        server.gate.admission.most = open_files - DESCRIPTOR_RESERVE
     asyncio.get_running_loop().set_exception_handler(quiet_socket_errors(server.rare_log))
     listening, refused = [], {}
-    for host in hosts:
+    for address in addresses:
         try:
-            await Site(runner, host, port, server).start()
-            listening.append(host)
+            await Site(runner, address, port, server).start()
+            listening.append(address)
         except OSError as exc:      # asyncio words a busy port at length; the system's words say it
-            refused[host] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+            refused[address] = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     return runner, listening, refused
 
 
@@ -3805,6 +3949,86 @@ PROBE_TIMEOUT_S = 2.0
 RECONNECT_BASE_S = 0.2      # reconnect waits double from here up to the cap, each drawn from [half, whole]:
 RECONNECT_CAP_S = 2.0       # a room of runners comes back spread out, and soon after the arena does
 DELIVERY_WAIT_S = 30.0      # how long a `complete` waits for the pong that proves the arena read it
+WAIT_STEP_S = 0.05          # how often wait_until (and a simulation waiting for a round) looks again
+
+
+def socket_gone() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a `websockets` connection failed or ended."""
+    from websockets.exceptions import InvalidHandshake, WebSocketException
+    return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` until it holds or `timeout_s` passes; say whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(WAIT_STEP_S)
+    return True
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class NoServer(RuntimeError):
+    """Nothing answers at the server's address: say where, and how to start one there."""
+
+    def __init__(self, url: str) -> None:
+        port = urllib.parse.urlsplit(url).port
+        flag = f" --port {port}" if port and port != Config.port else ""
+        super().__init__(f"no server at {url.rstrip('/')} (start it with: python3 {Path(__file__).name}{flag})")
+
+
+@contextlib.contextmanager
+def reaching(url: str) -> Any:
+    """Turn a connection refused, an unknown host or a connect timeout into NoServer."""
+    try:
+        yield
+    except (ClientConnectorError, ConnectionTimeoutError):
+        raise NoServer(url) from None
+
+
+class HostClient:
+    """The host's HTTP calls, made as curl makes them: what join-drill, simulate and bench ask of the arena."""
+
+    def __init__(self, http: ClientSession, url: str, admin_token: str = "") -> None:
+        self.http, self.url = http, url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One call; a refusal raises RuntimeError with the server's words, no server NoServer."""
+        with reaching(self.url):
+            async with self.http.request(method, self.url + path, json=body, headers=self.headers) as response:
+                data = await response.json(content_type=None)
+            if response.status >= 400:
+                raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
+            return data
+
+
+def runner_connection(url: str) -> Any:
+    """A runner's WebSocket to the arena, as join and simulate's bots open it (`async with`): the arena
+    compresses nothing, and a runner reads every message it is sent."""
+    from websockets.asyncio.client import connect
+    return connect(url, open_timeout=10, compression=None, max_queue=None)
+
+
+def register_message(participant_id: str, pin: str, *, nickname: str | None = None, runner: str | None = None,
+                     model: str | None = None, resume_secret: str | None = None) -> str:
+    """A runner's `register`, as sent by join, simulate's bots and bench; a field left None is not sent."""
+    optional = {"nickname": nickname, "runner": runner, "model": model, "resume_secret": resume_secret}
+    return dumps({"type": "register", "participant_id": participant_id, "pin": pin,
+                  **{key: value for key, value in optional.items() if value is not None}})
+
+
+def token_message(round_index: int, participant_id: str, seq: int, content: str) -> str:
+    return dumps({"type": "token", "round": round_index, "participant_id": participant_id, "seq": seq,
+                  "content": content})
 
 
 @dataclass
@@ -4249,13 +4473,12 @@ class Join:
 
     async def run(self) -> str:
         """Stay in the arena until refused, reconnecting after every drop; return why it ended."""
-        from websockets.asyncio.client import connect
         failures = 0
         while self.refused is None:
             self.out.say(f"connecting to {self.url} ...")
             self.ready_seen = self.retry = False
             try:
-                async with connect(self.url, open_timeout=10, compression=None, max_queue=None) as ws:
+                async with runner_connection(self.url) as ws:
                     await self.converse(ws)
                 said = " ".join(str(part) for part in (ws.close_code, ws.close_reason) if part)
                 why = f"the arena closed the connection ({said})"
@@ -4283,12 +4506,10 @@ class Join:
 
     async def converse(self, ws: Any) -> None:
         """One connection: register, then read the arena's messages while a sender delivers the answer."""
-        register = {"type": "register", "participant_id": self.participant_id,
-                    "nickname": self.options.nickname or self.participant_id, "pin": self.options.pin,
-                    "runner": self.engine.runner, "model": self.engine.model}
-        if self.resume_secret:
-            register["resume_secret"] = self.resume_secret
-        await ws.send(dumps(register))
+        await ws.send(register_message(self.participant_id, self.options.pin,
+                                       nickname=self.options.nickname or self.participant_id,
+                                       runner=self.engine.runner, model=self.engine.model,
+                                       resume_secret=self.resume_secret or None))
         sender = asyncio.ensure_future(self.deliver_loop(ws))
         try:
             async for text in ws:
@@ -4463,8 +4684,7 @@ class Join:
                     self.out.say(f"round {answer.round}: the arena has all {len(answer.tokens)} tokens")
 
     def token_frame(self, answer: Answer, seq: int) -> str:
-        return dumps({"type": "token", "round": answer.round, "participant_id": self.participant_id, "seq": seq,
-                      "content": answer.tokens[seq]})
+        return token_message(answer.round, self.participant_id, seq, answer.tokens[seq])
 
 
 async def join(options: JoinOptions, out: Terminal) -> str:
@@ -4549,7 +4769,7 @@ async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
         base = f"http://127.0.0.1:{port}"
         async with ClientSession() as http:
             await server.start(http)
-            pin = (await post_json(http, base + "/session", {}))["pin"]
+            pin = (await HostClient(http, base).call("POST", "/session", {}))["pin"]
             machine = await asyncio.to_thread(machine_info)
             seats = [Join(JoinOptions(url=base, pin=pin, nickname=f"drill {i}"), Mock(None, "", "mock", rate),
                           machine, Terminal(enabled=False), f"drill-{i:03d}") for i in range(runners)]
@@ -4563,19 +4783,15 @@ async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
                 await asyncio.to_thread(server.stop)
 
 
-async def post_json(http: ClientSession, url: str, body: dict[str, Any]) -> Any:
-    async with http.post(url, json=body) as response:
-        return await response.json()
-
-
 async def drill_round(seats: list[Join], server: DrillServer, http: ClientSession, base: str, rate: float,
                       answer_s: float, signum: int, say: Callable[[str], None]) -> dict[str, Any]:
     """The drill's round: all streaming, the arena down and up again, every answer delivered and compared."""
     if not await wait_until(lambda: all(seat.registered_once for seat in seats), 60):
         raise RuntimeError("not every runner registered")
-    rnd = await post_json(http, base + "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
-                                                   "deadlineMs": 120_000})
-    await post_json(http, base + "/rounds/start", {"roundId": rnd["id"]})
+    host = HostClient(http, base)
+    rnd = await host.call("POST", "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
+                                              "deadlineMs": 120_000})
+    await host.call("POST", "/rounds/start", {"roundId": rnd["id"]})
     await wait_until(lambda: all(seat.answer and len(seat.answer.tokens) >= rate for seat in seats), 60)
     say(f"{len(seats)} runners streaming; stopping the arena ({signal.Signals(signum).name})")
     down = time.monotonic()
@@ -4590,9 +4806,8 @@ async def drill_round(seats: list[Join], server: DrillServer, http: ClientSessio
     back = [(seat.streaming_at or seat.back_at) - up for seat in seats]
     if not await wait_until(lambda: all(seat.answer.delivered for seat in seats), 120):
         raise RuntimeError("not every answer was completed")
-    await post_json(http, base + "/rounds/stop", {"roundId": rnd["id"]})
-    async with http.get(base + "/export-all.json") as response:
-        tree = await response.json(content_type=None)
+    await host.call("POST", "/rounds/stop", {"roundId": rnd["id"]})
+    tree = await host.call("GET", "/export-all.json")
     stored = {m["participantId"]: m for r in tree["rounds"] for m in r["metrics"]}
     lost = differ = 0
     for seat in seats:
@@ -4658,7 +4873,6 @@ STAMP_MARK = "|"
 STAMP_WRAP_US = 2**32
 RECONNECT_TRIES = 20
 FLOOD_BURST = 16                # tokens per write when a bot sends flat out
-WAIT_STEP_S = 0.05              # how often a simulation checks whether a round is done
 # A token_update as the server writes it (on_token), matched without decoding the JSON:
 # bench's screens must keep up with the server on a shared CPU. Anything else is decoded.
 TOKEN_UPDATE = re.compile(r'\{"type":"token_update","participant_id":"((?:[^"\\]|\\.)*)","round":(\d+),"seq":(\d+),'
@@ -4685,14 +4899,6 @@ def websocket_url(base: str) -> str:
     return "ws" + base.rstrip("/").removeprefix("http") + "/ws"
 
 
-def quantile(values: list[float], q: float) -> float | None:
-    """The q-quantile (nearest rank) of `values`; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def pick_pace(rng: random.Random) -> float:
     """A bot's speed as a multiple of --rate, drawn from BOT_PACES with some spread."""
     draw = rng.random()
@@ -4703,16 +4909,6 @@ def pick_pace(rng: random.Random) -> float:
     return pace * rng.uniform(0.85, 1.15)
 
 
-async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll `condition` until it holds or `timeout_s` passes; say whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(WAIT_STEP_S)
-    return True
-
-
 def bump(counter: dict[Any, int], key: Any) -> None:
     """Count one more `key`."""
     counter[key] = counter.get(key, 0) + 1
@@ -4721,30 +4917,6 @@ def bump(counter: dict[Any, int], key: Any) -> None:
 def counts_text(counter: dict[str, int]) -> str:
     """Counts for the host to read: "INVALID_PIN x3, KICKED x1"."""
     return ", ".join(f"{key} x{n}" for key, n in sorted(counter.items()))
-
-
-def socket_gone() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean a `websockets` connection failed or ended."""
-    from websockets.exceptions import InvalidHandshake, WebSocketException
-    return (OSError, asyncio.TimeoutError, InvalidHandshake, WebSocketException)
-
-
-class NoServer(RuntimeError):
-    """Nothing answers at the server's address: say where, and how to start one there."""
-
-    def __init__(self, url: str) -> None:
-        port = urllib.parse.urlsplit(url).port
-        flag = f" --port {port}" if port and port != Config.port else ""
-        super().__init__(f"no server at {url.rstrip('/')} (start it with: python3 {Path(__file__).name}{flag})")
-
-
-@contextlib.contextmanager
-def reaching(url: str) -> Any:
-    """Turn a connection refused, an unknown host or a connect timeout into NoServer."""
-    try:
-        yield
-    except (ClientConnectorError, ConnectionTimeoutError):
-        raise NoServer(url) from None
 
 
 @dataclass
@@ -4784,8 +4956,8 @@ class SimOptions:
 
 
 @dataclass
-class Tally:
-    """What one process's actors did and saw; `bench` adds up its workers' tallies."""
+class Measures:
+    """What one process's actors did and saw; `bench` adds up its workers' measures."""
 
     register_s: list[float] = field(default_factory=list)      # a bot's connect -> first `registered`
     registered_at: list[float] = field(default_factory=list)   # monotonic
@@ -4809,8 +4981,8 @@ class Tally:
     errors: dict[str, int] = field(default_factory=dict)       # error codes the server sent
     attack: dict[str, int] = field(default_factory=dict)       # what bench's attackers achieved (Attackers)
 
-    def add(self, other: Tally) -> None:
-        """Fold another process's tally into this one."""
+    def add(self, other: Measures) -> None:
+        """Fold another process's measures into this one."""
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if isinstance(mine, list):
@@ -4853,16 +5025,14 @@ class Bot:
 
     async def run(self) -> None:
         """Stay connected until the simulation ends, reconnecting after every drop."""
-        from websockets.asyncio.client import connect
         failures = 0
         while not self.sim.stopping and self.refused is None and failures < RECONNECT_TRIES:
             started = time.monotonic()
             try:
-                async with connect(self.sim.ws_url, open_timeout=10, compression=None, max_queue=None) as ws:
+                async with runner_connection(self.sim.ws_url) as ws:
                     self.ws = ws
-                    await ws.send(dumps({"type": "register", "participant_id": self.participant_id,
-                                         "nickname": self.nickname, "pin": self.sim.pin, "runner": self.runner,
-                                         "model": self.model}))
+                    await ws.send(register_message(self.participant_id, self.sim.pin, nickname=self.nickname,
+                                                   runner=self.runner, model=self.model))
                     async for text in ws:
                         failures = 0
                         self.on_message(json.loads(text), started)
@@ -4879,14 +5049,14 @@ class Bot:
         if m["type"] == "registered":
             self.on_registered(m, connect_started)
         elif m["type"] == "challenge":
-            self.sim.tally.challenged_at.append(time.monotonic())
+            self.sim.measures.challenged_at.append(time.monotonic())
             if self.task is not None:
                 self.task.cancel()              # the host moved on: so does the bot
             self.answering = m["round"]
             self.sim.progress.begin(m["round"])
             self.task = asyncio.ensure_future(self.answer(m))
         elif m["type"] == "error":
-            bump(self.sim.tally.errors, m.get("code", "ERROR"))
+            bump(self.sim.measures.errors, m.get("code", "ERROR"))
             if m.get("code") in REFUSALS:
                 self.refused = m["code"]
                 self.sim.note(f"{self.participant_id} refused: {m.get('message')}")
@@ -4896,8 +5066,8 @@ class Bot:
         now = time.monotonic()
         if self.registered_at is None:
             self.registered_at = now
-            self.sim.tally.register_s.append(now - connect_started)
-            self.sim.tally.registered_at.append(now)
+            self.sim.measures.register_s.append(now - connect_started)
+            self.sim.measures.registered_at.append(now)
         resume = m.get("resume")
         if resume and resume["round"] == self.answering and self.answering not in self.answered:
             self.resume = resume
@@ -4928,7 +5098,7 @@ class Bot:
         except asyncio.TimeoutError:
             return                              # the connection never came back: the answer is lost
         self.answered.add(round_index)
-        self.sim.tally.completes += 1
+        self.sim.measures.completes += 1
         self.sim.progress.answered(round_index)
 
     async def stream(self, challenge: dict[str, Any], began: float) -> tuple[int, float | None]:
@@ -4947,8 +5117,8 @@ class Bot:
             elif self.ready.is_set() and await self.send(self.token(round_index, seq)):
                 if first_at is None:
                     first_at = time.monotonic()
-                    self.sim.tally.sent_at.append(first_at)
-                self.sim.tally.tokens_sent += 1
+                    self.sim.measures.sent_at.append(first_at)
+                self.sim.measures.tokens_sent += 1
             seq += 1                            # a model goes on generating while the wifi is down
         return seq, first_at
 
@@ -4961,13 +5131,13 @@ class Bot:
         """
         round_index, length = challenge["round"], self.answer_length(challenge["max_tokens"])
         ws, first_at = self.ws, time.monotonic()
-        self.sim.tally.sent_at.append(first_at)
+        self.sim.measures.sent_at.append(first_at)
         for start in range(0, length, FLOOD_BURST):
             if ws.transport.is_closing():
                 return start, first_at
             burst = range(start, min(start + FLOOD_BURST, length))
             ws.transport.write(b"".join(text_frame(self.token(round_index, seq).encode(), masked=True) for seq in burst))
-            self.sim.tally.tokens_sent += len(burst)
+            self.sim.measures.tokens_sent += len(burst)
             await ws.drain()                    # websockets' own flow control: waits while the server is behind
             await asyncio.sleep(0)              # let the other bots in
         return length, first_at
@@ -4982,19 +5152,18 @@ class Bot:
     async def catch_up(self, round_index: int, seq: int) -> None:
         """After a reconnect, resend the gaps the server reports and what went out while offline."""
         resume, self.resume = self.resume, None
-        self.sim.tally.resumes += 1
+        self.sim.measures.resumes += 1
         for missing in resume["missing"] + list(range(resume["next_seq"], seq)):
             if await self.send(self.token(round_index, missing)):
-                self.sim.tally.tokens_sent += 1
-                self.sim.tally.resent += 1
+                self.sim.measures.tokens_sent += 1
+                self.sim.measures.resent += 1
 
     def token(self, round_index: int, seq: int) -> str:
         """The `token` message for one seq (stamped with its send time in bench)."""
         content = bot_word(self.index, round_index, seq)
         if self.sim.options.stamp:
             content = f"{time.monotonic_ns() // 1000 % STAMP_WRAP_US:x}{STAMP_MARK}{content}"
-        return dumps({"type": "token", "round": round_index, "participant_id": self.participant_id, "seq": seq,
-                      "content": content})
+        return token_message(round_index, self.participant_id, seq, content)
 
     async def wait_turn(self, due: float) -> float:
         """Sleep until the next token is due at this bot's pace, with jitter; return the next due time."""
@@ -5016,7 +5185,7 @@ class Bot:
 
     def drop(self) -> None:
         """Vanish mid-answer as a laptop on bad wifi does: no closing handshake."""
-        self.sim.tally.drops += 1
+        self.sim.measures.drops += 1
         self.ready.clear()
         self.ws.transport.abort()
 
@@ -5077,19 +5246,19 @@ class Screen:
 
     def on_token(self, pid: str, round_index: int, seq: int, stamp: str | None, now_us: int) -> None:
         """Count a token, check its order, and time it when the bot stamped it."""
-        tally = self.sim.tally
-        tally.seen[self.number] = tally.seen.get(self.number, 0) + 1
+        measures = self.sim.measures
+        measures.seen[self.number] = measures.seen.get(self.number, 0) + 1
         if round_index != self.round:
             self.round = round_index
             self.expected.clear()
         expected = self.expected.get(pid, 0)
         if seq < expected:
-            bump(tally.out_of_order, self.number)
+            bump(measures.out_of_order, self.number)
         else:
             self.expected[pid] = seq + 1
         if stamp:
-            tally.latency_ms.append((now_us - int(stamp, 16)) % STAMP_WRAP_US / 1000)
-        tally.seen_at[self.number] = now_us / 1e6
+            measures.latency_ms.append((now_us - int(stamp, 16)) % STAMP_WRAP_US / 1000)
+        measures.seen_at[self.number] = now_us / 1e6
 
 
 class HttpLink:
@@ -5177,14 +5346,14 @@ class Voter:
                     asyncio.TimeoutError) as exc:
                 accepted, refusal = False, type(exc).__name__
             done = time.monotonic()
-            tally = self.sim.tally
-            tally.vote_ms.append((done - due) * 1000)
-            tally.voted_at.append(done)
+            measures = self.sim.measures
+            measures.vote_ms.append((done - due) * 1000)
+            measures.voted_at.append(done)
             if accepted:
-                tally.votes += 1
-                tally.scores[pid] = [a + b for a, b in zip(tally.scores.get(pid, [0, 0]), (1, score))]
+                measures.votes += 1
+                measures.scores[pid] = [a + b for a, b in zip(measures.scores.get(pid, [0, 0]), (1, score))]
             else:
-                tally.votes_refused += 1
+                measures.votes_refused += 1
                 self.sim.note(f"a vote was refused: {refusal}")
 
     async def wait_turn(self, opened: float, turn: int) -> float:
@@ -5199,15 +5368,16 @@ class Voter:
 
 
 class Simulation:
-    """Bots, screens and voters sharing one event loop, one HTTP session and one tally."""
+    """Bots, screens and voters sharing one event loop, one HTTP session and one set of measures."""
 
     def __init__(self, options: SimOptions) -> None:
         self.options = options
         self.ws_url = websocket_url(options.url)
         self.pin = options.pin or ""
-        self.tally = Tally()
+        self.measures = Measures()
         self.stopping = False
         self.http: ClientSession | None = None
+        self.host: HostClient | None = None     # the host's calls, on the same session
         self.voters = [Voter(self, options.first_voter + i) for i in range(options.voters)]
         # Phones are numbered -1: a token_update reaching one (it should not) shows up as seen[-1].
         self.screens = ([Screen(self, options.first_screen + i, "arena", []) for i in range(options.screens)]
@@ -5217,13 +5387,14 @@ class Simulation:
         self.notes: dict[str, None] = {}        # one-off remarks for the summary, in order
         self.round_ids: dict[int, str] = {}
         self.progress = Progress(self, options.progress)
-        self.ballots: set[str] | None = None     # bench: the only rounds voters vote in (None: every round)
+        self.voting_rounds: set[str] | None = None     # bench: the only rounds voters vote in (None: every round)
         self.answers_read: tuple[bytes, list[str]] = (b"", [])
 
     @contextlib.asynccontextmanager
     async def running(self) -> Any:
         """An HTTP session while the simulation runs; every actor stops at the end."""
         async with ClientSession(connector=TCPConnector(limit=0), timeout=ClientTimeout(total=30)) as self.http:
+            self.host = HostClient(self.http, self.options.url, self.options.admin_token)
             try:
                 yield self
             finally:
@@ -5236,7 +5407,7 @@ class Simulation:
                     voter.link.close()
 
     def may_vote(self, round_id: str) -> bool:
-        return self.ballots is None or round_id in self.ballots
+        return self.voting_rounds is None or round_id in self.voting_rounds
 
     def note(self, text: str) -> None:
         """A remark for the summary; once the bots have joined, also a line as it happens."""
@@ -5244,21 +5415,14 @@ class Simulation:
             self.progress.event(text)
         self.notes[text] = None
 
-    def take_tally(self) -> Tally:
-        """Hand over the tally so far and start a new one."""
-        tally, self.tally = self.tally, Tally()
-        return tally
+    def take_measures(self) -> Measures:
+        """Hand over the measures so far and start anew."""
+        measures, self.measures = self.measures, Measures()
+        return measures
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One HTTP call as the host (or a phone); a refusal raises RuntimeError with the server's words."""
-        headers = {"Authorization": f"Bearer {self.options.admin_token}"} if self.options.admin_token else {}
-        with reaching(self.options.url):
-            async with self.http.request(method, self.options.url.rstrip("/") + path, json=body,
-                                         headers=headers) as response:
-                data = await response.json(content_type=None)
-            if response.status >= 400:
-                raise RuntimeError(f"{method} {path}: {response.status} {data.get('error', data)}")
-            return data
+        """One HTTP call as the host, on this simulation's HTTP session (see HostClient)."""
+        return await self.host.call(method, path, body)
 
     async def answers(self, round_id: str) -> list[str]:
         """Download a round's answers as a phone does (gzipped); return who answered.
@@ -5277,7 +5441,7 @@ class Simulation:
         if raw != self.answers_read[0]:
             body = json.loads(gzip.decompress(raw) if packed else raw)
             self.answers_read = (raw, [answer["participant_id"] for answer in body["responses"]])
-        self.tally.fetch_ms.append((time.monotonic() - started) * 1000)
+        self.measures.fetch_ms.append((time.monotonic() - started) * 1000)
         return list(self.answers_read[1])
 
     async def find_pin(self) -> str:
@@ -5312,8 +5476,8 @@ class Simulation:
         return all(voter.settled(round_id) for voter in self.voters)
 
     def seen(self, tokens: int) -> bool:
-        """Every arena screen here has seen `tokens` tokens since the tally was last taken."""
-        return all(self.tally.seen.get(s.number, 0) >= tokens for s in self.screens if s.view == "arena")
+        """Every arena screen here has seen `tokens` tokens since the measures were last taken."""
+        return all(self.measures.seen.get(s.number, 0) >= tokens for s in self.screens if s.view == "arena")
 
     def refusals(self) -> dict[str, int]:
         """Why bots are out of the game (a refusal's code, or UNREACHABLE), each with how many."""
@@ -5359,7 +5523,7 @@ class Progress:
         self.told: set[tuple[int, str]] = set()     # (round, event) already printed
         self.round: int | None = None
         self.ended: set[int] = set()
-        self.mark = Tally()
+        self.mark = Measures()
         self.began = self.streamed = time.monotonic()
         self.tokens = 0
 
@@ -5368,8 +5532,8 @@ class Progress:
         if round_index == self.round or round_index in self.ended:
             return
         self.end()
-        t = self.sim.tally
-        self.mark = Tally(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
+        t = self.sim.measures
+        self.mark = Measures(tokens_sent=t.tokens_sent, drops=t.drops, resumes=t.resumes, votes=t.votes, seen=dict(t.seen))
         self.round, self.began, self.streamed, self.tokens = round_index, time.monotonic(), time.monotonic(), 0
         self.event(f"round {round_index}: challenge received, {len(self.sim.bots)} bots answering")
 
@@ -5401,13 +5565,13 @@ class Progress:
 
     def observe(self) -> None:
         """Note when tokens last flowed: the line's rate is over the streaming, not the voting after it."""
-        tokens = self.sim.tally.tokens_sent - self.mark.tokens_sent
+        tokens = self.sim.measures.tokens_sent - self.mark.tokens_sent
         if tokens != self.tokens:
             self.tokens, self.streamed = tokens, time.monotonic()
 
     def line(self) -> str:
         """The current round's progress line."""
-        sim, t, m = self.sim, self.sim.tally, self.mark
+        sim, t, m = self.sim, self.sim.measures, self.mark
         self.observe()
         tokens = self.tokens
         arena = [s.number for s in sim.screens if s.view == "arena"]
@@ -5484,7 +5648,7 @@ async def drive_rounds(sim: Simulation) -> None:
         sim.progress.end()
 
 
-async def simulate(options: SimOptions) -> Tally:
+async def simulate(options: SimOptions) -> Measures:
     """Play the evening against a running server until --rounds, --duration or Ctrl-C; print a summary."""
     sim = Simulation(options)
     began = time.monotonic()
@@ -5503,7 +5667,7 @@ async def simulate(options: SimOptions) -> Tally:
             sim.progress.end()
             if options.progress:
                 print(simulation_summary(sim, time.monotonic() - began), flush=True)
-    return sim.tally
+    return sim.measures
 
 
 def figure_ms(values: list[float], scale: float = 1.0) -> str:
@@ -5515,7 +5679,7 @@ def figure_ms(values: list[float], scale: float = 1.0) -> str:
 
 def simulation_summary(sim: Simulation, elapsed_s: float) -> str:
     """What the rehearsal did, for the host: bots, tokens, screens, votes, errors."""
-    t = sim.tally
+    t = sim.measures
     registered = sum(bot.registered_at is not None for bot in sim.bots)
     refused = sum(bot.refused is not None for bot in sim.bots)
     arena = [s.number for s in sim.screens if s.view == "arena"]
@@ -5563,7 +5727,6 @@ BENCH_PRESETS = {
 }
 RUNNERS_PER_WORKER = 100
 LOAD_NICENESS = 10
-SOAK_SAMPLE_S = 30.0
 ATTACK_SLACK_S = 60.0           # the attackers stop by themselves this long after the round's deadline
 HEALTH_PROBE_S = 0.1            # the pause between two of the host's /health calls under attack
 
@@ -5832,8 +5995,7 @@ class Attackers:
             guess = pin
             while guess == pin:
                 guess = "".join(rng.choice("0123456789") for _ in pin)
-            await ws.send_str(dumps({"type": "register", "participant_id": f"guesser-{rng.randrange(10**6)}",
-                                     "pin": guess}))
+            await ws.send_str(register_message(f"guesser-{rng.randrange(10**6)}", guess))
             self.count("guess_sent")
             answer = await self.answer(ws, "guess", ("registered", "error"), self.left_s())
             if answer is None:
@@ -5869,9 +6031,9 @@ def bench_worker(conn: Any, options: SimOptions, cpus: set[int] | None) -> None:
 
 
 async def obey(conn: Any, options: SimOptions) -> None:
-    """Start the screens, then carry out orders until "stop"; each reply is the tally since the last."""
+    """Start the screens, then carry out orders until "stop"; each reply is the measures since the last."""
     sim = Simulation(options)
-    sim.ballots = set()
+    sim.voting_rounds = set()
     attackers = Attackers(sim)
     gc.disable()                        # a collector pause here would count as the server's latency
     async with sim.running():
@@ -5890,15 +6052,17 @@ async def obey(conn: Any, options: SimOptions) -> None:
                 await wait_until(sim.joined, timeout_s)
             elif order == "rate":
                 sim.options.rate = args[0]
-            elif order == "ballot":
-                sim.ballots.add(args[0])
+            elif order == "vote_in":
+                sim.voting_rounds.add(args[0])
             elif order in ("answered", "voted", "seen"):
                 await wait_until(lambda: getattr(sim, order)(*args), timeout_s)
             elif order == "attack":
                 await attackers.start(*args)
             elif order == "calm":
-                sim.tally.attack = await attackers.stop()
-            reply = vars(sim.take_tally())
+                sim.measures.attack = await attackers.stop()
+            elif order != "measures":           # which only asks for the reply every order gets
+                raise ValueError(f"bench gave an unknown order: {order!r}")
+            reply = vars(sim.take_measures())
 
 
 class Workers:
@@ -5928,14 +6092,14 @@ class Workers:
     async def ready(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(self.reply, conn, 60) for _, conn in self.pipes))
 
-    async def order(self, role: str | None, order: str, *args: Any, timeout_s: float = 30) -> Tally:
-        """Give an order to every worker of `role` (None: all) and add up their tallies."""
+    async def order(self, role: str | None, order: str, *args: Any, timeout_s: float = 30) -> Measures:
+        """Give an order to every worker of `role` (None: all) and add up their measures."""
         pipes = [conn for r, conn in self.pipes if role in (None, r)]
         for conn in pipes:
             conn.send((order, args, timeout_s))
-        total = Tally()
+        total = Measures()
         for reply in await asyncio.gather(*(asyncio.to_thread(self.reply, conn, timeout_s + 30) for conn in pipes)):
-            total.add(Tally(**reply))
+            total.add(Measures(**reply))
         return total
 
     def cpu_s(self) -> dict[str, float]:
@@ -6031,7 +6195,7 @@ class Bench:
 
     async def stream(self, rate: float, max_tokens: int, deadline_ms: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """One round streamed at `rate` tokens/s per runner (0: flat out); return its figures and row."""
-        await self.workers.order(None, "rate", rate)        # every order also clears the tallies
+        await self.workers.order(None, "rate", rate)        # every order also clears the measures
         row = await self.host.call("POST", "/rounds", {"prompt": "bench", "maxTokens": max_tokens,
                                                        "deadlineMs": deadline_ms})
         meter, began = Meter(self.server, self.workers), time.monotonic()
@@ -6039,7 +6203,7 @@ class Bench:
         runners = await self.workers.order("runners", "answered", row["index"], timeout_s=deadline_ms / 1000 + 60)
         screens = await self.workers.order("screens", "seen", runners.tokens_sent, timeout_s=30)
         cpu = meter.read()
-        phones = await self.workers.order("phones", "tally")
+        phones = await self.workers.order("phones", "measures")
         sent = runners.tokens_sent
         span_s = max(screens.seen_at.values(), default=began) - min(runners.sent_at, default=began)
         return {"tokens": sent, "tokens_per_s": round(sent / span_s) if span_s > 0 else None,
@@ -6053,7 +6217,7 @@ class Bench:
 
     async def votes(self, row: dict[str, Any]) -> dict[str, Any]:
         """Stop the round; the phones see voting open and their voters vote; check the tallies."""
-        await self.workers.order(None, "ballot", row["id"])
+        await self.workers.order(None, "vote_in", row["id"])
         await self.host.call("POST", "/rounds/stop", {"roundId": row["id"]})
         opened, meter = time.monotonic(), Meter(self.server, self.workers)
         answers = len((await self.host.call("GET", f"/rounds/{row['id']}/responses"))["responses"])
@@ -6104,7 +6268,7 @@ class Bench:
             async with asyncio.timeout(LATE_RUNNER_WAIT_S), \
                     ClientSession(connector=TCPConnector(local_addr=(LATE_RUNNER_ADDRESS, 0))) as http, \
                     http.ws_connect(websocket_url(self.server.base)) as ws:
-                await ws.send_str(dumps({"type": "register", "participant_id": "bench-late", "pin": pin}))
+                await ws.send_str(register_message("bench-late", pin))
                 async for message in ws:
                     m = json.loads(message.data) if message.type is WSMsgType.TEXT else {}
                     if m.get("type") in ("registered", "error"):
@@ -6453,26 +6617,6 @@ def bench_command(argv: list[str]) -> None:
 MACOS_OPEN_MAX = 10240
 
 
-def lan_addresses() -> list[str]:
-    """This machine's non-loopback IPv4 addresses, for the URLs participants type."""
-    found = set()
-    with contextlib.suppress(OSError):
-        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("192.0.2.1", 9))     # a UDP connect sends nothing; it only picks the outgoing interface
-        found.add(probe.getsockname()[0])
-    return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified)
-
-
-def machine_names() -> set[str]:
-    """This machine's host name and full name, each also with .local (its mDNS name), in lower case."""
-    names = set()
-    with contextlib.suppress(OSError):
-        names = {socket.gethostname().lower(), socket.getfqdn().lower()}
-    short = {name.split(".")[0] for name in names}
-    return {name.rstrip(".") for name in names | short | {f"{name}.local" for name in short} if name}
-
-
 def raise_descriptor_limit() -> int | None:
     """Raise the soft limit on open files (each connection is one) to the hard limit; the limit now.
 
@@ -6628,20 +6772,20 @@ async def serve(config: Config) -> None:
     kept = "" if config.admin_token else kept_admin_token(token_file)
     app = make_app(replace(config, admin_token=config.admin_token or kept))
     try:
-        runner, listening, refused = await start(app, config.hosts, config.port, descriptors)
+        runner, listening, refused = await start(app, config.listen_addresses, config.port, descriptors)
     except sqlite3.Error as exc:            # a file that is not a database, a full disk
         fail(f"cannot use the database {config.database}: {exc}")
     if not listening:
         await runner.cleanup()
         fail(f"could not listen on port {config.port} of {', '.join(refused)}: {'; '.join(set(refused.values()))}"
              " (another port: --port N or PORT=N)")
-    for host, reason in refused.items():
-        log.warning("cannot listen on %s port %d: %s", host, config.port, reason)
+    for address, reason in refused.items():
+        log.warning("cannot listen on %s port %d: %s", address, config.port, reason)
     port = runner.addresses[0][1]
-    for host in listening:
-        log.info("Server listening at http://%s:%d", f"[{host}]" if ":" in host else host, port)
-    # The collector's full passes then skip what start-up made (the modules, some
-    # 35,000 objects). They took 25-45 ms each, mid-round; now none over 3 ms was seen.
+    for address in listening:
+        log.info("Server listening at http://%s:%d", f"[{address}]" if ":" in address else address, port)
+    # The collector's full passes then skip what start-up made (the modules): mid-round
+    # pauses become short (README, Performance).
     gc.collect()
     gc.freeze()
     server = app[server_key]

@@ -241,8 +241,8 @@ WORDS = ["Lhamas ", "pastam ", "no ", "silício ", "🦙"]
 
 @pytest.fixture
 def config(tmp_path: Path) -> gs.Config:
-    return gs.Config(hosts=("127.0.0.1",), port=0, database=tmp_path / "arena.db", bcrypt_rounds=4,
-                     flush_interval_s=0.05)
+    return gs.Config(listen_addresses=("127.0.0.1",), port=0, database=tmp_path / "arena.db", bcrypt_rounds=4,
+                     save_interval_s=0.05)
 
 
 @pytest.fixture
@@ -519,12 +519,12 @@ def test_flags_then_environment_then_defaults(clean_env: pytest.MonkeyPatch) -> 
     clean_env.setenv("TRUST_PROXY", "true")
     clean_env.setenv("HOST", "127.0.0.1, ::1")
     config = gs.parse_config(["--port", "5000", "--admin-token", "s3cret", "--flush-interval", "0.5"])
-    assert (config.port, config.pin_length, config.trust_proxy, config.hosts, config.admin_token,
-            config.flush_interval_s) == (5000, 8, True, ("127.0.0.1", "::1"), "s3cret", 0.5)
+    assert (config.port, config.pin_length, config.trust_proxy, config.listen_addresses, config.admin_token,
+            config.save_interval_s) == (5000, 8, True, ("127.0.0.1", "::1"), "s3cret", 0.5)
     for name in ("PORT", "PIN_LENGTH", "TRUST_PROXY", "HOST"):
         clean_env.delenv(name)
     default = gs.parse_config([])
-    assert (default.port, default.hosts, default.host_addresses, default.rate_limit_max,
+    assert (default.port, default.listen_addresses, default.host_addresses, default.rate_limit_max,
             default.ws_heartbeat_interval_s, default.ws_max_payload) == (
         3000, ("0.0.0.0", "::"), ("127.0.0.0/8", "::1"), 500, 30.0, 1024 * 1024)
 
@@ -2374,6 +2374,22 @@ async def test_docs_are_one_self_contained_page(room: Room, prefix: str) -> None
         assert f"<code>{kind}</code>" in page
 
 
+def test_the_docstring_and_docs_list_every_message_the_server_sends_with_its_fields() -> None:
+    """The module docstring's protocol and /docs are true to the two message tables."""
+    docstring, page = " ".join(gs.__doc__.split()), gs.docs_page()
+    for kind, (_, names) in gs.SERVER_MESSAGES.items():
+        assert f"{kind} {{{names}}}" in docstring and f"<code>{kind}</code>" in page, kind
+    for kind in gs.ON_MESSAGE:
+        assert f" {kind} {{" in docstring, kind
+
+
+def test_the_docstring_names_the_files_sections_in_their_order() -> None:
+    """The section map in the module docstring is the file's banners, in order."""
+    banners = re.findall(r"^# =+\n# ([^\n]+)\n# =+$", (HERE / "gambiarra_server.py").read_text(), re.M)
+    listed = " ".join(gs.__doc__.split("The sections of this file")[1].split("\n\n")[1].split())
+    assert [part.split(" (")[0] for part in listed.split(" -> ")] == [b.split(":")[0].split(" (")[0] for b in banners]
+
+
 async def test_redoc_redirects_to_docs(room: Room) -> None:
     """FastAPI users type /redoc; it leads to the same page."""
     async with room.host.http.get(room.base + "/redoc", allow_redirects=False) as response:
@@ -2556,7 +2572,7 @@ async def test_a_connected_participant_cannot_be_taken_over_from_another_machine
     again = await room.runner("ana", pin)                           # ana's laptop reconnecting
     assert await closed_code(ana.ws) == 1000
     await again.ws.close()
-    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    await eventually(lambda: "ana" not in room.server.hub.by_participant, "ana's connection forgotten")
     assert (await impostor.register(pin))["code"] == "ID_IN_USE"    # nor once she has left
 
 
@@ -2924,7 +2940,7 @@ async def test_strangers_filling_the_wrong_pin_total_never_lock_out_the_right_pi
     codes = await asyncio.gather(*(guess_from(room, a, g) for a, g in zip(strangers, per_address)))
     assert sorted({code for c in codes for code in c}) == ["INVALID_PIN", "PIN_THROTTLED"]
     assert sum(c.count("INVALID_PIN") for c in codes) == config.pin_attempts_total_max
-    assert room.server.pin_total_throttle.wait_s("") > 0
+    assert room.server.gate.pin_total_throttle.wait_s("") > 0
     ana = await room.runner_at("127.0.5.1", "ana", pin)
     crowd = await asyncio.gather(*(room.runner_at("127.0.5.2", f"r{n}") for n in range(12)))
     assert {r["type"] for r in await asyncio.gather(*(r.register(pin) for r in crowd))} == {"registered"}
@@ -3012,7 +3028,7 @@ async def test_a_disconnected_id_is_taken_back_only_by_its_runner(make_room: Any
     await room.host.stop(rnd["id"])
     await room.host.vote(rnd["id"], "ana", 5, "phone-1")
     await ana.ws.close()
-    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    await eventually(lambda: "ana" not in room.server.hub.by_participant, "ana's connection forgotten")
     impostor = await room.runner_at(STRANGER, "ana")
     for extra in ({}, {"resume_secret": "guess"}, {"resume_secret": None}, {"resume_secret": "\udc80"}):
         refused = await impostor.register(pin, "Pwned", **extra)
@@ -3036,7 +3052,7 @@ async def test_a_disconnected_id_is_taken_back_only_by_its_runner(make_room: Any
     assert (await room.host.status("POST", "/participants/release", {"participantId": "nobody"}))[0] == 404
     assert (await impostor.register(pin))["code"] == "ID_IN_USE"               # ana is still connected
     await moved.ws.close()
-    await eventually(lambda: "ana" not in room.server.hub.runners, "ana's connection forgotten")
+    await eventually(lambda: "ana" not in room.server.hub.by_participant, "ana's connection forgotten")
     assert (await impostor.register(pin))["type"] == "registered"
     export = await room.host.call("GET", "/export-all.json")
     assert "resumeHash" not in json.dumps(export) and "lastAddress" not in json.dumps(export)
@@ -3589,7 +3605,7 @@ async def test_frames_over_ws_max_payload_close_that_connection_with_1009(make_r
 
 async def test_tokens_past_the_per_round_limit_are_refused_and_the_rest_is_kept(make_room: Any) -> None:
     """Past MAX_TOKENS_PER_GENERATION (count or seq) a token gets TOO_MANY_TOKENS; the answer keeps the first ones."""
-    room = await make_room(max_tokens_per_generation=5)
+    room = await make_room(max_answer_tokens=5)
     pin = await room.host.new_session()
     screen = await room.screen()
     ana = await room.runner("ana", pin)
@@ -3665,7 +3681,7 @@ async def test_an_http_flood_from_one_address_gets_429_and_no_one_else_does(make
 
 async def test_a_finished_round_leaves_memory_once_it_is_saved(make_room: Any) -> None:
     """When the next round starts, the last one's buffers are on disk and no longer referenced anywhere."""
-    room = await make_room(flush_interval_s=60)                     # only the start's own flush saves tokens
+    room = await make_room(save_interval_s=60)                     # only the start's own flush saves tokens
     pin = await room.host.new_session()
     ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
     first = await running_round(room, ana, bia)
@@ -3675,7 +3691,7 @@ async def test_a_finished_round_leaves_memory_once_it_is_saved(make_room: Any) -
     await eventually(lambda: len(room.server.arena.unsaved) == len(WORDS) + 2, "tokens accepted")
     await room.host.stop(first["id"])
     live = room.server.arena.rounds[1]
-    refs = [weakref.ref(live)] + [weakref.ref(gen) for gen in live.generations.values()]
+    refs = [weakref.ref(live)] + [weakref.ref(gen) for gen in live.answers.values()]
     del live
     await running_round(room, ana, bia)
     gc.collect()
@@ -3704,7 +3720,7 @@ async def test_closed_connections_leave_nothing_behind(make_room: Any) -> None:
         await eventually(lambda: not room.server.hub.peers, "the connection forgotten")
     gc.collect()
     hub = room.server.hub
-    assert (hub.peers, hub.runners, hub.screens) == (set(), {}, set())
+    assert (hub.peers, hub.by_participant, hub.screens) == (set(), {}, set())
     assert [ref() for ref in refs] == [None] * 12
 
 
@@ -3825,7 +3841,7 @@ async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
     attack = Slowloris(room.base, STRANGER, 30)
     held: list[int] = []
     try:
-        await eventually(lambda: held.append(room.server.admission.by_address.get(STRANGER, 0)) or attack.refused > 20,
+        await eventually(lambda: held.append(room.server.gate.admission.by_address.get(STRANGER, 0)) or attack.refused > 20,
                          "the laptop refused over and over")
         async with asyncio.timeout(TIMEOUT_S):
             assert (await room.host.call("GET", "/health"))["status"] == "ok"
@@ -3835,12 +3851,12 @@ async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
         words = [f"w{n} " for n in range(200)]
         await ana.stream(1, words)
         assert tokens_of([await screen.recv("token_update") for _ in words], "ana") == list(enumerate(words))
-        await eventually(lambda: held.append(room.server.admission.by_address.get(STRANGER, 0)) or attack.timed_out >= 8,
+        await eventually(lambda: held.append(room.server.gate.admission.by_address.get(STRANGER, 0)) or attack.timed_out >= 8,
                          "the trickling connections closed by the header timeout")
     finally:
         await attack.stop()
     assert max(held) <= 8
-    await eventually(lambda: STRANGER not in room.server.admission.by_address, "every connection of the laptop forgotten")
+    await eventually(lambda: STRANGER not in room.server.gate.admission.by_address, "every connection of the laptop forgotten")
     refusals = [r for r in server_log.records if r.getMessage().startswith("CONNECTION_REFUSED")]
     assert 1 <= len(refusals) <= 3 < attack.refused                     # a line every RARE_LOG_S at most
     assert errors_logged(server_log) == [] and not any(r.exc_info for r in server_log.records)
@@ -3876,7 +3892,7 @@ async def test_a_slow_body_times_out_and_broken_clients_log_no_tracebacks(
         await send_raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\x00\x1b[2J garbage\r\n\r\n", hang_up=False)
         await send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40)), hang_up=False)
         await room.host.vote(rnd["id"], "ana", n % 6, f"phone-{n}")
-    await eventually(lambda: room.server.admission.by_address.get("127.0.0.1", 0) <= 3, "the broken clients forgotten")
+    await eventually(lambda: room.server.gate.admission.by_address.get("127.0.0.1", 0) <= 3, "the broken clients forgotten")
     assert (await room.host.call("GET", "/scoreboard"))["scoreboard"][0]["votes"] == 20
     assert errors_logged(server_log) == [] and not any(r.exc_info for r in server_log.records)
     broken = [r.getMessage() for r in server_log.records if r.getMessage().startswith("HTTP_BROKEN")]
