@@ -2200,6 +2200,7 @@ class Peer:
         self.participant_id: str | None = None          # set for registered runners
         self.row: dict[str, Any] = {}                   # ... with their participant row
         self.view: str | None = None                    # set for screens
+        self.snapshot_due: asyncio.Task | None = None   # the state_snapshot on its way to this screen
         self.closing = False
         self.dropped = False
         self.last_heard = time.monotonic()
@@ -2642,6 +2643,8 @@ class Server:
         self.hub.drop_screen(peer)
         if not peer.closing:
             peer.writer.cancel()
+        if peer.snapshot_due is not None:
+            peer.snapshot_due.cancel()
         pid = peer.participant_id
         if pid is not None and self.hub.by_participant.get(pid) is peer:
             del self.hub.by_participant[pid]
@@ -2741,13 +2744,25 @@ async def on_telao_register(server: Server, peer: Peer, m: dict[str, Any]) -> No
     peer.view = m["view"]
     server.hub.add_screen(peer)
     peer.send_json(msg_registered_telao(peer.view))
-    # A snapshot holds every live token: a screen needs one when it (re)connects, and an
-    # address asking for more waits its turn (its reading waits with it).
+    if peer.snapshot_due is None or peer.snapshot_due.done():
+        peer.snapshot_due = asyncio.create_task(send_snapshot(server, peer))
+    # Else the snapshot on its way answers this ask too: it is the state as it is when it goes.
+
+
+async def send_snapshot(server: Server, peer: Peer) -> None:
+    """Send `peer` a state_snapshot. It holds every live token: a screen needs one when it (re)connects,
+    and an address (not the host's) asking for more gets one per SNAPSHOT_INTERVAL_S. The wait is this
+    task's, not the connection's: its other messages are read and answered meanwhile."""
     if not server.gate.is_host(peer.address):
         while wait_s := server.gate.snapshot_throttle.wait_s(peer.address):
             await asyncio.sleep(wait_s)
         server.gate.snapshot_throttle.add(peer.address)
-    snapshot = await server.snapshot()
+    try:
+        snapshot = await server.snapshot()
+    except Exception as exc:            # its telao_register was answered already: say it here
+        log.error("state_snapshot for %s failed: %s", loggable(peer.address), loggable(failure_text(exc)))
+        peer.send_json(msg_error("The server could not send the state; send telao_register again", "SERVER_BUSY"))
+        return
     if snapshot is not None:
         peer.send_json(snapshot)
 

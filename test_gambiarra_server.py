@@ -3967,6 +3967,24 @@ async def test_a_message_flood_is_read_slowly_and_snapshots_come_no_faster_than_
     assert [m for m in await ana.quiet(0.05) if m["type"] == "error"] == []
 
 
+async def test_a_snapshot_waiting_its_turn_holds_up_nothing_else_on_its_connection(
+        make_room: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stranger's telao_register within SNAPSHOT_INTERVAL_S of its last snapshot is answered at once, its
+    snapshot comes when its turn does (asks meanwhile share it), and the connection's other frames are
+    answered in the meantime."""
+    monkeypatch.setattr(gs, "SNAPSHOT_INTERVAL_S", 30.0)
+    room = await make_room(host_addresses=("127.0.0.1/32",))
+    await room.host.new_session()
+    watcher = Peer(await room.connect_from(STRANGER))
+    await watcher.send({"type": "telao_register"})
+    await watcher.recv("state_snapshot")
+    for message in ({"type": "telao_register"},) * 3 + ({"type": "sync"},):
+        await watcher.send(message)
+    replies = [await watcher.recv() for _ in range(4)]
+    assert [m["type"] for m in replies] == ["registered_telao"] * 3 + ["error"]
+    assert await watcher.quiet(0.3) == []
+
+
 # --- hostile and malformed input -----------------------------------------------------
 
 TYPES = "register, telao_register, token, complete, error"
