@@ -2800,7 +2800,7 @@ async def on_error(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     log.warning("runner %s reported %s: %s", loggable(pid), loggable(m["code"]), loggable(m["message"]))
     server.db.submit(record_events, [
         server.event("generation_failed", actor=("participant", pid), target=("participant", pid),
-                     metadata={"round": m["round"], "code": m["code"], "message": m["message"]})])
+                     metadata={"roundIndex": m["round"], "code": m["code"], "message": m["message"]})])
 
 
 ON_MESSAGE: dict[str, tuple[tuple[Field, ...], Callable[[Server, Peer, dict[str, Any]], Awaitable[None]]]] = {

@@ -1290,7 +1290,8 @@ async def test_a_runner_error_is_logged_not_broadcast(room: Room, pin: str, conf
     assert [m["type"] for m in await screen.quiet()] == ["participant_registered", "round_started", "round_state"]
     events = await eventually(lambda: db_rows(config.database, "SELECT * FROM event_logs "
                                                                "WHERE eventType = 'generation_failed'"))
-    assert json.loads(events[0]["metadata"]) == {"round": 1, "code": "GENERATION_FAILED", "message": "out of memory"}
+    assert json.loads(events[0]["metadata"]) == {"roundIndex": 1, "code": "GENERATION_FAILED",
+                                                 "message": "out of memory"}
 
 
 # =============================================================================
@@ -2755,7 +2756,7 @@ async def test_lone_surrogates_in_every_websocket_field_are_stored_logged_and_sh
         {"id": "mal\ufffd", "nickname": "N\ufffd", "runner": "\ufffd", "model": "m\ufffd"}]
     assert json.loads(metrics_row(database, "mal\ufffd")["modelInfo"]) == {"n\ufffd": ["\ufffd", {"k": "x\ufffd"}]}
     failed = db_rows(database, "SELECT metadata FROM event_logs WHERE eventType = 'generation_failed'")
-    assert json.loads(failed[0]["metadata"]) == {"round": 1, "code": "E\ufffd", "message": "\ufffd oops"}
+    assert json.loads(failed[0]["metadata"]) == {"roundIndex": 1, "code": "E\ufffd", "message": "\ufffd oops"}
     assert (await room.host.call("GET", "/export-all.json"))["participants"][1]["id"] == "mal\ufffd"
     assert nothing_unwritable_logged(server_log)
 
@@ -5441,7 +5442,7 @@ async def test_an_engine_failing_mid_answer_is_explained_and_reported(room: Room
         events = json.loads((await export(room, "/export-all.json"))[0])["events"]
         return [e["metadata"] for e in events if e["eventType"] == "generation_failed"]
     [failure] = await eventually(reported)
-    assert (failure["round"], failure["code"]) == (1, "GENERATION_FAILED") and "stopped" in failure["message"]
+    assert (failure["roundIndex"], failure["code"]) == (1, "GENERATION_FAILED") and "stopped" in failure["message"]
     assert (await room.host.call("GET", "/rounds/current"))["liveTokens"] == {"ana": ENGINE_WORDS[:3]}
     assert runner.process.returncode is None
 
