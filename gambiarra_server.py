@@ -298,12 +298,12 @@ MAX_PROMPT = 100_000
 MAX_ROUND = 1_000_000       # round indexes, in messages
 MAX_MS = 86_400_000         # durations a client reports: a day
 SEED_RANGE = 1_000_000      # a round's seed when the host gives none: 0 to 999,999, as the club's admin page draws
-SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "world", "admin", "scoreboard"}
+SCREEN_VIEWS_WITHOUT_TOKENS = {"voting", "admin", "scoreboard"}
 PIN_CHECKS_WAITING = 16     # distinct PINs waiting for bcrypt (only before the server knows the PIN); more are refused
 PEER_BACKLOG_BYTES = 256 * 1024     # unsent bytes beyond which a peer's messages queue for its writer
 PEER_BACKLOG_POLL_S = 0.01
 PEER_FLUSH_BYTES = 16 * 1024        # gathered frames are written at the end of the turn, or at this size
-# Phones (and world screens) show no tokens, so what they get can wait this long
+# Phones (and the admin and scoreboard pages) show no tokens, so what they get can wait this long
 # and go out together: 200 runners joining at once is 200 messages per phone.
 UNHURRIED_FLUSH_S = 0.05
 SNAPSHOT_INTERVAL_S = 2.0   # an address (not the host's) gets at most one state_snapshot this often
