@@ -5014,14 +5014,21 @@ class Measures:
                 setattr(self, f.name, mine + theirs)
 
 
-class Bot:
+class Actor:
+    """One of a simulation's people, numbered, with a random source of its own: the same run after run."""
+
+    def __init__(self, sim: Simulation, index: int, name: str) -> None:
+        self.sim = sim
+        self.index = index
+        self.rng = random.Random(f"{sim.options.seed}/{name}")
+
+
+class Bot(Actor):
     """A runner: registers, answers each challenge at its own pace, and may drop and come back."""
 
     def __init__(self, sim: Simulation, index: int) -> None:
-        self.sim = sim
-        self.index = index
         self.participant_id = f"{sim.options.prefix}-{index:03d}"
-        self.rng = random.Random(f"{sim.options.seed}/{self.participant_id}")
+        super().__init__(sim, index, self.participant_id)
         self.pace = pick_pace(self.rng)
         self.runner, self.model = BOT_MODELS[index % len(BOT_MODELS)]
         self.nickname = f"{BOT_NAMES[index % len(BOT_NAMES)]} {index}"
@@ -5322,14 +5329,12 @@ class HttpLink:
             self.streams = None
 
 
-class Voter:
+class Voter(Actor):
     """A person with a phone: votes for every answer (or some) once voting opens."""
 
     def __init__(self, sim: Simulation, index: int) -> None:
-        self.sim = sim
-        self.index = index
         self.voter_id = f"{sim.options.prefix}-voter-{index:03d}"
-        self.rng = random.Random(f"{sim.options.seed}/{self.voter_id}")
+        super().__init__(sim, index, self.voter_id)
         self.rounds: dict[str, asyncio.Task] = {}
         self.link = HttpLink(sim.options.url)
 
