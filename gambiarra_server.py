@@ -208,7 +208,7 @@ class Config:
     """Everything a run can change; each field has an env var and a matching --flag."""
 
     listen_addresses: tuple[str, ...] = option(("0.0.0.0", "::"), "HOST", "addresses to listen on, comma-separated",
-                                    parse=nonempty_addresses)
+                                               parse=nonempty_addresses)
     port: int = option(3000, "PORT", "TCP port (0: any free port)", low=0, high=65535)
     database: Path = option(HERE / "gambiarra.db", "DATABASE_URL",
                             "SQLite file: a path, sqlite:///path, sqlite+<driver>:///path or file:path",
@@ -261,7 +261,7 @@ class Config:
                                     "again; beyond it the server reads the connection more slowly "
                                     "(the host's: any number)", low=1, high=1_000_000)
     max_answer_tokens: int = option(100_000, "MAX_TOKENS_PER_GENERATION",
-                                            "tokens kept per runner per round", low=1, high=10_000_000)
+                                    "tokens kept per runner per round", low=1, high=10_000_000)
     stop_grace_s: float = option(3.0, "STOP_GRACE", "seconds after a stop during which tokens and completes "
                                                     "still on their way are kept; then answers are frozen",
                                  low=0, high=3600)
@@ -281,7 +281,7 @@ class Config:
                                    "bytes queued for one connection before it is dropped as not reading",
                                    low=64 * 1024, high=1024 * 1024 * 1024)
     save_interval_s: float = option(1.0, "FLUSH_INTERVAL", "seconds between saves of streamed tokens",
-                                     low=0.01, high=3600)
+                                    low=0.01, high=3600)
     bcrypt_rounds: int = option(12, "BCRYPT_ROUNDS", "bcrypt cost for PIN hashes", low=4, high=16)
     client_dir: Path = option(HERE / "client-browser", "CLIENT_DIR",
                               "the club's browser client folder (client.html, agent.html, shared/), "
