@@ -1889,9 +1889,14 @@ class Arena:
         return ok
 
     def accept_token(self, participant_id: str, index: int, seq: int, content: str, *,
-                     limit: int, chars_limit: int) -> LiveAnswer | None:
-        """Buffer one token; return its answer if it was new, None for a duplicate."""
-        answer = self.live_round(index).answer(participant_id)
+                     config: Config) -> LiveAnswer | None:
+        """Buffer one token within the round's and the answer's bounds; return its answer if it was new,
+        None for a duplicate."""
+        live = self.live_round(index)
+        live.check_open(config.stop_grace_s * 1000)
+        live.check_room(len(content), config.max_round_tokens, config.max_round_chars)
+        answer = live.answer(participant_id)
+        limit, chars_limit = config.max_answer_tokens, config.max_answer_chars
         # seq is bounded too: a resume reply lists the seqs missing below the highest one.
         if len(answer.tokens) >= limit or seq >= limit:
             raise ClientError(f"An answer keeps at most {limit} tokens (seq 0 to {limit - 1}); the rest is ignored",
@@ -1900,9 +1905,9 @@ class Arena:
             raise ClientError(f"An answer keeps at most {chars_limit} characters; the rest is ignored",
                               "ANSWER_TOO_LONG")
         at = now_ms()
-        if not self.rounds[index].keep(answer, seq, content, at):
+        if not live.keep(answer, seq, content, at):
             return None
-        self.unsaved.append((self.rounds[index].id, participant_id, seq, content, at))
+        self.unsaved.append((live.id, participant_id, seq, content, at))
         return answer
 
     def take_unsaved(self) -> tuple[list[tuple], list[tuple], list[tuple]]:
@@ -2769,12 +2774,7 @@ async def send_snapshot(server: Server, peer: Peer) -> None:
 
 async def on_token(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
-    config = server.config
-    live = server.arena.live_round(m["round"])
-    live.check_open(config.stop_grace_s * 1000)
-    live.check_room(len(m["content"]), config.max_round_tokens, config.max_round_chars)
-    answer = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], limit=config.max_answer_tokens,
-                                       chars_limit=config.max_answer_chars)
+    answer = server.arena.accept_token(pid, m["round"], m["seq"], m["content"], config=server.config)
     if answer is None:
         return                                          # a duplicate seq: already shown
     if len(answer.tokens) == 1:                         # saved with the token, by the next save
