@@ -29,6 +29,8 @@ Words, each with one meaning here (and in the Python names):
     runner       the program a participant runs (``join``, or the club's): it connects,
                  answers challenges and streams tokens; the participants' ``runner``
                  column names its kind (ollama, llamacpp, ...)
+    seat         a participant id held by a runner across drops: its connection comes and
+                 goes, the seat (and the answer streamed into it) stays
     screen       any connection that watches instead of answering (telao_register); its
                  *view* says which page it is: the arena (the telão), voting (a phone), ...
     peer         one WebSocket connection, whether a runner's or a screen's
@@ -3940,6 +3942,7 @@ async def start(app: web.Application, addresses: Iterable[str], port: int,
 # buffer in seq order, the `complete` only after the last token. A dropped
 # connection therefore only delays tokens: the model goes on writing, and after
 # the reconnect `registered.resume` says what the arena lacks, which goes first.
+# The connection kept across drops is a Seat, which simulate's bots sit in too.
 # Like simulate and bench, it imports `websockets` only when it runs.
 
 JOIN_REFUSALS = {   # the arena's refusals that no reconnect can mend, said as what to do about them
@@ -4044,6 +4047,127 @@ def register_message(participant_id: str, pin: str, *, nickname: str | None = No
 def token_message(round_index: int, participant_id: str, seq: int, content: str) -> str:
     return dumps({"type": "token", "round": round_index, "participant_id": participant_id, "seq": seq,
                   "content": content})
+
+
+class Seat:
+    """A runner's place in the arena, kept across drops: join's runner and each of simulate's bots is one.
+
+    It connects, registers (after a drop, with the resume secret the arena gave), hands each message
+    to `on_registered`, `on_challenge` or `on_error`, and after a drop connects again with a jittered
+    backoff, until the arena refuses it for good or `staying` says no. Subclasses answer the challenges.
+    """
+
+    final: Mapping[str, str] = {}       # error codes no reconnect mends, each with what it means ("": as said)
+    give_up_after: int | None = None    # failed connections in a row that mean no arena (None: never give up)
+
+    def __init__(self, url: str, participant_id: str, pin: str, *, nickname: str, runner: str, model: str,
+                 rng: random.Random) -> None:
+        self.url = url
+        self.participant_id = participant_id
+        self.pin = pin
+        self.nickname, self.runner, self.model = nickname, runner, model
+        self.rng = rng                          # for the reconnect jitter
+        self.ws: Any = None                     # the current connection
+        self.ready = asyncio.Event()            # registered on the current connection
+        self.dialed_at = 0.0                    # monotonic: when the current connection was opened
+        self.registrations = 0
+        self.resume_secret: str | None = None
+        self.retry = False                      # the current connection is to be dropped and redone
+        self.refused: str | None = None         # the code that ended the stay (UNREACHABLE: no arena)...
+        self.refusal = ""                       # ...and what it means, in the participant's terms
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.registrations - 1)
+
+    def staying(self) -> bool:
+        return self.refused is None
+
+    def refuse(self, code: str, why: str) -> None:
+        """Leave for good: no reconnect mends this."""
+        self.refused, self.refusal = code, why
+
+    async def run(self) -> None:
+        """Stay in the arena until refused or told to leave, connecting again after every drop."""
+        failures = 0
+        while self.staying():
+            self.retry, registrations, self.dialed_at = False, self.registrations, time.monotonic()
+            self.connecting()
+            try:
+                async with runner_connection(self.url) as ws:
+                    self.ws = ws
+                    await self.converse(ws)
+                why = self.closed(ws)
+            except socket_gone() as exc:
+                why = self.unreachable(exc)
+            self.ready.clear()
+            failures = 0 if self.registrations > registrations else failures + 1
+            if self.give_up_after is not None and failures >= self.give_up_after and self.refused is None:
+                self.refuse("UNREACHABLE", f"no arena answers at {self.url}")
+            if not self.staying():
+                break
+            delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** failures)
+            delay = self.rng.uniform(delay / 2, delay)
+            self.dropped(why, delay)
+            await asyncio.sleep(delay)
+
+    async def converse(self, ws: Any) -> None:
+        """One connection: register, then read the arena's messages until it ends."""
+        await ws.send(register_message(self.participant_id, self.pin, nickname=self.nickname, runner=self.runner,
+                                       model=self.model, resume_secret=self.resume_secret))
+        async for text in ws:
+            with contextlib.suppress(ValueError, LookupError, AttributeError):  # not the arena's JSON: not for us
+                self.on_message(json.loads(text))
+            if self.refused is not None or self.retry:
+                await ws.close()
+
+    def closed(self, ws: Any) -> str:
+        """What a connection's end means; a normal close we did not ask for is the arena's decision: a newer
+        connection took this seat."""
+        if ws.close_code == WSCloseCode.OK and self.refused is None and not self.retry:
+            self.refuse("SEAT_TAKEN", f"the arena closed this seat: {ws.close_reason or 'no reason given'}")
+        said = " ".join(str(part) for part in (ws.close_code, ws.close_reason) if part)
+        return f"the arena closed the connection ({said})"
+
+    def unreachable(self, exc: BaseException) -> str:
+        """What a failed connection means; a web server refusing the upgrade outright is not the arena."""
+        status = getattr(getattr(exc, "response", None), "status_code", 0)
+        if 400 <= status < 500 and status not in (408, 429):      # not a timeout, not a throttle: final
+            self.refuse("NOT_AN_ARENA", f"{self.url} answered HTTP {status}, not as the arena: check the address "
+                                        "the host shows")
+        return f"no connection ({exc or type(exc).__name__})"
+
+    def on_message(self, m: dict[str, Any]) -> None:
+        kind = m.get("type")
+        if kind == "registered":
+            self.on_registered(m)
+        elif kind == "challenge":
+            self.on_challenge(m)
+        elif kind == "error":
+            self.on_error(m)
+
+    def on_registered(self, m: dict[str, Any]) -> None:
+        """Registered (again): keep the resume secret for the next connection."""
+        self.resume_secret = m.get("resume_secret") or self.resume_secret
+        self.registrations += 1
+        self.ready.set()
+
+    def on_challenge(self, m: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def on_error(self, m: dict[str, Any]) -> None:
+        """A refusal for good ends the stay; an error answering the register (busy, throttled) means retry."""
+        code = m.get("code", "")
+        if code in self.final:
+            self.refuse(code, self.final[code] or str(m.get("message")))
+        elif not self.ready.is_set():
+            self.retry = True
+
+    def connecting(self) -> None:
+        """About to connect (again)."""
+
+    def dropped(self, why: str, delay_s: float) -> None:
+        """The connection ended; the next one is tried in `delay_s`."""
 
 
 @dataclass
@@ -4460,120 +4584,75 @@ class Answer:
         return owed
 
 
-class Join:
+class Join(Seat):
     """The participant's runner: one seat in the arena, kept across drops, answering with one engine."""
+
+    final = JOIN_REFUSALS
 
     def __init__(self, options: JoinOptions, engine: Engine, machine: dict[str, str], out: Terminal,
                  participant_id: str) -> None:
-        self.options = options
+        super().__init__(arena_url(options.url), participant_id, options.pin,
+                         nickname=options.nickname or participant_id, runner=engine.runner, model=engine.model,
+                         rng=random.Random())
         self.engine = engine
         self.machine = machine
         self.out = out
-        self.participant_id = participant_id
-        self.url = arena_url(options.url)
-        self.rng = random.Random()
         self.answer: Answer | None = None
         self.generating: asyncio.Task | None = None
         self.queued: dict[str, Any] | None = None       # a challenge waiting for the running one to stop
         self.wake = asyncio.Event()                     # something new to send
-        self.ready = asyncio.Event()                    # registered on the current connection
-        self.resume_secret: str | None = None
-        self.registered_once = False
-        self.ready_seen = False                         # the current connection got `registered`
-        self.retry = False                              # the current connection is to be dropped and redone
-        self.refused: str | None = None                 # why the arena will not have us; we stop
-        self.reconnects = 0
         self.back_at: float | None = None               # monotonic: the latest re-registration
         self.streaming_at: float | None = None          # monotonic: the first token sent after it
 
     async def run(self) -> str:
-        """Stay in the arena until refused, reconnecting after every drop; return why it ended."""
-        failures = 0
-        while self.refused is None:
-            self.out.say(f"connecting to {self.url} ...")
-            self.ready_seen = self.retry = False
-            try:
-                async with runner_connection(self.url) as ws:
-                    await self.converse(ws)
-                said = " ".join(str(part) for part in (ws.close_code, ws.close_reason) if part)
-                why = f"the arena closed the connection ({said})"
-                if ws.close_code == WSCloseCode.OK and self.refused is None and not self.retry:
-                    # A normal close is the arena's decision: a newer connection took this seat.
-                    self.refused = f"the arena closed this seat: {ws.close_reason or 'no reason given'}"
-            except socket_gone() as exc:
-                why = f"no connection ({exc or type(exc).__name__})"
-                status = getattr(getattr(exc, "response", None), "status_code", 0)
-                if 400 <= status < 500:             # a web server, but no arena at this address
-                    self.refused = f"{self.url} answered HTTP {status}, not as the arena: check the address " \
-                                   "the host shows"
-            self.ready.clear()
-            if self.refused is not None:
-                break
-            failures = 0 if self.ready_seen else failures + 1
-            delay = min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** failures)
-            delay = self.rng.uniform(delay / 2, delay)
-            kept = f"; {len(self.answer.tokens)} tokens of round {self.answer.round} kept here" \
-                if self.answer is not None and not self.answer.delivered else ""
-            self.out.say(f"{why}{kept}; reconnecting in {delay:.1f} s")
-            await asyncio.sleep(delay)
+        """Stay in the arena until refused; return why it ended."""
+        await super().run()
         self.stop_generating("stopped")
-        return self.refused
+        return self.refusal
+
+    def refuse(self, code: str, why: str) -> None:
+        if code == "INVALID_PIN" and self.registrations:
+            why = "the PIN no longer works: the host probably started a new session; ask for the new PIN"
+        super().refuse(code, why)
+        self.stop_generating("refused")
+
+    def connecting(self) -> None:
+        self.out.say(f"connecting to {self.url} ...")
+
+    def dropped(self, why: str, delay_s: float) -> None:
+        kept = f"; {len(self.answer.tokens)} tokens of round {self.answer.round} kept here" \
+            if self.answer is not None and not self.answer.delivered else ""
+        self.out.say(f"{why}{kept}; reconnecting in {delay_s:.1f} s")
 
     async def converse(self, ws: Any) -> None:
-        """One connection: register, then read the arena's messages while a sender delivers the answer."""
-        await ws.send(register_message(self.participant_id, self.options.pin,
-                                       nickname=self.options.nickname or self.participant_id,
-                                       runner=self.engine.runner, model=self.engine.model,
-                                       resume_secret=self.resume_secret or None))
+        """One connection, with a sender delivering the answer beside the reading."""
         sender = asyncio.ensure_future(self.deliver_loop(ws))
         try:
-            async for text in ws:
-                with contextlib.suppress(ValueError, AttributeError):   # not the arena's JSON: not for us
-                    self.on_message(json.loads(text))
-                if self.refused is not None or self.retry:
-                    await ws.close()
+            await super().converse(ws)
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, *socket_gone()):
                 await sender
 
-    def on_message(self, m: dict[str, Any]) -> None:
-        kind = m.get("type")
-        if kind == "registered":
-            self.on_registered(m)
-        elif kind == "challenge":
-            self.on_challenge(m)
-        elif kind == "error":
-            code = m.get("code", "")
-            if code in JOIN_REFUSALS:
-                self.refused = JOIN_REFUSALS[code]
-                if code == "INVALID_PIN" and self.registered_once:
-                    self.refused = "the PIN no longer works: the host probably started a new session; ask for " \
-                                   "the new PIN"
-                self.stop_generating("refused")
-                return
-            self.out.say(f"arena: {m.get('message')} ({code})")
-            if not self.ready_seen:
-                self.retry = True       # the register was answered with an error (busy, throttled): try again
+    def on_error(self, m: dict[str, Any]) -> None:
+        super().on_error(m)
+        if self.refused is None:
+            self.out.say(f"arena: {m.get('message')} ({m.get('code', '')})")
 
     def on_registered(self, m: dict[str, Any]) -> None:
-        """Registered (again): remember the resume secret, and take the arena's word on what it holds."""
-        self.resume_secret = m.get("resume_secret") or self.resume_secret
+        """Registered (again): take the arena's word on what it holds of the answer."""
+        super().on_registered(m)
         resume, answer = m.get("resume"), self.answer
-        if not self.registered_once:
-            self.out.say(f"in the arena as '{self.options.nickname or self.participant_id}' "
-                         f"(id {self.participant_id}, {self.engine.runner} {self.engine.model}): waiting for a "
-                         "challenge")
+        if self.registrations == 1:
+            self.out.say(f"in the arena as '{self.nickname}' (id {self.participant_id}, {self.runner} {self.model}): "
+                         "waiting for a challenge")
         else:
-            self.reconnects += 1
             self.back_at, self.streaming_at = time.monotonic(), None
             owed = answer.resume_from(resume) if answer is not None else 0
             self.out.say(f"back in the arena; {owed} tokens to send again" if owed else "back in the arena")
         if resume is not None and (answer is None or answer.round != resume["round"]):
             self.out.say(f"round {resume['round']} is running, but its challenge came before you joined: you "
                          "answer from the next round")
-        self.registered_once = self.ready_seen = True
-        self.ready.set()
         self.wake.set()
 
     def on_challenge(self, m: dict[str, Any]) -> None:
@@ -4801,7 +4880,7 @@ async def join_drill(runners: int, rate: float, answer_s: float, signum: int,
 async def drill_round(seats: list[Join], server: DrillServer, http: ClientSession, base: str, rate: float,
                       answer_s: float, signum: int, say: Callable[[str], None]) -> dict[str, Any]:
     """The drill's round: all streaming, the arena down and up again, every answer delivered and compared."""
-    if not await wait_until(lambda: all(seat.registered_once for seat in seats), 60):
+    if not await wait_until(lambda: all(seat.registrations for seat in seats), 60):
         raise RuntimeError("not every runner registered")
     host = HostClient(http, base)
     rnd = await host.call("POST", "/rounds", {"prompt": "drill", "maxTokens": round(rate * answer_s),
@@ -5023,77 +5102,60 @@ class Actor:
         self.rng = random.Random(f"{sim.options.seed}/{name}")
 
 
-class Bot(Actor):
+class Bot(Actor, Seat):
     """A runner: registers, answers each challenge at its own pace, and may drop and come back."""
 
+    final = dict.fromkeys(REFUSALS, "")
+    give_up_after = RECONNECT_TRIES
+
     def __init__(self, sim: Simulation, index: int) -> None:
-        self.participant_id = f"{sim.options.prefix}-{index:03d}"
-        super().__init__(sim, index, self.participant_id)
+        participant_id = f"{sim.options.prefix}-{index:03d}"
+        Actor.__init__(self, sim, index, participant_id)
+        runner, model = BOT_MODELS[index % len(BOT_MODELS)]
+        Seat.__init__(self, sim.ws_url, participant_id, sim.pin, runner=runner, model=model, rng=self.rng,
+                      nickname=f"{BOT_NAMES[index % len(BOT_NAMES)]} {index}")
         self.pace = pick_pace(self.rng)
-        self.runner, self.model = BOT_MODELS[index % len(BOT_MODELS)]
-        self.nickname = f"{BOT_NAMES[index % len(BOT_NAMES)]} {index}"
-        self.ws: Any = None
-        self.ready = asyncio.Event()            # registered on the current connection
         self.registered_at: float | None = None
         self.resume: dict[str, Any] | None = None
         self.answering: int | None = None       # the round of the latest challenge
         self.answered: set[int] = set()
-        self.refused: str | None = None         # why the server will not have this bot
         self.task: asyncio.Task | None = None   # the answer being streamed
 
     def settled(self, round_index: int) -> bool:
         """Done with a round: answered it, or out of the game."""
         return round_index in self.answered or self.refused is not None
 
-    async def run(self) -> None:
-        """Stay connected until the simulation ends, reconnecting after every drop."""
-        failures = 0
-        while not self.sim.stopping and self.refused is None and failures < RECONNECT_TRIES:
-            started = time.monotonic()
-            try:
-                async with runner_connection(self.sim.ws_url) as ws:
-                    self.ws = ws
-                    await ws.send(register_message(self.participant_id, self.sim.pin, nickname=self.nickname,
-                                                   runner=self.runner, model=self.model))
-                    async for text in ws:
-                        failures = 0
-                        self.on_message(json.loads(text), started)
-            except socket_gone():
-                failures += 1
-            self.ready.clear()
-            if not self.sim.stopping and self.refused is None:
-                await asyncio.sleep(self.rng.uniform(0.2, 1.0))
-        if self.refused is None and not self.sim.stopping:
-            self.refused = "UNREACHABLE"
+    def staying(self) -> bool:
+        return not self.sim.stopping and super().staying()
 
-    def on_message(self, m: dict[str, Any], connect_started: float) -> None:
-        """React to the server: registered, a challenge (start answering), or an error."""
-        if m["type"] == "registered":
-            self.on_registered(m, connect_started)
-        elif m["type"] == "challenge":
-            self.sim.measures.challenged_at.append(time.monotonic())
-            if self.task is not None:
-                self.task.cancel()              # the host moved on: so does the bot
-            self.answering = m["round"]
-            self.sim.progress.begin(m["round"])
-            self.task = asyncio.ensure_future(self.answer(m))
-        elif m["type"] == "error":
-            bump(self.sim.measures.errors, m.get("code", "ERROR"))
-            if m.get("code") in REFUSALS:
-                self.refused = m["code"]
-                self.sim.note(f"{self.participant_id} refused: {m.get('message')}")
+    def refuse(self, code: str, why: str) -> None:
+        super().refuse(code, why)
+        self.sim.note(f"{self.participant_id} is out: {why}")
 
-    def on_registered(self, m: dict[str, Any], connect_started: float) -> None:
+    def on_challenge(self, m: dict[str, Any]) -> None:
+        """Start answering; the host moved on from the previous round, so does the bot."""
+        self.sim.measures.challenged_at.append(time.monotonic())
+        if self.task is not None:
+            self.task.cancel()
+        self.answering = m["round"]
+        self.sim.progress.begin(m["round"])
+        self.task = asyncio.ensure_future(self.answer(m))
+
+    def on_error(self, m: dict[str, Any]) -> None:
+        bump(self.sim.measures.errors, m.get("code", "ERROR"))
+        super().on_error(m)
+
+    def on_registered(self, m: dict[str, Any]) -> None:
         """Note the first registration's timing; after a drop, learn where to resume."""
+        super().on_registered(m)
         now = time.monotonic()
         if self.registered_at is None:
             self.registered_at = now
-            self.sim.measures.register_s.append(now - connect_started)
+            self.sim.measures.register_s.append(now - self.dialed_at)
             self.sim.measures.registered_at.append(now)
         resume = m.get("resume")
         if resume and resume["round"] == self.answering and self.answering not in self.answered:
             self.resume = resume
-        self.ready.set()
 
     def answer_length(self, max_tokens: int) -> int:
         """How many tokens this answer has: the budget when filling, else a natural length within it."""
@@ -5484,6 +5546,9 @@ class Simulation:
         await wait_until(lambda: all(screen.ready.is_set() for screen in self.screens), timeout_s)
 
     def start_bots(self) -> None:
+        """Seat the bots, with the PIN found by now."""
+        for bot in self.bots:
+            bot.pin = self.pin
         self.tasks += [asyncio.ensure_future(bot.run()) for bot in self.bots]
 
     def joined(self) -> bool:
