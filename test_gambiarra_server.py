@@ -2765,7 +2765,7 @@ async def test_lone_surrogates_and_bad_bytes_in_bodies_queries_and_headers_get_a
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
     """Prompts, ids, the headers we read (not UTF-8, or halves of pairs): a clean answer, clean rows, no 500."""
     room = await make_room(host_addresses=("127.0.0.1/32",), trust_proxy=True)
-    pin = await room.host.new_session()
+    await room.host.new_session()
     status, rnd = await raw_http(room, "POST", "/rounds", body={"prompt": f"Diga {LONE}"})
     assert (status, rnd["prompt"]) == (200, "Diga \ufffd")
     bad = b"\xff\xfe\xed\xa0\x80"
@@ -5543,29 +5543,23 @@ async def test_the_join_drill_restarts_the_arena_and_counts_what_was_lost() -> N
     assert said[0] == "4 runners streaming; stopping the arena (SIGKILL)"
 
 
-@pytest.mark.parametrize(("typed", "url"), [
-    ("127.0.0.1:3000", "ws://127.0.0.1:3000/ws"),
-    ("192.168.0.10", "ws://192.168.0.10:3000/ws"),
-    ("http://arena.local:3000/api", "ws://arena.local:3000/ws"),
-    ("https://arena.example/", "wss://arena.example/ws"),
-    ("ws://127.0.0.1:3000/ws/", "ws://127.0.0.1:3000/ws"),
-    ("  [::1]:3000 ", "ws://[::1]:3000/ws"),
+@pytest.mark.parametrize(("mend", "typed", "url"), [
+    ("arena_url", "127.0.0.1:3000", "ws://127.0.0.1:3000/ws"),             # no scheme: the real incident
+    ("arena_url", "192.168.0.10", "ws://192.168.0.10:3000/ws"),
+    ("arena_url", "http://arena.local:3000/api", "ws://arena.local:3000/ws"),
+    ("arena_url", "https://arena.example/", "wss://arena.example/ws"),
+    ("arena_url", "ws://127.0.0.1:3000/ws/", "ws://127.0.0.1:3000/ws"),
+    ("arena_url", "  [::1]:3000 ", "ws://[::1]:3000/ws"),
+    ("engine_base_url", "127.0.0.1:1234", "http://127.0.0.1:1234"),
+    ("engine_base_url", "http://127.0.0.1:1234/v1", "http://127.0.0.1:1234"),       # as LM Studio shows it
+    ("engine_base_url", "http://127.0.0.1:1234/v1/", "http://127.0.0.1:1234"),
+    ("engine_base_url", "localhost:11434/api", "http://localhost:11434"),
+    ("engine_base_url", "http://gpu-box:8080/v1/chat/completions", "http://gpu-box:8080"),
 ])
-def test_arena_addresses_are_mended(typed: str, url: str) -> None:
-    """No scheme (the real incident), http:// for the arena, a trailing /api or /, no /ws: all reach /ws."""
-    assert gs.arena_url(typed) == url
-
-
-@pytest.mark.parametrize(("typed", "url"), [
-    ("127.0.0.1:1234", "http://127.0.0.1:1234"),
-    ("http://127.0.0.1:1234/v1", "http://127.0.0.1:1234"),
-    ("http://127.0.0.1:1234/v1/", "http://127.0.0.1:1234"),
-    ("localhost:11434/api", "http://localhost:11434"),
-    ("http://gpu-box:8080/v1/chat/completions", "http://gpu-box:8080"),
-])
-def test_engine_addresses_are_mended(typed: str, url: str) -> None:
-    """An engine address with or without http://, /v1 (as LM Studio and llama.cpp show it) or /api."""
-    assert gs.engine_base_url(typed) == url
+def test_sloppy_addresses_are_mended(mend: str, typed: str, url: str) -> None:
+    """The arena's address with no scheme, http://, a trailing /api or /, no /ws: all reach /ws. An engine's
+    with or without http://, /v1 (as LM Studio and llama.cpp show it) or /api: all reach its root."""
+    assert getattr(gs, mend)(typed) == url
 
 
 def test_the_participant_id_is_kept_per_nickname(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -5764,10 +5758,10 @@ def test_bench_streams_a_round_under_attack_and_reports_what_the_attackers_got()
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (Linux /proc)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for status in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
+            if int(status.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(status.parent.name))
     return found
 
 
