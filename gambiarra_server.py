@@ -3062,7 +3062,7 @@ async def post_rounds_stop(server: Server, request: web.Request, p: Params) -> w
     async with arena.lock:
         arena.require_session()
         running = arena.running_round()
-        if p["round_id"] is None and running is None:
+        if not p["round_id"] and running is None:     # an empty roundId counts as none given
             raise Conflict("No round is running")
         row = await session_round(server, p["round_id"] or running.id)
         if row["startedAt"] is None:

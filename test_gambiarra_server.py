@@ -1681,6 +1681,7 @@ def vote_for(participant_id: str) -> Callable[[dict[str, Any]], tuple]:
     ("closed", STOP, 409, "Round already ended"),
     ("created", round_call("POST", "/rounds/stop", {}), 409, "No round is running"),
     ("open", round_call("POST", "/rounds/stop"), 409, "No round is running"),
+    ("open", round_call("POST", "/rounds/stop", {"roundId": ""}), 409, "No round is running"),
     ("created", CLOSE, 409, "Voting is not open for this round"),
     ("running", CLOSE, 409, "Voting is not open for this round"),
     ("closed", CLOSE, 409, "Voting is not open for this round"),
@@ -4368,7 +4369,7 @@ async def test_fuzzed_requests_to_every_route_get_a_4xx_or_an_answer_never_a_500
 
     def fuzz_every_route() -> None:
         for operation in operations:                            # each route gets its share, not a biased draw
-            @settings(FUZZ, max_examples=15)
+            @settings(FUZZ, max_examples=30)
             @given(st.lists(http_requests([operation], ids, list(clients)), min_size=1, max_size=4))
             def fuzz(requests: list[tuple[Any, ...]]) -> None:
                 for args in requests:
