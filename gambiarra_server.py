@@ -4306,6 +4306,27 @@ def error_text(body: str) -> str:
     return body.strip()[:300] or "no details"
 
 
+def engine_json(text: str | bytes, engine: str) -> dict[str, Any]:
+    """One JSON object of an engine's stream; anything else is the engine's failure, said as such."""
+    with contextlib.suppress(ValueError):
+        chunk = json.loads(text)
+        if isinstance(chunk, dict):
+            return chunk
+    raise EngineError(f"{engine} sent a line that is not a JSON object")
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """data[key][key]...; None where a level is missing or not an object (an engine's JSON is not ours)."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def piece_text(value: Any) -> str:
+    """A streamed piece's text; a piece of another type carries none."""
+    return value if isinstance(value, str) else ""
+
+
 async def response_lines(response: Any) -> AsyncIterator[bytes]:
     """The lines of a streamed HTTP body, however long (a final JSON line can be large)."""
     pending = b""
@@ -4390,10 +4411,10 @@ class Ollama(Engine):
             async for line in self.post_lines("/api/chat", body):
                 if not line.strip():
                     continue
-                chunk = json.loads(line)
+                chunk = engine_json(line, "ollama")
                 if chunk.get("error"):
                     raise EngineError(f"ollama: {chunk['error']}")
-                yield (chunk.get("message") or {}).get("content") or ""
+                yield piece_text(dig(chunk, "message", "content"))
                 if chunk.get("done"):
                     counters.update({key: chunk[key] for key in OLLAMA_COUNTERS if key in chunk})
                     return
@@ -4402,8 +4423,6 @@ class Ollama(Engine):
                 raise EngineError(f"model '{self.model}' is not pulled in ollama: run `ollama pull {self.model}`") \
                     from None
             raise
-        except ValueError:
-            raise EngineError("ollama sent a line that is not JSON") from None
         raise EngineError("ollama stopped mid-answer (the stream ended before done)")
 
 
@@ -4458,16 +4477,14 @@ class OpenAICompatible(Engine):
             data = data[5:].strip()
             if data == "[DONE]":
                 return
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise EngineError("the engine sent an event that is not JSON") from None
+            chunk = engine_json(data, "the engine")
             if chunk.get("error"):
                 raise EngineError(f"the engine failed: {error_text(data)}")
-            counters.update({key: chunk[key] for key in ("usage", "timings") if chunk.get(key)})
-            for choice in chunk.get("choices") or []:
-                finished = finished or bool(choice.get("finish_reason"))
-                yield (choice.get("delta") or {}).get("content") or ""
+            counters.update({key: chunk[key] for key in ("usage", "timings") if isinstance(chunk.get(key), dict)})
+            choices = chunk.get("choices")
+            for choice in choices if isinstance(choices, list) else []:
+                finished = finished or bool(dig(choice, "finish_reason"))
+                yield piece_text(dig(choice, "delta", "content"))
         if not finished:
             raise EngineError("the engine stopped mid-answer (the stream ended before its last event)")
 

@@ -5192,9 +5192,11 @@ class FakeEngine:
     """A local engine's HTTP API with a scripted answer; it records what it was asked."""
 
     def __init__(self, words: list[str] = ENGINE_WORDS, pace_s: float = 0.0, fail_after: int | None = None,
-                 usage: bool = True, timings: bool = False, refuse_stream_options: bool = False) -> None:
+                 usage: bool = True, timings: bool = False, refuse_stream_options: bool = False,
+                 odd: list[Any] = ()) -> None:
         self.words, self.pace_s, self.fail_after = words, pace_s, fail_after
         self.usage, self.timings, self.refuse_stream_options = usage, timings, refuse_stream_options
+        self.odd = list(odd)            # chunks of unexpected shapes, streamed after the first word
         self.requests: list[dict[str, Any]] = []
         self.app = aiohttp.web.Application()
         self.app.router.add_get("/api/tags", self.tags)
@@ -5230,6 +5232,7 @@ class FakeEngine:
         self.requests.append(body)
         model = body["model"]
         lines = [{"model": model, "message": {"role": "assistant", "content": w}, "done": False} for w in self.words]
+        lines[1:1] = self.odd
         lines.append({"model": model, "message": {"role": "assistant", "content": ""}, "done": True,
                       "done_reason": "stop", **OLLAMA_DONE})
         return await self.stream(request, [json.dumps(line).encode() + b"\n" for line in lines],
@@ -5246,6 +5249,7 @@ class FakeEngine:
             return {"id": "c1", "object": "chat.completion.chunk", "model": body["model"],
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         events = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": w}) for w in self.words]
+        events[2:2] = self.odd
         events.append(chunk({}, "stop", **({"timings": {"predicted_n": 10, "predicted_per_second": 41.5}}
                                            if self.timings else {})))
         if body.get("stream_options", {}).get("include_usage") and self.usage:
@@ -5377,6 +5381,25 @@ async def test_join_speaks_openai_sse(room: Room, pin: str, engine: Callable, jo
         "max_tokens": 30, "temperature": 0.8, "seed": rnd["seed"], "stream": True}
     assert [("stream_options" in r) for r in fake.requests] == (
         [True, False] if script.get("refuse_stream_options") else [True])
+
+
+@pytest.mark.parametrize(("engine_url_path", "odd"), [
+    ("", [{"message": "x"}, {"message": {"content": 5}}, {"message": None}, {"model": "m"}]),
+    ("/v1", [{"choices": "x"}, {"choices": [5, {"delta": "x"}, {"delta": {"content": 7}}]}, {"usage": "x"}]),
+], ids=["ollama", "openai"])
+async def test_odd_shaped_chunks_from_the_engine_carry_no_text_and_break_nothing(
+        room: Room, pin: str, engine: Callable, join: Callable, engine_url_path: str, odd: list[Any]) -> None:
+    """An engine's chunk of an unexpected shape (a string for an object, a number for text) adds nothing to
+    the answer: the rest streams, completes and is stored whole."""
+    fake, engine_url = await engine(odd=odd)
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana",
+                        "--engine-url", engine_url + engine_url_path)
+    await runner.says("waiting for a challenge")
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    row = await stored_answer(room, rnd["id"])
+    assert (row["generated_content"], row["tokens"]) == ("".join(ENGINE_WORDS), len(ENGINE_WORDS))
+    await runner.says("the arena has all 10 tokens")
+    assert "internal error" not in runner.output
 
 
 @pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"),
