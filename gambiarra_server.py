@@ -4116,7 +4116,7 @@ class Seat:
         await ws.send(register_message(self.participant_id, self.pin, nickname=self.nickname, runner=self.runner,
                                        model=self.model, resume_secret=self.resume_secret))
         async for text in ws:
-            with contextlib.suppress(ValueError, LookupError, AttributeError):  # not the arena's JSON: not for us
+            with contextlib.suppress(ValueError, LookupError, AttributeError, TypeError):   # not the arena's shape
                 self.on_message(json.loads(text))
             if self.refused is not None or self.retry:
                 await ws.close()
