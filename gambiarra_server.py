@@ -217,8 +217,7 @@ class Config:
                             parse=database_path)
     cors_origins: tuple[str, ...] = option(("*",), "CORS_ORIGINS", "browser origins allowed, comma-separated",
                                            parse=origins)
-    pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN", low=MIN_PIN_LENGTH,
-                             high=MAX_PIN_LENGTH)
+    pin_length: int = option(6, "PIN_LENGTH", "digits in a new session's PIN", low=MIN_PIN_LENGTH, high=MAX_PIN_LENGTH)
     admin_token: str = option("", "ADMIN_TOKEN", "token for host routes from other machines "
                                                   "(default: one made at the first start and kept beside "
                                                   "the database in <database>.admin-token; printed at start-up)")
@@ -226,12 +225,9 @@ class Config:
                                              "networks trusted as the host without a token, comma-separated",
                                              parse=networks)
     trust_proxy: bool = option(False, "TRUST_PROXY", "take the client address from X-Forwarded-For")
-    rate_limit_max: int = option(500, "RATE_LIMIT_MAX", "HTTP requests per address per window",
-                                 low=1, high=1_000_000)
-    rate_limit_window_s: float = option(60.0, "RATE_LIMIT_WINDOW", "rate-limit window in seconds",
-                                        low=0.1, high=86_400)
-    pin_attempts_max: int = option(10, "PIN_ATTEMPTS_MAX", "wrong PINs per address per window",
-                                   low=1, high=1_000_000)
+    rate_limit_max: int = option(500, "RATE_LIMIT_MAX", "HTTP requests per address per window", low=1, high=1_000_000)
+    rate_limit_window_s: float = option(60.0, "RATE_LIMIT_WINDOW", "rate-limit window in seconds", low=0.1, high=86_400)
+    pin_attempts_max: int = option(10, "PIN_ATTEMPTS_MAX", "wrong PINs per address per window", low=1, high=1_000_000)
     pin_attempts_total_max: int = option(300, "PIN_ATTEMPTS_TOTAL_MAX",
                                          "wrong PINs from all addresses together per window", low=1, high=1_000_000)
     pin_attempts_window_s: float = option(60.0, "PIN_ATTEMPTS_WINDOW", "wrong-PIN window in seconds",
@@ -256,8 +252,7 @@ class Config:
                                      "seconds a connection has to send a request's headers, from its opening or "
                                      "its last response (so also how long an idle one stays open)",
                                      low=1, high=3600)
-    body_timeout_s: float = option(30.0, "BODY_TIMEOUT", "seconds a request has to send its body",
-                                   low=1, high=3600)
+    body_timeout_s: float = option(30.0, "BODY_TIMEOUT", "seconds a request has to send its body", low=1, high=3600)
     ws_message_rate: float = option(1000.0, "WS_MESSAGE_RATE",
                                     "messages per second a WebSocket connection may send, in bursts of as many "
                                     "again; beyond it the server reads the connection more slowly "
@@ -404,10 +399,14 @@ def flag_name(env: str, env_prefix: str = "") -> str:
     return "--" + env.removeprefix(env_prefix).lower().replace("_", "-")
 
 
-def options_parser(options: type, env_prefix: str = "", **about: Any) -> argparse.ArgumentParser:
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of one of this file's sub-commands, named in its usage line as the user types it."""
+    return argparse.ArgumentParser(prog=f"{Path(__file__).name} {command}", description=description)
+
+
+def options_parser(options: type, parser: argparse.ArgumentParser, env_prefix: str = "") -> argparse.ArgumentParser:
     """A --flag per field of the dataclass `options` (named after its env var less `env_prefix`); values
     stay text, for setting_value to check wherever they come from."""
-    parser = argparse.ArgumentParser(**about)
     for f in fields(options):
         env, doc, default = f.metadata["env"], f.metadata["help"], f.default
         shown = ",".join(default) if isinstance(default, tuple) else default
@@ -451,11 +450,11 @@ def parse_config(argv: list[str]) -> Config:
     dotenv_path = HERE / ".env"
     dotenv = read_dotenv(dotenv_path)
     warn_unknown_keys(dotenv, dotenv_path)
-    parser = options_parser(
-        Config, description="Gambiarra arena server. Every option can also be set by the environment variable "
-                            "named in its help, or in a .env file beside this script.",
+    parser = options_parser(Config, argparse.ArgumentParser(
+        description="Gambiarra arena server. Every option can also be set by the environment variable named in "
+                    "its help, or in a .env file beside this script.",
         epilog="Also: 'join' (a participant's runner), 'join-drill' (join runners through an arena restart), "
-               "'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help.")
+               "'simulate' (fake runners, screens and voters) and 'bench' (measure); see their --help."))
     return Config(**option_values(Config, vars(parser.parse_args(argv)), dotenv=dotenv, dotenv_path=dotenv_path))
 
 
@@ -4184,8 +4183,7 @@ class JoinOptions:
                                                          "http://127.0.0.1:1234/v1 (default: its usual port)")
     participant_id: str = option("", "GAMBIARRA_PARTICIPANT_ID",
                                  "your seat in the arena (default: one kept in your config folder)")
-    mock_rate: float = option(20.0, "GAMBIARRA_MOCK_RATE", "tokens per second of --engine mock", low=0.1,
-                              high=10_000)
+    mock_rate: float = option(20.0, "GAMBIARRA_MOCK_RATE", "tokens per second of --engine mock", low=0.1, high=10_000)
     quiet: bool = option(False, "GAMBIARRA_QUIET", "do not print the answer as it streams")
 
 
@@ -4816,11 +4814,10 @@ async def join(options: JoinOptions, out: Terminal) -> str:
 
 def join_command(argv: list[str]) -> None:
     """`join`: the participant's runner."""
-    parser = options_parser(
-        JoinOptions, "GAMBIARRA_", prog="gambiarra_server.py join",
-        description="Take part in the arena with a local model: answer each challenge and stream the tokens, "
-                    "keeping them through dropped connections and server restarts. Every option can also be "
-                    "set by the environment variable named in its help.")
+    parser = options_parser(JoinOptions, command_parser(
+        "join", "Take part in the arena with a local model: answer each challenge and stream the tokens, keeping "
+                "them through dropped connections and server restarts. Every option can also be set by the "
+                "environment variable named in its help."), "GAMBIARRA_")
     options = JoinOptions(**option_values(JoinOptions, vars(parser.parse_args(argv)), "GAMBIARRA_"))
     out = Terminal(echo=not options.quiet)
     try:
@@ -4933,11 +4930,10 @@ async def drill_round(seats: list[Join], server: DrillServer, http: ClientSessio
 
 def join_drill_command(argv: list[str]) -> None:
     """`join-drill`: many join runners lose the arena to a restart mid-round; print what it cost."""
-    parser = argparse.ArgumentParser(
-        prog="gambiarra_server.py join-drill",
-        description="Start an arena on a free loopback port and a temporary database, seat join runners with the "
-                    "mock engine, stop the arena mid-round and start it again; print how long until every runner "
-                    "was back and streaming, and how many tokens were lost (the goal: none).")
+    parser = command_parser(
+        "join-drill", "Start an arena on a free loopback port and a temporary database, seat join runners with the "
+                      "mock engine, stop the arena mid-round and start it again; print how long until every runner "
+                      "was back and streaming, and how many tokens were lost (the goal: none).")
     parser.add_argument("--runners", type=int, default=200, help="join runners (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=10.0, help="tokens/s of each runner (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=12.0,
@@ -6627,11 +6623,10 @@ def bench_report(f: dict[str, Any]) -> str:
 
 def simulate_command(argv: list[str]) -> None:
     """`simulate`: fake runners, screens and phones against a running server."""
-    parser = argparse.ArgumentParser(
-        prog="gambiarra_server.py simulate",
-        description="Rehearse the evening: bots that register and stream answers, arena screens, and phones "
-                    "that vote, against a running server. The host runs the rounds (curl, admin page) unless "
-                    "--drive is given. Stops after --rounds, --duration or Ctrl-C.")
+    parser = command_parser(
+        "simulate", "Rehearse the evening: bots that register and stream answers, arena screens, and phones that "
+                    "vote, against a running server. The host runs the rounds (curl, admin page) unless --drive is "
+                    "given. Stops after --rounds, --duration or Ctrl-C.")
     parser.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: %(default)s)")
     parser.add_argument("--pin", help="the session PIN (default: the active session's, read from the server)")
     parser.add_argument("--admin-token", default="", help="for --drive against another machine's server")
@@ -6670,11 +6665,10 @@ def simulate_command(argv: list[str]) -> None:
 
 def bench_command(argv: list[str]) -> None:
     """`bench`: measure a fresh server on loopback under a preset load; print a table and a JSON line."""
-    parser = argparse.ArgumentParser(
-        prog="gambiarra_server.py bench",
-        description="Start a server on a temporary database and a free loopback port, drive it with simulated "
-                    "runners, screens and phones from other processes, and measure it. With two or more CPUs the "
-                    "server gets one to itself and the load generators the rest.")
+    parser = command_parser(
+        "bench", "Start a server on a temporary database and a free loopback port, drive it with simulated runners, "
+                 "screens and phones from other processes, and measure it. With two or more CPUs the server gets one "
+                 "to itself and the load generators the rest.")
     parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="ten-x", help="default: %(default)s")
     for f in fields(Preset):
         parser.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[f.type],
