@@ -33,7 +33,7 @@ import time
 import urllib.parse
 import urllib.request
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,14 @@ class Runner(Peer):
         await self.send({"type": "complete", "round": round_index, "participant_id": self.participant_id,
                          "tokens": tokens, "latency_ms_first_token": 120, "duration_ms": 900,
                          "model_info": {"name": "llama3.1:8b", "runner": "ollama"}, **extra})
+
+    async def answer_in_order(self, seqs: Iterable[int], tokens: int) -> None:
+        """Round 1's tokens sent in this order of seq (each one's content its seq), then a `complete` claiming
+        `tokens`, read by the server."""
+        for seq in seqs:
+            await self.token(1, seq, str(seq))
+        await self.complete(1, tokens)
+        await self.sync()
 
 
 # Who is who on loopback: the server trusts only 127.0.0.1 as the host where a test
@@ -1209,10 +1217,7 @@ async def test_a_gap_does_not_drop_the_rest_and_is_recorded(room: Room, pin: str
     screen = await room.screen()
     ana = await room.runner("ana", pin)
     rnd = await running_round(room, ana)
-    for seq in (0, 1, 3, 4):
-        await ana.token(1, seq, str(seq))
-    await ana.complete(1, 5)
-    await ana.sync()
+    await ana.answer_in_order((0, 1, 3, 4), 5)
     updates = [await screen.recv("token_update") for _ in range(4)]
     assert [(u["seq"], u["total_tokens"]) for u in updates] == [(0, 1), (1, 2), (3, 3), (4, 4)]
     assert await responses_of(room, rnd) == {"ana": "0134"}
@@ -1225,10 +1230,7 @@ async def test_tokens_out_of_order_are_stored_in_seq_order(room: Room, pin: str)
     """Content is the tokens in seq order, whatever order they arrived in."""
     ana = await room.runner("ana", pin)
     rnd = await running_round(room, ana)
-    for seq in (2, 0, 3, 1):
-        await ana.token(1, seq, str(seq))
-    await ana.complete(1, 4)
-    await ana.sync()
+    await ana.answer_in_order((2, 0, 3, 1), 4)
     assert await responses_of(room, rnd) == {"ana": "0123"}
 
 
