@@ -608,17 +608,23 @@ def new_id() -> str:
     return str(uuid.UUID(int=value))
 
 
+MAX_LOGGED = 500    # characters of one client value in a log line
 # Control characters (newlines, ANSI escapes, C1), line and bidi separators, and lone surrogates.
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def loggable(value: Any) -> str:
-    """A client's value as one inert field of a log line: what a terminal would act on is written as an escape.
+    """A client's value as one inert field of a log line: what a terminal would act on is written as an
+    escape, and a value past MAX_LOGGED characters is cut there.
 
     Ids, nicknames and messages are typed by anyone with the PIN (and paths and
-    addresses by anyone); raw, they could forge log lines or clear the host's screen.
+    addresses by anyone); raw, they could forge log lines or clear the host's screen,
+    and a path of 8 KB a request would fill the log.
     """
-    return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], str(value))
+    text = str(value)
+    if len(text) > MAX_LOGGED:
+        text = f"{text[:MAX_LOGGED]}…({len(text) - MAX_LOGGED} more)"
+    return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 class BackgroundHandler(logging.handlers.QueueHandler):
@@ -845,6 +851,17 @@ def client_address(request: web.Request, config: Config) -> str:
 
 def allowed_origin(config: Config, origin: str) -> str | None:
     return origin if "*" in config.cors_origins or origin in config.cors_origins else None
+
+
+def file_within(folder: Path, name: str) -> Path | None:
+    """The file a client names under `folder`, if there is one and it is inside (no .., no link out); a
+    name no file can have (a NUL byte, too long for the system) names none."""
+    try:
+        root = folder.resolve()
+        path = (root / name).resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def lan_addresses() -> list[str]:
@@ -3387,9 +3404,9 @@ def html_or(page: RequestHandler, api: RequestHandler) -> RequestHandler:
 
 async def get_static(request: web.Request) -> web.StreamResponse:
     """A file of STATIC_DIR; for a browser, its index.html at any other path (the app routes by itself)."""
-    root = Path(request.app[server_key].config.static_dir).resolve()
-    path = (root / request.match_info.get("path", "")).resolve()
-    if path.is_relative_to(root) and path.is_file():
+    root = Path(request.app[server_key].config.static_dir)
+    path = file_within(root, request.match_info.get("path", ""))
+    if path is not None:
         return web.FileResponse(path)
     if wants_html(request):
         return web.FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
@@ -3600,21 +3617,22 @@ async def get_redoc(request: web.Request) -> web.Response:
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
-def static_file(path: Path) -> web.Response:
+def static_file(folder: Path, name: str) -> web.Response:
     """A page of the club's browser client, never cached (a stale client once drew blank SVGs)."""
-    if not path.is_file():
-        raise NotFound(f"{path.name} is not installed on this server (see CLIENT_DIR)")
+    path = file_within(folder, name)
+    if path is None:
+        raise NotFound(f"{name} is not installed on this server (see CLIENT_DIR)")
     return web.Response(body=path.read_bytes(), content_type=STATIC_TYPES[path.suffix], charset="utf-8",
                         headers={"Cache-Control": "no-store"})
 
 
 async def get_client_page(request: web.Request) -> web.Response:
     page = "client.html" if request.path == "/client" else "agent.html"
-    return static_file(request.app[server_key].config.client_dir / page)
+    return static_file(request.app[server_key].config.client_dir, page)
 
 
 async def get_client_asset(request: web.Request) -> web.Response:
-    return static_file(request.app[server_key].config.client_dir / "shared" / request.match_info["name"])
+    return static_file(request.app[server_key].config.client_dir / "shared", request.match_info["name"])
 
 
 # =============================================================================

@@ -953,7 +953,8 @@ async def test_browser_client_pages_and_assets_are_served_uncached(aiohttp_serve
         async with http.get(server.make_url(path)) as response:
             assert response.status == 200 and response.content_type == content_type
             assert response.headers["Cache-Control"] == "no-store"
-    for path in ("/agent", "/client-assets/missing.js", "/client-assets/..%2Fclient.html"):
+    for path in ("/agent", "/client-assets/missing.js", "/client-assets/..%2Fclient.html",
+                 f"/client-assets/{'a' * 5000}.js"):                   # longer than a file name can be
         async with http.get(server.make_url(path)) as response:
             assert response.status == 404 and "error" in await response.json()
 
@@ -4623,12 +4624,14 @@ async def test_exports_hold_no_formulas_and_numbers_stay_numbers(room: Room, pin
 
 async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_log: pytest.LogCaptureFixture) -> None:
     """Ids, codes and messages from clients cannot forge a log line or drive the host's terminal: every
-    control character (newline, carriage return, ANSI escape, C1) is written as an escape."""
+    control character (newline, carriage return, ANSI escape, C1) is written as an escape; nor fill the
+    log: a long value is cut."""
     forged = "ana\n2026-01-01 00:00:00 INFO WS_REGISTERED host\x1b[2J\x1b]0;owned\x07\r\x9b"
     evil = Runner(await room.connect(), forged)
     assert (await evil.register(pin))["type"] == "registered"
     rnd = await running_round(room, evil)
     await evil.send({"type": "error", "round": 1, "code": "OOPS\x1b[31m", "message": "line one\nERROR fake"})
+    await evil.send({"type": "error", "round": 1, "code": "LONG", "message": "m" * 10_000})
     await evil.token(1, 0, "x")
     await evil.sync()
     await room.host.stop(rnd["id"])                     # rescued: logged with the id
@@ -4639,6 +4642,7 @@ async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_
     escaped = "ana\\n2026-01-01 00:00:00 INFO WS_REGISTERED host\\x1b[2J\\x1b]0;owned\\x07\\r\\x9b"
     assert [line for line in ours if line.startswith(f"WS_REGISTERED {escaped} (")]
     assert f"runner {escaped} reported OOPS\\x1b[31m: line one\\nERROR fake" in ours
+    assert f"runner {escaped} reported LONG: {'m' * gs.MAX_LOGGED}…({10_000 - gs.MAX_LOGGED} more)" in ours
     assert f"WS_DISCONNECTED {escaped} from 127.0.0.1" in ours
 
 
@@ -4819,6 +4823,8 @@ async def test_static_dir_serves_a_built_app_to_browsers_and_the_api_to_everyone
     for escape in ("/../secret.txt", "/%2e%2e/secret.txt", "/assets/%2e%2e/%2e%2e/secret.txt"):
         async with room.host.http.get(yarl.URL(room.base + escape, encoded=True), headers=html) as response:
             assert "not for the audience" not in await response.text(), escape
+    for odd in ("/a%00b", "/" + "a" * 5000, f"/assets/{'b' * 300}.js"):       # no file can have these names
+        assert (await get(odd, html))[0] == 200 and (await get(odd))[:2] == (404, "application/json"), odd
 
 
 async def test_the_big_screen_shows_how_to_join_with_a_qr_code(room: Room, pin: str, tab: Callable,
