@@ -4385,6 +4385,40 @@ async def test_fuzzed_requests_to_every_route_get_a_4xx_or_an_answer_never_a_500
     await a_full_round_works(room)
 
 
+PATH_SEGMENTS = st.sampled_from(["", ".", "..", "%2e%2e", "%00", "%ED%A0%80", "%FF", "%", "a" * 300, "api", "ui",
+                                  "client-assets", "x.js", "assets", "index.html", "rounds", "docs"]) | st.text(max_size=12)
+
+
+async def test_any_path_gets_an_answer_never_a_500(make_room: Any, client_dir: Path, tmp_path: Path,
+                                                   server_log: pytest.LogCaptureFixture) -> None:
+    """Random paths (.., NUL, halves of pairs, names longer than a file's, the pages' and the API's prefixes),
+    from a browser or not, with STATIC_DIR and CLIENT_DIR both served: never a 5xx, nothing logged as an error."""
+    site = tmp_path / "site"
+    (site / "assets").mkdir(parents=True)
+    (site / "index.html").write_text("<title>telao</title>")
+    room = await make_room(static_dir=str(site), client_dir=client_dir)
+    await room.host.new_session()
+    statuses: list[int] = []
+
+    async def request(path: str, browser: bool) -> None:
+        headers = {"Accept": "text/html"} if browser else {}
+        async with room.host.http.get(yarl.URL(room.base + path, encoded=True), headers=headers,
+                                      allow_redirects=False) as response:
+            statuses.append(response.status)
+            assert response.status < 500, (path, browser, response.status, await response.text(errors="replace"))
+
+    loop = asyncio.get_running_loop()
+
+    @settings(FUZZ, max_examples=200)
+    @given(st.lists(PATH_SEGMENTS.map(lambda segment: urllib.parse.quote(segment, safe="%")), min_size=1,
+                    max_size=6).map("/".join), st.booleans())
+    def fuzz(path: str, browser: bool) -> None:
+        run_on(loop, request("/" + path, browser))
+    await asyncio.to_thread(fuzz)
+    assert len(statuses) >= 200 and {200, 404} <= set(statuses)
+    assert errors_logged(server_log) == [] and room.server.db.error is None
+
+
 async def a_full_round_works(room: Room) -> None:
     """A new session and one round end to end: challenge, tokens on a screen, votes, ranking, reveal."""
     pin = await room.host.new_session()
