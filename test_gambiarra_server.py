@@ -4386,17 +4386,24 @@ async def test_fuzzed_requests_to_every_route_get_a_4xx_or_an_answer_never_a_500
 
 
 PATH_SEGMENTS = st.sampled_from(["", ".", "..", "%2e%2e", "%00", "%ED%A0%80", "%FF", "%", "a" * 300, "api", "ui",
-                                  "client-assets", "x.js", "assets", "index.html", "rounds", "docs"]) | st.text(max_size=12)
+                                  "client-assets", "x.js", "assets", "index.html", "rounds", "docs", "voting", "admin",
+                                  "scoreboard", "arena", "client", "health"]) | st.text(max_size=12)
+QUERIES = st.just("") | st.lists(st.tuples(st.sampled_from(["roundId", "round_id", "view", "voterId", "pin", "x"])
+                                           | st.text(max_size=8), PATH_SEGMENTS), max_size=3).map(
+    lambda pairs: "?" + "&".join(f"{urllib.parse.quote(k, safe='%')}={urllib.parse.quote(v, safe='%')}"
+                                 for k, v in pairs))
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static-dir", "own-pages"])
 async def test_any_path_gets_an_answer_never_a_500(make_room: Any, client_dir: Path, tmp_path: Path,
-                                                   server_log: pytest.LogCaptureFixture) -> None:
-    """Random paths (.., NUL, halves of pairs, names longer than a file's, the pages' and the API's prefixes),
-    from a browser or not, with STATIC_DIR and CLIENT_DIR both served: never a 5xx, nothing logged as an error."""
+                                                   server_log: pytest.LogCaptureFixture, static: bool) -> None:
+    """Random paths (.., NUL, halves of pairs, names longer than a file's, the pages' and the API's prefixes)
+    and queries, from a browser or not, with CLIENT_DIR served and STATIC_DIR or our own pages: never a 5xx,
+    nothing logged as an error."""
     site = tmp_path / "site"
     (site / "assets").mkdir(parents=True)
     (site / "index.html").write_text("<title>telao</title>")
-    room = await make_room(static_dir=str(site), client_dir=client_dir)
+    room = await make_room(static_dir=str(site) if static else "", client_dir=client_dir)
     await room.host.new_session()
     statuses: list[int] = []
 
@@ -4411,9 +4418,9 @@ async def test_any_path_gets_an_answer_never_a_500(make_room: Any, client_dir: P
 
     @settings(FUZZ, max_examples=200)
     @given(st.lists(PATH_SEGMENTS.map(lambda segment: urllib.parse.quote(segment, safe="%")), min_size=1,
-                    max_size=6).map("/".join), st.booleans())
-    def fuzz(path: str, browser: bool) -> None:
-        run_on(loop, request("/" + path, browser))
+                    max_size=6).map("/".join), QUERIES, st.booleans())
+    def fuzz(path: str, query: str, browser: bool) -> None:
+        run_on(loop, request("/" + path + query, browser))
     await asyncio.to_thread(fuzz)
     assert len(statuses) >= 200 and {200, 404} <= set(statuses)
     assert errors_logged(server_log) == [] and room.server.db.error is None
