@@ -723,6 +723,28 @@ def test_every_number_out_of_its_range_is_refused(clean_env: pytest.MonkeyPatch,
                                           f"number from {low:,} to {high:,}\n"
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(fields(gs.Config)), st.text(st.characters(blacklist_categories=("Cs",),
+                                                                  blacklist_characters="\x00"), max_size=40)
+       | st.sampled_from(["-1", "1e999", "nan", "0x10", "١٢٣", "sqlite:///", "*", ",", "::", "999999999999",
+                          "caf\udce9"]),                 # the last: a byte that is not UTF-8, as Python reads it
+       st.booleans())
+def test_any_setting_starts_the_server_or_stops_it_in_one_line(f: Any, text: str, as_flag: bool) -> None:
+    """Whatever text a setting gets, as an env var or a flag: a Config, or one line and exit 2; never a
+    traceback."""
+    env = f.metadata["env"]
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(io.StringIO()) as said:
+        for name in ENV_VARS:
+            patch.delenv(name, raising=False)
+        if not as_flag:
+            patch.setenv(env, text)
+        try:
+            gs.parse_config([gs.flag_name(env), text] if as_flag else [])
+        except SystemExit as stopped:
+            assert stopped.code == 2, said.getvalue()
+            assert said.getvalue().count("\n") == 1 or said.getvalue().startswith("usage:"), said.getvalue()
+
+
 def test_every_numeric_setting_declares_its_range() -> None:
     """Each Config number says the range it may take, so no setting escapes the start-up check."""
     assert [f.name for f in NUMERIC_FIELDS if f.metadata["low"] is None or f.metadata["high"] is None] == []
