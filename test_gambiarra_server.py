@@ -4448,6 +4448,72 @@ async def test_any_path_gets_an_answer_never_a_500(make_room: Any, client_dir: P
     assert errors_logged(server_log) == [] and room.server.db.error is None
 
 
+# The host's steps, each with the round it names: "latest" (the newest round), "first", "" or none at all.
+HOST_STEPS: list[tuple[str, str, Callable[[str, str], Any] | None]] = [
+    ("POST", "/rounds", lambda rnd, pid: {"prompt": "Diga oi", "maxTokens": 5}),
+    ("POST", "/rounds/start", lambda rnd, pid: {"roundId": rnd}),
+    ("POST", "/rounds/stop", lambda rnd, pid: {"roundId": rnd}),
+    ("POST", "/rounds/stop", lambda rnd, pid: {}),
+    ("POST", "/rounds/{id}/close-voting", None),
+    ("POST", "/votes/close", lambda rnd, pid: {"roundId": rnd}),
+    ("POST", "/votes/close", lambda rnd, pid: {}),
+    ("POST", "/rounds/{id}/reveal", None),
+    ("POST", "/rounds/{id}/reveal-next", None),
+    ("POST", "/votes", lambda rnd, pid: {"roundId": rnd, "participantId": pid, "score": 4, "voterId": "v1"}),
+    ("GET", "/rounds/current", None),
+    ("GET", "/scoreboard?roundId={id}", None),
+    ("GET", "/rounds/{id}/responses", None),
+    ("POST", "/session", None),
+    ("POST", "/participants/kick", lambda rnd, pid: {"participantId": pid}),
+]
+
+
+async def test_any_order_of_the_hosts_steps_gets_answers_never_a_500(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """The host's steps in random order, naming the newest round, the first, an empty id or none, while a
+    runner answers each challenge: each step is done or refused with a 4xx, at most one round ever runs,
+    nothing is logged as an error, and a full round works afterwards."""
+    room = await make_room()
+    pins = [await room.host.new_session()]
+    statuses: list[int] = []
+
+    async def walk(steps: list[tuple[int, str]]) -> None:
+        pid = f"ana-{len(statuses)}"
+        runner = await room.runner(pid, pins[-1])
+        rounds: list[str] = []
+        for step, which in steps:
+            method, path, body = HOST_STEPS[step]
+            rnd = {"latest": rounds[-1] if rounds else "", "first": rounds[0] if rounds else "x", "": ""}[which]
+            status, reply = await room.host.status(method, path.replace("{id}", rnd or "none"),
+                                                   body(rnd, pid) if body else None)
+            statuses.append(status)
+            assert status < 500, (method, path, rnd, status, reply)
+            if path == "/rounds" and status == 200:
+                rounds.append(reply["id"])
+            elif path == "/session" and status == 200:
+                pins.append(reply["pin"])
+                rounds.clear()
+                runner = await room.runner(pid, pins[-1])
+            elif path == "/rounds/start" and status == 200:
+                with contextlib.suppress(ConnectionClosed):     # kicked: its tokens go nowhere
+                    await runner.stream(reply["index"], ["oi"])
+            session = await room.host.call("GET", "/session")
+            assert sum(bool(r["startedAt"] and not r["endedAt"]) for r in session["rounds"]) <= 1, session
+        await runner.ws.close()
+
+    loop = asyncio.get_running_loop()
+
+    @settings(FUZZ, max_examples=40)
+    @given(st.lists(st.tuples(st.integers(0, len(HOST_STEPS) - 1), st.sampled_from(["latest", "first", ""])),
+                    min_size=5, max_size=25))
+    def fuzz(steps: list[tuple[int, str]]) -> None:
+        run_on(loop, walk(steps))
+    await asyncio.to_thread(fuzz)
+    assert {200, 404, 409} <= set(statuses)
+    assert errors_logged(server_log) == [] and room.server.db.error is None
+    await a_full_round_works(room)
+
+
 async def a_full_round_works(room: Room) -> None:
     """A new session and one round end to end: challenge, tokens on a screen, votes, ranking, reveal."""
     pin = await room.host.new_session()
