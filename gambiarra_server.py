@@ -2634,6 +2634,19 @@ class Server:
         if not refused:
             self.writers.ok("answers")
 
+    async def rescue_ended(self) -> None:
+        """Rescue again in every stopped round still in memory: an answer whose first token came in the
+        grace after the stop was not there for the stop's rescue. The caller holds Arena.lock."""
+        for live in list(self.arena.rounds.values()):
+            if not live.running:
+                await self.rescue(live)
+
+    async def save_turn(self) -> None:
+        """The saver's turn, every FLUSH_INTERVAL: the tokens streamed since the last, and late answers."""
+        await self.save_streamed()
+        async with self.arena.lock:
+            await self.rescue_ended()
+
     async def snapshot(self) -> dict[str, Any] | None:
         """The state a screen needs when it (re)connects."""
         session = self.arena.session
@@ -3055,6 +3068,7 @@ async def post_rounds_start(server: Server, request: web.Request, p: Params) -> 
         if running is not None:
             raise Conflict(f"Round {running.index} is still running; stop it first")
         await server.save_streamed()                            # the previous round leaves memory only once saved
+        await server.rescue_ended()
         row = await server.db.run(update_round, row["id"], {"startedAt": now_ms()}, events=[
             server.event("round_started", actor=ADMIN, target=("round", row["id"]), metadata={"index": row["index"]})])
         arena.start_round(row)
@@ -3777,7 +3791,7 @@ async def running_server(app: web.Application) -> Any:
     server.gate.own_names |= await asyncio.to_thread(machine_names)     # name lookups may wait on DNS
     server.gate.own_addresses.update(await asyncio.to_thread(lan_addresses))
     await server.load()
-    loops = [asyncio.create_task(repeat(server.config.save_interval_s, server.save_streamed, "tokens", server.writers)),
+    loops = [asyncio.create_task(repeat(server.config.save_interval_s, server.save_turn, "tokens", server.writers)),
              asyncio.create_task(repeat(server.config.ws_heartbeat_interval_s, server.keep_alive, "heartbeat",
                                         server.writers)),
              asyncio.create_task(repeat(DB_FILE_CHECK_S, server.db.keep_file, "database file", server.writers))]
@@ -3785,7 +3799,7 @@ async def running_server(app: web.Application) -> Any:
     for task in loops:
         task.cancel()
     await asyncio.gather(*loops, return_exceptions=True)
-    await server.save_streamed()
+    await server.save_turn()
     server.db.close()
 
 

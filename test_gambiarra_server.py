@@ -1406,6 +1406,29 @@ async def test_a_late_complete_after_stop_is_kept_and_shown(room: Room, pin: str
     await room.host.vote(rnd["id"], "bia", 3, "v1")
 
 
+@pytest.mark.parametrize("then", ["the saver's turn", "the next round"])
+async def test_an_answer_begun_in_the_grace_after_stop_is_kept_without_a_complete(make_room: Callable,
+                                                                                  then: str) -> None:
+    """A runner whose first tokens arrive after the stop (but within STOP_GRACE), and that never completes:
+    its answer is shown, and saved and listed for voting as the stop's rescue would have, by the saver's
+    next turn or when the next round starts, whichever comes first."""
+    room = await make_room(save_interval_s=0.2 if then == "the saver's turn" else 600)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    ana = await room.runner("ana", pin)
+    rnd = await running_round(room, ana)
+    await room.host.stop(rnd["id"])
+    await ana.stream(1, WORDS[:2])
+    await ana.sync()
+    assert [(u["seq"], u["content"]) for u in [await screen.recv("token_update") for _ in range(2)]] == [
+        (0, WORDS[0]), (1, WORDS[1])]
+    if then == "the next round":
+        await running_round(room, ana)
+    await eventually(lambda: responses_of(room, rnd), "the late answer listed")
+    assert await responses_of(room, rnd) == {"ana": "".join(WORDS[:2])}
+    assert metrics_row(room.server.config.database, "ana")["rescued"] == 1
+
+
 # =============================================================================
 # WebSocket: kick and a new session mid-round
 # =============================================================================
@@ -4512,6 +4535,105 @@ async def test_any_order_of_the_hosts_steps_gets_answers_never_a_500(
     assert {200, 404, 409} <= set(statuses)
     assert errors_logged(server_log) == [] and room.server.db.error is None
     await a_full_round_works(room)
+
+
+RUNNER_STEPS = st.one_of(
+    st.tuples(st.just("register"), st.integers(0, 2)),
+    st.tuples(st.just("token"), st.integers(0, 2), st.sampled_from(["current", "other"]), st.integers(0, 6),
+              st.sampled_from(["", "a", "é ", "🦙", "日本", " ", "\n"])),
+    st.tuples(st.just("complete"), st.integers(0, 2), st.sampled_from(["current", "other"]), st.integers(0, 8)),
+    st.tuples(st.just("drop"), st.integers(0, 2)),
+    st.sampled_from(["new round", "stop", "close voting", "pause"]).map(lambda step: (step,)))
+
+
+async def test_what_the_big_screen_showed_is_what_was_stored_whatever_runners_and_host_do(
+        make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
+    """Three runners register, stream (in any seq order, repeats too, for the running round or another),
+    complete, drop and come back, while the host starts, stops and closes rounds: every answer stored is,
+    token for token, what the big screen showed of it, and nothing is logged as an error."""
+    room = await make_room(stop_grace_s=0.3)
+    pin = await room.host.new_session()
+    screen = await room.screen()
+    shown: list[dict[str, Any]] = []
+    reading = asyncio.ensure_future(collect(screen, shown))
+    runners: dict[int, Any] = {}
+    drains: list[asyncio.Task] = []
+    rounds: dict[int, str] = {}                         # index -> id, of the rounds started
+
+    async def drain(ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+
+    async def step(action: tuple[Any, ...]) -> None:
+        kind, current = action[0], max(rounds, default=1)
+        if kind == "register":
+            ws = await room.connect()
+            await ws.send(json.dumps({"type": "register", "participant_id": f"r{action[1]}", "pin": pin}))
+            runners[action[1]] = ws
+            drains.append(asyncio.ensure_future(drain(ws)))
+        elif kind in ("token", "complete", "drop") and action[1] in runners:
+            ws, index = runners[action[1]], current if action[2:3] != ("other",) else current + 1
+            with contextlib.suppress(ConnectionClosed):
+                if kind == "token":
+                    await ws.send(json.dumps({"type": "token", "round": index, "participant_id": f"r{action[1]}",
+                                              "seq": action[3], "content": action[4]}))
+                elif kind == "complete":
+                    await ws.send(json.dumps({"type": "complete", "round": index, "participant_id": f"r{action[1]}",
+                                              "tokens": action[3]}))
+                else:
+                    ws.transport.abort()                    # a laptop that vanishes
+                    del runners[action[1]]
+        elif kind == "new round":
+            status, row = await room.host.status("POST", "/rounds", {"prompt": "oi"})
+            status, row = await room.host.status("POST", "/rounds/start", {"roundId": row["id"]})
+            if status == 200:
+                rounds[row["index"]] = row["id"]
+        elif kind == "stop":
+            await room.host.status("POST", "/rounds/stop", {})
+        elif kind == "close voting":
+            await room.host.status("POST", "/votes/close", {})
+        else:
+            await asyncio.sleep(0.1)
+
+    async def walk(actions: list[tuple[Any, ...]]) -> None:
+        for action in actions:
+            await step(action)
+
+    loop = asyncio.get_running_loop()
+
+    @settings(FUZZ, max_examples=20)
+    @given(st.lists(RUNNER_STEPS, min_size=5, max_size=40))
+    def fuzz(actions: list[tuple[Any, ...]]) -> None:
+        run_on(loop, walk(actions))
+    await asyncio.to_thread(fuzz)
+    await room.host.status("POST", "/rounds/stop", {})
+    await asyncio.sleep(0.5)                                # the grace after the stop is over
+
+    def on_screen(index: int) -> dict[str, str]:
+        """Each answer as the screen showed it: its tokens by seq (a repeat shows nothing), or a completion."""
+        seen: dict[str, dict[int, str]] = {}
+        for m in shown:
+            if m["type"] in ("token_update", "completion") and m["round"] == index:
+                tokens = seen.setdefault(m["participant_id"], {})
+                if m["type"] == "token_update":
+                    tokens.setdefault(m["seq"], m["content"])
+        return {pid: "".join(tokens[seq] for seq in sorted(tokens)) for pid, tokens in seen.items()}
+
+    async def stored(round_id: str) -> dict[str, str]:
+        answers = (await room.host.call("GET", f"/rounds/{round_id}/responses"))["responses"]
+        return {a["participant_id"]: a["generated_content"] for a in answers}
+    async def settled(index: int, round_id: str) -> bool:
+        return await stored(round_id) == on_screen(index)
+    assert rounds
+    for index, round_id in rounds.items():
+        with contextlib.suppress(TimeoutError):             # the assertion below shows the difference
+            await eventually(lambda: settled(index, round_id), f"round {index} stored as shown", 3)
+        assert await stored(round_id) == on_screen(index), index
+    reading.cancel()
+    for task in drains:
+        task.cancel()
+    assert errors_logged(server_log) == [] and room.server.db.error is None
 
 
 async def a_full_round_works(room: Room) -> None:
