@@ -3984,6 +3984,9 @@ JOIN_REFUSALS = {   # the arena's refusals that no reconnect can mend, said as w
     "ID_IN_USE": "this participant id is connected from another machine: run join again with another "
                  "--participant-id",
 }
+# The arena's refusals of a token or `complete` that mean it takes no more of that answer: the round was
+# stopped (or has left), or the answer or the round is as long as the arena keeps.
+ANSWER_OVER = {"ROUND_CLOSED", "UNKNOWN_ROUND", "ROUND_FULL", "TOO_MANY_TOKENS", "ANSWER_TOO_LONG"}
 ENGINE_PROBES = (   # where local engines listen by default, tried in this order
     ("ollama", 11434, "ollama"), ("openai", 1234, "LM Studio"), ("openai", 8080, "llama.cpp or LocalAI"),
     ("openai", 8000, "vLLM"), ("openai", 1337, "Jan"), ("openai", 5001, "KoboldCpp"),
@@ -4610,6 +4613,7 @@ class Answer:
     resend: list[int] = field(default_factory=list)  # seqs the arena reported missing, sent first
     ending: dict[str, Any] | None = None            # the `complete` or `error`, once generation ended
     delivered: bool = False                         # the arena has read `ending` (a pong came after it)
+    over: bool = False                              # the arena takes no more of it (ANSWER_OVER)
     cut: str = ""                                   # why generation stopped early, if it did
     stop: asyncio.Event = field(default_factory=asyncio.Event)   # set to drop the answer unfinished
 
@@ -4617,8 +4621,15 @@ class Answer:
     def round(self) -> int:
         return self.challenge["round"]
 
+    @property
+    def owed(self) -> bool:
+        """Something of it is still to reach the arena."""
+        return not self.delivered and not self.over
+
     def resume_from(self, resume: dict[str, Any] | None) -> int:
         """Take the arena's view after a reconnect; return how many tokens are to be sent again."""
+        if self.over:
+            return 0
         if resume is not None and resume["round"] == self.round:
             self.resend = [seq for seq in resume["missing"] if seq < len(self.tokens)]
             self.next_seq = min(resume["next_seq"], len(self.tokens))
@@ -4668,7 +4679,7 @@ class Join(Seat):
 
     def dropped(self, why: str, delay_s: float) -> None:
         kept = f"; {len(self.answer.tokens)} tokens of round {self.answer.round} kept here" \
-            if self.answer is not None and not self.answer.delivered else ""
+            if self.answer is not None and self.answer.owed else ""
         self.out.say(f"{why}{kept}; reconnecting in {delay_s:.1f} s")
 
     async def converse(self, ws: Any) -> None:
@@ -4683,8 +4694,23 @@ class Join(Seat):
 
     def on_error(self, m: dict[str, Any]) -> None:
         super().on_error(m)
-        if self.refused is None:
+        if self.refused is not None:
+            return
+        if m.get("code") in ANSWER_OVER and self.answer is not None:
+            self.answer_over(self.answer, str(m.get("message")))
+        else:
             self.out.say(f"arena: {m.get('message')} ({m.get('code', '')})")
+
+    def answer_over(self, answer: Answer, said: str) -> None:
+        """The arena takes no more of this answer: stop generating and sending it, and say so once (the
+        tokens already on their way get the same refusal)."""
+        if answer.over:
+            return
+        answer.over = True
+        if self.generating is not None and not self.generating.done():
+            self.stop_generating(f"the arena takes no more of it: {said}")
+        else:
+            self.out.say(f"round {answer.round}: the arena takes no more of this answer: {said}")
 
     def on_registered(self, m: dict[str, Any]) -> None:
         """Registered (again): take the arena's word on what it holds of the answer."""
@@ -4806,16 +4832,18 @@ class Join(Seat):
 
     async def deliver(self, ws: Any, answer: Answer) -> None:
         """The missing tokens first, then the unsent ones, then the ending, proven read by a pong."""
-        while answer is self.answer and answer.resend:
+        def sending() -> bool:
+            return answer is self.answer and answer.owed
+        while sending() and answer.resend:
             seq = answer.resend[0]
             await ws.send(self.token_frame(answer, seq))
             answer.resend.pop(0)
-        while answer is self.answer and answer.next_seq < len(answer.tokens):
+        while sending() and answer.next_seq < len(answer.tokens):
             await ws.send(self.token_frame(answer, answer.next_seq))
             answer.next_seq += 1
             if self.streaming_at is None:
                 self.streaming_at = time.monotonic()
-        if answer is self.answer and answer.ending is not None and not answer.delivered:
+        if sending() and answer.ending is not None:
             await ws.send(dumps(answer.ending))
             # The arena answers a ping after the frames before it, so the pong proves it read the ending.
             with contextlib.suppress(asyncio.TimeoutError):

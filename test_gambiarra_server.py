@@ -5767,6 +5767,29 @@ async def test_join_stops_at_the_deadline_and_still_completes(room: Room, pin: s
     await runner.says("(stopped at the deadline)")
 
 
+async def test_join_stops_an_answer_the_arena_no_longer_takes_and_says_so_once(make_room: Callable, engine: Callable,
+                                                                              join: Callable) -> None:
+    """The host stops the round while the model is still writing: once the grace is over, join stops the
+    model and says so in one line (not a line per refused token), claims nothing it did not deliver, and
+    answers the next round whole."""
+    room = await make_room(stop_grace_s=0.3)
+    pin = await room.host.new_session()
+    fake, engine_url = await engine(words=[f"w{i} " for i in range(300)], pace_s=0.01)
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
+                        "--engine-url", engine_url)
+    await runner.says("waiting for a challenge")
+    first = await room.host.start((await room.host.new_round(maxTokens=500))["id"])
+    await get_when(room, "/rounds/current", lambda r: len(r["liveTokens"].get("ana", [])) >= 5)
+    await room.host.stop(first["id"])
+    await runner.says("round 1: stopped after")
+    assert "(the arena takes no more of it: Round 1 has ended and its answers are frozen" in runner.output
+    assert "ROUND_CLOSED" not in runner.output and "the arena has all" not in runner.output
+    fake.words = ENGINE_WORDS
+    second = await room.host.start((await room.host.new_round(maxTokens=50))["id"])
+    assert (await stored_answer(room, second["id"]))["generated_content"] == "".join(ENGINE_WORDS)
+    await runner.says("round 2: the arena has all 10 tokens")
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--pin", "000000"], "join: wrong PIN: check the digits on the big screen"),
     (["--engine", "ollama", "--model", "gemma3:1b"], "join: model 'gemma3:1b' is not pulled in ollama: "
