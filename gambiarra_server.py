@@ -579,6 +579,13 @@ def json_bytes(obj: Any) -> bytes:
         return ASCII_JSON_ENCODER.encode(obj).encode()
 
 
+def json_text(obj: Any) -> str:
+    """`obj` as JSON text that UTF-8 can carry, as a client sends it: `websockets` sends text frames
+    as UTF-8, so half of a UTF-16 pair (an emoji an engine split in two) goes as a \\u escape."""
+    text = JSON_ENCODER.encode(obj)
+    return text if encodable(text) else ASCII_JSON_ENCODER.encode(obj)
+
+
 def encodable(text: str) -> bool:
     """Whether UTF-8, and so sqlite, a log file or a frame, can carry `text` (no half of a UTF-16 pair)."""
     try:
@@ -4074,13 +4081,13 @@ def register_message(participant_id: str, pin: str, *, nickname: str | None = No
                      model: str | None = None, resume_secret: str | None = None) -> str:
     """A runner's `register`, as sent by join, simulate's bots and bench; a field left None is not sent."""
     optional = {"nickname": nickname, "runner": runner, "model": model, "resume_secret": resume_secret}
-    return dumps({"type": "register", "participant_id": participant_id, "pin": pin,
-                  **{key: value for key, value in optional.items() if value is not None}})
+    return json_text({"type": "register", "participant_id": participant_id, "pin": pin,
+                      **{key: value for key, value in optional.items() if value is not None}})
 
 
 def token_message(round_index: int, participant_id: str, seq: int, content: str) -> str:
-    return dumps({"type": "token", "round": round_index, "participant_id": participant_id, "seq": seq,
-                  "content": content})
+    return json_text({"type": "token", "round": round_index, "participant_id": participant_id, "seq": seq,
+                      "content": content})
 
 
 class Seat:
@@ -4587,17 +4594,21 @@ class Terminal:
         self.echo = echo and enabled
         self.enabled = enabled
         self.mid_line = False
+        self.half = ""          # the first half of a UTF-16 pair (an emoji split in two), until its second
 
     def say(self, text: str) -> None:
         if self.enabled:
-            print(("\n" if self.mid_line else "") + time.strftime("[%H:%M:%S] ") + text, flush=True)
+            print(("\n" if self.mid_line else "") + time.strftime("[%H:%M:%S] ") + clean_text(text), flush=True)
             self.mid_line = False
 
     def stream(self, piece: str) -> None:
         if self.echo:
-            sys.stdout.write(piece)
+            text, self.half = self.half + piece, ""
+            if text and "\ud800" <= text[-1] <= "\udbff":
+                text, self.half = text[:-1], text[-1]
+            sys.stdout.write(clean_text(text))
             sys.stdout.flush()
-            self.mid_line = not piece.endswith("\n")
+            self.mid_line = not text.endswith("\n")
 
 
 @dataclass
@@ -4844,7 +4855,7 @@ class Join(Seat):
             if self.streaming_at is None:
                 self.streaming_at = time.monotonic()
         if sending() and answer.ending is not None:
-            await ws.send(dumps(answer.ending))
+            await ws.send(json_text(answer.ending))
             # The arena answers a ping after the frames before it, so the pong proves it read the ending.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(await ws.ping(), DELIVERY_WAIT_S)
@@ -4863,9 +4874,9 @@ async def join(options: JoinOptions, out: Terminal) -> str:
     url = arena_url(options.url)
     if url != options.url.strip():
         out.say(f"arena: {url} (from '{options.url}')")
-    nickname = options.nickname or os.environ.get("USER") or os.environ.get("USERNAME") or "runner"
+    nickname = clean_text(options.nickname or os.environ.get("USER") or os.environ.get("USERNAME") or "runner")
     options = replace(options, nickname=nickname)
-    participant_id = options.participant_id or stable_participant_id(nickname)
+    participant_id = clean_text(options.participant_id) or stable_participant_id(nickname)
     async with ClientSession(timeout=ClientTimeout(total=None, sock_connect=5)) as http:
         engine = await find_engine(http, options, out.say)
         machine = await asyncio.to_thread(machine_info)
@@ -4879,6 +4890,8 @@ def join_command(argv: list[str]) -> None:
                 "them through dropped connections and server restarts. Every option can also be set by the "
                 "environment variable named in its help."), "GAMBIARRA_")
     options = JoinOptions(**option_values(JoinOptions, vars(parser.parse_args(argv)), "GAMBIARRA_"))
+    with contextlib.suppress(AttributeError):           # a console that cannot show an emoji shows "?"
+        sys.stdout.reconfigure(errors="replace")
     out = Terminal(echo=not options.quiet)
     try:
         why = asyncio.run(join(options, out))
@@ -5250,7 +5263,7 @@ class Bot(Actor, Seat):
             if first_at is not None:
                 report["latency_ms_first_token"] = round((first_at - began) * 1000)
             await self.settle_up(round_index, tokens)
-            while not await self.send(dumps(report)):
+            while not await self.send(json_text(report)):
                 await self.settle_up(round_index, tokens)
         except asyncio.TimeoutError:
             return                              # the connection never came back: the answer is lost

@@ -3799,7 +3799,10 @@ class Slowloris:
             try:
                 while not answer:
                     try:
-                        answer = await asyncio.wait_for(reader.read(1024), 0.1) or b"closed"
+                        # Not wait_for: on Python 3.11 it can swallow the cancel that stop() sends (when the
+                        # read completes at that moment), and the laptop would trickle on for ever.
+                        async with asyncio.timeout(0.1):
+                            answer = await reader.read(1024) or b"closed"
                     except TimeoutError:
                         writer.write(b"X-Slow: 1\r\n")
             except ConnectionError:
@@ -3815,7 +3818,8 @@ class Slowloris:
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        async with asyncio.timeout(TIMEOUT_S):
+            await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def test_the_descriptor_limit_is_raised_to_the_hard_limit_at_start_up(server_process: Any) -> None:
@@ -5659,6 +5663,21 @@ async def test_odd_shaped_chunks_from_the_engine_carry_no_text_and_break_nothing
     assert (row["generated_content"], row["tokens"]) == ("".join(ENGINE_WORDS), len(ENGINE_WORDS))
     await runner.says("the arena has all 10 tokens")
     assert "internal error" not in runner.output
+
+
+async def test_join_passes_on_an_emoji_its_engine_split_in_two(room: Room, pin: str, engine: Callable,
+                                                                join: Callable) -> None:
+    """An engine that streams 🦙 as its two UTF-16 halves (JSON escapes, as a JavaScript server may): join
+    shows the emoji whole, sends the halves as they came (it used to fail every send and reconnect for
+    ever), and the arena stores the emoji whole."""
+    fake, engine_url = await engine(words=["Olá ", "\ud83e", "\udd99", " fim"])
+    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
+                        "--engine-url", engine_url)
+    await runner.says("waiting for a challenge")
+    rnd = await room.host.start((await room.host.new_round())["id"])
+    assert (await stored_answer(room, rnd["id"]))["generated_content"] == "Olá 🦙 fim"
+    await runner.says("round 1: the arena has all 4 tokens")
+    assert "Olá 🦙 fim" in runner.output and "internal error" not in runner.output
 
 
 @pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"),
