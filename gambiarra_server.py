@@ -882,6 +882,19 @@ def lan_addresses() -> list[str]:
     return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified)
 
 
+async def within(awaitable: Awaitable[Any], timeout_s: float | None) -> Any:
+    """asyncio.wait_for without its flaw on Python 3.10 and 3.11: a cancel that comes just as `awaitable`
+    finishes is kept, where wait_for could return the result instead (and a loop being stopped ran on)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    finally:
+        task.cancel()                       # nothing once it is done; on a timeout or a cancel, it stops too
+    if not done:
+        raise asyncio.TimeoutError
+    return task.result()
+
+
 def machine_names() -> set[str]:
     """This machine's host name and full name, each also with .local (its mDNS name), in lower case."""
     names = set()
@@ -3532,7 +3545,7 @@ def with_pages(api: list[tuple[str, str, RequestHandler]], config: Config) -> li
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The request's body, which must arrive within BODY_TIMEOUT and whole."""
     try:
-        return await asyncio.wait_for(request.read(), timeout_s)
+        return await within(request.read(), timeout_s)
     except asyncio.TimeoutError:
         raise TooSlow(f"The request body did not arrive within {timeout_s:g} s") from None
     except (ConnectionError, web.RequestPayloadError) as exc:
@@ -4858,7 +4871,7 @@ class Join(Seat):
             await ws.send(json_text(answer.ending))
             # The arena answers a ping after the frames before it, so the pong proves it read the ending.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(await ws.ping(), DELIVERY_WAIT_S)
+                await within(await ws.ping(), DELIVERY_WAIT_S)
                 answer.delivered = True
                 if answer.ending["type"] == "complete":
                     self.out.say(f"round {answer.round}: the arena has all {len(answer.tokens)} tokens")
@@ -5315,7 +5328,7 @@ class Bot(Actor, Seat):
     async def settle_up(self, round_index: int, tokens: int) -> None:
         """Be connected again, and resend whatever the server lacks of the first `tokens` tokens."""
         while not self.ready.is_set() or self.resume is not None:
-            await asyncio.wait_for(self.ready.wait(), RECONNECT_TRIES * 2)
+            await within(self.ready.wait(), RECONNECT_TRIES * 2)
             if self.resume is not None:
                 await self.catch_up(round_index, tokens)
 
@@ -5451,7 +5464,7 @@ class HttpLink:
                    f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
         for attempt in range(2):
             try:
-                return await asyncio.wait_for(self.exchange(request), 30)
+                return await within(self.exchange(request), 30)
             except (OSError, asyncio.IncompleteReadError):
                 self.close()
                 if attempt:
@@ -5831,7 +5844,7 @@ async def simulate(options: SimOptions) -> Measures:
         sim.tasks.append(asyncio.ensure_future(sim.progress.run()))
         play = drive_rounds if options.drive else follow_rounds
         try:
-            await asyncio.wait_for(play(sim), options.duration_s or None)
+            await within(play(sim), options.duration_s or None)
         except asyncio.TimeoutError:
             pass                                # --duration is up
         finally:
@@ -6080,8 +6093,7 @@ class Attackers:
             if receive_bytes:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_bytes)   # before the handshake
             sock.bind((address, 0))
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (self.host, self.port)),
-                                   ATTACK_CONNECT_S)
+            await within(asyncio.get_running_loop().sock_connect(sock, (self.host, self.port)), ATTACK_CONNECT_S)
         except BaseException:
             sock.close()
             raise
@@ -6100,7 +6112,7 @@ class Attackers:
                                            f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                                            f"Sec-WebSocket-Key: {STALLED_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
                                            ).encode())
-            head = await asyncio.wait_for(loop.sock_recv(sock, 4096), ATTACK_CONNECT_S)
+            head = await within(loop.sock_recv(sock, 4096), ATTACK_CONNECT_S)
             if not head.startswith(b"HTTP/1.1 101"):
                 raise ConnectionRefusedError(head[:40])
             await loop.sock_sendall(sock, text_frame(dumps({"type": "telao_register"}).encode(), masked=True))

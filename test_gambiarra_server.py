@@ -3888,6 +3888,22 @@ def test_asyncio_socket_errors_make_a_line_every_few_seconds(caplog: pytest.LogC
     assert [r.getMessage() for r in caplog.records][1:] == ["something else"]
 
 
+async def test_a_cancel_that_comes_as_a_wait_ends_is_not_lost() -> None:
+    """The pong join waits for, a bot waiting to be registered again, a request's body: each wait ends on a
+    cancel even when what it awaits completes in the same turn, where wait_for (Python 3.10, 3.11) returns
+    the result and the task being stopped runs on."""
+    arrived = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(gs.within(arrived, TIMEOUT_S))
+    await asyncio.sleep(0)
+    arrived.set_result("pong")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    with pytest.raises(asyncio.TimeoutError):
+        await gs.within(asyncio.sleep(1), 0.01)
+    assert await gs.within(asyncio.sleep(0, "done"), TIMEOUT_S) == "done"
+
+
 async def test_one_address_trickling_headers_cannot_take_the_server_off_the_air(
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
     """Past CONNECTIONS_PER_ADDRESS an address is refused at once, and what it holds is closed HEADER_TIMEOUT
