@@ -4569,8 +4569,8 @@ RUNNER_STEPS = st.one_of(
 async def test_what_the_big_screen_showed_is_what_was_stored_whatever_runners_and_host_do(
         make_room: Any, server_log: pytest.LogCaptureFixture) -> None:
     """Three runners register, stream (in any seq order, repeats too, for the running round or another),
-    complete, drop and come back, while the host starts, stops and closes rounds: every answer stored is,
-    token for token, what the big screen showed of it, and nothing is logged as an error."""
+    complete, drop and come back, while the host starts, stops and closes rounds: every answer stored, and
+    exported, is token for token what the big screen showed of it, and nothing is logged as an error."""
     room = await make_room(stop_grace_s=0.3)
     pin = await room.host.new_session()
     screen = await room.screen()
@@ -4650,6 +4650,9 @@ async def test_what_the_big_screen_showed_is_what_was_stored_whatever_runners_an
         with contextlib.suppress(TimeoutError):             # the assertion below shows the difference
             await eventually(lambda: settled(index, round_id), f"round {index} stored as shown", 3)
         assert await stored(round_id) == on_screen(index), index
+    exported = csv_rows((await export(room, "/export.csv"))[0])
+    assert {(int(row["round"]), row["participant_id"]): row["generated_content"] for row in exported} == {
+        (index, pid): text for index in rounds for pid, text in on_screen(index).items()}
     reading.cancel()
     for task in drains:
         task.cancel()
