@@ -4659,6 +4659,55 @@ async def test_what_the_big_screen_showed_is_what_was_stored_whatever_runners_an
     assert errors_logged(server_log) == [] and room.server.db.error is None
 
 
+async def test_votes_at_once_count_exactly_what_was_accepted(make_room: Any,
+                                                            server_log: pytest.LogCaptureFixture) -> None:
+    """Phones vote all at once (the same vote twice, scores out of range, someone without an answer, a
+    round closing under them): each vote is accepted once or refused with a 4xx, and the scoreboard adds
+    up exactly the accepted ones."""
+    room = await make_room()
+    pin = await room.host.new_session()
+    ana, bia = await room.runner("ana", pin), await room.runner("bia", pin)
+    await room.runner("cai", pin)                                       # connected, but gives no answer
+    rounds: list[dict[str, Any]] = []
+    accepted: dict[tuple[str, str], list[int]] = {}
+
+    async def vote(round_id: str, pid: str, score: Any, voter: str) -> None:
+        status, reply = await room.host.status("POST", "/votes", {"roundId": round_id, "participantId": pid,
+                                                                 "score": score, "voterId": voter})
+        assert status in (200, 400, 404, 409), (status, reply)
+        if status == 200:
+            accepted.setdefault((round_id, pid), []).append(score)
+
+    async def walk(ballots: list[tuple[str, Any, str]], close_at: int) -> None:
+        rnd = await running_round(room, ana, bia)
+        for runner in (ana, bia):
+            await runner.stream(rnd["index"], ["oi"])
+            await runner.complete(rnd["index"], 1)
+            await runner.sync()
+        await room.host.stop(rnd["id"])
+        rounds.append(rnd)
+        votes = [vote(rnd["id"], *ballot) for ballot in ballots]
+        votes.insert(close_at, room.host.status("POST", f"/rounds/{rnd['id']}/close-voting"))
+        await asyncio.gather(*votes)
+
+    loop = asyncio.get_running_loop()
+
+    @settings(FUZZ, max_examples=12)
+    @given(st.lists(st.tuples(st.sampled_from(["ana", "bia", "cai"]), st.sampled_from([0, 3, 5, 6, -1, 2.5, "4"]),
+                              st.sampled_from(["v1", "v2", "v3"])), max_size=30), st.integers(0, 30))
+    def fuzz(ballots: list[tuple[str, Any, str]], close_at: int) -> None:
+        run_on(loop, walk(ballots, close_at))
+    await asyncio.to_thread(fuzz)
+    for rnd in rounds:
+        board = {row["participant_id"]: row for row in
+                 (await room.host.call("GET", f"/scoreboard?roundId={rnd['id']}"))["scoreboard"]}
+        for pid in ("ana", "bia"):
+            scores = accepted.get((rnd["id"], pid), [])
+            assert (board[pid]["votes"], board[pid]["total_score"]) == (len(scores), sum(scores)), (rnd, pid)
+            assert len(scores) <= 3                                     # one vote per phone per answer
+    assert errors_logged(server_log) == [] and room.server.db.error is None
+
+
 async def a_full_round_works(room: Room) -> None:
     """A new session and one round end to end: challenge, tokens on a screen, votes, ranking, reveal."""
     pin = await room.host.new_session()
