@@ -4007,6 +4007,9 @@ JOIN_REFUSALS = {   # the arena's refusals that no reconnect can mend, said as w
 # The arena's refusals of a token or `complete` that mean it takes no more of that answer: the round was
 # stopped (or has left), or the answer or the round is as long as the arena keeps.
 ANSWER_OVER = {"ROUND_CLOSED", "UNKNOWN_ROUND", "ROUND_FULL", "TOO_MANY_TOKENS", "ANSWER_TOO_LONG"}
+# What join reads of a challenge, each with its type (the seed: a whole number or none).
+CHALLENGE_FIELDS = {"round": int, "prompt": str, "max_tokens": int, "temperature": (int, float),
+                    "deadline_ms": (int, float), "seed": (int, type(None))}
 ENGINE_PROBES = (   # where local engines listen by default, tried in this order
     ("ollama", 11434, "ollama"), ("openai", 1234, "LM Studio"), ("openai", 8080, "llama.cpp or LocalAI"),
     ("openai", 8000, "vLLM"), ("openai", 1337, "Jan"), ("openai", 5001, "KoboldCpp"),
@@ -4754,7 +4757,12 @@ class Join(Seat):
 
     def on_challenge(self, m: dict[str, Any]) -> None:
         """A new round: answer it; one generation at a time, the newest challenge waiting for the old to stop."""
-        if self.answer is not None and self.answer.round == m["round"]:
+        odd = [key for key, kind in CHALLENGE_FIELDS.items() if not isinstance(m.get(key), kind)
+               or isinstance(m.get(key), bool)]
+        if odd:
+            self.out.say(f"the arena sent a challenge that join cannot read ({', '.join(odd)} missing or of "
+                         "another type): it is skipped")
+        elif self.answer is not None and self.answer.round == m["round"]:
             self.out.say(f"round {m['round']} again: already answering it, so this copy is ignored")
         elif self.generating is not None and not self.generating.done():
             self.out.say(f"round {m['round']} arrived while round {self.answer.round} was still generating: "

@@ -5801,6 +5801,35 @@ async def test_join_sends_back_the_resume_secret_it_was_given(aiohttp_server: An
     await runner.says("back in the arena")
 
 
+async def test_join_skips_a_challenge_it_cannot_read_and_answers_the_next(aiohttp_server: Any,
+                                                                          join: Callable) -> None:
+    """An arena (not ours) whose challenge has a field of another type: join says so, skips it and answers
+    the next challenge whole, where the answer used to fail inside."""
+    completes: list[dict[str, Any]] = []
+    challenge = {"type": "challenge", "session_id": "s1", "prompt": "oi", "max_tokens": 3, "temperature": 0.5}
+
+    async def arena(request: aiohttp.web.Request) -> aiohttp.web.WebSocketResponse:
+        ws = aiohttp.web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            m = json.loads(msg.data)
+            if m["type"] == "register":
+                await ws.send_json({"type": "registered", "session_id": "s1", "participant_id": "ana"})
+                await ws.send_json({**challenge, "round": 1, "deadline_ms": "90 s"})
+                await ws.send_json({**challenge, "round": 2, "deadline_ms": 90_000})
+            elif m["type"] == "complete":
+                completes.append(m)
+        return ws
+    app = aiohttp.web.Application()
+    app.router.add_get("/ws", arena)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    runner = await join("--url", str(server.make_url("/ws")), "--pin", "123456", "--participant-id", "ana",
+                        "--engine", "mock", "--mock-rate", "1000")
+    await runner.says("the arena sent a challenge that join cannot read (deadline_ms missing or of another type)")
+    await eventually(lambda: completes, "the next challenge answered")
+    assert [c["round"] for c in completes] == [2] and 1 <= completes[0]["tokens"] <= 3    # the mock's length
+
+
 async def test_an_engine_failing_mid_answer_is_explained_and_reported(room: Room, pin: str, engine: Callable,
                                                                       join: Callable) -> None:
     """The engine dies after three tokens: the participant reads why, the arena keeps the three tokens and
