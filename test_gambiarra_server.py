@@ -5851,10 +5851,9 @@ async def test_an_engine_failing_mid_answer_is_explained_and_reported(room: Room
     assert runner.process.returncode is None
 
 
-async def test_a_new_challenge_while_generating_stops_the_old_answer_first(room: Room, pin: str, engine: Callable,
-                                                                           join: Callable) -> None:
-    """The host stops round 1 and starts round 2 while join is still generating round 1: round 1 stops
-    there (the participant is told) before round 2 starts, and round 2 is answered whole."""
+async def join_stopped_mid_answer(room: Room, pin: str, engine: Callable, join: Callable) -> JoinProcess:
+    """join with a slow model, stopped by the host in round 1 once five tokens are in; its engine then
+    answers ENGINE_WORDS."""
     fake, engine_url = await engine(words=[f"w{i} " for i in range(200)], pace_s=0.02)
     runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
                         "--engine-url", engine_url)
@@ -5863,6 +5862,14 @@ async def test_a_new_challenge_while_generating_stops_the_old_answer_first(room:
     await get_when(room, "/rounds/current", lambda r: len(r["liveTokens"].get("ana", [])) >= 5)
     await room.host.stop(first["id"])
     fake.words = ENGINE_WORDS
+    return runner
+
+
+async def test_a_new_challenge_while_generating_stops_the_old_answer_first(room: Room, pin: str, engine: Callable,
+                                                                           join: Callable) -> None:
+    """The host stops round 1 and starts round 2 while join is still generating round 1: round 1 stops
+    there (the participant is told) before round 2 starts, and round 2 is answered whole."""
+    runner = await join_stopped_mid_answer(room, pin, engine, join)
     second = await room.host.start((await room.host.new_round(maxTokens=400))["id"])
     row = await stored_answer(room, second["id"])
     assert row["generated_content"] == "".join(ENGINE_WORDS)
@@ -5889,18 +5896,10 @@ async def test_join_stops_an_answer_the_arena_no_longer_takes_and_says_so_once(m
     model and says so in one line (not a line per refused token), claims nothing it did not deliver, and
     answers the next round whole."""
     room = await make_room(stop_grace_s=0.3)
-    pin = await room.host.new_session()
-    fake, engine_url = await engine(words=[f"w{i} " for i in range(300)], pace_s=0.01)
-    runner = await join("--url", room.ws_url, "--pin", pin, "--participant-id", "ana", "--engine", "ollama",
-                        "--engine-url", engine_url)
-    await runner.says("waiting for a challenge")
-    first = await room.host.start((await room.host.new_round(maxTokens=500))["id"])
-    await get_when(room, "/rounds/current", lambda r: len(r["liveTokens"].get("ana", [])) >= 5)
-    await room.host.stop(first["id"])
+    runner = await join_stopped_mid_answer(room, await room.host.new_session(), engine, join)
     await runner.says("round 1: stopped after")
     assert "(the arena takes no more of it: Round 1 has ended and its answers are frozen" in runner.output
     assert "ROUND_CLOSED" not in runner.output and "the arena has all" not in runner.output
-    fake.words = ENGINE_WORDS
     second = await room.host.start((await room.host.new_round(maxTokens=50))["id"])
     assert (await stored_answer(room, second["id"]))["generated_content"] == "".join(ENGINE_WORDS)
     await runner.says("round 2: the arena has all 10 tokens")
