@@ -2633,13 +2633,13 @@ class Server:
         answer.completed = answer.completed or report is not None
         return metrics
 
-    async def rescue(self, live: LiveRound) -> None:
-        """Save every answer that streamed tokens but never completed (the runner dropped).
+    async def rescue(self, live: LiveRound) -> int:
+        """Save every answer that streamed tokens but never completed (the runner dropped); say how many.
 
         An answer that cannot be written is set aside, so that the others are saved and the round
         can stop; a database failure is raised (the host's request then says so).
         """
-        refused = False
+        refused, saved = False, 0
         for answer in live.answers.values():
             if answer.tokens and not answer.saved:
                 try:
@@ -2651,15 +2651,17 @@ class Server:
                     refused = True
                     continue
                 log.info("Flushed buffered tokens for %s: %d tokens", loggable(answer.participant_id), len(answer.tokens))
+                saved += 1
         if not refused:
             self.writers.ok("answers")
+        return saved
 
     async def rescue_ended(self) -> None:
         """Rescue again in every stopped round still in memory: an answer whose first token came in the
         grace after the stop was not there for the stop's rescue. The caller holds Arena.lock."""
         for live in list(self.arena.rounds.values()):
-            if not live.running:
-                await self.rescue(live)
+            if not live.running and await self.rescue(live):
+                await self.publish_round(live.row)      # the phones voting fetch the answers again
 
     async def save_turn(self) -> None:
         """The saver's turn, every FLUSH_INTERVAL: the tokens streamed since the last, and late answers."""

@@ -1411,19 +1411,24 @@ async def test_an_answer_begun_in_the_grace_after_stop_is_kept_without_a_complet
                                                                                   then: str) -> None:
     """A runner whose first tokens arrive after the stop (but within STOP_GRACE), and that never completes:
     its answer is shown, and saved and listed for voting as the stop's rescue would have, by the saver's
-    next turn or when the next round starts, whichever comes first."""
+    next turn (the phones are told to fetch the answers again) or when the next round starts, whichever
+    comes first."""
     room = await make_room(save_interval_s=0.2 if then == "the saver's turn" else 600)
     pin = await room.host.new_session()
-    screen = await room.screen()
+    screen, phone = await room.screen(), await room.screen("voting")
     ana = await room.runner("ana", pin)
     rnd = await running_round(room, ana)
     await room.host.stop(rnd["id"])
+    while (await phone.recv("round_state"))["round"]["votingStatus"] != "open":
+        pass                                                # the start's, then the stop's
     await ana.stream(1, WORDS[:2])
     await ana.sync()
     assert [(u["seq"], u["content"]) for u in [await screen.recv("token_update") for _ in range(2)]] == [
         (0, WORDS[0]), (1, WORDS[1])]
     if then == "the next round":
         await running_round(room, ana)
+    else:
+        assert (await phone.recv("round_state"))["round"]["id"] == rnd["id"]      # fetch the answers again
     await eventually(lambda: responses_of(room, rnd), "the late answer listed")
     assert await responses_of(room, rnd) == {"ana": "".join(WORDS[:2])}
     assert metrics_row(room.server.config.database, "ana")["rescued"] == 1
