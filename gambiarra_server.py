@@ -1134,7 +1134,8 @@ class Writers:
         """`item` could not be written and was set aside so that the rest could be."""
         what = f"could not write {item}, set it aside: {failure_text(exc)}"
         self.failed(writer, what)
-        self.refused = [*self.refused, f"{writer}: {what}"][-self.REFUSED_SHOWN:]
+        entry = f"{writer}: {what}"                     # an item tried again (a rescue each second) is listed once
+        self.refused = [*(e for e in self.refused if e != entry), entry][-self.REFUSED_SHOWN:]
 
     def report(self) -> dict[str, str]:
         return {name: self.failing.get(name, "ok") for name in self.NAMES}
