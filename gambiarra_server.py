@@ -785,16 +785,18 @@ class RareLog:
         self.lines = Throttle(1, every_s)
         self.left_out: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args: Any) -> None:
+    def warning(self, kind: str, message: str, *args: Any) -> bool:
+        """Log the line unless one of its kind was logged lately; say whether it was."""
         if self.lines.wait_s(kind):
             if len(self.left_out) > 10_000:             # keys that never came back: their counts go
                 self.left_out.clear()
             self.left_out[kind] = self.left_out.get(kind, 0) + 1
-            return
+            return False
         self.lines.add(kind)
         left_out = self.left_out.pop(kind, 0)
         log.warning(message + (f" (and {left_out} more like it since the last such line)" if left_out else ""),
                     *args)
+        return True
 
 
 class Admission:
@@ -2851,10 +2853,13 @@ async def on_complete(server: Server, peer: Peer, m: dict[str, Any]) -> None:
 
 async def on_error(server: Server, peer: Peer, m: dict[str, Any]) -> None:
     pid = require_runner(peer, m)
-    log.warning("runner %s reported %s: %s", loggable(pid), loggable(m["code"]), loggable(m["message"]))
-    server.db.submit(record_events, [
-        server.event("generation_failed", actor=("participant", pid), target=("participant", pid),
-                     metadata={"roundIndex": m["round"], "code": m["code"], "message": m["message"]})])
+    # A runner reports a failure once an answer; a flood of reports is one line and one event row per
+    # RARE_LOG_S (the line counts the rest).
+    if server.rare_log.warning(f"reported {pid}", "runner %s reported %s: %s", loggable(pid), loggable(m["code"]),
+                               loggable(m["message"])):
+        server.db.submit(record_events, [
+            server.event("generation_failed", actor=("participant", pid), target=("participant", pid),
+                         metadata={"roundIndex": m["round"], "code": m["code"], "message": m["message"]})])
 
 
 ON_MESSAGE: dict[str, tuple[tuple[Field, ...], Callable[[Server, Peer, dict[str, Any]], Awaitable[None]]]] = {

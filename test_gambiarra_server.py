@@ -4953,13 +4953,17 @@ async def test_exports_hold_no_formulas_and_numbers_stay_numbers(room: Room, pin
 async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_log: pytest.LogCaptureFixture) -> None:
     """Ids, codes and messages from clients cannot forge a log line or drive the host's terminal: every
     control character (newline, carriage return, ANSI escape, C1) is written as an escape; nor fill the
-    log: a long value is cut."""
+    log: a long value is cut, and a flood of a runner's reports is one line (and one event row) per RARE_LOG_S."""
     forged = "ana\n2026-01-01 00:00:00 INFO WS_REGISTERED host\x1b[2J\x1b]0;owned\x07\r\x9b"
     evil = Runner(await room.connect(), forged)
     assert (await evil.register(pin))["type"] == "registered"
     rnd = await running_round(room, evil)
     await evil.send({"type": "error", "round": 1, "code": "OOPS\x1b[31m", "message": "line one\nERROR fake"})
-    await evil.send({"type": "error", "round": 1, "code": "LONG", "message": "m" * 10_000})
+    for _ in range(50):                                 # a flood of reports: one line per RARE_LOG_S at most
+        await evil.send({"type": "error", "round": 1, "code": "AGAIN", "message": "again"})
+    bia = await room.runner("bia", pin)
+    await bia.send({"type": "error", "round": 1, "code": "LONG", "message": "m" * 10_000})
+    await bia.sync()
     await evil.token(1, 0, "x")
     await evil.sync()
     await room.host.stop(rnd["id"])                     # rescued: logged with the id
@@ -4970,7 +4974,10 @@ async def test_client_text_reaches_the_log_escaped(room: Room, pin: str, server_
     escaped = "ana\\n2026-01-01 00:00:00 INFO WS_REGISTERED host\\x1b[2J\\x1b]0;owned\\x07\\r\\x9b"
     assert [line for line in ours if line.startswith(f"WS_REGISTERED {escaped} (")]
     assert f"runner {escaped} reported OOPS\\x1b[31m: line one\\nERROR fake" in ours
-    assert f"runner {escaped} reported LONG: {'m' * gs.MAX_LOGGED}…({10_000 - gs.MAX_LOGGED} more)" in ours
+    assert "runner bia reported LONG: " + "m" * gs.MAX_LOGGED + f"…({10_000 - gs.MAX_LOGGED} more)" in ours
+    assert not [line for line in ours if "reported AGAIN" in line]
+    events = json.loads((await export(room, "/export-all.json"))[0])["events"]
+    assert [e["metadata"]["code"] for e in events if e["eventType"] == "generation_failed"] == ["OOPS\x1b[31m", "LONG"]
     assert f"WS_DISCONNECTED {escaped} from 127.0.0.1" in ours
 
 
